@@ -13,6 +13,14 @@ _EXPORTS: dict[str, str] = {
     "PrepConfig": "data_prep.config",
     "build_pretraining_dataset": "data_prep.pipeline",
     "Manifest": "data_prep.manifest",
+    "atomic_output_dir": "data_prep.manifest",
+    "fingerprint_file": "data_prep.manifest",
+    "is_up_to_date": "data_prep.manifest",
+    "WordPieceTokenizer": "data_prep.tokenizer",
+    "mask_tokens": "data_prep.masking",
+    "MaskingSpec": "data_prep.masking",
+    "collate_pretraining": "data_prep.collate",
+    "init_ray": "data_prep.ray_env",
 }
 
 __all__ = sorted(_EXPORTS)

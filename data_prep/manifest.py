@@ -1,0 +1,215 @@
+"""Dataset manifests and atomic output folders, shared by every data_prep builder.
+
+A prepared dataset is a folder that appears all at once: builders write into a hidden
+temporary sibling (`atomic_output_dir`) and rename it into place when everything,
+including `manifest.json`, is on disk. The manifest says what went in (config, input file
+hashes, tokenizer hash), what came out (counts, files) and a fingerprint of the inputs
+side, so a rerun can tell "up to date" from "rebuild" without reading the data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bert_core.config_io import BertflowError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+_TMP_TAG = ".tmp-"
+_OLD_TAG = ".old-"
+
+
+class ManifestError(BertflowError):
+    """A manifest is missing, unreadable, or an output folder cannot be replaced."""
+
+
+@dataclasses.dataclass
+class Manifest:
+    """What a prepared dataset folder holds and how it was made (manifest.json)."""
+
+    kind: str                                   # "pretraining", or a task kind
+    config: dict[str, Any]                      # the full stage config (config_io.to_dict)
+    inputs: list[dict[str, Any]]                # fingerprint_file() of every input file
+    tokenizer: dict[str, Any]                   # {"fingerprint", "vocab_size", "lowercase"...}
+    counts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    splits: dict[str, Any] = dataclasses.field(default_factory=dict)   # split -> files, rows
+    schema: dict[str, str] = dataclasses.field(default_factory=dict)
+    fingerprint: str = ""                       # build_fingerprint(config, inputs, tokenizer)
+    format_version: int = FORMAT_VERSION
+    created_at: str = ""
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `manifest.json` in `directory` (fsynced: it marks the folder complete)."""
+        if not self.created_at:
+            self.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        path = Path(directory) / MANIFEST_NAME
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        """Read `DIR/manifest.json` (or a manifest file path)."""
+        p = Path(directory)
+        path = p if p.suffix == ".json" else p / MANIFEST_NAME
+        if not path.is_file():
+            raise ManifestError(f"{path}: no manifest here; is {p} a dataset prepared by "
+                                "`bertflow prep`?")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the "
+                                "dataset with --force") from None
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ManifestError(f"{path}: unknown key(s) {', '.join(unknown)}; written by a "
+                                "newer bertflow?")
+        return cls(**data)
+
+
+def fingerprint_file(path: str | Path, chunk_size: int = 1 << 20) -> dict[str, Any]:
+    """{path (absolute), size, sha256} of a file, read in chunks (any size)."""
+    p = Path(path).resolve()
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            h.update(chunk)
+    return {"path": str(p), "size": p.stat().st_size, "sha256": h.hexdigest()}
+
+
+def build_fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]],
+                      tokenizer_fingerprint: str, kind: str = "pretraining") -> str:
+    """sha256 over everything that decides the output: kind, config, inputs, tokenizer."""
+    payload = {"kind": kind, "format_version": FORMAT_VERSION, "config": config,
+               "inputs": [{"sha256": i["sha256"], "size": i["size"], "path": i["path"]}
+                          for i in inputs],
+               "tokenizer": tokenizer_fingerprint}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def is_up_to_date(directory: str | Path, expected_fingerprint: str | None = None
+                  ) -> tuple[bool, str]:
+    """(True, "up to date") when DIR's manifest matches its inputs (and the expected
+    fingerprint, when given); otherwise (False, the first reason found)."""
+    d = Path(directory)
+    if not d.exists():
+        return False, f"{d} does not exist"
+    try:
+        manifest = Manifest.load(d)
+    except ManifestError as exc:
+        return False, str(exc)
+    if expected_fingerprint is not None and manifest.fingerprint != expected_fingerprint:
+        return False, "the config, inputs or tokenizer changed since the last build"
+    for item in manifest.inputs:
+        p = Path(item["path"])
+        if not p.is_file():
+            return False, f"input {p} is gone"
+        if p.stat().st_size != item["size"] or fingerprint_file(p)["sha256"] != item["sha256"]:
+            return False, f"input {p} changed"
+    for split in manifest.splits.values():
+        for f in split.get("files", []):
+            part = d / f["path"]
+            if not part.is_file() or part.stat().st_size != f["size"]:
+                return False, f"output {part} is missing or was modified"
+    return True, "up to date"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def clean_stale(final_dir: Path) -> None:
+    """Remove temp siblings left by killed runs (their pid is gone); restore a folder
+    that a killed replace had moved aside."""
+    parent = final_dir.parent
+    if not parent.is_dir():
+        return
+    for tag in (_TMP_TAG, _OLD_TAG):
+        for p in parent.glob(f".{final_dir.name}{tag}*"):
+            try:
+                pid = int(p.name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            if _pid_alive(pid) and pid != os.getpid():
+                continue
+            if tag == _OLD_TAG and not final_dir.exists():
+                log.warning("restoring %s from an interrupted replace", final_dir)
+                os.replace(p, final_dir)
+            else:
+                log.info("removing stale temporary folder %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final_dir: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a hidden temp folder beside `final_dir`; on success fsync it and rename it to
+    `final_dir`; on any failure delete it. An existing `final_dir` is replaced only with
+    `force=True` (else ManifestError before any work). Stale temp folders of killed runs
+    are removed first."""
+    final = Path(final_dir).absolute()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(final)
+    if final.exists() and not force:
+        raise ManifestError(f"{final} already exists; pass --force to replace it")
+    tmp = final.parent / f".{final.name}{_TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            old = final.parent / f".{final.name}{_OLD_TAG}{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

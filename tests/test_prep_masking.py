@@ -1,0 +1,141 @@
+"""mask_tokens follows Google's recipe; collate_pretraining pads and labels correctly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bert_core.config_io import BertflowError
+from data_prep.collate import collate_pretraining
+from data_prep.masking import MaskingSpec, mask_tokens, num_to_predict
+
+CLS, SEP, MASK, PAD, VOCAB = 2, 3, 4, 0, 1000
+SPECIAL = (0, 1, 2, 3, 4)
+
+
+def _sequence(rng, n):
+    body = rng.integers(10, VOCAB, n - 3)
+    cut = max(1, (n - 3) // 2)
+    return np.concatenate([[CLS], body[:cut], [SEP], body[cut:], [SEP]]).astype(np.int32)
+
+
+def test_mask_count_is_googles_formula_and_never_special():
+    rng = np.random.default_rng(0)
+    for n in [4, 5, 10, 33, 100, 128, 200]:
+        ids = _sequence(rng, n)
+        masked, pos, orig = mask_tokens(ids, rng, vocab_size=VOCAB, mask_id=MASK,
+                                        special_ids=SPECIAL, max_predictions=20)
+        assert len(pos) == min(20, max(1, round(n * 0.15)), n - 3)
+        assert np.all(np.diff(pos) > 0)
+        assert not np.isin(ids[pos], SPECIAL).any()
+        assert np.array_equal(orig, ids[pos])
+        untouched = np.setdiff1d(np.arange(n), pos)
+        assert np.array_equal(masked[untouched], ids[untouched])
+    assert num_to_predict(128, 0.15, 20) == 19 and num_to_predict(3, 0.15, 20) == 1
+    assert num_to_predict(500, 0.15, 20) == 20
+
+
+def test_80_10_10_split_within_tolerance():
+    rng = np.random.default_rng(1)
+    kinds = {"mask": 0, "random": 0, "same": 0}
+    total = 0
+    for _ in range(2000):
+        ids = _sequence(rng, 128)
+        masked, pos, orig = mask_tokens(ids, rng, vocab_size=VOCAB, mask_id=MASK,
+                                        special_ids=SPECIAL)
+        new = masked[pos]
+        kinds["mask"] += int((new == MASK).sum())
+        kinds["same"] += int((new == orig).sum())
+        kinds["random"] += int(((new != MASK) & (new != orig)).sum())
+        total += len(pos)
+    # random draws that hit the original id count as "same": 0.1 / VOCAB, negligible
+    assert abs(kinds["mask"] / total - 0.8) < 0.01
+    assert abs(kinds["random"] / total - 0.1) < 0.01
+    assert abs(kinds["same"] / total - 0.1) < 0.01
+
+
+def test_same_seed_same_mask():
+    ids = _sequence(np.random.default_rng(2), 64)
+    a = mask_tokens(ids, np.random.default_rng(7), vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL)
+    b = mask_tokens(ids, np.random.default_rng(7), vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_whole_word_masking_masks_all_pieces_of_a_word():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        ids = _sequence(rng, 60)
+        starts = rng.random(60) < 0.5  # words of 1..k pieces
+        starts[[0]] = True
+        _, pos, _ = mask_tokens(ids, rng, vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL,
+                                word_starts=starts)
+        k = num_to_predict(60, 0.15, 20)
+        assert 0 < len(pos) <= k
+        chosen = np.zeros(60, bool)
+        chosen[pos] = True
+        special = np.isin(ids, SPECIAL)
+        for i in range(1, 60):
+            # a continuation piece is chosen iff the piece before it (same word) is
+            if not starts[i] and not special[i] and not special[i - 1]:
+                assert chosen[i] == chosen[i - 1]
+
+
+def _rows(rng, n_rows, with_static=True):
+    batch = {"input_ids": [], "token_type_ids": [], "next_sentence_label": [],
+             "masked_lm_positions": [], "masked_lm_ids": []}
+    for _ in range(n_rows):
+        n = int(rng.integers(6, 40))
+        ids = _sequence(rng, n)
+        masked, pos, orig = mask_tokens(ids, rng, vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL)
+        batch["input_ids"].append(masked if with_static else ids)
+        batch["token_type_ids"].append(np.r_[np.zeros(n // 2, np.int8), np.ones(n - n // 2, np.int8)])
+        batch["next_sentence_label"].append(int(rng.integers(0, 2)))
+        batch["masked_lm_positions"].append(pos.astype(np.int32))
+        batch["masked_lm_ids"].append(orig.astype(np.int32))
+    if not with_static:
+        del batch["masked_lm_positions"], batch["masked_lm_ids"]
+    return batch
+
+
+def test_collate_static_pads_and_places_labels():
+    rng = np.random.default_rng(4)
+    batch = _rows(rng, 8)
+    # as Ray Data gives numpy batches: object arrays of arrays
+    as_numpy = {k: np.array(v, dtype=object) if k != "next_sentence_label" else np.array(v)
+                for k, v in batch.items()}
+    out = collate_pretraining(as_numpy, pad_id=PAD)
+    T = max(len(r) for r in batch["input_ids"])
+    assert out["input_ids"].shape == out["labels"].shape == out["token_type_ids"].shape == (8, T)
+    assert all(v.dtype == np.int64 for v in out.values())
+    for i, row in enumerate(batch["input_ids"]):
+        n = len(row)
+        assert np.array_equal(out["input_ids"][i, :n], row)
+        assert (out["input_ids"][i, n:] == PAD).all()
+        assert out["attention_mask"][i].sum() == n and out["attention_mask"][i, :n].all()
+        assert np.array_equal(out["token_type_ids"][i, :n], batch["token_type_ids"][i])
+        expect = np.full(T, -100)
+        expect[batch["masked_lm_positions"][i]] = batch["masked_lm_ids"][i]
+        assert np.array_equal(out["labels"][i], expect)
+    assert np.array_equal(out["next_sentence_label"], batch["next_sentence_label"])
+
+
+def test_collate_dynamic_masks_with_the_spec():
+    rng = np.random.default_rng(5)
+    batch = _rows(rng, 16, with_static=False)
+    spec = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL)
+    out = collate_pretraining(batch, pad_id=PAD, masking=spec, rng=np.random.default_rng(0))
+    again = collate_pretraining(batch, pad_id=PAD, masking=spec, rng=np.random.default_rng(0))
+    other = collate_pretraining(batch, pad_id=PAD, masking=spec, rng=np.random.default_rng(1))
+    assert np.array_equal(out["input_ids"], again["input_ids"])
+    assert not np.array_equal(out["labels"], other["labels"])
+    for i, row in enumerate(batch["input_ids"]):
+        labelled = np.flatnonzero(out["labels"][i] != -100)
+        assert len(labelled) == num_to_predict(len(row), 0.15, 20)
+        assert np.array_equal(out["labels"][i, labelled], np.asarray(row)[labelled])
+        unlabelled = np.setdiff1d(np.arange(len(row)), labelled)
+        assert np.array_equal(out["input_ids"][i, unlabelled], np.asarray(row)[unlabelled])
+    assert "next_sentence_label" in out
+    with pytest.raises(BertflowError, match="dynamic"):
+        collate_pretraining(batch, pad_id=PAD)
+    with pytest.raises(BertflowError, match="statically masked"):
+        collate_pretraining(_rows(rng, 2), pad_id=PAD, masking=spec, rng=rng)

@@ -1,0 +1,91 @@
+"""WordPieceTokenizer gives the same ids as transformers' BertTokenizerFast on real vocabs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from data_prep.tokenizer import TokenizerError, WordPieceTokenizer
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Unaffable naïveté: Café Müller's résumé costs $3.50!",
+    "我爱北京天安门，今天天气很好。",
+    "Mixed 中文 and English, with ümlauts and ÅNGSTRÖM units.",
+    "tabs\tand\u00a0nbsp and control\x07 chars",
+    "a" * 120 + " short",          # a word over 100 chars becomes [UNK]
+    "",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_tok(minilm_dir):
+    from transformers import BertTokenizerFast
+
+    return BertTokenizerFast(vocab=str(minilm_dir / "vocab.txt"), do_lower_case=True)
+
+
+def test_ids_match_transformers_on_minilm_vocab(minilm_dir, hf_tok):
+    tok = WordPieceTokenizer.from_dir(minilm_dir)
+    ours = tok.encode_batch(SENTENCES)
+    theirs = [hf_tok(s, add_special_tokens=False)["input_ids"] for s in SENTENCES]
+    assert ours == theirs
+    # Chinese comes out one token per character, as BERT does it
+    # (MiniLM's vocab lacks 爱, which becomes [UNK] on its own, not with its neighbours)
+    assert tok.tokenize("我爱北京") == ["我", "[UNK]", "北", "京"]
+    assert "[UNK]" in tok.tokenize("a" * 120)
+
+
+def test_cased_tokenizer_keeps_case_and_accents(minilm_dir):
+    from transformers import BertTokenizerFast
+
+    text = ["Café MÜLLER"]
+    tok = WordPieceTokenizer.from_vocab(minilm_dir / "vocab.txt", lowercase=False)
+    hf = BertTokenizerFast(vocab=str(minilm_dir / "vocab.txt"), do_lower_case=False)
+    assert tok.encode_batch(text) == [hf(text[0], add_special_tokens=False)["input_ids"]]
+    assert tok.fingerprint() != WordPieceTokenizer.from_vocab(minilm_dir / "vocab.txt").fingerprint()
+
+
+def test_special_ids_and_offsets(minilm_dir, hf_tok):
+    tok = WordPieceTokenizer.from_dir(minilm_dir)
+    assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id, tok.unk_id) == (
+        hf_tok.cls_token_id, hf_tok.sep_token_id, hf_tok.mask_token_id,
+        hf_tok.pad_token_id, hf_tok.unk_token_id)
+    assert tok.vocab_size == 30522
+    text = "Hello wonderful 北京"
+    (ids, offsets), = tok.encode_with_offsets([text])
+    pieces = tok.convert_ids_to_tokens(ids)
+    for piece, (a, b) in zip(pieces, offsets):
+        assert text[a:b].lower() == piece.removeprefix("##")
+
+
+def test_save_roundtrip_loads_in_transformers(tmp_path, minilm_dir):
+    from transformers import BertTokenizerFast
+
+    tok = WordPieceTokenizer.from_vocab(minilm_dir / "vocab.txt", lowercase=True)
+    tok.save(tmp_path / "tok")
+    again = WordPieceTokenizer.from_dir(tmp_path / "tok")
+    assert again.fingerprint() == tok.fingerprint()
+    cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    assert cfg["do_lower_case"] is True
+    hf = BertTokenizerFast.from_pretrained(str(tmp_path / "tok"))
+    assert hf("Café", add_special_tokens=False)["input_ids"] == tok.encode_batch(["Café"])[0]
+
+
+def test_train_vocab_on_small_corpus(tmp_path):
+    texts = ["the cat sat on the mat", "the dog sat on the log", "cats and dogs"] * 50
+    tok = WordPieceTokenizer.train(texts, vocab_size=120, lowercase=True)
+    assert tok.vocab_size <= 120
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3, 4]) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    ids = tok.encode_batch(["The cat sat"])[0]
+    assert ids and tok.unk_id not in ids
+
+
+def test_bad_vocab_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="not found"):
+        WordPieceTokenizer.from_vocab(tmp_path / "nope.txt")
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("hello\nworld\n")
+    with pytest.raises(TokenizerError, match=r"\[CLS\]"):
+        WordPieceTokenizer.from_vocab(bad)
