@@ -125,3 +125,60 @@ def settings_slice(cls: type[T], cfg: Any) -> T:
     """The `cls` part of a flat config (e.g. the LoopSettings of a PretrainConfig)."""
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     return cls(**{n: getattr(cfg, n) for n in names})
+
+
+FINETUNE_TASKS = ("seq-cls", "pair-cls", "token-cls", "qa")
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(LoopSettings, TrackingSettings):
+    """`bertflow finetune`: train a task head (and the encoder unless frozen) from a BERT,
+    evaluate it, log it as a servable MLflow model and register it with its lineage."""
+
+    task: Literal["seq-cls", "pair-cls", "token-cls", "qa"] = field(
+        "seq-cls", help="seq-cls (text,label), pair-cls (text_a,text_b,label), "
+                        "token-cls (CoNLL, BIO tags) or qa (SQuAD v1.1/v2.0 JSON)")
+    base: str = field("", help="model to start from: models:/NAME@ALIAS, models:/NAME/VERSION, "
+                               "a checkpoint folder or a Hugging Face-format BERT folder")
+    train: str = field("", help="training file (CSV/TSV/JSONL, CoNLL, or SQuAD JSON)")
+    eval: str | None = field(None, help="evaluation file in the same format (metrics each epoch)")
+    labels: list[str] | None = field(
+        None, help="label names in id order; default: sorted labels of the training file")
+    freeze_encoder: bool = field(False, help="train only the task head on the frozen encoder")
+    epochs: float = field(3.0, help="passes over the training set (sets the number of steps)")
+    max_seq_len: int = field(128, help="word pieces per example, specials included")
+    doc_stride: int = field(128, help="qa: context pieces between the starts of two windows")
+    max_query_len: int = field(64, help="qa: question pieces kept")
+    max_answer_length: int = field(30, help="qa: longest answer in word pieces")
+    n_best: int = field(20, help="qa: start and end candidates considered per window")
+    null_score_threshold: float = field(
+        0.0, help="qa v2.0: answer nothing when the null score beats the best span by more")
+    warmup_ratio: float = field(0.1, help="fraction of the steps spent warming up "
+                                          "(used when --warmup-steps is 0)")
+    run_name: str | None = field(None, help="MLflow run name (default: finetune-TASK)")
+    data_dir: str | None = field(
+        None, help="folder for the tokenized task datasets (default: ./data/finetune)")
+    address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
+    # Fine-tuning defaults differ from pretraining (BERT paper: lr 2e-5..5e-5, few epochs).
+    lr: float = field(5e-5, help="peak learning rate (after warmup)")
+    warmup_steps: int = field(0, help="warmup steps; 0 uses --warmup-ratio")
+    max_steps: int = field(1_000_000, help="cap on optimizer steps; the length comes from --epochs")
+    batch_size: int = field(16, help="examples per worker per micro-batch")
+    eval_every: int = field(0, help="steps between evaluations (0: at the end of each epoch)")
+    checkpoint_every: int = field(0, help="steps between checkpoints (0: each epoch)")
+
+    def __post_init__(self) -> None:
+        LoopSettings.__post_init__(self)
+        TrackingSettings.__post_init__(self)
+        check(bool(self.base.strip()), "base", "give the model to fine-tune (--base MODEL)")
+        check(bool(self.train.strip()), "train", "give the training file (--train FILE)")
+        check(self.epochs > 0, "epochs", "must be positive")
+        check(16 <= self.max_seq_len <= 512, "max_seq_len", "must be between 16 and 512")
+        check(self.doc_stride >= 1, "doc_stride", "must be at least 1")
+        check(1 <= self.max_query_len < self.max_seq_len - 3, "max_query_len",
+              "must be at least 1 and leave room for the context in max_seq_len")
+        check(self.max_answer_length >= 1 and self.n_best >= 1, "max_answer_length/n_best",
+              "must be at least 1")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
+        check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "labels",
+              "needs at least two distinct names")
