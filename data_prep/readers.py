@@ -1,0 +1,308 @@
+"""Reading raw corpora as a stream of documents (lists of sentences), safely.
+
+Formats, chosen by suffix (a trailing `.gz` means gzip):
+- text (`.txt` and anything unrecognised): BERT's format, one sentence per line and a
+  blank line between documents (several blank lines count as one).
+- `.jsonl`: one document per record, its text in `text_field`; split into sentences.
+- `.parquet`: one document per row of column `text_field`; split into sentences.
+
+Rules for bad input (each counted in the `Counter` passed in, and so in the manifest;
+none stops the run). Every document read is either yielded or skipped with a reason, so
+`documents_read == yielded + sum(skipped.*)`:
+- file of zero bytes (or empty once decompressed): `files_skipped.empty_file`.
+- binary file (a NUL byte in its first 8 KiB): `files_skipped.binary_file`, nothing read.
+- corrupt gzip stream: documents so far are kept, `files_skipped.corrupt_compressed_file`.
+- a document with a NUL byte later on: `skipped.nul_bytes`.
+- a document with bytes that are not UTF-8: `skipped.undecodable_bytes` (we do not guess
+  encodings; re-encode the file as UTF-8 to keep it).
+- a line over `max_line_bytes` (e.g. a 50 MB line with no newline): the line is consumed
+  in 1 MiB chunks without being held, and its whole document is skipped
+  (`skipped.line_too_long`); memory stays bounded.
+- a jsonl record that is not JSON: `skipped.invalid_json`; no string `text_field`:
+  `skipped.missing_text_field`; a blank text: `skipped.empty_document`.
+- a document over 8 MiB of text is cut at sentence boundaries into several documents
+  (`oversize_documents_split`), so one huge document cannot exhaust a worker's memory.
+A missing path, a glob matching nothing, or a Parquet file without the text column is a
+user error raised before any work (`PrepInputError`).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO
+
+from bert_core.config_io import BertflowError
+
+MAX_DOC_BYTES = 8 << 20
+_SNIFF_BYTES = 8192
+_SKIP_CHUNK = 1 << 20
+_SENTENCE_END = re.compile(r"(?<=[.!?\u2026])\s+(?=\S)|(?<=[\u3002\uff01\uff1f])")
+
+
+class PrepInputError(BertflowError):
+    """An input path or file that cannot be used as given."""
+
+
+def file_format(path: str | Path) -> tuple[str, bool]:
+    """(format, gzipped) from the suffixes: format is "text", "jsonl" or "parquet"."""
+    name = Path(path).name.lower()
+    gz = name.endswith(".gz")
+    if gz:
+        name = name[:-3]
+    if name.endswith(".jsonl") or name.endswith(".ndjson"):
+        return "jsonl", gz
+    if name.endswith(".parquet"):
+        if gz:
+            raise PrepInputError(f"{path}: gzip-compressed Parquet is not supported; Parquet "
+                                 "compresses its own pages, pass the .parquet file")
+        return "parquet", False
+    return "text", gz
+
+
+def expand_inputs(patterns: Sequence[str]) -> list[Path]:
+    """Files named by `patterns` (files, folders searched recursively, globs), in a stable
+    order. Raises PrepInputError naming every missing path, before any work is done."""
+    files: list[Path] = []
+    missing: list[str] = []
+    for pattern in patterns:
+        p = Path(pattern).expanduser()
+        if glob.has_magic(pattern):
+            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+            found = [m for m in matches if m.is_file()]
+            for m in matches:
+                if m.is_dir():
+                    found += _walk(m)
+            if not found:
+                missing.append(f"{pattern} (glob matches no file)")
+            files += found
+        elif p.is_dir():
+            found = _walk(p)
+            if not found:
+                missing.append(f"{pattern} (folder holds no file)")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            missing.append(pattern)
+    if missing:
+        raise PrepInputError("input not found: " + "; ".join(missing)
+                             + ". Check the --input paths (files, folders or globs).")
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        r = f.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append(r)
+    return unique
+
+
+def _walk(folder: Path) -> list[Path]:
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+    return out
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a free-text document: every line break ends one; inside a line a
+    sentence ends at . ! ? … followed by whitespace, or right after 。！？ (CJK)."""
+    out = []
+    for line in text.splitlines():
+        for piece in _SENTENCE_END.split(line):
+            piece = piece.strip()
+            if piece:
+                out.append(piece)
+    return out
+
+
+def _open_binary(path: Path, gz: bool) -> IO[bytes]:
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def sniff_file(path: Path) -> str | None:
+    """A files_skipped reason ("empty_file", "binary_file", "corrupt_compressed_file") or
+    None when the file looks like text."""
+    fmt, gz = file_format(path)
+    if path.stat().st_size == 0:
+        return "empty_file"
+    if fmt == "parquet":
+        return None
+    try:
+        with _open_binary(path, gz) as fh:
+            head = fh.read(_SNIFF_BYTES)
+    except (OSError, EOFError, zlib.error):
+        return "corrupt_compressed_file"
+    if not head:
+        return "empty_file"
+    if b"\0" in head:
+        return "binary_file"
+    return None
+
+
+def _read_lines(fh: IO[bytes], max_line_bytes: int) -> Iterator[bytes | None]:
+    """Lines (with newline) of at most max_line_bytes; None stands for a longer line,
+    whose remainder is read and dropped in chunks (never held whole)."""
+    while True:
+        line = fh.readline(max_line_bytes + 1)
+        if not line:
+            return
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while True:
+                rest = fh.readline(_SKIP_CHUNK)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield None
+        else:
+            yield line
+
+
+def _cap(sentences: list[str], stats: Counter) -> Iterator[list[str]]:
+    """Cut a document over MAX_DOC_BYTES into several at sentence boundaries (the caller
+    counted one document read; each extra piece counts as one more)."""
+    size, start = 0, 0
+    for i, s in enumerate(sentences):
+        size += len(s)
+        if size > MAX_DOC_BYTES and i > start:
+            stats["oversize_documents_split"] += 1
+            stats["documents_read"] += 1  # each piece is a document from here on
+            yield sentences[start:i]
+            start, size = i, len(s)
+    yield sentences[start:]
+
+
+def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text",
+                   max_line_bytes: int = 1_000_000) -> Iterator[list[str]]:
+    """Documents of one file as lists of sentences, applying the module's rules.
+
+    Counts go to `stats`: documents_read, skipped.<reason>, files_skipped.<reason>."""
+    p = Path(path)
+    fmt, gz = file_format(p)
+    reason = sniff_file(p)
+    if reason:
+        stats[f"files_skipped.{reason}"] += 1
+        return
+    reader = {"text": _text_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs}[fmt]
+    try:
+        yield from reader(p, gz, stats, text_field, max_line_bytes)
+    except (EOFError, zlib.error, gzip.BadGzipFile):
+        stats["files_skipped.corrupt_compressed_file"] += 1
+
+
+def _text_docs(path: Path, gz: bool, stats: Counter, _field: str,
+               max_line_bytes: int) -> Iterator[list[str]]:
+    lines: list[str] = []
+    bad: str | None = None
+    started = False
+    size = 0
+
+    def finish() -> Iterator[list[str]]:
+        if bad:
+            stats["documents_read"] += 1
+            stats[f"skipped.{bad}"] += 1
+        elif lines:  # empty only when an oversize document was just flushed
+            stats["documents_read"] += 1
+            yield lines
+
+    with _open_binary(path, gz) as fh:
+        for raw in _read_lines(fh, max_line_bytes):
+            if raw is None:
+                bad, started = bad or "line_too_long", True
+                continue
+            stripped = raw.strip()
+            if not stripped:
+                if started:
+                    yield from finish()
+                lines, bad, started, size = [], None, False, 0
+                continue
+            started = True
+            if bad:
+                continue
+            if b"\0" in stripped:
+                bad = "nul_bytes"
+                continue
+            try:
+                text = stripped.decode("utf-8")
+            except UnicodeDecodeError:
+                bad = "undecodable_bytes"
+                continue
+            lines.append(text)
+            size += len(stripped)
+            if size > MAX_DOC_BYTES:  # flush early: a file with no blank line is one doc
+                stats["oversize_documents_split"] += 1
+                stats["documents_read"] += 1
+                yield lines
+                lines, size = [], 0
+        if started:
+            yield from finish()
+
+
+def _text_doc(text: object, stats: Counter) -> Iterator[list[str]]:
+    stats["documents_read"] += 1
+    if not isinstance(text, str):
+        stats["skipped.missing_text_field"] += 1
+    elif "\0" in text:
+        stats["skipped.nul_bytes"] += 1
+    else:
+        sentences = split_sentences(text)
+        if not sentences:
+            stats["skipped.empty_document"] += 1
+        else:
+            yield from _cap(sentences, stats)
+
+
+def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
+                max_line_bytes: int) -> Iterator[list[str]]:
+    with _open_binary(path, gz) as fh:
+        for raw in _read_lines(fh, max_line_bytes):
+            if raw is None:
+                stats["documents_read"] += 1
+                stats["skipped.line_too_long"] += 1
+                continue
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                stats["documents_read"] += 1
+                stats["skipped.undecodable_bytes"] += 1
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                stats["documents_read"] += 1
+                stats["skipped.invalid_json"] += 1
+                continue
+            text = record.get(field) if isinstance(record, dict) else None
+            yield from _text_doc(text, stats)
+
+
+def _parquet_docs(path: Path, _gz: bool, stats: Counter, field: str,
+                  _max_line_bytes: int) -> Iterator[list[str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception:  # pyarrow raises several types for a non-Parquet file
+        stats["files_skipped.unreadable_parquet"] += 1
+        return
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise PrepInputError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
+                             "pass --text-field NAME")
+    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
+        for text in batch.column(0).to_pylist():
+            if text is None:
+                stats["documents_read"] += 1
+                stats["skipped.empty_document"] += 1
+                continue
+            yield from _text_doc(text, stats)

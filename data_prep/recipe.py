@@ -1,0 +1,247 @@
+"""Google's create_pretraining_data recipe as pure functions over token ids.
+
+`create_instances(documents, spec, rng)` turns a pool of tokenized documents (each a list
+of sentences, each a list of ids) into training instances, exactly as Google's script
+does for one corpus, with these documented differences:
+- the pool is one work unit (`docs_per_unit` documents of one file and one split), not
+  the whole corpus: random "next" sentences of NSP come from that pool. This is what
+  makes the output deterministic whatever the number of workers, and what keeps memory
+  bounded. With a pool of 1000 documents a random B is still almost always from another
+  document, which is all NSP needs.
+- random numbers come from a `numpy.random.Generator`, so rows equal Google's in
+  distribution, not bit for bit.
+- `sop` (ALBERT's sentence order): the negative is the same A and B swapped. A chunk of
+  one sentence is cut inside the sentence so that it still yields an ordered pair.
+- `mlm`: contiguous blocks of whole sentences up to the target length, one segment;
+  a sentence longer than the block is cut into block-sized pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from data_prep.masking import MaskingSpec
+
+Sentence = list[int]
+Document = list[Sentence]
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """Settings of the recipe (a slice of PrepConfig plus the tokenizer's special ids)."""
+
+    max_seq_len: int
+    objective: str            # "nsp" | "sop" | "mlm"
+    short_seq_prob: float
+    cls_id: int
+    sep_id: int
+    dupe_factor: int = 1
+    masking: MaskingSpec | None = None   # static masking when set
+
+
+@dataclass
+class Instance:
+    input_ids: np.ndarray       # int32, [CLS] A [SEP] B [SEP] (masked when static)
+    token_type_ids: np.ndarray  # int8
+    label: int                  # 0 = B follows A, 1 = random/swapped; -1 for mlm
+    positions: np.ndarray | None = None
+    originals: np.ndarray | None = None
+
+
+def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int,
+                      rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Google's truncation: drop from the longer side, from its front or back at random,
+    until the pair fits. Returns new lists (the inputs are not modified)."""
+    excess = len(a) + len(b) - max_num_tokens
+    if excess <= 0:
+        return a, b
+    coins = rng.random(excess) < 0.5
+    a0, a1, b0, b1 = 0, len(a), 0, len(b)
+    for front in coins:
+        if (a1 - a0) > (b1 - b0):
+            if front:
+                a0 += 1
+            else:
+                a1 -= 1
+        elif front:
+            b0 += 1
+        else:
+            b1 -= 1
+    return a[a0:a1], b[b0:b1]
+
+
+def _pair(a: list[int], b: list[int], label: int, spec: RecipeSpec) -> Instance:
+    ids = np.empty(len(a) + len(b) + 3, dtype=np.int32)
+    ids[0] = spec.cls_id
+    ids[1:len(a) + 1] = a
+    ids[len(a) + 1] = spec.sep_id
+    ids[len(a) + 2:-1] = b
+    ids[-1] = spec.sep_id
+    types = np.zeros(ids.shape[0], dtype=np.int8)
+    types[len(a) + 2:] = 1
+    return Instance(ids, types, label)
+
+
+def _target_length(max_num_tokens: int, spec: RecipeSpec, rng: np.random.Generator) -> int:
+    # Google draws a shorter target (once per document) so the model sees short inputs.
+    if rng.random() < spec.short_seq_prob:
+        return int(rng.integers(2, max_num_tokens + 1))
+    return max_num_tokens
+
+
+def _flat(chunk: list[Sentence]) -> list[int]:
+    out: list[int] = []
+    for s in chunk:
+        out.extend(s)
+    return out
+
+
+def pair_instances(documents: list[Document], index: int, spec: RecipeSpec,
+                   rng: np.random.Generator) -> list[Instance]:
+    """NSP/SOP instances of documents[index] (Google's create_instances_from_document)."""
+    document = documents[index]
+    max_num_tokens = spec.max_seq_len - 3
+    target = _target_length(max_num_tokens, spec, rng)
+    instances: list[Instance] = []
+    chunk: list[Sentence] = []
+    length = 0
+    i = 0
+    while i < len(document):
+        chunk.append(document[i])
+        length += len(document[i])
+        if i == len(document) - 1 or length >= target:
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            a = _flat(chunk[:a_end])
+            label = 0
+            if spec.objective == "nsp":
+                if len(chunk) == 1 or rng.random() < 0.5:
+                    label = 1
+                    b = _random_b(documents, index, target - len(a), rng)
+                    # the sentences not used as B go back to the stream
+                    i -= len(chunk) - a_end
+                else:
+                    b = _flat(chunk[a_end:])
+            else:  # sop
+                if len(chunk) == 1:
+                    a, b = _cut_sentence(a, rng)
+                else:
+                    b = _flat(chunk[a_end:])
+                if a and b and rng.random() < 0.5:
+                    a, b, label = b, a, 1
+            if a and b:
+                a, b = truncate_seq_pair(a, b, max_num_tokens, rng)
+                instances.append(_pair(a, b, label, spec))
+            chunk, length = [], 0
+        i += 1
+    return instances
+
+
+def _cut_sentence(tokens: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    if len(tokens) < 2:
+        return tokens, []
+    cut = int(rng.integers(1, len(tokens)))
+    return tokens[:cut], tokens[cut:]
+
+
+def _random_b(documents: list[Document], index: int, target_b: int,
+              rng: np.random.Generator) -> list[int]:
+    # Google tries 10 times for another document; a pool of one reuses itself.
+    other = index
+    for _ in range(10):
+        other = int(rng.integers(0, len(documents)))
+        if other != index:
+            break
+    doc = documents[other]
+    start = int(rng.integers(0, len(doc)))
+    b: list[int] = []
+    for sentence in doc[start:]:
+        b.extend(sentence)
+        if len(b) >= target_b:
+            break
+    return b
+
+
+def mlm_instances(documents: list[Document], index: int, spec: RecipeSpec,
+                  rng: np.random.Generator) -> list[Instance]:
+    """Single-segment instances: blocks of whole sentences up to the target length."""
+    max_num_tokens = spec.max_seq_len - 2
+    target = _target_length(max_num_tokens, spec, rng)
+    instances: list[Instance] = []
+    block: list[int] = []
+    for sentence in documents[index]:
+        pieces = [sentence[k:k + max_num_tokens] for k in range(0, len(sentence), max_num_tokens)]
+        for piece in pieces:
+            if block and len(block) + len(piece) > target:
+                instances.append(_single(block, spec))
+                block = []
+            block.extend(piece)
+    if block:
+        instances.append(_single(block, spec))
+    return instances
+
+
+def _single(block: list[int], spec: RecipeSpec) -> Instance:
+    ids = np.empty(len(block) + 2, dtype=np.int32)
+    ids[0], ids[-1] = spec.cls_id, spec.sep_id
+    ids[1:-1] = block
+    return Instance(ids, np.zeros(ids.shape[0], dtype=np.int8), -1)
+
+
+def create_instances(documents: list[Document], spec: RecipeSpec,
+                     rng: np.random.Generator) -> list[Instance]:
+    """All instances of a pool: `dupe_factor` passes over the documents, each instance
+    masked on its own when `spec.masking` is set, then shuffled (as Google does)."""
+    make = mlm_instances if spec.objective == "mlm" else pair_instances
+    instances: list[Instance] = []
+    for _ in range(spec.dupe_factor):
+        for index in range(len(documents)):
+            instances.extend(make(documents, index, spec, rng))
+    if spec.masking is not None:
+        for inst in instances:
+            inst.input_ids, pos, orig = spec.masking.apply(inst.input_ids, rng)
+            inst.positions = pos.astype(np.int32)
+            inst.originals = orig.astype(np.int32)
+    order = rng.permutation(len(instances))
+    return [instances[k] for k in order]
+
+
+def _list_array(rows: list[np.ndarray], dtype: Any) -> Any:
+    import pyarrow as pa
+
+    lengths = np.fromiter((r.shape[0] for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate(rows).astype(dtype, copy=False) if rows else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+
+
+def instances_to_table(instances: list[Instance], objective: str, static: bool) -> Any:
+    """A pyarrow Table in the dataset schema (the contract training and tools read)."""
+    import pyarrow as pa
+
+    cols = {"input_ids": _list_array([x.input_ids for x in instances], np.int32),
+            "token_type_ids": _list_array([x.token_type_ids for x in instances], np.int8)}
+    if objective != "mlm":
+        cols["next_sentence_label"] = pa.array(
+            np.fromiter((x.label for x in instances), dtype=np.int8, count=len(instances)))
+    if static:
+        cols["masked_lm_positions"] = _list_array([x.positions for x in instances], np.int32)
+        cols["masked_lm_ids"] = _list_array([x.originals for x in instances], np.int32)
+    return pa.table(cols, schema=output_schema(objective, static))
+
+
+def output_schema(objective: str, static: bool) -> Any:
+    """The Parquet schema of a pretraining dataset for this objective and masking."""
+    import pyarrow as pa
+
+    fields = [pa.field("input_ids", pa.list_(pa.int32())),
+              pa.field("token_type_ids", pa.list_(pa.int8()))]
+    if objective != "mlm":
+        fields.append(pa.field("next_sentence_label", pa.int8()))
+    if static:
+        fields += [pa.field("masked_lm_positions", pa.list_(pa.int32())),
+                   pa.field("masked_lm_ids", pa.list_(pa.int32()))]
+    return pa.schema(fields)
