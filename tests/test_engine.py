@@ -1,0 +1,220 @@
+"""The training engine: optimiser, schedule, accumulation and checkpoint state without
+Ray; then the real Ray Train loop on a small regression task (not BERT: this tests the
+engine's own behaviour, quickly)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from workflows.config import LoopSettings
+from workflows.engine import (MetricWindow, StepRunner, load_checkpoint_state,
+                              save_checkpoint)
+from workflows.optim import Lamb, linear_warmup_decay, param_groups
+
+TRUE_W = np.linspace(-1.0, 1.0, 8).astype(np.float32)
+
+
+class RegressionTask:
+    """y = x . TRUE_W + noise, learnt by a linear layer; rows carry `x` (8,) and `y`."""
+
+    def __init__(self, pid_dir: str | None = None, sleep_s: float = 0.0) -> None:
+        self.sleep_s = sleep_s
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
+
+    def load_model(self, model_dir: Path) -> nn.Module:
+        from safetensors.torch import load_file
+
+        model = self.build_model()
+        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
+        return model
+
+    def collate(self, batch, rng):
+        return {"x": torch.as_tensor(np.stack(batch["x"]), dtype=torch.float32),
+                "y": torch.as_tensor(batch["y"], dtype=torch.float32)}
+
+    def compute_loss(self, model, batch):
+        if self.sleep_s:
+            import time
+            time.sleep(self.sleep_s)  # keeps the run long enough for the fault test
+        pred = model(batch["x"]).squeeze(-1)
+        loss = nn.functional.mse_loss(pred, batch["y"])
+        close = (pred - batch["y"]).abs() < 0.1
+        return loss, {"mse": loss.detach(), "close_correct": close.sum(),
+                      "close_count": float(close.numel())}
+
+    def evaluate(self, model, batches):
+        total, n = 0.0, 0
+        for b in batches:
+            total += float(nn.functional.mse_loss(model(b["x"]).squeeze(-1), b["y"],
+                                                  reduction="sum"))
+            n += len(b["y"])
+        return {"mse": total / max(1, n)}
+
+    def save_model(self, model, model_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        model_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(model_dir / "model.safetensors"))
+        (model_dir / "config.json").write_text(json.dumps({"model_type": "toy"}))
+
+
+def make_rows(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    y = x @ TRUE_W + rng.normal(scale=0.01, size=n).astype(np.float32)
+    return [{"x": x[i], "y": float(y[i])} for i in range(n)]
+
+
+def batch_of(rows: list[dict]) -> dict[str, torch.Tensor]:
+    return RegressionTask().collate({"x": np.stack([r["x"] for r in rows]),
+                                     "y": np.array([r["y"] for r in rows])}, None)
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    f = [linear_warmup_decay(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[9:], f[10:]))  # decays monotonically
+    assert f[99] == pytest.approx(1 / 90) and linear_warmup_decay(100, 10, 100) == 0.0
+
+
+def test_no_weight_decay_on_bias_and_layernorm():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    decay, plain = param_groups(model, 0.01)
+    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert decay["adapt"] and not plain["adapt"]  # LAMB's trust ratio on weights only
+    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    assert ids(decay["params"]) == {id(model[0].weight), id(model[2].weight)}
+    assert ids(plain["params"]) == {id(model[0].bias), id(model[1].weight),
+                                    id(model[1].bias), id(model[2].bias)}
+
+
+def test_lamb_first_step_is_lr_times_weight_norm_and_it_converges():
+    # Step 1 of LAMB: the Adam update is sign(g) (bias-corrected), so the step's norm is
+    # lr * ||w|| per tensor (the trust ratio), whatever the gradient's scale.
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))
+    opt = Lamb([w], lr=0.1, eps=1e-12)
+    w.grad = torch.tensor([1000.0, -0.001])
+    opt.step()
+    assert torch.allclose(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * 5.0 / 2**0.5 * torch.tensor([1.0, -1.0]), atol=1e-5)
+
+    torch.manual_seed(0)
+    model = nn.Linear(8, 1)
+    opt = Lamb(param_groups(model, 0.0), lr=0.05)
+    # LAMB's steps scale with ||w||, so it settles only as the LR decays (as in BERT).
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup_decay(s, 0, 300))
+    x = torch.randn(256, 8)
+    y = x @ torch.as_tensor(TRUE_W) + 0.5
+    losses = []
+    for _ in range(300):
+        loss = nn.functional.mse_loss(model(x).squeeze(-1), y)
+        losses.append(float(loss.detach()))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    assert losses[-1] < 0.01 * losses[0]
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    rows = make_rows(16, seed=1)
+    task = RegressionTask()
+    results = []
+    for accum, size in ((1, 16), (4, 4)):
+        torch.manual_seed(0)
+        model = task.build_model()
+        loop = LoopSettings(grad_accum=accum, batch_size=size, warmup_steps=0, max_steps=5,
+                            lr=0.01, max_grad_norm=0.5)
+        runner = StepRunner(model, loop, torch.device("cpu"))
+        for _ in range(3):
+            for i in range(0, 16, size):
+                runner.forward_backward(task, batch_of(rows[i:i + size]))
+            assert runner.cycle_done
+            info = runner.optimizer_step()
+        results.append((torch.cat([p.detach().flatten() for p in model.parameters()]), info))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-6)
+    assert results[0][1]["grad_norm"] == pytest.approx(results[1][1]["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_checkpoint_round_trip_continues_identically(tmp_path, optimizer):
+    rows = make_rows(32, seed=2)
+    task = RegressionTask()
+    loop = LoopSettings(optimizer=optimizer, warmup_steps=2, max_steps=10, lr=0.01)
+    torch.manual_seed(0)
+    model = task.build_model()
+    runner = StepRunner(model, loop, torch.device("cpu"))
+
+    def train(r: StepRunner, steps: range) -> None:
+        for s in steps:
+            r.forward_backward(task, batch_of(rows[(s % 4) * 8:(s % 4) * 8 + 8]))
+            r.optimizer_step()
+
+    train(runner, range(4))
+    save_checkpoint(tmp_path, task=task, raw_model=model, runner=runner, rank=0, epoch=1,
+                    batches_in_epoch=3, attempt=0)
+    train(runner, range(4, 8))
+
+    trainer_state, rank_state = load_checkpoint_state(tmp_path, rank=1)  # rank 1 -> rank 0's
+    assert trainer_state["step"] == 4 and rank_state["batches_in_epoch"] == 3
+    resumed_model = task.load_model(tmp_path / "model")
+    resumed = StepRunner(resumed_model, loop, torch.device("cpu"))
+    resumed.load_state_dict(trainer_state)
+    assert resumed.scheduler.get_last_lr() == pytest.approx(
+        [0.01 * linear_warmup_decay(4, 2, 10)] * 2)
+    train(resumed, range(4, 8))
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["epoch"] == 1
+
+
+def test_metric_window_turns_correct_and_count_into_accuracy():
+    window = MetricWindow()
+    window.add(2.0, {"mlm_correct": torch.tensor(3), "mlm_count": 4, "nsp_loss": 1.0}, 10, 2)
+    window.add(4.0, {"mlm_correct": 1, "mlm_count": 4, "nsp_loss": 3.0}, 10, 2)
+    out = window.summary(world_size=2)
+    assert out["loss"] == 3.0 and out["nsp_loss"] == 2.0 and out["mlm_acc"] == 0.5
+    assert "mlm_count" not in out and "mlm_correct" not in out and out["tokens_per_s"] > 0
+
+
+# ---------------------------------------------------------------- real Ray Train
+
+
+@pytest.mark.ray
+def test_two_workers_learn_keep_last_checkpoints_and_refuse_a_finished_run(ray_local, tmp_path):
+    import ray
+
+    from workflows.engine import TrainingError, run_training
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    data = ray.data.from_items(make_rows(512, seed=3))
+    val = ray.data.from_items(make_rows(64, seed=4))
+    loop = LoopSettings(num_workers=2, cpus_per_worker=0.5, batch_size=16, lr=0.1,
+                        warmup_steps=5, max_steps=60, checkpoint_every=20, keep_checkpoints=2,
+                        eval_every=30, log_every=10, storage_path=str(tmp_path / "runs"))
+    result = run_training(RegressionTask(), loop, datasets={"train": data, "val": val},
+                          run_name="toy")
+    assert result.step == 60 and result.start_step == 0
+    torch.manual_seed(loop.seed)  # the workers' initial model
+    initial = RegressionTask().evaluate(RegressionTask().build_model(),
+                                        [batch_of(make_rows(64, seed=4))])["mse"]
+    assert result.metrics["val_mse"] < 0.2 * initial
+    ckpts = sorted(p.name for p in result.run_dir.glob("checkpoint_*"))
+    assert ckpts == ["checkpoint_00000040", "checkpoint_00000060"]
+    assert {"rank_0.pt", "rank_1.pt", "trainer_state.pt"} <= {
+        p.name for p in result.checkpoint_dir.iterdir()}
+    assert (result.model_dir / "model.safetensors").is_file()
+    with pytest.raises(TrainingError, match="already finished"):
+        run_training(RegressionTask(), loop, datasets={"train": data}, run_name="toy")
