@@ -118,7 +118,7 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
         latest = max(versions, key=lambda v: int(v.version))
         aliases = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items()))
         rows.append({
-            "name": rm.name, "latest": latest.version, "aliases": aliases,
+            "name": rm.name, "latest": str(latest.version), "aliases": aliases,
             "task": latest.tags.get(TAG_TASK, "-"),
             "base_model": latest.tags.get(TAG_BASE_MODEL, "-"),
             "key_metric": key_metric(_run_metrics(c, latest.run_id)),
@@ -169,6 +169,19 @@ def base_model_chain(ref: str, tracking_uri: str | None = None, max_depth: int =
     return chain
 
 
+def _model_artifact_location(c: Any, mv: Any) -> str:
+    """Where the version's files are stored (MLflow 3 versions point at a logged model)."""
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and str(mv.source).startswith("models:/m-"):
+        model_id = str(mv.source).removeprefix("models:/")
+    if model_id:
+        try:
+            return c.get_logged_model(model_id).artifact_location
+        except Exception:  # an older store without logged models: show the source
+            pass
+    return str(mv.source)
+
+
 def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     """Everything known about one model version: version, aliases, run, params, metrics,
     dataset, base-model chain and where its artifacts are."""
@@ -178,7 +191,7 @@ def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     mv = get_version(ref, tracking_uri)
     rm = c.get_registered_model(mv.name)
     info: dict[str, Any] = {
-        "name": mv.name, "version": mv.version,
+        "name": mv.name, "version": str(mv.version),
         "aliases": sorted(a for a, v in (rm.aliases or {}).items() if str(v) == str(mv.version)),
         "status": mv.status, "created": _fmt_time(mv.creation_timestamp),
         "task": mv.tags.get(t.TAG_TASK, "-"),
@@ -188,6 +201,7 @@ def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         "base_model_chain": base_model_chain(f"{mv.name}/{mv.version}", tracking_uri),
         "source": mv.source, "tags": dict(mv.tags),
         "run_name": "-", "run_status": "-", "params": {}, "metrics": {}, "artifact_uri": "-",
+        "model_artifacts": _model_artifact_location(c, mv),
     }
     if info["run_id"]:
         try:
@@ -211,7 +225,7 @@ def render_model(info: dict[str, Any]) -> str:
         f"  run              {info['run_id'] or '-'}  ({info['run_name']}, {info['run_status']})",
         f"  dataset          {info['dataset_path']}",
         f"  fingerprint      {info['dataset_fingerprint']}",
-        f"  model source     {info['source']}",
+        f"  model files      {info['model_artifacts']}",
         f"  run artifacts    {info['artifact_uri']}",
     ]
     extra = {k: v for k, v in info["tags"].items() if k in (TAG_SOURCE_PATH, TAG_CONFIG_HASH)}

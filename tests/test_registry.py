@@ -1,0 +1,116 @@
+"""`bertflow registry`: import a real BERT, list, show lineage, promote; errors users hit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from workflows import registry as r
+from workflows import tracking as t
+from workflows.cli import main as cli
+
+
+def tiny_hf_bert(dest: Path, vocab_from: Path) -> Path:
+    """A real (randomly initialised) tiny BERT in Hugging Face format."""
+    import transformers
+
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(cfg).save_pretrained(dest, safe_serialization=True)
+    (dest / "vocab.txt").write_bytes((vocab_from / "vocab.txt").read_bytes())
+    return dest
+
+
+def test_import_minilm_list_promote_show_through_the_cli(minilm_dir, tracking_uri, capsys):
+    assert cli(["registry", "import-hf", str(minilm_dir), "--name", "minilm",
+                "--tracking-uri", tracking_uri]) == 0
+    assert "minilm version 1" in capsys.readouterr().out
+
+    assert cli(["registry", "list", "--tracking-uri", tracking_uri]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["NAME", "LATEST", "ALIASES", "TASK"]
+    assert table[1].split()[:3] == ["minilm", "1", "-"] and " base " in table[1]
+
+    assert cli(["registry", "promote", "minilm", "1", "--alias", "champion",
+                "--tracking-uri", tracking_uri]) == 0
+    assert "minilm@champion -> version 1" in capsys.readouterr().out
+
+    assert cli(["registry", "show", "minilm@champion", "--json",
+                "--tracking-uri", tracking_uri]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["version"] == "1" and info["aliases"] == ["champion"]
+    assert info["tags"][r.TAG_SOURCE_PATH] == str(minilm_dir.resolve())
+    assert info["tags"][r.TAG_CONFIG_HASH] == r.config_hash(minilm_dir)
+    assert info["params"]["hidden_size"] == "384"
+    # Only the model's own files were copied into the registry, not the
+    # sentence-transformers extras shipped beside them.
+    files = {p.name for p in Path(urlparse(info["model_artifacts"]).path).rglob("*")}
+    assert {"config.json", "model.safetensors", "vocab.txt"} <= files
+    assert "1_Pooling" not in files and "modules.json" not in files
+    # ...and what was registered resolves back to a loadable folder.
+    folder = t.resolve_model("models:/minilm@champion", tracking_uri=tracking_uri)
+    assert json.loads((folder / "config.json").read_text())["hidden_size"] == 384
+
+
+def test_show_follows_the_base_model_chain_and_lists_the_key_metric(
+        tmp_path, minilm_dir, tracking_uri):
+    import mlflow
+
+    base_dir = tiny_hf_bert(tmp_path / "tiny", minilm_dir)
+    r.import_hf(base_dir, "tiny-base", tracking_uri)
+    # A fine-tuned model built on it, registered the way the workflows do.
+    exp = t.ensure_experiment("bertflow", tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(experiment_id=exp, run_name="clf-1") as run:
+        mlflow.log_params({"lr": 3e-5, "task": "seq-cls"})
+        mlflow.log_metrics({"eval_accuracy": 0.75, "train_loss": 0.4})
+    lineage = {t.TAG_BASE_MODEL: "models:/tiny-base/1", t.TAG_TASK: "seq-cls",
+               t.TAG_DATASET_FINGERPRINT: "abc123", t.TAG_DATASET_PATH: "/data/sst",
+               t.TAG_RUN_ID: run.info.run_id}
+    uri = t.log_bert_model(base_dir, run_id=run.info.run_id, tracking_uri=tracking_uri,
+                           task="seq-cls")
+    t.register_model_version(uri, "clf", tags=lineage, tracking_uri=tracking_uri)
+
+    info = r.show_model("clf", tracking_uri)  # no alias or version: the latest
+    assert info["base_model_chain"] == ["models:/tiny-base/1", str(base_dir.resolve())]
+    assert info["dataset_fingerprint"] == "abc123" and info["dataset_path"] == "/data/sst"
+    assert info["run_name"] == "clf-1" and info["metrics"]["eval_accuracy"] == 0.75
+    text = r.render_model(info)
+    assert "clf/1 <- models:/tiny-base/1 <- " in text and "eval_accuracy" in text
+
+    rows = {row["name"]: row for row in r.list_models(tracking_uri)}
+    assert rows["clf"]["key_metric"] == "eval_accuracy=0.75"
+    assert rows["clf"]["task"] == "seq-cls" and rows["tiny-base"]["task"] == "base"
+
+
+def test_registry_errors_name_the_problem(tmp_path, tracking_uri, capsys):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text('{"model_type": "bert"}')
+    (tmp_path / "old" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(r.RegistryError, match="pytorch_model.bin is not accepted"):
+        r.import_hf(tmp_path / "old", "old", tracking_uri)
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    for f in ("model.safetensors", "vocab.txt"):
+        (gpt / f).write_text("x")
+    (gpt / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(r.RegistryError, match="BERT models only"):
+        r.import_hf(gpt, "gpt", tracking_uri)
+
+    assert cli(["registry", "show", "nope@champion", "--tracking-uri", tracking_uri]) == 2
+    err = capsys.readouterr().err
+    assert "nope@champion" in err and "bertflow registry list" in err
+    assert cli(["registry", "promote", "nope", "3", "--alias", "x",
+                "--tracking-uri", tracking_uri]) == 2
+
+
+def test_refs_and_tables():
+    assert r.parse_ref("bert@champion") == ("bert", "champion", None)
+    assert r.parse_ref("models:/bert/3") == ("bert", None, "3")
+    assert r.parse_ref("bert") == ("bert", None, None)
+    table = r.format_table([{"a": "x" * 100, "b": None}], ["a", "b"], max_width=10)
+    header, row = table.splitlines()
+    assert header.split() == ["A", "B"] and row.split() == ["x" * 9 + "…", "-"]
