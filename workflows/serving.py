@@ -26,7 +26,9 @@ class BertflowPyfunc(PythonModel):
 
         self._predictor = Predictor.from_dir(context.artifacts["model"])
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> Any:
+    # No type hints here on purpose: MLflow would read them as an input schema.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """Predictions for a DataFrame (or records) in the columns of the model's task."""
         import pandas as pd
 
         df = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)

@@ -1,0 +1,204 @@
+"""Tokenized fine-tuning datasets on Ray Data: Parquet + manifest, atomic and idempotent.
+
+`build_task_dataset` reads one task file on the driver (validation is sequential and
+cheap next to tokenization: every record is either used or skipped with a reason), fixes
+the label ids, then tokenizes the records on Ray Data (a callable class holds the
+tokenizer per worker) and writes Parquet into a hidden folder renamed into place with
+its manifest. The folder name carries the fingerprint of (task settings, labels, input
+file, tokenizer), so the same inputs reuse the same folder ("up to date") and anything
+that changes the features gets a new one.
+
+Rows are shuffled once with the seed before writing, so a file sorted by label still
+trains well when read in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from data_prep.manifest import (Manifest, atomic_output_dir, build_fingerprint,
+                                fingerprint_file, is_up_to_date)
+from data_prep.tasks import features as F
+from data_prep.tasks.readers import (SkipReport, TaskDataError, read_classification,
+                                     read_conll, read_squad)
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELDS = {"seq-cls": ("text",), "pair-cls": ("text_a", "text_b")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskFeatures:
+    """The settings that decide a task dataset's features (a slice of FinetuneConfig)."""
+
+    task: str
+    max_seq_len: int = 128
+    doc_stride: int = 128
+    max_query_len: int = 64
+
+
+@dataclasses.dataclass
+class TaskDataset:
+    """A built (or reused) task dataset: its folder, manifest, labels and records."""
+
+    path: Path
+    manifest: Manifest
+    labels: list[str]
+    records: list[dict]
+    report: SkipReport
+    reused: bool
+
+    @property
+    def parquet_dir(self) -> Path:
+        return self.path / "data"
+
+
+def read_task_file(path: str | Path, task: str, labels: list[str] | None = None
+                   ) -> tuple[list[dict], SkipReport]:
+    """Read a task file; with `labels`, records whose label is unknown are skipped."""
+    if task in TEXT_FIELDS:
+        return read_classification(path, TEXT_FIELDS[task], labels=labels)
+    if task == "token-cls":
+        return read_conll(path, tags=labels)
+    if task == "qa":
+        return read_squad(path)
+    raise TaskDataError(f"unknown task {task!r}")
+
+
+def label_list(records: list[dict], task: str) -> list[str]:
+    """Sorted label names of `records` ("O" first for tags, then B-/I- by type)."""
+    if task == "qa":
+        return []
+    if task == "token-cls":
+        tags = {t for r in records for t in r["tags"]}
+        types = sorted({t[2:] for t in tags if t != "O"})
+        full = ["O"] + [f"{p}-{k}" for k in types for p in ("B", "I")]
+        return full + sorted(tags - set(full))
+    return sorted({r["label"] for r in records})
+
+
+def featurize(records: list[dict], tokenizer: Any, spec: TaskFeatures,
+              label_ids: dict[str, int]) -> dict[str, list]:
+    """Feature columns of a batch of records (the Parquet schema of a task dataset)."""
+    n = spec.max_seq_len
+    if spec.task in TEXT_FIELDS:
+        fields = TEXT_FIELDS[spec.task]
+        cols = F.encode_classification(tokenizer, [r[fields[0]] for r in records],
+                                       [r[fields[1]] for r in records] if len(fields) > 1 else None, n)
+        cols["labels"] = [label_ids[r["label"]] for r in records]
+    elif spec.task == "token-cls":
+        pieces = F.word_pieces(tokenizer, [r["tokens"] for r in records])
+        cols = F.encode_words(tokenizer, pieces,
+                              [[label_ids[t] for t in r["tags"]] for r in records], n)
+    else:
+        spans = []
+        for r in records:
+            a = r["answers"][0] if r["answers"] and not r["is_impossible"] else None
+            spans.append((a["answer_start"], a["answer_start"] + len(a["text"])) if a else None)
+        cols = F.encode_qa(tokenizer, [r["question"] for r in records],
+                           [r["context"] for r in records], max_seq_len=n,
+                           doc_stride=spec.doc_stride, max_query_len=spec.max_query_len,
+                           answer_spans=spans, example_ids=[r["example_index"] for r in records])
+    if spec.task != "qa":
+        cols["example_index"] = [r["example_index"] for r in records]
+    return cols
+
+
+class Featurizer:
+    """Ray Data callable class: one tokenizer per worker, records in, feature rows out."""
+
+    def __init__(self, tokenizer_dir: str, spec: TaskFeatures, labels: list[str]) -> None:
+        from data_prep.tokenizer import WordPieceTokenizer
+
+        self.tokenizer = WordPieceTokenizer.from_dir(tokenizer_dir)
+        self.spec = spec
+        self.label_ids = {name: i for i, name in enumerate(labels)}
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        records = batch.to_pylist()
+        cols = featurize(records, self.tokenizer, self.spec, self.label_ids)
+        list_type = pa.list_(pa.int32())
+        return pa.table({k: pa.array(v, type=list_type if v and isinstance(v[0], list)
+                                     else pa.int64()) for k, v in cols.items()})
+
+
+def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str | Path,
+                       out_root: str | Path, *, split: str, labels: list[str] | None = None,
+                       seed: int = 0, address: str | None = None) -> TaskDataset:
+    """Read, validate and tokenize one task file into `out_root/<task>-<split>-<hash>/`.
+
+    `labels` (the training labels, or a user-given list) maps names to ids; without it
+    the file's own sorted labels are used. Returns the dataset with the records actually
+    used (each with `example_index`), which evaluation needs (gold answers, contexts).
+    """
+    import numpy as np
+
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    records, report = read_task_file(path, spec.task, labels)
+    if not records:
+        raise TaskDataError(f"{path}: no usable {spec.task} records ({report.total} skipped: "
+                            f"{'; '.join(report.messages[:3]) or 'empty file'})")
+    labels = list(labels) if labels is not None else label_list(records, spec.task)
+    if spec.task != "qa" and len(labels) < 2:
+        raise TaskDataError(f"{path}: only one label ({', '.join(labels)}); "
+                            "classification needs at least two")
+    for i, r in enumerate(records):
+        r["example_index"] = i
+    if report.total:
+        log.warning("%s: skipped %d record(s): %s (first: %s)", path, report.total,
+                    dict(report.counts), report.messages[0])
+    tokenizer = WordPieceTokenizer.from_dir(tokenizer_dir)
+    inputs = [fingerprint_file(path)]
+    config = {**dataclasses.asdict(spec), "labels": labels, "split": split, "seed": seed}
+    fp = build_fingerprint(config, inputs, tokenizer.fingerprint(), kind=f"task-{spec.task}")
+    final = Path(out_root).absolute() / f"{spec.task}-{split}-{fp[:12]}"
+    ok, reason = is_up_to_date(final, fp)
+    if ok:
+        log.info("%s: up to date, reusing %s", path, final)
+        return TaskDataset(final, Manifest.load(final), labels, records, report, True)
+    log.info("tokenizing %s (%d records) into %s (%s)", path, len(records), final, reason)
+
+    from data_prep.ray_env import init_ray
+
+    ray = init_ray(address)
+    order = np.random.default_rng(seed).permutation(len(records))
+    items = [_ray_item(records[i]) for i in order]
+    with atomic_output_dir(final, force=True) as tmp:
+        # Few blocks: per-row blocks would cost more scheduling than tokenizing.
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
+        ds = ds.map_batches(Featurizer, fn_constructor_args=(str(tokenizer_dir), spec, labels),
+                            batch_format="pyarrow", batch_size=256, concurrency=1)
+        ds.write_parquet(str(tmp / "data"))
+        files = sorted((tmp / "data").glob("*.parquet"))
+        import pyarrow.parquet as pq
+
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+        schema = {f.name: str(f.type) for f in pq.read_schema(files[0])} if files else {}
+        manifest = Manifest(
+            kind=f"task-{spec.task}", config=config, inputs=inputs,
+            tokenizer={"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
+                       "lowercase": tokenizer.lowercase},
+            counts={"records_read": len(records) + report.total, "examples": len(records),
+                    "skipped": report.total, "skipped_by_reason": dict(report.counts),
+                    "rows": rows},
+            splits={split: {"rows": rows, "files": [
+                {"path": str(f.relative_to(tmp)), "size": f.stat().st_size} for f in files]}},
+            schema=schema, fingerprint=fp,
+            extra={"labels": labels, "skip_messages": report.messages, "notes": dict(report.notes)})
+        manifest.save(tmp)
+    return TaskDataset(final, manifest, labels, records, report, False)
+
+
+def _ray_item(record: dict) -> dict:
+    """A record as Ray Data stores it (QA answers flattened: only the first is trained on)."""
+    item = {k: v for k, v in record.items() if k not in ("answers", "line")}
+    if "answers" in record:
+        a = record["answers"][0] if record["answers"] else {"text": "", "answer_start": -1}
+        item["answers"] = [{"text": a["text"], "answer_start": int(a["answer_start"])}]
+    return item
