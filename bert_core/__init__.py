@@ -18,6 +18,12 @@ _EXPORTS: dict[str, str] = {
     "BertForSequenceClassification": "bert_core.heads",
     "BertForTokenClassification": "bert_core.heads",
     "BertForQuestionAnswering": "bert_core.heads",
+    "BertPreTrainedModel": "bert_core.model",
+    "PreTrainingOutput": "bert_core.heads",
+    "MaskedLMOutput": "bert_core.heads",
+    "ClassifierOutput": "bert_core.heads",
+    "QuestionAnsweringOutput": "bert_core.heads",
+    "PRESETS": "bert_core.config",
     "ConfigError": "bert_core.config_io",
     "BertflowError": "bert_core.config_io",
 }

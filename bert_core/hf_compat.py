@@ -1,0 +1,219 @@
+"""The one adapter between bert_core parameter names and Hugging Face BERT names.
+
+bert_core lays its parameters out for speed and readability (one fused `qkv` projection per
+layer, short names); Hugging Face checkpoints use `encoder.layer.N.attention.self.query` and
+friends. Everything that reads or writes a model folder goes through this module, so the
+internal layout can change without breaking checkpoints in either direction.
+
+Folder format (what transformers writes and reads): `config.json` + `model.safetensors`
+(or sharded `model.safetensors.index.json`). Pickled `pytorch_model.bin` files are refused:
+unpickling a downloaded file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bert_core.config_io import BertflowError
+
+log = logging.getLogger("bert_core")
+
+# (our name regex, HF name template) for the encoder, relative to the encoder's own prefix.
+# The fused qkv projection is handled separately (one tensor <-> three).
+_ENCODER_NAMES: list[tuple[str, str]] = [
+    (r"embeddings\.(word_embeddings|position_embeddings|token_type_embeddings)\.weight",
+     r"embeddings.\1.weight"),
+    (r"embeddings\.norm\.(weight|bias)", r"embeddings.LayerNorm.\1"),
+    (r"layers\.(\d+)\.attn_out\.(weight|bias)", r"encoder.layer.\1.attention.output.dense.\2"),
+    (r"layers\.(\d+)\.attn_norm\.(weight|bias)",
+     r"encoder.layer.\1.attention.output.LayerNorm.\2"),
+    (r"layers\.(\d+)\.ffn_in\.(weight|bias)", r"encoder.layer.\1.intermediate.dense.\2"),
+    (r"layers\.(\d+)\.ffn_out\.(weight|bias)", r"encoder.layer.\1.output.dense.\2"),
+    (r"layers\.(\d+)\.ffn_norm\.(weight|bias)", r"encoder.layer.\1.output.LayerNorm.\2"),
+    (r"pooler\.dense\.(weight|bias)", r"pooler.dense.\1"),
+]
+_QKV = re.compile(r"layers\.(\d+)\.qkv\.(weight|bias)")
+_QKV_PARTS = ("query", "key", "value")
+
+# Tensors HF files may carry that hold nothing to learn (buffers, tied copies).
+_IGNORED_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids")
+_TIED_DECODER = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_HF_ENCODER_ROOTS = ("embeddings.", "encoder.", "pooler.")
+
+
+_FORWARD = [(re.compile(ours), hf) for ours, hf in _ENCODER_NAMES]
+
+
+def encoder_name_to_hf(name: str) -> list[str]:
+    """HF names of one encoder parameter (three for the fused qkv projection)."""
+    m = _QKV.fullmatch(name)
+    if m:
+        return [f"encoder.layer.{m[1]}.attention.self.{part}.{m[2]}" for part in _QKV_PARTS]
+    for regex, template in _FORWARD:
+        m = regex.fullmatch(name)
+        if m:
+            return [m.expand(template)]
+    raise KeyError(f"no Hugging Face name for encoder parameter {name!r}")
+
+
+class NameMap:
+    """Maps one model class's state-dict names to HF names and back.
+
+    `encoder_prefix` is where the encoder sits in the model ("" for BertModel, "bert." for
+    heads, as in transformers); `head_names` maps head module prefixes (ours -> HF).
+    """
+
+    def __init__(self, encoder_prefix: str, head_names: dict[str, str]):
+        self.encoder_prefix = encoder_prefix
+        self.head_names = head_names
+
+    def to_hf(self, name: str) -> list[str]:
+        """HF names of our parameter `name`."""
+        if self.encoder_prefix and name.startswith(self.encoder_prefix):
+            rest = name[len(self.encoder_prefix):]
+            return [self.encoder_prefix + n for n in encoder_name_to_hf(rest)]
+        if not self.encoder_prefix:
+            try:
+                return encoder_name_to_hf(name)
+            except KeyError:
+                pass
+        for ours, hf in self.head_names.items():
+            if name.startswith(ours + ".") or name == ours:
+                return [hf + name[len(ours):]]
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our state dict -> HF tensors (qkv split, contiguous, no shared storage)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in state.items():
+            hf_names = self.to_hf(name)
+            parts = tensor.chunk(len(hf_names), dim=0)  # qkv rows are [query; key; value]
+            for hf_name, part in zip(hf_names, parts):
+                out[hf_name] = part.detach().clone().contiguous()
+        return out
+
+    def normalise_prefix(self, names: list[str]) -> dict[str, str]:
+        """file name -> name as this class expects it (add or strip `bert.` for the encoder).
+
+        Whichever BERT class saved the folder, its encoder tensors are found: BertModel saves
+        them bare, every head under `bert.`.
+        """
+        has_prefix = any(n.startswith("bert.") for n in names)
+        mapping = {}
+        for n in names:
+            if self.encoder_prefix and not has_prefix and n.startswith(_HF_ENCODER_ROOTS):
+                mapping[n] = self.encoder_prefix + n
+            elif not self.encoder_prefix and n.startswith("bert."):
+                mapping[n] = n[len("bert."):]
+            else:
+                mapping[n] = n
+        return mapping
+
+
+# --- folders ---------------------------------------------------------------------------
+
+def read_config_json(folder: Path) -> dict[str, Any]:
+    """The parsed config.json of a model folder, with the path named in any error."""
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise BertflowError(f"{folder}: model folder not found")
+    if not path.is_file():
+        raise BertflowError(f"{path}: missing; a model folder needs config.json and "
+                            "model.safetensors (as written by save_pretrained)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BertflowError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+
+
+def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder (single or sharded safetensors); pickles are refused."""
+    from safetensors.torch import load_file
+
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+    else:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if pickled:
+            raise BertflowError(
+                f"{folder}: has {', '.join(sorted(pickled))} but no model.safetensors. "
+                "bertflow never unpickles weight files (a pickle can run arbitrary code). If "
+                "you trust the file, convert it once with transformers: python -c \"from "
+                "transformers import AutoModel; AutoModel.from_pretrained('DIR')"
+                ".save_pretrained('DIR')\" (writes model.safetensors), then retry.")
+        raise BertflowError(f"{folder}: no model.safetensors found")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise BertflowError(f"{f}: cannot read safetensors file: {exc}") from None
+    return tensors
+
+
+def split_file_tensors(names: NameMap, file_tensors: dict[str, torch.Tensor],
+                       expected: list[str]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Match file tensors to our parameters.
+
+    Returns (our state dict to load, missing HF names, unexpected HF names). A fused qkv
+    parameter is loaded only when all three of query/key/value are present.
+    """
+    renamed = names.normalise_prefix(list(file_tensors))
+    hf = {renamed[k]: v for k, v in file_tensors.items()}
+    for key in list(hf):
+        if key.endswith(_IGNORED_SUFFIXES):
+            del hf[key]
+    # Tied copies of the word embeddings: older files carry the decoder bias under its
+    # own name only; the decoder weight is always the embedding matrix.
+    if "cls.predictions.decoder.bias" in hf and "cls.predictions.bias" not in hf:
+        hf["cls.predictions.bias"] = hf["cls.predictions.decoder.bias"]
+    for key in _TIED_DECODER:
+        hf.pop(key, None)
+
+    expected_hf = {h: ours for ours in expected for h in names.to_hf(ours)}
+    missing = sorted(h for h in expected_hf if h not in hf)
+    unexpected = sorted(h for h in hf if h not in expected_hf)
+    state: dict[str, torch.Tensor] = {}
+    for ours in expected:
+        hf_names = names.to_hf(ours)
+        if all(h in hf for h in hf_names):
+            parts = [hf[h] for h in hf_names]
+            state[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    return state, missing, unexpected
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write a file through a temporary sibling and rename, so no half file is visible."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_folder(folder: Path, config_json: dict[str, Any],
+                 tensors: dict[str, torch.Tensor]) -> None:
+    """Write config.json + model.safetensors (each atomically) into `folder`."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(folder / "model.safetensors",
+                  lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    text = json.dumps(config_json, indent=2, sort_keys=True) + "\n"
+    _atomic_write(folder / "config.json", lambda tmp: Path(tmp).write_text(text, "utf-8"))
