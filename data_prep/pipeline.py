@@ -9,7 +9,7 @@ How the work is cut, and why (the only module that touches Ray Data):
    documents in work units of `docs_per_unit` documents (one file, one split: a document
    goes to val when a hash of its text falls under `val_fraction`). Only one unit is in
    memory at a time.
-3. Ray Data maps units over a pool of tokenizer actors. Each unit is seeded from (seed,
+3. Ray Data maps units over tasks (at most `num_workers` at a time). Each unit is seeded from (seed,
    file sha256, split, unit number) and writes its own part file named by its index, so
    rows are identical whatever the number of workers or their scheduling.
 """
@@ -157,21 +157,26 @@ def recipe_spec(config: PrepConfig, tokenizer: WordPieceTokenizer) -> RecipeSpec
                       masking=masking)
 
 
-class UnitBuilder:
-    """Ray Data actor: holds the tokenizer and recipe, processes a batch of units."""
+_WORKER_STATE: dict[str, tuple[PrepConfig, WordPieceTokenizer, RecipeSpec]] = {}
 
-    def __init__(self, tokenizer_dir: str, config: dict[str, Any], out_dir: str) -> None:
+
+def build_units(batch: dict[str, Any], tokenizer_dir: str, config: dict[str, Any],
+                out_dir: str) -> dict[str, Any]:
+    """Ray Data task: process a batch of units. The tokenizer and recipe are built once
+    per worker process (Ray reuses task workers), which starts far faster than an actor
+    pool and keeps the output independent of scheduling."""
+    key = json.dumps([tokenizer_dir, config], sort_keys=True)
+    if key not in _WORKER_STATE:
         from bert_core.config_io import from_dict
 
-        self.config = from_dict(PrepConfig, config, "prep config")
-        self.tokenizer = WordPieceTokenizer.from_dir(tokenizer_dir)
-        self.spec = recipe_spec(self.config, self.tokenizer)
-        self.out_dir = Path(out_dir)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = [process_unit(json.loads(u), self.tokenizer, self.spec, self.config.seed,
-                                self.out_dir) for u in batch["unit"]]
-        return {"result": [json.dumps(r) for r in results]}
+        cfg = from_dict(PrepConfig, config, "prep config")
+        tok = WordPieceTokenizer.from_dir(tokenizer_dir)
+        _WORKER_STATE.clear()
+        _WORKER_STATE[key] = (cfg, tok, recipe_spec(cfg, tok))
+    cfg, tok, spec = _WORKER_STATE[key]
+    results = [process_unit(json.loads(u), tok, spec, cfg.seed, Path(out_dir))
+               for u in batch["unit"]]
+    return {"result": [json.dumps(r) for r in results]}
 
 
 def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConfig,
@@ -195,9 +200,10 @@ def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConf
     cpus = min(1.0, max(0.1, total_cpus / (workers + 1)))
     ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units],
                              override_num_blocks=len(units))
-    ds = ds.map_batches(UnitBuilder, batch_size=1, num_cpus=cpus,
-                        compute=ray.data.ActorPoolStrategy(size=workers),
-                        fn_constructor_args=(str(tokenizer_dir), to_dict(config), str(out_dir)))
+    ds = ds.map_batches(build_units, batch_size=1, num_cpus=cpus,
+                        compute=ray.data.TaskPoolStrategy(size=workers),
+                        fn_kwargs={"tokenizer_dir": str(tokenizer_dir),
+                                   "config": to_dict(config), "out_dir": str(out_dir)})
     results = []
     with tqdm(total=len(units), desc="prep units", unit="unit", mininterval=2.0) as bar:
         for row in ds.iter_rows():
