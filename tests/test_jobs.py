@@ -77,9 +77,10 @@ def test_submit_without_address_is_a_usage_error(monkeypatch, capsys):
     assert "--address is required" in capsys.readouterr().err
 
 
-def test_jobs_that_start_ray_are_told_to_join_the_cluster(monkeypatch):
-    monkeypatch.setattr(jobs, "verb_takes_option", lambda verb, opt: verb == "pretrain")
-    assert jobs.attach_to_cluster("pretrain", ["--data", "d"])[-2:] == ["--address", "auto"]
-    assert jobs.attach_to_cluster("pretrain", ["--address", "ray://h:10001"]) == \
+def test_jobs_that_start_ray_are_told_to_join_the_cluster():
+    # prep starts Ray: inside a job it must join the cluster, not start a private Ray.
+    assert jobs.attach_to_cluster("prep", ["--input", "x"]) == \
+        ["--input", "x", "--address", "auto"]
+    assert jobs.attach_to_cluster("prep", ["--address", "ray://h:10001"]) == \
         ["--address", "ray://h:10001"]
-    assert jobs.attach_to_cluster("predict", ["--input", "x"]) == ["--input", "x"]
+    assert jobs.attach_to_cluster("prep", ["rerun", "d"])[-2:] == ["--address", "auto"]

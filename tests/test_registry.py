@@ -111,6 +111,7 @@ def test_refs_and_tables():
     assert r.parse_ref("bert@champion") == ("bert", "champion", None)
     assert r.parse_ref("models:/bert/3") == ("bert", None, "3")
     assert r.parse_ref("bert") == ("bert", None, None)
-    table = r.format_table([{"a": "x" * 100, "b": None}], ["a", "b"], max_width=10)
+    table = r.format_table([{"a": "/very/long/path/" + "x" * 80 + "/end.txt", "b": None}],
+                           ["a", "b"], max_width=20)
     header, row = table.splitlines()
-    assert header.split() == ["A", "B"] and row.split() == ["x" * 9 + "…", "-"]
+    assert header.split() == ["A", "B"] and row.split() == ["/very/lon…xx/end.txt", "-"]

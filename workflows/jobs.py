@@ -102,10 +102,11 @@ def verb_takes_option(verb: str, option: str) -> bool:
     if hasattr(module, "add_arguments"):
         parser = argparse.ArgumentParser(add_help=False)
         module.add_arguments(parser)
-    elif hasattr(module, "build_parser"):
-        parser = module.build_parser()
-    else:
-        return False
+    else:  # verbs with sub-verbs build their own parser
+        build = getattr(module, "build_parser", None) or getattr(module, "_build_parser", None)
+        if build is None:
+            return False
+        parser = build()
     return option in parser._option_string_actions
 
 

@@ -49,11 +49,15 @@ def default_tracking_uri(uri: str | None = None) -> str:
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str], max_width: int = 48) -> str:
-    """A plain aligned text table of `rows` (long cells are shortened with an ellipsis)."""
+    """A plain aligned text table of `rows` (long cells lose their middle to an ellipsis)."""
     def cell(v: Any) -> str:
         s = "-" if v is None or v == "" else str(v)
         s = s.replace("\n", " ")
-        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+        if len(s) <= max_width:
+            return s
+        # Cut the middle: the start and the end of paths and messages say the most.
+        head = (max_width - 1) // 2
+        return s[:head] + "…" + s[len(s) - (max_width - 1 - head):]
 
     table = [[c.upper().replace("_", " ") for c in columns]]
     table += [[cell(r.get(c)) for c in columns] for r in rows]

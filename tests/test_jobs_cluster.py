@@ -1,0 +1,148 @@
+"""`bertflow submit` against a real Ray head on 127.0.0.1: a prep job, then a tiny pretrain job.
+
+The head is started with `ray start --head --block` in its own process group and that
+process group alone is terminated at the end: never `ray stop`, which would kill every other
+Ray on the machine. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workflows import jobs
+from workflows.cli import main as cli
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+VENV_BIN = Path(sys.executable).parent
+JOB_TIMEOUT_S = 420
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def jobs_api_installed() -> bool:
+    """The Jobs API lives in Ray's dashboard, which needs the `ray[default]` extras."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("aiohttp_cors", "grpc", "opencensus"))
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A real Ray head (2 CPUs, dashboard + Jobs API on 127.0.0.1); yields the dashboard URL."""
+    if not jobs_api_installed():
+        pytest.skip("Ray's Jobs API needs `pip install 'ray[default]'` (dashboard extras)")
+    gcs, dash, agent, metrics = free_ports(4)
+    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are limited
+    log = open(Path(temp_dir) / "head.log", "wb")
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--dashboard-agent-listen-port", str(agent),
+         "--metrics-export-port", str(metrics), "--num-cpus", "2", "--temp-dir", temp_dir,
+         "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "Ray head did not come up in 120 s"
+                time.sleep(1)
+        yield url
+    finally:
+        # Only our head's process group: the head and everything it started.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # `ray start --block` may ignore SIGTERM
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def corpus(path: Path) -> Path:
+    """A few hundred lines of real English text, one document per paragraph."""
+    from pydoc_data.topics import topics
+
+    docs = [topics[k].strip() for k in sorted(topics)[:40]]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir, capsys):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    data = tmp_path / "data" / "pydoc128"
+    # submit --wait streams the job's logs and exits with its status.
+    code = cli(["submit", "prep", "--address", ray_head, "--wait", "--timeout",
+                str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
+                "bertflow-test-prep", "--input", str(corpus(tmp_path / "corpus.txt")),
+                "--output", str(data), "--vocab", str(minilm_dir / "vocab.txt"),
+                "--max-seq-len", "64", "--dupe-factor", "2"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert "job bertflow-test-prep SUCCEEDED" in out
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert manifest["counts"]["train"]["instances"] > 0
+
+    # The job is visible to `bertflow jobs`.
+    assert cli(["jobs", "status", "bertflow-test-prep", "--address", ray_head]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert cli(["jobs", "list", "--address", ray_head]) == 0
+    listing = capsys.readouterr().out
+    assert "bertflow-test-prep" in listing and "prep" in listing
+
+    if not (Path(jobs.project_root()) / "workflows" / "commands" / "pretrain.py").is_file():
+        pytest.skip("bertflow pretrain is not available yet")
+    code = cli(["submit", "pretrain", "--address", ray_head, "--wait", "--timeout",
+                str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
+                "bertflow-test-pretrain", "--data", str(data), "--run-name", "job-tiny",
+                "--model-size", "tiny", "--max-steps", "8", "--warmup-steps", "2",
+                "--batch-size", "8", "--eval-every", "0", "--eval-batches", "2",
+                "--checkpoint-every", "0", "--log-every", "2", "--no-log-system-metrics",
+                "--storage-path", str(tmp_path / "runs"), "--register-as", "bert-job"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    from workflows import registry
+
+    info = registry.show_model("bert-job", tracking_uri)
+    assert info["version"] == "1" and info["run_name"] == "job-tiny"
+    assert info["dataset_path"] == str(data)
+
+
+def test_unknown_job_and_unreachable_cluster_are_clear_errors(ray_head, capsys):
+    assert cli(["jobs", "status", "no-such-job", "--address", ray_head]) == 2
+    assert "no-such-job" in capsys.readouterr().err
+    port = free_ports(1)[0]
+    assert cli(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
+    assert "cannot reach the Ray dashboard" in capsys.readouterr().err

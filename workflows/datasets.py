@@ -1,0 +1,85 @@
+"""Finding prepared datasets (folders with a manifest.json) and summarising them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+# Folders never searched: environments, VCS data, stores, and in-progress/old outputs of
+# data_prep.manifest.atomic_output_dir (hidden siblings).
+SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "mlartifacts", "__pycache__", "runs"}
+
+
+def find_datasets(root: str | Path, max_depth: int = 6) -> list[Path]:
+    """Folders under `root` (itself included) holding a manifest.json, sorted by path.
+
+    A dataset's own subfolders (its splits) are not searched.
+    """
+    root = Path(root)
+    found: list[Path] = []
+    base_depth = len(root.resolve().parts)
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        if "manifest.json" in filenames:
+            found.append(here)
+            dirnames[:] = []
+            continue
+        if len(here.resolve().parts) - base_depth >= max_depth:
+            dirnames[:] = []
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+    return sorted(found)
+
+
+def summarize(dataset_dir: Path, check_inputs: bool = True) -> dict[str, Any]:
+    """One dataset's manifest summary: kind, objective, instances, tokens, created, and
+    whether it is up to date with its inputs (this rehashes the inputs when asked)."""
+    from data_prep.manifest import Manifest, ManifestError, is_up_to_date
+
+    row: dict[str, Any] = {"path": str(dataset_dir)}
+    try:
+        m = Manifest.load(dataset_dir)
+    except ManifestError as exc:
+        return {**row, "status": f"unreadable: {exc}"}
+    counts = m.counts or {}
+
+    def split_count(key: str) -> int | None:
+        values = [s.get(key) for s in counts.values() if isinstance(s, dict) and key in s]
+        return counts.get(key) if key in counts else (sum(values) if values else None)
+
+    row.update(
+        kind=m.kind,
+        objective=m.config.get("objective", m.config.get("task", "-")),
+        instances=split_count("instances") if split_count("instances") is not None
+        else split_count("rows"),
+        tokens=split_count("tokens"),
+        splits=", ".join(f"{k}:{_rows(v)}" for k, v in sorted(m.splits.items())),
+        created=m.created_at.replace("T", " ").rstrip("Z"),
+        fingerprint=m.fingerprint[:12],
+    )
+    if check_inputs:
+        ok, reason = is_up_to_date(dataset_dir)
+        row["status"] = "up to date" if ok else f"STALE: {reason}"
+    else:
+        row["status"] = "not checked"
+    return row
+
+
+def _rows(split: Any) -> str:
+    if isinstance(split, dict):
+        for key in ("instances", "rows", "num_rows"):
+            if key in split:
+                return str(split[key])
+        if "files" in split:
+            return f"{len(split['files'])} files"
+    return "?"
+
+
+def list_datasets(root: str | Path = ".", check_inputs: bool = True) -> list[dict[str, Any]]:
+    """Summaries of every prepared dataset under `root`."""
+    return [summarize(d, check_inputs) for d in find_datasets(root)]
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
