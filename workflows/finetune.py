@@ -137,7 +137,6 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
                             "model folder must carry its tokenizer")
     lineage = base_lineage(cfg.base, uri)
     tokenizer = WordPieceTokenizer.from_dir(base_dir)
-    ray = init_ray(cfg.address)
     spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     data_root = Path(cfg.data_dir or Path.cwd() / "data" / "finetune")
     train = build_task_dataset(cfg.train, spec, base_dir, data_root, split="train",
@@ -184,6 +183,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
             mlflow.log_metrics({f"baseline_{k}": v for k, v in baseline.items()}, step=0)
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
              cfg.base, train.manifest.counts["rows"], loop.max_steps, steps_per_epoch)
+    ray = init_ray(cfg.address)
     datasets = {"train": ray.data.read_parquet(str(train.parquet_dir))}
     if evalset is not None:
         datasets["val"] = ray.data.read_parquet(str(evalset.parquet_dir))

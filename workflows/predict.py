@@ -153,6 +153,16 @@ def decode_answer(windows: list[tuple[list[tuple[float, int, int]], float]], con
 # ------------------------------------------------------------------ predictor
 
 
+def _missing_field(values: tuple, names: Sequence[str]) -> str:
+    """"missing field 'x'" for the first empty input of a row, else ""."""
+    for name, v in zip(names, values):
+        if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+            return f"missing field {name!r}"
+        if not isinstance(v, str) and hasattr(v, "__len__") and len(v) == 0:
+            return f"missing field {name!r}"
+    return ""
+
+
 class Predictor:
     """A loaded model folder that predicts over DataFrames (and embeds texts).
 
@@ -222,10 +232,31 @@ class Predictor:
 
     # ---- tasks ---------------------------------------------------------------------
     def predict(self, df: Any) -> Any:
-        """Predictions for every row of a pandas DataFrame, as a DataFrame (same order)."""
+        """Predictions for every row of a pandas DataFrame, as a DataFrame (same order).
+
+        Rows with an empty or missing input get no prediction and an `error` column that
+        says which field is missing (the column appears only when such rows exist)."""
         import pandas as pd
 
         self._check_columns(df)
+        df = df.reset_index(drop=True)
+        errors = [_missing_field(row, INPUT_COLUMNS[self.task])
+                  for row in df[list(INPUT_COLUMNS[self.task])].itertuples(index=False)]
+        if any(errors):
+            ok = [i for i, e in enumerate(errors) if not e]
+            out = self._predict(df.iloc[ok].reset_index(drop=True)) if ok else None
+            full = pd.DataFrame(index=range(len(df)), columns=list(out.columns) if out is not None
+                                else [], dtype=object)
+            if out is not None:
+                for c in out.columns:
+                    full.loc[ok, c] = pd.Series(out[c].tolist(), index=ok, dtype=object)
+            full["error"] = pd.Series([e or None for e in errors], dtype=object)
+            return full
+        return self._predict(df)
+
+    def _predict(self, df: Any) -> Any:
+        import pandas as pd
+
         if self.task in ("seq-cls", "pair-cls"):
             return pd.DataFrame(self._classify(df))
         if self.task == "token-cls":
@@ -343,3 +374,111 @@ class Predictor:
             raise PredictError(f"--layer {layer} is out of range: the model has "
                                f"{len(hs)} hidden states (0 = embeddings .. {len(hs) - 1})")
         return hs[layer]
+
+
+# ------------------------------------------------------------------ batch files
+
+
+def read_table_dataset(ray: Any, path: str | Path) -> Any:
+    """A Ray Dataset over a CSV, TSV or JSONL input file (or a folder of them)."""
+    p = Path(path)
+    if not p.exists():
+        raise PredictError(f"{p}: input not found; pass a CSV, TSV or JSONL file")
+    suffix = (p.suffix if p.is_file() else next((f.suffix for f in sorted(p.iterdir())
+                                                  if f.is_file()), "")).lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return ray.data.read_json(str(p), lines=True, file_extensions=None)
+    if suffix in (".csv", ".tsv"):
+        import pyarrow.csv as pacsv
+
+        opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+        return ray.data.read_csv(str(p), parse_options=opts, file_extensions=None)
+    raise PredictError(f"{p}: unknown input format {suffix!r}; use .csv, .tsv or .jsonl")
+
+
+class BatchPredictor:
+    """Ray Data callable class: one Predictor per actor, DataFrame batches in and out
+    (input columns kept, prediction columns appended, `error` always present)."""
+
+    def __init__(self, model_dir: str, device: str | None = None, batch_size: int = 32) -> None:
+        self.predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size)
+
+    def __call__(self, df: Any) -> Any:
+        import pandas as pd
+
+        out = self.predictor.predict(df)
+        if "error" not in out.columns:
+            out["error"] = pd.Series([None] * len(out), dtype=object)
+        return pd.concat([df.reset_index(drop=True), out.reset_index(drop=True)], axis=1)
+
+
+def write_frames(frames: Any, output: str | Path) -> int:
+    """Stream DataFrames into one CSV or JSONL file that appears only when complete
+    (written to a hidden temporary file, then renamed). List cells become JSON in CSV."""
+    import os
+
+    out = Path(output)
+    fmt = out.suffix.lower()
+    if fmt not in (".csv", ".tsv", ".jsonl", ".json"):
+        raise PredictError(f"{out}: unknown output format {fmt!r}; use .csv, .tsv or .jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    rows = 0
+    try:
+        with tmp.open("w", encoding="utf-8", newline="") as f:
+            for i, df in enumerate(frames):
+                if fmt in (".jsonl", ".json"):
+                    text = df.to_json(orient="records", lines=True, force_ascii=False)
+                    f.write(text if text.endswith("\n") or not text else text + "\n")
+                else:
+                    df = df.copy()
+                    for c in df.columns:
+                        if df[c].map(lambda v: isinstance(v, (list, tuple, np.ndarray))).any():
+                            df[c] = df[c].map(lambda v: json.dumps(list(v) if v is not None else None,
+                                                                   default=float))
+                    df.to_csv(f, index=False, header=i == 0, sep="\t" if fmt == ".tsv" else ",")
+                rows += len(df)
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return rows
+
+
+def predict_file(model: str, input_path: str | Path, output_path: str | Path, *,
+                 batch_size: int = 64, concurrency: int = 1, num_cpus: float = 1.0,
+                 use_gpu: bool = False, address: str | None = None,
+                 tracking_uri: str | None = None) -> dict[str, Any]:
+    """Batch predictions over a CSV/TSV/JSONL file with a Ray Data actor pool.
+
+    `model` is anything `workflows.tracking.resolve_model` accepts. Output rows keep the
+    input's columns and order, add the prediction columns and `error` (why a row got no
+    prediction, e.g. a missing field). Returns {"rows", "errors", "output", "task"}.
+    """
+    from data_prep.ray_env import init_ray
+    from workflows.tracking import resolve_model
+
+    model_dir = resolve_model(model, tracking_uri=tracking_uri)
+    task = read_task_meta(model_dir)["task"]
+    ray = init_ray(address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # output rows in input order
+    ds = read_table_dataset(ray, input_path)
+    ds = ds.map_batches(BatchPredictor, fn_constructor_args=(str(model_dir),),
+                        fn_constructor_kwargs={"batch_size": 32}, batch_format="pandas",
+                        batch_size=batch_size,
+                        compute=ray.data.ActorPoolStrategy(size=concurrency),
+                        num_cpus=num_cpus if not use_gpu else None, num_gpus=1 if use_gpu else None)
+    errors = 0
+
+    def frames():
+        nonlocal errors
+        for df in ds.iter_batches(batch_format="pandas", batch_size=None):
+            errors += int(df["error"].notna().sum())
+            yield df
+
+    rows = write_frames(frames(), output_path)
+    if errors:
+        log.warning("%d of %d rows had no prediction (see the error column of %s)", errors,
+                    rows, output_path)
+    return {"rows": rows, "errors": errors, "output": str(output_path), "task": task}

@@ -173,7 +173,8 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
         # Few blocks: per-row blocks would cost more scheduling than tokenizing.
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
         ds = ds.map_batches(Featurizer, fn_constructor_args=(str(tokenizer_dir), spec, labels),
-                            batch_format="pyarrow", batch_size=256, concurrency=1)
+                            batch_format="pyarrow", batch_size=256,
+                            compute=ray.data.ActorPoolStrategy(size=1))
         ds.write_parquet(str(tmp / "data"))
         files = sorted((tmp / "data").glob("*.parquet"))
         import pyarrow.parquet as pq
