@@ -114,7 +114,8 @@ def _history(client: Any, run_id: str, steps_per_epoch: int) -> dict[str, dict[s
         if key.startswith("val_"):
             for m in client.get_metric_history(run_id, key):
                 rows.setdefault(m.step, {})[key[4:]] = m.value
-    return {f"epoch {step / steps_per_epoch:g} (step {step})": rows[step] for step in sorted(rows)}
+    return {(f"epoch {step / steps_per_epoch:g} (step {step})" if step else "before training"):
+            rows[step] for step in sorted(rows)}
 
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
