@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -67,14 +68,16 @@ def ray_head():
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
             try:
                 with urllib.request.urlopen(f"{url}/api/version", timeout=2):
                     break
+            except urllib.error.HTTPError:  # it answers (401 without Ray's auth token): up
+                break
             except OSError:
-                assert time.monotonic() < deadline, "Ray head did not come up in 120 s"
+                assert time.monotonic() < deadline, "Ray head did not come up in 180 s"
                 time.sleep(1)
         yield url
     finally:

@@ -139,11 +139,26 @@ def connect(address: str) -> "JobSubmissionClient":
     if not address.startswith(("http://", "https://")):
         raise JobError(f"--address {address!r}: expected the dashboard URL, "
                        "e.g. http://127.0.0.1:8265 (or via `ray dashboard cluster.yaml`)")
+    _use_ray_auth_token_if_present()
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError) as exc:
         raise JobError(f"cannot reach the Ray dashboard at {address}: {exc}. Is the cluster "
                        "up, and is the dashboard port forwarded?") from None
+
+
+def _use_ray_auth_token_if_present() -> None:
+    """Send Ray's auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) when
+    one exists, as `ray start` does: clusters started by Ray >= 2.52 require it by default,
+    and the Jobs client only sends it in token mode. RAY_AUTH_MODE, when set, wins."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 @dataclass
