@@ -112,13 +112,16 @@ class PretrainConfig(LoopSettings, TrackingSettings):
     def __post_init__(self) -> None:
         LoopSettings.__post_init__(self)
         TrackingSettings.__post_init__(self)
-        check(bool(self.data.strip()), "data", "give the prepared dataset folder (--data DIR)")
-        check(bool(self.run_name.strip()), "run_name",
-              "give the run a name (--run-name NAME); the same name resumes the run")
         check("/" not in self.run_name and "\\" not in self.run_name, "run_name",
               f"{self.run_name!r} must not contain path separators")
         check(not (self.init and self.model_config), "init",
               "--init brings its own model config; leave out --model-config")
+
+    def validate_for_run(self) -> None:
+        """Checks that only apply when running (a YAML may leave these to the CLI)."""
+        check(bool(self.data.strip()), "data", "give the prepared dataset folder (--data DIR)")
+        check(bool(self.run_name.strip()), "run_name",
+              "give the run a name (--run-name NAME); the same name resumes the run")
 
 
 def settings_slice(cls: type[T], cfg: Any) -> T:

@@ -303,8 +303,11 @@ def _worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if pid_file := os.environ.get("BERTFLOW_WORKER_PID_DIR"):  # lets the fault test find us
-        Path(pid_file, f"rank{rank}.pid").write_text(str(os.getpid()))
+    # Which processes train this run (for operators, and the test that kills one).
+    pid_dir = Path(config["run_dir"], "workers")
+    with contextlib.suppress(OSError):  # the run folder may be remote storage
+        pid_dir.mkdir(parents=True, exist_ok=True)
+        (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))
 
     torch.manual_seed(loop.seed)
     checkpoint = ray.train.get_checkpoint()
@@ -370,6 +373,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
                              checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_{runner.step:08d}")
 
+    if runner.step == 0 and rank == 0 and mlflow is not None:
+        last_eval = evaluate()  # where validation starts, so the curve shows the drop
+        if last_eval:
+            mlflow.log_metrics(last_eval, step=0)
     raw_model.train()
     while runner.step < loop.max_steps:
         rng = np.random.default_rng([loop.seed, rank, epoch])
@@ -483,7 +490,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"task": task, "loop": loop, "tracking": tracking,
-                           "splits": sorted(datasets)},
+                           "splits": sorted(datasets), "run_dir": str(run_dir)},
         scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),

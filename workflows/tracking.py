@@ -139,7 +139,8 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
     Models-from-code: the python model is `workflows/serving.py` (a file, not a pickled
     object) and the folder travels as the artifact `MODEL_ARTIFACT`, so loading it never
     unpickles anything. Requirements are given explicitly (inferring them would load the
-    model in a subprocess).
+    model in a subprocess); serving needs bertflow itself installed (serving.py imports
+    it), so no code is copied into the model, which would shadow the installed packages.
     """
     import mlflow
 
@@ -158,7 +159,6 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
         info = mlflow.pyfunc.log_model(
             name=artifact_path, python_model=str(SERVING_FILE),
             artifacts={MODEL_ARTIFACT: str(model_dir)},
-            code_paths=[str(Path(__file__).parents[1] / "bert_core")],
             pip_requirements=reqs, tags=tags)
     return info.model_uri
 

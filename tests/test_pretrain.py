@@ -1,0 +1,181 @@
+"""Pretraining end to end on this machine: data_prep dataset -> 2 Ray Train workers ->
+MLflow run and registry; a worker is SIGKILLed mid-run and the run resumes from its
+checkpoint. Plus the checks that stop a mismatched model before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bert_core.config_io import ConfigError
+from workflows.config import PretrainConfig
+
+ADJ = "red green blue small large old new quiet loud bright".split()
+NOUN = "cat dog bird river city garden teacher farmer engine violin".split()
+VERB = "sees finds likes follows paints builds carries visits".split()
+
+
+def write_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
+    """Documents of templated sentences: learnable structure, so MLM loss can fall fast."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n_docs):
+        for _ in range(int(rng.integers(3, 8))):
+            a, b = rng.choice(ADJ, 2)
+            n1, n2 = rng.choice(NOUN, 2)
+            lines.append(f"the {a} {n1} {rng.choice(VERB)} the {b} {n2} .")
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- no Ray
+
+
+def test_config_needs_data_and_run_name_and_rejects_bad_values():
+    with pytest.raises(ConfigError, match="run_name"):
+        PretrainConfig(data="d").validate_for_run()
+    with pytest.raises(ConfigError, match="run_name"):
+        PretrainConfig(data="d", run_name="a/b")
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        PretrainConfig(data="d", run_name="r", warmup_steps=20, max_steps=10)
+    with pytest.raises(ConfigError, match="fp16"):
+        PretrainConfig(data="d", run_name="r", precision="fp16")
+
+
+def test_vocab_mismatch_with_init_model_is_an_error_naming_both(minilm_dir, tmp_path):
+    from data_prep.manifest import Manifest
+    from data_prep.tokenizer import WordPieceTokenizer
+    from workflows.pretrain import PretrainError, _model_config
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"]
+    small = WordPieceTokenizer({t: i for i, t in enumerate(vocab)})
+    manifest = Manifest(kind="pretraining", config={"max_seq_len": 64}, inputs=[],
+                        tokenizer={})
+    cfg = PretrainConfig(data=str(tmp_path / "ds"), run_name="r", init=str(minilm_dir))
+    with pytest.raises(PretrainError, match=r"tokenizer \(30522 tokens.*15 tokens"):
+        _model_config(cfg, small, manifest, minilm_dir)
+    # A fresh model takes the dataset's vocabulary; a too-long dataset is refused.
+    fresh = PretrainConfig(data=str(tmp_path / "ds"), run_name="r", model_size="tiny")
+    assert _model_config(fresh, small, manifest, None)["vocab_size"] == 15
+    manifest.config["max_seq_len"] = 1024
+    with pytest.raises(PretrainError, match="at most 512 positions"):
+        _model_config(fresh, small, manifest, None)
+
+
+# ---------------------------------------------------------------- real Ray + MLflow
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: dict) -> None:
+    """SIGKILL the rank-1 Train worker once a checkpoint is on disk (then stop)."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        ckpts = [p for p in run_dir.glob("checkpoint_*")
+                 if p.is_dir() and (p / "rank_1.pt").is_file()]
+        pid_file = run_dir / "workers" / "rank1.pid"
+        if ckpts and pid_file.is_file():
+            time.sleep(2.0)  # let training move past the checkpoint
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGKILL)
+            killed["pid"], killed["after"] = pid, sorted(p.name for p in ckpts)
+            return
+        time.sleep(0.2)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
+        ray_local, tmp_path, tracking_uri, monkeypatch):
+    import mlflow
+
+    from bert_core import BertForPreTraining
+    from data_prep.config import PrepConfig
+    from data_prep.pipeline import build_pretraining_dataset
+    from workflows import tracking as T
+    from workflows.pretrain import PretrainError, run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=400)
+    build_pretraining_dataset(PrepConfig(
+        input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
+        masking="dynamic", dupe_factor=1, val_fraction=0.1, docs_per_unit=100,
+        num_workers=1))
+    cfg = PretrainConfig(
+        data=str(tmp_path / "ds"), run_name="tiny-kill", model_size="tiny", num_workers=2,
+        cpus_per_worker=0.5, batch_size=16, lr=1e-3, warmup_steps=20, max_steps=200,
+        checkpoint_every=50, keep_checkpoints=2, max_failures=1, eval_every=100,
+        eval_batches=4, log_every=10, storage_path=str(tmp_path / "runs"),
+        tracking_uri=tracking_uri, experiment="pretrain-test", register_as="bert-tiny-test",
+        log_system_metrics=False)
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "runs" / "tiny-kill", killed), daemon=True)
+    killer.start()
+    result = run_pretrain(cfg)
+    killer.join(timeout=1)
+
+    # The worker really died, and the run resumed from a checkpoint, not from step 0.
+    assert killed, "the worker was never killed"
+    assert result.step == 200
+    assert result.metrics["attempt"] == 1 and result.start_step in (50, 100, 150)
+    ckpts = sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir())
+    assert ckpts == ["checkpoint_00000150", "checkpoint_00000200"]  # keep_checkpoints=2
+
+    client = T.client(tracking_uri)
+    run = client.get_run(result.run_id)
+    val = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_mlm_loss")}
+    assert val[0] > 4.0 and val[200] < 0.6 * val[0], val  # ln(200)=5.3 at the start
+
+    # The loss curve continues: the restarted workers log from their checkpoint onwards,
+    # at losses near where the first attempt was, far below the first steps'.
+    history = client.get_metric_history(result.run_id, "train_mlm_loss")
+    restart = max(m.timestamp for m in client.get_metric_history(result.run_id, "attempt")
+                  if m.value == 1)
+    after = sorted((m.step, m.value) for m in history if m.timestamp >= restart)
+    before = dict(sorted((m.step, m.value) for m in history if m.timestamp < restart))
+    assert after[0][0] == result.start_step + 10 and after[-1][0] == 200
+    assert after[0][1] < 0.8 * before[10]
+    assert {s for s, _ in after} | set(before) == set(range(10, 201, 10))
+
+    # Params, tags, the dataset input, the model.
+    assert run.data.params["model_size"] == "tiny" and run.data.params["max_steps"] == "200"
+    assert run.data.tags[T.TAG_VERSION] and run.data.tags[T.TAG_RUN_NAME] == "tiny-kill"
+    for key in ("train_loss", "train_nsp_acc", "lr", "grad_norm", "tokens_per_s",
+                "samples_per_s", "val_mlm_acc", "val_nsp_acc"):
+        assert key in run.data.metrics, key
+    inputs = run.inputs.dataset_inputs
+    from data_prep.manifest import Manifest
+
+    fingerprint = Manifest.load(tmp_path / "ds").fingerprint
+    assert inputs and inputs[0].dataset.digest == fingerprint[:32]
+
+    # The registered version points back to the run and the dataset, and loads (without
+    # unpickling) to the same outputs as the final checkpoint.
+    mv = client.get_model_version("bert-tiny-test", result.model_version)
+    assert mv.tags[T.TAG_RUN_ID] == result.run_id
+    assert mv.tags[T.TAG_DATASET_FINGERPRINT] == fingerprint
+    local = T.resolve_model("models:/bert-tiny-test@latest", dest=tmp_path / "dl",
+                            tracking_uri=tracking_uri)
+    ids = torch.randint(5, 200, (2, 12))
+    a = BertForPreTraining.from_pretrained(local).eval()
+    b = BertForPreTraining.from_pretrained(result.checkpoint_dir / "model").eval()
+    with torch.no_grad():
+        assert torch.equal(a(ids).prediction_logits, b(ids).prediction_logits)
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    mlflow.set_tracking_uri(tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model(f"models:/bert-tiny-test/{result.model_version}")
+    import pandas as pd
+
+    out = pyfunc.predict(pd.DataFrame({"text": ["the red cat sees the old dog ."]}))
+    assert len(out) == 1
+
+    # Running the same finished run again is refused, not silently retrained.
+    with pytest.raises(PretrainError, match="already finished"):
+        run_pretrain(cfg)
