@@ -39,7 +39,8 @@ def collate_pretraining(batch: Mapping[str, Sequence[Any]], pad_id: int,
     `input_ids`, `attention_mask`, `token_type_ids` (B, T); `labels` (B, T) holding the
     original id at masked positions and -100 elsewhere; `next_sentence_label` (B,) when
     the column exists. Static masks come from `masked_lm_positions/ids`; with `masking`
-    (dynamic masking) each row is masked afresh by `mask_tokens` using `rng`.
+    (dynamic masking) each row is masked afresh by `mask_batch` (mask_tokens' rule) using
+    `rng`.
     """
     ids_rows = _rows(batch["input_ids"])
     lengths = np.fromiter((r.shape[0] for r in ids_rows), dtype=np.int64, count=len(ids_rows))
@@ -56,11 +57,7 @@ def collate_pretraining(batch: Mapping[str, Sequence[Any]], pad_id: int,
     labels = np.full((len(ids_rows), width), IGNORE_INDEX, dtype=np.int64)
     if masking is not None:
         rng = rng if rng is not None else np.random.default_rng()
-        pos_rows, orig_rows = [], []
-        for i, row in enumerate(ids_rows):
-            ids_rows[i], pos, orig = masking.apply(row, rng)
-            pos_rows.append(pos)
-            orig_rows.append(orig)
+        ids_rows, pos_rows, orig_rows = masking.apply_batch(ids_rows, rng)
     else:
         pos_rows = _rows(batch["masked_lm_positions"])
         orig_rows = _rows(batch["masked_lm_ids"])

@@ -1,11 +1,13 @@
 """Masked-LM masking, exactly as Google's create_pretraining_data does it.
 
-One pure function, `mask_tokens`, used both at prep time (static masking: `dupe_factor`
-copies, each with its own mask) and at training time (dynamic masking, from `collate`).
+One pure rule, `mask_tokens` for a row and `mask_batch` for many rows at once (the same
+rule, vectorised), used both at prep time (static masking: `dupe_factor` copies, each
+with its own mask) and at training time (dynamic masking, from `collate`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +41,10 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: 
     ids = np.asarray(input_ids)
     n = int(ids.shape[0])
     k = num_to_predict(n, masked_lm_prob, max_predictions)
-    candidates = np.flatnonzero(~np.isin(ids, np.asarray(special_ids)))
+    special = np.zeros(n, dtype=bool)
+    for sid in special_ids:  # a handful of ids: cheaper than np.isin on short rows
+        special |= ids == sid
+    candidates = np.flatnonzero(~special)
     if candidates.size == 0:
         return ids.copy(), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=ids.dtype)
     if word_starts is None:
@@ -54,6 +59,52 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: 
     replacement = np.where(roll < 0.8, mask_id, np.where(roll < 0.9, random_ids, originals))
     masked[positions] = replacement.astype(ids.dtype, copy=False)
     return masked, positions.astype(np.int64), originals
+
+
+def mask_batch(rows: Sequence[np.ndarray], rng: np.random.Generator, *, vocab_size: int,
+               mask_id: int, special_ids: Any, masked_lm_prob: float = 0.15,
+               max_predictions: int = 20, word_starts: Sequence[np.ndarray] | None = None,
+               ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """`mask_tokens` over many rows at once: the same rule per row (count, candidates,
+    80/10/10), vectorised over the batch. Returns lists (masked, positions, originals).
+
+    Each row's positions are a uniform random subset of its candidates: every token draws
+    a random key and the row keeps its `k` smallest keys among non-special tokens. With
+    `word_starts` (whole-word masking) rows are masked one by one by `mask_tokens`."""
+    if word_starts is not None:
+        out = [mask_tokens(r, rng, vocab_size=vocab_size, mask_id=mask_id,
+                           special_ids=special_ids, masked_lm_prob=masked_lm_prob,
+                           max_predictions=max_predictions, word_starts=w)
+               for r, w in zip(rows, word_starts)]
+        return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+    if len(rows) == 0:
+        return [], [], []
+    lengths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(r) for r in rows])
+    row = np.repeat(np.arange(len(rows)), lengths)
+    special = np.zeros(flat.shape[0], dtype=bool)
+    for sid in special_ids:
+        special |= flat == sid
+    key = rng.random(flat.shape[0])
+    key[special] = 2.0  # sorts after every candidate
+    order = np.lexsort((key, row))
+    rank = np.empty(flat.shape[0], dtype=np.int64)
+    rank[order] = np.arange(flat.shape[0]) - offsets[row[order]]
+    # np.round is half-to-even like Python's round, so counts equal num_to_predict's
+    k = np.minimum(max_predictions, np.maximum(1, np.round(lengths * masked_lm_prob)))
+    chosen = np.flatnonzero((rank < k[row]) & ~special)
+    originals = flat[chosen]
+    roll = rng.random(chosen.size)
+    random_ids = rng.integers(0, vocab_size, chosen.size)
+    masked = flat.copy()
+    masked[chosen] = np.where(roll < 0.8, mask_id,
+                              np.where(roll < 0.9, random_ids, originals)).astype(flat.dtype)
+    positions = chosen - offsets[row[chosen]]
+    cuts = np.cumsum(np.bincount(row[chosen], minlength=len(rows)))[:-1]
+    return (np.split(masked, offsets[1:-1]), np.split(positions, cuts),
+            np.split(originals, cuts))
 
 
 def _whole_word_positions(candidates: np.ndarray, word_starts: np.ndarray, k: int,
@@ -109,3 +160,13 @@ class MaskingSpec:
         return mask_tokens(input_ids, rng, vocab_size=self.vocab_size, mask_id=self.mask_id,
                            special_ids=self.special_ids, masked_lm_prob=self.masked_lm_prob,
                            max_predictions=self.max_predictions, word_starts=starts)
+
+    def apply_batch(self, rows: Sequence[np.ndarray], rng: np.random.Generator
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """`mask_batch` with this spec's settings (what prep and collate use)."""
+        starts = None
+        if self.whole_word and self.continuation is not None:
+            starts = [~self.continuation[np.asarray(r)] for r in rows]
+        return mask_batch(rows, rng, vocab_size=self.vocab_size, mask_id=self.mask_id,
+                          special_ids=self.special_ids, masked_lm_prob=self.masked_lm_prob,
+                          max_predictions=self.max_predictions, word_starts=starts)

@@ -199,9 +199,11 @@ def create_instances(documents: list[Document], spec: RecipeSpec,
     for _ in range(spec.dupe_factor):
         for index in range(len(documents)):
             instances.extend(make(documents, index, spec, rng))
-    if spec.masking is not None:
-        for inst in instances:
-            inst.input_ids, pos, orig = spec.masking.apply(inst.input_ids, rng)
+    if spec.masking is not None and instances:
+        masked, positions, originals = spec.masking.apply_batch(
+            [inst.input_ids for inst in instances], rng)
+        for inst, ids, pos, orig in zip(instances, masked, positions, originals):
+            inst.input_ids = ids
             inst.positions = pos.astype(np.int32)
             inst.originals = orig.astype(np.int32)
     order = rng.permutation(len(instances))

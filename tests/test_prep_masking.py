@@ -139,3 +139,31 @@ def test_collate_dynamic_masks_with_the_spec():
         collate_pretraining(batch, pad_id=PAD)
     with pytest.raises(BertflowError, match="statically masked"):
         collate_pretraining(_rows(rng, 2), pad_id=PAD, masking=spec, rng=rng)
+
+
+def test_mask_batch_follows_the_same_rule_as_mask_tokens():
+    from data_prep.masking import mask_batch
+
+    rng = np.random.default_rng(6)
+    rows = [_sequence(rng, int(n)) for n in rng.integers(4, 140, 3000)]
+    masked, positions, originals = mask_batch(rows, rng, vocab_size=VOCAB, mask_id=MASK,
+                                              special_ids=SPECIAL)
+    hits = np.zeros(40)
+    kinds = np.zeros(3)
+    for row, m, pos, orig in zip(rows, masked, positions, originals):
+        n = len(row)
+        assert len(pos) == min(num_to_predict(n, 0.15, 20), n - 3)
+        assert np.all(np.diff(pos) > 0) and not np.isin(row[pos], SPECIAL).any()
+        assert np.array_equal(orig, row[pos])
+        keep = np.setdiff1d(np.arange(n), pos)
+        assert np.array_equal(m[keep], row[keep]) and m.dtype == row.dtype
+        new = m[pos]
+        kinds += [(new == MASK).sum(), ((new != MASK) & (new != orig)).sum(), (new == orig).sum()]
+    assert np.allclose(kinds / kinds.sum(), [0.8, 0.1, 0.1], atol=0.01)
+    # uniform over candidates: on rows of 40 tokens no position is favoured
+    same = [_sequence(rng, 40) for _ in range(2000)]
+    for pos in mask_batch(same, rng, vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL)[1]:
+        hits[pos] += 1
+    body = np.delete(hits, [0, 19, 39])  # [CLS], middle [SEP], final [SEP]
+    assert hits[[0, 19, 39]].sum() == 0
+    assert body.min() > 0.75 * body.mean() and body.max() < 1.25 * body.mean()

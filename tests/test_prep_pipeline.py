@@ -199,4 +199,6 @@ def test_peak_memory_grows_far_less_than_corpus(ray_local, tmp_path, minilm_dir)
         peaks[scale] = (int(out.split("MAXRSS")[1]), size)
     (rss1, size1), (rss10, size10) = peaks[1], peaks[10]
     assert size10 > 9 * size1
-    assert rss10 < 1.5 * rss1, peaks  # streaming: 10x the text, about the same memory
+    # streaming: 10x the text, about the same memory. Holding the corpus would add more
+    # than its size in Python strings; allow growth of half the added bytes (RSS noise).
+    assert (rss10 - rss1) * 1024 < 0.5 * (size10 - size1), peaks
