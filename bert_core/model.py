@@ -15,6 +15,7 @@ Outputs at pad positions are zero (transformers leaves meaningless numbers there
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,10 +31,11 @@ from bert_core.config_io import BertflowError
 log = logging.getLogger("bert_core")
 M = TypeVar("M", bound="BertPreTrainedModel")
 
+# functools.partial rather than lambdas: models must pickle (Ray ships them between processes).
 _ACT = {
     "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
