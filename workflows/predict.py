@@ -177,6 +177,9 @@ class Predictor:
         self.meta = meta
         self.task = meta.get("task", "pretraining")
         self.labels = list(meta.get("labels") or [])
+        id2label = getattr(getattr(model, "config", None), "id2label", None)
+        if not self.labels and id2label and self.task in ("seq-cls", "pair-cls", "token-cls"):
+            self.labels = [id2label[i] for i in sorted(id2label)]  # a folder without labels
         self.max_seq_len = int(meta.get("max_seq_len", 128))
         self.device = device
         self.batch_size = batch_size
