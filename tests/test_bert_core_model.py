@@ -237,3 +237,25 @@ def test_import_pulls_in_neither_ray_mlflow_nor_transformers():
             "sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sharded_safetensors_folder_loads(tmp_path):
+    """Large checkpoints come as shards plus model.safetensors.index.json."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = bert_core.BertModel(_cfg()).eval()
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(tmp_path / shard))
+        weight_map.update({n: shard for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+    again = bert_core.BertModel.from_pretrained(tmp_path, strict=True).eval()
+    ids = torch.randint(5, 50, (2, 7))
+    torch.testing.assert_close(again(ids).last_hidden_state, model(ids).last_hidden_state)
