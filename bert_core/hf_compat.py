@@ -91,13 +91,13 @@ class NameMap:
         raise KeyError(f"no Hugging Face name for parameter {name!r}")
 
     def state_dict_to_hf(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our state dict -> HF tensors (qkv split, contiguous, no shared storage)."""
+        """Our state dict -> HF tensors on the CPU (qkv split, contiguous, no shared storage)."""
         out: dict[str, torch.Tensor] = {}
         for name, tensor in state.items():
             hf_names = self.to_hf(name)
             parts = tensor.chunk(len(hf_names), dim=0)  # qkv rows are [query; key; value]
             for hf_name, part in zip(hf_names, parts):
-                out[hf_name] = part.detach().clone().contiguous()
+                out[hf_name] = part.detach().to("cpu", copy=True).contiguous()
         return out
 
     def normalise_prefix(self, names: list[str]) -> dict[str, str]:
