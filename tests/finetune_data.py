@@ -56,18 +56,21 @@ def _person(rng: random.Random) -> str:
 
 
 def write_pairs(path: Path, n: int, seed: int) -> None:
-    """NLI-style `text_a,text_b,label` JSONL: the hypothesis restates the premise
-    (entailment) or swaps in another city (contradiction), half and half."""
+    """Paraphrase-style (MRPC/QQP-like) `text_a,text_b,label` JSONL: the second sentence
+    restates the first in other words (paraphrase) or tells about another person in
+    another city (different), half and half."""
     rng = random.Random(seed)
     lines = []
     for _ in range(n):
         p, city = _person(rng), rng.choice(CITIES)
         premise = rng.choice(["{p} lives in {c} with a cat .", "{p} has an office in {c} .",
                               "{p} grew up in {c} ."]).format(p=p, c=city)
-        label = rng.choice(["entailment", "contradiction"])
-        other = city if label == "entailment" else rng.choice([c for c in CITIES if c != city])
+        label = rng.choice(["paraphrase", "different"])
+        if label == "different":
+            p = rng.choice([q for q in FIRST if q != p.split()[0]])
+            city = rng.choice([c for c in CITIES if c != city])
         hyp = rng.choice(["{p} is connected to {c} .", "{c} is a city {p} knows well .",
-                          "{p} has been in {c} ."]).format(p=p.split()[0], c=other)
+                          "{p} has spent years in {c} ."]).format(p=p.split()[0], c=city)
         lines.append(json.dumps({"text_a": premise, "text_b": hyp, "label": label}))
     path.write_text("\n".join(lines) + "\n")
 
