@@ -11,6 +11,7 @@ On CUDA (`--device cuda --precision bf16`) it also reports model FLOPs utilisati
 
     python bench/model_throughput.py                      # CPU, mini and base (~4 min on 2 cores)
     python bench/model_throughput.py --device cuda --precision bf16
+    python bench/model_throughput.py --threads 1 --clock cpu   # on a busy shared machine
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def build_pair(size: str, device: str):
 class Runner:
     """One model + AdamW; `step(batch)` returns seconds for forward+backward+update."""
 
-    def __init__(self, model: torch.nn.Module, device: str, precision: str):
-        self.model, self.device = model, device
+    def __init__(self, model: torch.nn.Module, device: str, precision: str,
+                 clock=time.perf_counter):
+        self.model, self.device, self.clock = model, device, clock
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         self.precision = precision
         self.seconds = 0.0
@@ -95,14 +97,14 @@ class Runner:
     def step(self, batch: dict[str, torch.Tensor], timed: bool = True) -> float:
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         self._sync()
-        start = time.perf_counter()
+        start = self.clock()
         with self._autocast():
             loss = self.model(**batch).loss
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._sync()
-        elapsed = time.perf_counter() - start
+        elapsed = self.clock() - start
         if timed:
             self.seconds += elapsed
             self.tokens += int(batch["attention_mask"].sum())
@@ -118,8 +120,9 @@ def compare(size: str, args: argparse.Namespace) -> tuple[float, float]:
     batch_size = args.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)[size]
     steps = args.steps or (20 if on_gpu else CPU_STEPS[size])
     ours, ref = build_pair(size, args.device)
-    runners = {"bert_core": Runner(ours, args.device, args.precision),
-               "transformers": Runner(ref, args.device, args.precision)}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    runners = {"bert_core": Runner(ours, args.device, args.precision, clock),
+               "transformers": Runner(ref, args.device, args.precision, clock)}
     batches = make_batches(args.warmup + steps, batch_size, ours.config.vocab_size,
                            (32, 128), seed=1)
     for i, batch in enumerate(batches):
@@ -184,15 +187,21 @@ def main() -> None:
                         help="bf16 = torch.autocast(bfloat16)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice; 1 on a busy machine)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu = process CPU time, for a machine shared with other work "
+                             "(needs --threads 1: idle threads spin and would count)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="accelerator peak for MFU (default: known bf16 peaks)")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu needs --threads 1 on --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"device {args.device}  precision {args.precision}  torch threads "
-          f"{torch.get_num_threads()}  torch {torch.__version__}", flush=True)
+          f"{torch.get_num_threads()}  clock {args.clock}  torch {torch.__version__}",
+          flush=True)
     for size in args.sizes:
         compare(size, args)
     if args.device.startswith("cuda"):
