@@ -64,7 +64,9 @@ class QuickstartConfig:
 # ------------------------------------------------------------------ step 1: the corpus
 
 def _sentences(paragraph: str) -> list[str]:
-    text = " ".join(line.strip() for line in paragraph.splitlines() if line.strip())
+    # Heading underlines (*****, =====) are markup, not text.
+    text = " ".join(line.strip() for line in paragraph.splitlines()
+                    if line.strip() and not re.fullmatch(r"[*=~^-]+", line.strip()))
     return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z(\"'])", text) if len(s) > 1]
 
 
