@@ -163,8 +163,8 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     assert mv.tags[T.TAG_DATASET_FINGERPRINT] == fingerprint
     local = T.resolve_model("models:/bert-tiny-test@latest", dest=tmp_path / "dl",
                             tracking_uri=tracking_uri)
-    ids = torch.randint(5, 200, (2, 12))
     a = BertForPreTraining.from_pretrained(local).eval()
+    ids = torch.randint(5, a.config.vocab_size, (2, 12))
     b = BertForPreTraining.from_pretrained(result.checkpoint_dir / "model").eval()
     with torch.no_grad():
         assert torch.equal(a(ids).prediction_logits, b(ids).prediction_logits)

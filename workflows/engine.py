@@ -75,7 +75,7 @@ class TrainTask(Protocol):
     """
 
     def build_model(self) -> nn.Module:
-        """A fresh (or initialised-from---init) model, on CPU."""
+        """A new model on CPU (randomly initialised, or from the task's init weights)."""
 
     def load_model(self, model_dir: Path) -> nn.Module:
         """The model saved by `save_model` in `model_dir` (used on resume)."""
@@ -419,7 +419,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             if final:
                 break
         else:
-            if seen == 0 or seen <= skip:
+            if seen == 0:
                 raise TrainingError(
                     f"the train split gave worker {rank} no batch in epoch {epoch}: it has "
                     f"fewer rows than --num-workers x --batch-size ({world} x "

@@ -262,8 +262,13 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     log.info("pretraining %s (%s) on %s: %d train instances, %d steps", cfg.run_name,
              "resuming" if resuming else "new", data_dir,
              manifest.splits["train"]["instances"], loop.max_steps)
-    result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
-                          tracking=RunTracking(uri, run_id, cfg.log_system_metrics))
+    try:
+        result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
+                              tracking=RunTracking(uri, run_id, cfg.log_system_metrics))
+    except BaseException:
+        # The run shows as failed; rerunning the command resumes it from its checkpoint.
+        T.client(uri).set_terminated(run_id, status="FAILED")
+        raise
 
     model_uri = T.log_bert_model(result.model_dir, run_id=run_id, tracking_uri=uri,
                                  task="pretraining", extra_tags=lineage)
