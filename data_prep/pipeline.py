@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -112,8 +113,11 @@ def process_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer, spec: Reci
 
     Returns the unit's counts (documents used/skipped, sentences, instances, tokens,
     masked tokens) and the part file written, if any."""
+    import time
+
     import pyarrow.parquet as pq
 
+    started = time.perf_counter()
     docs_text = pq.read_table(unit["path"]).column("sentences").to_pylist()
     flat = [s for doc in docs_text for s in doc]
     ids = tokenizer.encode_batch(flat)
@@ -142,6 +146,7 @@ def process_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer, spec: Reci
         pq.write_table(table, out_dir / rel)
         result["file"] = {"path": rel, "size": (out_dir / rel).stat().st_size,
                           "rows": table.num_rows}
+    result["seconds"] = time.perf_counter() - started  # for the log, not the manifest
     return result
 
 
@@ -205,10 +210,13 @@ def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConf
                         fn_kwargs={"tokenizer_dir": str(tokenizer_dir),
                                    "config": to_dict(config), "out_dir": str(out_dir)})
     results = []
+    started = time.perf_counter()
     with tqdm(total=len(units), desc="prep units", unit="unit", mininterval=2.0) as bar:
         for row in ds.iter_rows():
             results.append(json.loads(row["result"]))
             bar.update(1)
+    log.info("%d units: %.1f s of work in %.1f s on %d worker(s)", len(units),
+             sum(r["seconds"] for r in results), time.perf_counter() - started, workers)
     return sorted(results, key=lambda r: r["index"])
 
 
