@@ -95,27 +95,33 @@ def write_conll(path: Path, n: int, seed: int) -> None:
     path.write_text("\n".join(out) + "\n")
 
 
+JOBS = ["teacher", "pilot", "doctor", "painter", "chef", "lawyer", "farmer", "nurse"]
+FILLER = ["The weather there is mild most of the year.", "It rained a lot that spring.",
+          "The town has an old library.", "Many tourists visit in summer."]
+
+
 def write_squad(path: Path, n_paragraphs: int, seed: int, v2: bool = False) -> None:
-    """SQuAD JSON: paragraphs of templated facts about people and cities, questions whose
-    answers are in the paragraph (a city or a year); with v2, also questions about people
-    who are not mentioned (unanswerable)."""
+    """SQuAD JSON: a paragraph per person (birthplace, birth year, job, with filler
+    sentences between), questions whose answers are spans of it; with v2, also a question
+    the paragraph cannot answer (when the person died: never mentioned)."""
     rng = random.Random(seed)
     data, qid = [], 0
     for _ in range(n_paragraphs):
-        people = rng.sample(FIRST, 3)
-        facts = [(p, rng.choice(CITIES), str(rng.randint(1900, 2020))) for p in people]
-        context = " ".join(f"{p} was born in {c} in {y}." for p, c, y in facts)
+        p, c, y, job = _person(rng), rng.choice(CITIES), str(rng.randint(1900, 2020)), rng.choice(JOBS)
+        parts = [f"{p} was born in {c} in {y}.", rng.choice(FILLER), f"{p} works as a {job}."]
+        context = " ".join(parts)
+        first = p.split()[0]
+        spans = [(f"Where was {first} born?", c, context.index(f" in {c} in ") + 4),
+                 (f"In which year was {first} born?", y, context.index(f" in {y}.") + 4),
+                 (f"What does {first} do for a living?", job, context.index(f"a {job}.") + 2)]
         qas = []
-        for p, c, y in facts:
-            for question, ans in ((f"Where was {p} born?", c), (f"In which year was {p} born?", y)):
-                start = context.index(f"{p} was born in {c} in {y}") + \
-                    (len(f"{p} was born in ") if ans == c else len(f"{p} was born in {c} in "))
-                qas.append({"id": f"q{qid}", "question": question,
-                            "answers": [{"text": ans, "answer_start": start}]})
-                qid += 1
+        for question, ans, start in spans:
+            assert context[start:start + len(ans)] == ans
+            qas.append({"id": f"q{qid}", "question": question,
+                        "answers": [{"text": ans, "answer_start": start}]})
+            qid += 1
         if v2:
-            absent = rng.choice([f for f in FIRST if f not in people])
-            qas.append({"id": f"q{qid}", "question": f"Where was {absent} born?",
+            qas.append({"id": f"q{qid}", "question": f"When did {first} die?",
                         "answers": [], "is_impossible": True})
             qid += 1
         data.append({"title": f"t{len(data)}", "paragraphs": [{"context": context, "qas": qas}]})

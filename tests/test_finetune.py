@@ -203,7 +203,7 @@ def test_qa_v2_answers_from_windows_and_abstains(tmp_path, minilm_dir, ray_local
     from workflows.finetune import run_finetune
     from workflows.predict import Predictor
 
-    D.write_squad(tmp_path / "train.json", 60, seed=7, v2=True)
+    D.write_squad(tmp_path / "train.json", 50, seed=7, v2=True)
     D.write_squad(tmp_path / "eval.json", 15, seed=8, v2=True)
     # doc_stride smaller than the context: every example spans several windows.
     result = run_finetune(_config(tmp_path, minilm_dir, "qa", tmp_path / "train.json",
@@ -211,6 +211,7 @@ def test_qa_v2_answers_from_windows_and_abstains(tmp_path, minilm_dir, ray_local
                                   epochs=3, lr=1e-4, batch_size=8))
     assert result.metrics["val_f1"] >= result.baseline["f1"] + 25
     assert "val_HasAns_f1" in result.metrics and "val_NoAns_exact" in result.metrics
-    context = "Lena was born in Oslo in 1950. Tom was born in Cape Town in 1987."
-    out = Predictor.from_dir(result.model_dir).answer(["Where was Tom born?"], [context])
-    assert context[out["start"][0]:out["end"][0]] == out["answer"][0]
+    context = "Lena Novak was born in Cape Town in 1987. It rained a lot that spring."
+    out = Predictor.from_dir(result.model_dir).answer(["Where was Lena born?"], [context])
+    assert out["answer"][0] == context[out["start"][0]:out["end"][0]]
+    assert out["answer"][0] in ("Cape Town", "Cape Town in 1987")
