@@ -224,13 +224,17 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
 
 def _log_inputs(mlflow: Any, train: Any, evalset: Any) -> None:
     """Record the tokenized datasets as run inputs (path + manifest fingerprint)."""
+    import warnings
+
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
     for ds, context in ((train, "train"), (evalset, "eval")):
         if ds is None:
             continue
-        meta = MetaDataset(resolve_dataset_source(str(ds.path)), name=ds.path.name,
-                           digest=ds.manifest.fingerprint[:32])
+        with warnings.catch_warnings():  # MLflow registers the local source twice; harmless
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(str(ds.path))
+        meta = MetaDataset(source, name=ds.path.name, digest=ds.manifest.fingerprint[:32])
         mlflow.log_input(meta, context=context)
         mlflow.log_dict(ds.manifest.to_dict(), f"datasets/{context}_manifest.json")
