@@ -12,6 +12,8 @@ How the work is cut, and why (the only module that touches Ray Data):
 3. Ray Data maps units over tasks (at most `num_workers` at a time). Each unit is seeded from (seed,
    file sha256, split, unit number) and writes its own part file named by its index, so
    rows are identical whatever the number of workers or their scheduling.
+On a multi-node cluster, DIR's parent must be a filesystem every node sees (NFS, a
+mounted bucket): workers read the staged units and write their parts there.
 """
 
 from __future__ import annotations
