@@ -192,29 +192,60 @@ def test_metric_window_turns_correct_and_count_into_accuracy():
 # ---------------------------------------------------------------- real Ray Train
 
 
+DRIVER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import ray
+import test_engine as te
+from workflows.config import LoopSettings
+from workflows.engine import run_training
+
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+ray.cloudpickle.register_pickle_by_value(te)  # workers cannot import the tests folder
+loop = LoopSettings(num_workers=1, cpus_per_worker=0.5, batch_size=16, lr=0.1, warmup_steps=5,
+                    max_steps=120, checkpoint_every=20, keep_checkpoints=2, eval_every=0,
+                    log_every=10, storage_path={runs!r})
+r = run_training(te.RegressionTask(sleep_s=0.1), loop, run_name="drv",
+                 datasets={{"train": ray.data.from_items(te.make_rows(512, seed=3))}})
+print("RESULT", json.dumps({{"step": r.step, "start_step": r.start_step, "attempt": r.attempt}}))
+"""
+
+
 @pytest.mark.ray
-def test_two_workers_learn_keep_last_checkpoints_and_refuse_a_finished_run(ray_local, tmp_path):
-    import ray
+@pytest.mark.slow
+def test_rerun_after_the_driver_is_killed_resumes_from_its_checkpoint(tmp_path):
+    """The driver (and its private local Ray) is SIGKILLed after a checkpoint; running the
+    same thing again resumes from that checkpoint instead of starting over."""
+    import os
+    import signal
+    import subprocess
+    import time
 
-    from workflows.engine import TrainingError, run_training
+    runs = tmp_path / "runs"
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), runs=str(runs)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    first = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = runs / "drv" / "checkpoint_manager_snapshot.json"
+    deadline = time.monotonic() + 600
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    data = ray.data.from_items(make_rows(512, seed=3))
-    val = ray.data.from_items(make_rows(64, seed=4))
-    loop = LoopSettings(num_workers=2, cpus_per_worker=0.5, batch_size=16, lr=0.1,
-                        warmup_steps=5, max_steps=60, checkpoint_every=20, keep_checkpoints=2,
-                        eval_every=30, log_every=10, storage_path=str(tmp_path / "runs"))
-    result = run_training(RegressionTask(), loop, datasets={"train": data, "val": val},
-                          run_name="toy")
-    assert result.step == 60 and result.start_step == 0
-    torch.manual_seed(loop.seed)  # the workers' initial model
-    initial = RegressionTask().evaluate(RegressionTask().build_model(),
-                                        [batch_of(make_rows(64, seed=4))])["mse"]
-    assert result.metrics["val_mse"] < 0.2 * initial
-    ckpts = sorted(p.name for p in result.run_dir.glob("checkpoint_*") if p.is_dir())
-    assert ckpts == ["checkpoint_00000040", "checkpoint_00000060"]
-    assert {"rank_0.pt", "rank_1.pt", "trainer_state.pt"} <= {
-        p.name for p in result.checkpoint_dir.iterdir()}
-    assert (result.model_dir / "model.safetensors").is_file()
-    with pytest.raises(TrainingError, match="already finished"):
-        run_training(RegressionTask(), loop, datasets={"train": data}, run_name="toy")
+    def registered() -> str:  # the latest checkpoint Ray Train has recorded
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["checkpoint_dir_name"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return ""
+    while registered() < "checkpoint_00000040":
+        assert first.poll() is None, "the first driver ended before its second checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
+    first.wait(timeout=60)
+
+    again = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                           text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    result = json.loads(next(line for line in again.stdout.splitlines()
+                             if line.startswith("RESULT "))[len("RESULT "):])
+    assert result["step"] == 120 and result["attempt"] == 1
+    assert result["start_step"] >= 40 and result["start_step"] % 20 == 0

@@ -112,8 +112,8 @@ class PretrainConfig(LoopSettings, TrackingSettings):
     def __post_init__(self) -> None:
         LoopSettings.__post_init__(self)
         TrackingSettings.__post_init__(self)
-        check("/" not in self.run_name and "\\" not in self.run_name, "run_name",
-              f"{self.run_name!r} must not contain path separators")
+        check(not any(c in self.run_name for c in "/\\'\"`"), "run_name",
+              f"{self.run_name!r} must not contain path separators or quotes")
         check(not (self.init and self.model_config), "init",
               "--init brings its own model config; leave out --model-config")
 

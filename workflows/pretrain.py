@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -218,7 +219,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from data_prep.ray_env import init_ray
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.engine import RunTracking, finished_result, run_dir_for, run_training
+    from workflows.engine import (RunTracking, TrainResult, finished_result, run_dir_for,
+                                  run_training)
 
     cfg = config
     cfg.validate_for_run()
@@ -234,9 +236,13 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     loop: LoopSettings = settings_slice(LoopSettings, cfg)
 
     run_dir = run_dir_for(loop, cfg.run_name)
-    if finished_result(run_dir) is not None:
-        raise PretrainError(f"run {cfg.run_name!r} already finished ({run_dir}); choose a "
-                            f"new --run-name, or delete that folder to train it again")
+    trained = finished_result(run_dir)
+    if trained is not None:
+        # Finished training; only if the driver died before logging the model, do that now.
+        found = T.find_run(T.ensure_experiment(cfg.experiment, uri), cfg.run_name, uri)
+        if found is None or found.data.tags.get(T.TAG_MODEL_URI):
+            raise PretrainError(f"run {cfg.run_name!r} already finished ({run_dir}); choose "
+                                f"a new --run-name, or delete that folder to train it again")
     resuming = any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
     lineage = {T.TAG_DATASET_FINGERPRINT: manifest.fingerprint,
                T.TAG_DATASET_PATH: str(data_dir)}
@@ -262,16 +268,22 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     log.info("pretraining %s (%s) on %s: %d train instances, %d steps", cfg.run_name,
              "resuming" if resuming else "new", data_dir,
              manifest.splits["train"]["instances"], loop.max_steps)
-    try:
-        result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
-                              tracking=RunTracking(uri, run_id, cfg.log_system_metrics))
-    except BaseException:
-        # The run shows as failed; rerunning the command resumes it from its checkpoint.
-        T.client(uri).set_terminated(run_id, status="FAILED")
-        raise
+    if trained is not None:
+        result = TrainResult(**{f.name: trained[f.name] for f in dataclasses.fields(TrainResult)})
+        result.model_dir, result.checkpoint_dir = Path(result.model_dir), Path(result.checkpoint_dir)
+        result.run_dir = Path(result.run_dir)
+    else:
+        try:
+            result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
+                                  tracking=RunTracking(uri, run_id, cfg.log_system_metrics))
+        except BaseException:
+            # The run shows as failed; rerunning the command resumes it from its checkpoint.
+            T.client(uri).set_terminated(run_id, status="FAILED")
+            raise
 
     model_uri = T.log_bert_model(result.model_dir, run_id=run_id, tracking_uri=uri,
                                  task="pretraining", extra_tags=lineage)
+    T.client(uri).set_tag(run_id, T.TAG_MODEL_URI, model_uri)
     version = None
     if cfg.register_as:
         mv = T.register_model_version(

@@ -37,6 +37,7 @@ TAG_TASK = "bertflow.task"
 TAG_VERSION = "bertflow.version"
 TAG_GIT_COMMIT = "bertflow.git_commit"
 TAG_RUN_NAME = "bertflow.run_name"
+TAG_MODEL_URI = "bertflow.model_uri"  # set on a run once its final model is logged
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
 
 
