@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert_core.config import BertConfig
-from bert_core.model import _ACT, BertModel, BertPreTrainedModel
+from bert_core.model import ACT_FNS, BertModel, BertPreTrainedModel
 
 IGNORE_INDEX = -100  # label value of positions that carry no loss (transformers' convention)
 
@@ -79,7 +79,7 @@ class MLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.act = _ACT[config.hidden_act]
+        self.act = ACT_FNS[config.hidden_act]
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:

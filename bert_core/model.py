@@ -32,7 +32,7 @@ log = logging.getLogger("bert_core")
 M = TypeVar("M", bound="BertPreTrainedModel")
 
 # functools.partial rather than lambdas: models must pickle (Ray ships them between processes).
-_ACT = {
+ACT_FNS = {
     "gelu": F.gelu,
     "gelu_new": functools.partial(F.gelu, approximate="tanh"),
     "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh"),
@@ -111,7 +111,7 @@ class BertLayer(nn.Module):
         self.ffn_in = nn.Linear(H, I)
         self.ffn_out = nn.Linear(I, H)
         self.ffn_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
-        self.act = _ACT[config.hidden_act]
+        self.act = ACT_FNS[config.hidden_act]
         self.attn_dropout = config.attention_probs_dropout_prob
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -273,8 +273,10 @@ class BertModel(BertPreTrainedModel):
     def encoder(self) -> BertModel:
         return self
 
-    def encode_packed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+    def encode_packed(self, input_ids: torch.Tensor,
+                      attention_mask: torch.Tensor | None = None,
+                      token_type_ids: torch.Tensor | None = None,
+                      output_hidden_states: bool = False,
                       ) -> tuple[torch.Tensor, Padding, list[torch.Tensor]]:
         """Run the encoder on the real tokens only: (packed (N, H), padding, hidden states)."""
         B, T = input_ids.shape
