@@ -199,6 +199,7 @@ def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConf
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # one tqdm bar over units is clearer
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     workers = config.num_workers or max(1, int(total_cpus))
@@ -213,10 +214,13 @@ def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConf
                                    "config": to_dict(config), "out_dir": str(out_dir)})
     results = []
     started = time.perf_counter()
-    with tqdm(total=len(units), desc="prep units", unit="unit", mininterval=2.0) as bar:
-        for row in ds.iter_rows():
-            results.append(json.loads(row["result"]))
-            bar.update(1)
+    try:
+        with tqdm(total=len(units), desc="prep units", unit="unit", mininterval=2.0) as bar:
+            for row in ds.iter_rows():
+                results.append(json.loads(row["result"]))
+                bar.update(1)
+    finally:
+        ctx.enable_progress_bars = bars
     log.info("%d units: %.1f s of work in %.1f s on %d worker(s)", len(units),
              sum(r["seconds"] for r in results), time.perf_counter() - started, workers)
     return sorted(results, key=lambda r: r["index"])
