@@ -225,8 +225,9 @@ def test_rerun_after_the_driver_is_killed_resumes_from_its_checkpoint(tmp_path):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER.format(tests=str(Path(__file__).parent), runs=str(runs)))
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    first_log = open(tmp_path / "first.log", "w")  # noqa: SIM115 (closed below)
     first = subprocess.Popen([sys.executable, str(script)], env=env, start_new_session=True,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=first_log, stderr=subprocess.STDOUT)
     snapshot = runs / "drv" / "checkpoint_manager_snapshot.json"
     deadline = time.monotonic() + 600
 
@@ -236,11 +237,14 @@ def test_rerun_after_the_driver_is_killed_resumes_from_its_checkpoint(tmp_path):
         except (OSError, ValueError, KeyError, TypeError):
             return ""
     while registered() < "checkpoint_00000040":
-        assert first.poll() is None, "the first driver ended before its second checkpoint"
+        assert first.poll() is None, (
+            "the first driver ended before its second checkpoint:\n"
+            + (tmp_path / "first.log").read_text()[-3000:])
         assert time.monotonic() < deadline, "no checkpoint after 10 minutes"
         time.sleep(0.5)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait(timeout=60)
+    first_log.close()
 
     again = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
                            text=True, timeout=900)
