@@ -113,7 +113,8 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_a_prediction_request(sentiment, tmp_path):
     tmp, cfg, result = sentiment
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri,
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri,  # uvicorn from this venv
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     log_file = (tmp_path / "serve.log").open("w")

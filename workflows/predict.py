@@ -248,8 +248,9 @@ class Predictor:
         if any(errors):
             ok = [i for i, e in enumerate(errors) if not e]
             out = self._predict(df.iloc[ok].reset_index(drop=True)) if ok else None
-            full = pd.DataFrame(index=range(len(df)), columns=list(out.columns) if out is not None
-                                else [], dtype=object)
+            # None (not NaN) in the rows without a prediction, so files show null, not "nan".
+            full = pd.DataFrame({c: pd.Series([None] * len(df), dtype=object)
+                                 for c in (out.columns if out is not None else [])})
             if out is not None:
                 for c in out.columns:
                     full.loc[ok, c] = pd.Series(out[c].tolist(), index=ok, dtype=object)
