@@ -254,8 +254,10 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
 
     config.validate_for_run()
     files = expand_inputs(config.input)  # a missing path fails here, before any work
-    tokenizer = load_tokenizer(config.vocab, config.lowercase) if config.vocab else None
     out = Path(config.output).absolute()
+    # an output folder inside an input folder must not be read back as corpus
+    files = [f for f in files if out.resolve() not in f.parents]
+    tokenizer = load_tokenizer(config.vocab, config.lowercase) if config.vocab else None
     inputs = [fingerprint_file(f) for f in tqdm(files, desc="hashing inputs", unit="file",
                                                  disable=len(files) < 20)]
     tok_key = tokenizer.fingerprint() if tokenizer else f"train-vocab:{config.train_vocab}"

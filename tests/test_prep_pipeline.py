@@ -202,3 +202,14 @@ def test_peak_memory_grows_far_less_than_corpus(ray_local, tmp_path, minilm_dir)
     # streaming: 10x the text, about the same memory. Holding the corpus would add more
     # than its size in Python strings; allow growth of half the added bytes (RSS noise).
     assert (rss10 - rss1) * 1024 < 0.5 * (size10 - size1), peaks
+
+
+def test_output_inside_the_input_folder_is_not_read_back(ray_local, tmp_path, minilm_dir):
+    from data_prep import build_pretraining_dataset
+
+    corpus = write_corpus(tmp_path / "corpus", 30, bad=False)
+    cfg = config(tmp_path, minilm_dir, corpus, output=str(corpus / "ds"), dupe_factor=1)
+    first = build_pretraining_dataset(cfg)
+    again = build_pretraining_dataset(cfg)  # sees the same two input files: up to date
+    assert len(first.inputs) == 2 and again.fingerprint == first.fingerprint
+    assert again.created_at == first.created_at
