@@ -112,8 +112,8 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
                 "bertflow-test-prep", "--input", str(corpus(tmp_path / "corpus.txt")),
                 "--output", str(data), "--vocab", str(minilm_dir / "vocab.txt"),
                 "--max-seq-len", "64", "--dupe-factor", "2"])
-    out = capsys.readouterr().out
-    assert code == 0, out[-4000:]
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
     assert "job bertflow-test-prep SUCCEEDED" in out
     manifest = json.loads((data / "manifest.json").read_text())
     assert manifest["counts"]["train"]["instances"] > 0
@@ -134,8 +134,8 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
                 "--batch-size", "8", "--eval-every", "0", "--eval-batches", "2",
                 "--checkpoint-every", "0", "--log-every", "2", "--no-log-system-metrics",
                 "--storage-path", str(tmp_path / "runs"), "--register-as", "bert-job"])
-    out = capsys.readouterr().out
-    assert code == 0, out[-4000:]
+    out, err = capsys.readouterr()
+    assert code == 0, out[-3000:] + err[-3000:]
     from workflows import registry
 
     info = registry.show_model("bert-job", tracking_uri)
