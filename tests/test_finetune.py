@@ -180,7 +180,7 @@ def test_pair_cls_beats_majority_class(tmp_path, minilm_dir, ray_local):
     D.write_pairs(tmp_path / "train.jsonl", 320, seed=3)
     D.write_pairs(tmp_path / "eval.jsonl", 80, seed=4)
     result = run_finetune(_config(tmp_path, minilm_dir, "pair-cls", tmp_path / "train.jsonl",
-                                  tmp_path / "eval.jsonl", epochs=3))
+                                  tmp_path / "eval.jsonl", epochs=2))
     assert result.metrics["val_accuracy"] >= result.baseline["accuracy"] + 0.2
 
 

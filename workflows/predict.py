@@ -67,6 +67,19 @@ def write_task_meta(model_dir: str | Path, meta: dict[str, Any]) -> Path:
     return path
 
 
+def save_model_folder(model: Any, model_dir: str | Path, tokenizer_dir: str | Path,
+                      meta: dict[str, Any]) -> Path:
+    """Write a self-contained model folder: HF weights + config, the tokenizer and
+    bertflow.json, i.e. everything `Predictor`, serving and `--init`/`--base` need."""
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir)
+    WordPieceTokenizer.from_dir(tokenizer_dir).save(model_dir)
+    write_task_meta(model_dir, meta)
+    return model_dir
+
+
 def load_task_model(model_dir: str | Path, task: str) -> Any:
     """The bert_core model class for `task`, loaded from an HF-format folder."""
     import bert_core

@@ -104,13 +104,10 @@ class PretrainTask:
         return out
 
     def save_model(self, model: nn.Module, model_dir: Path) -> None:
-        from data_prep.tokenizer import WordPieceTokenizer
-        from workflows.predict import write_task_meta
+        """HF folder + tokenizer + bertflow.json: everything serving needs."""
+        from workflows.predict import save_model_folder
 
-        model_dir = Path(model_dir)
-        model.save_pretrained(model_dir)
-        WordPieceTokenizer.from_dir(self.tokenizer_dir).save(model_dir)
-        write_task_meta(model_dir, self.meta)
+        save_model_folder(model, model_dir, self.tokenizer_dir, self.meta)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -368,11 +369,25 @@ def wait_for_server(url: str, timeout_s: float = 60.0,
     raise RegistryError(f"mlflow server at {url} did not answer within {timeout_s:.0f} s")
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail at once, with the fix, when the port is taken (mlflow itself would first spend
+    many seconds starting its workers and then die with a less helpful message)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise RegistryError(
+                f"cannot serve on {host}:{port}: {exc.strerror or exc}. Another server (maybe "
+                f"an earlier `bertflow server`) uses that port: stop it or pass --port") from None
+
+
 def start_server(tracking_uri: str | None = None, host: str = "127.0.0.1", port: int = 5000,
                  artifacts_dir: str | Path | None = None, timeout_s: float = 60.0,
                  **popen_kwargs: Any) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` in its own process group; return it and its URL once it
     answers. The caller terminates it (`os.killpg(proc.pid, SIGTERM)`)."""
+    _check_port_free(host, port)
     cmd = server_command(tracking_uri, host, port, artifacts_dir)
     proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"

@@ -20,8 +20,8 @@ from torch import nn
 
 from data_prep.tasks.features import IGNORE, pad_batch
 from workflows import metrics as M
-from workflows.predict import (HEADS, decode_answer, load_task_model, window_candidates,
-                               write_task_meta)
+from workflows.predict import (HEADS, decode_answer, load_task_model, save_model_folder,
+                               window_candidates)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TARGETS = {"seq-cls": ("labels",), "pair-cls": ("labels",), "token-cls": ("labels",),
@@ -75,12 +75,7 @@ class FinetuneTask:
 
     def save_model(self, model: nn.Module, model_dir: Path) -> None:
         """HF folder + tokenizer + bertflow.json: everything serving needs."""
-        from data_prep.tokenizer import WordPieceTokenizer
-
-        model_dir = Path(model_dir)
-        model.save_pretrained(model_dir)
-        WordPieceTokenizer.from_dir(self.tokenizer_dir).save(model_dir)
-        write_task_meta(model_dir, self.meta)
+        save_model_folder(model, model_dir, self.tokenizer_dir, self.meta)
 
     # ---- data ---------------------------------------------------------------------
     def collate(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
