@@ -31,18 +31,17 @@ class TokenizerError(BertflowError):
 
 
 def _read_vocab(path: Path) -> dict[str, int]:
+    """token -> id where the id is the line index, as Google's and transformers' loaders do:
+    a blank or repeated line still takes its id (a repeated token keeps its last line, as
+    `transformers.BertTokenizer` and `tokenizers.WordPiece.from_file` do), so no later id
+    shifts."""
     if not path.is_file():
         raise TokenizerError(f"{path}: vocabulary file not found (expected a WordPiece "
                              "vocab.txt with one token per line)")
     vocab: dict[str, int] = {}
     with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            token = line.rstrip("\n").rstrip("\r")
-            if token and token not in vocab:
-                vocab[token] = len(vocab)
-            elif token:
-                # Google's vocab files never repeat a token; HF keeps the first id.
-                continue
+        for index, line in enumerate(fh):
+            vocab[line.rstrip("\n")] = index
     missing = [t for t in SPECIAL_TOKENS if t not in vocab]
     if missing:
         raise TokenizerError(f"{path}: vocabulary lacks special token(s) {', '.join(missing)}; "

@@ -89,3 +89,29 @@ def test_bad_vocab_is_a_clear_error(tmp_path):
     bad.write_text("hello\nworld\n")
     with pytest.raises(TokenizerError, match=r"\[CLS\]"):
         WordPieceTokenizer.from_vocab(bad)
+
+
+def test_vocab_ids_are_line_numbers_like_transformers(tmp_path, minilm_dir):
+    """A repeated token and a blank line keep their lines: every later id is unshifted,
+    exactly as transformers numbers the same file."""
+    from transformers import BertTokenizerFast
+    from transformers.models.bert.tokenization_bert import load_vocab
+
+    original = (minilm_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    lines = list(original)
+    lines.insert(2000, lines[1996])  # "the" again: transformers keeps the later line's id
+    lines.insert(3000, "")           # a blank line
+    path = tmp_path / "vocab.txt"
+    path.write_text("".join(t + "\n" for t in lines), encoding="utf-8")
+
+    tok = WordPieceTokenizer.from_vocab(path)
+    hf_vocab = load_vocab(str(path))  # transformers' own vocab.txt reader
+    hf = BertTokenizerFast(vocab=str(path), do_lower_case=True)
+    assert tok.vocab == dict(hf_vocab) and tok.vocab_size == len(lines)
+    assert tok.vocab["the"] == 2000 and tok.vocab["zoo"] == original.index("zoo") + 2
+    for s in SENTENCES:
+        assert tok.encode_batch([s])[0] == hf(s, add_special_tokens=False)["input_ids"]
+    # a saved copy keeps every id in place
+    again = WordPieceTokenizer.from_dir(tok.save(tmp_path / "saved"))
+    assert again.encode_batch(SENTENCES) == tok.encode_batch(SENTENCES)
+    assert again.vocab_size == tok.vocab_size
