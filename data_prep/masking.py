@@ -29,7 +29,8 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator, *, vocab_size: 
     """Mask one sequence; returns (masked_ids, positions, original_ids).
 
     - `min(max_predictions, max(1, round(len(input_ids) * masked_lm_prob)))` positions
-      are chosen uniformly among non-special tokens (never [CLS]/[SEP]/[PAD]); fewer only
+      are chosen uniformly among tokens not in `special_ids` (callers pass
+      [CLS]/[SEP]/[PAD]; [UNK] can be masked, as in Google's script); fewer only
       when the sequence has fewer candidates.
     - Each chosen position becomes [MASK] with probability 0.8, a random id in
       [0, vocab_size) with 0.1 (Google draws from the whole vocabulary), else stays.
@@ -83,15 +84,39 @@ def mask_batch(rows: Sequence[np.ndarray], rng: np.random.Generator, *, vocab_si
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate([np.asarray(r) for r in rows])
-    row = np.repeat(np.arange(len(rows)), lengths)
+    masked, chosen, originals = mask_flat(
+        flat, offsets, rng, vocab_size=vocab_size, mask_id=mask_id, special_ids=special_ids,
+        masked_lm_prob=masked_lm_prob, max_predictions=max_predictions)
+    row = np.searchsorted(offsets, chosen, side="right") - 1
+    positions = chosen - offsets[row]
+    cuts = np.cumsum(np.bincount(row, minlength=len(rows)))[:-1]
+    return (np.split(masked, offsets[1:-1]), np.split(positions, cuts),
+            np.split(originals, cuts))
+
+
+def mask_flat(flat: np.ndarray, offsets: np.ndarray, rng: np.random.Generator, *,
+              vocab_size: int, mask_id: int, special_ids: Any, masked_lm_prob: float = 0.15,
+              max_predictions: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`mask_batch` on rows laid end to end: `flat` holds every row's ids, row r is
+    `flat[offsets[r]:offsets[r + 1]]` (the layout of an Arrow list column).
+
+    Returns (masked flat ids, chosen indices into `flat` ascending, original ids there).
+    No per-row Python: one sort over the batch picks every row's positions."""
+    flat = np.asarray(flat)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_rows = offsets.shape[0] - 1
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(n_rows), lengths)
     special = np.zeros(flat.shape[0], dtype=bool)
     for sid in special_ids:
         special |= flat == sid
     key = rng.random(flat.shape[0])
-    key[special] = 2.0  # sorts after every candidate
-    order = np.lexsort((key, row))
+    key[special] = 2.0  # sorts after every candidate of its row
+    # rows are contiguous and ascending, so one argsort of row*4 + key orders each row's
+    # tokens by key and keeps rows in place: a token's rank is its place in its row
+    order = np.argsort(row * 4.0 + key)
     rank = np.empty(flat.shape[0], dtype=np.int64)
-    rank[order] = np.arange(flat.shape[0]) - offsets[row[order]]
+    rank[order] = np.arange(flat.shape[0]) - offsets[row]
     # np.round is half-to-even like Python's round, so counts equal num_to_predict's
     k = np.minimum(max_predictions, np.maximum(1, np.round(lengths * masked_lm_prob)))
     chosen = np.flatnonzero((rank < k[row]) & ~special)
@@ -101,10 +126,7 @@ def mask_batch(rows: Sequence[np.ndarray], rng: np.random.Generator, *, vocab_si
     masked = flat.copy()
     masked[chosen] = np.where(roll < 0.8, mask_id,
                               np.where(roll < 0.9, random_ids, originals)).astype(flat.dtype)
-    positions = chosen - offsets[row[chosen]]
-    cuts = np.cumsum(np.bincount(row[chosen], minlength=len(rows)))[:-1]
-    return (np.split(masked, offsets[1:-1]), np.split(positions, cuts),
-            np.split(originals, cuts))
+    return masked, chosen, originals
 
 
 def _whole_word_positions(candidates: np.ndarray, word_starts: np.ndarray, k: int,
@@ -136,7 +158,7 @@ class MaskingSpec:
 
     vocab_size: int
     mask_id: int
-    special_ids: tuple[int, ...]
+    special_ids: tuple[int, ...]          # never masked: [CLS], [SEP], [PAD]
     masked_lm_prob: float = 0.15
     max_predictions: int = 20
     whole_word: bool = False
@@ -146,8 +168,11 @@ class MaskingSpec:
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, masked_lm_prob: float = 0.15,
                        max_predictions: int = 20, whole_word: bool = False) -> MaskingSpec:
+        # Only [CLS]/[SEP] (and [PAD]) are never masked, as in Google's script: [UNK]
+        # is a token of the text like any other and is chosen like any other.
+        never = (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id)
         return cls(vocab_size=tokenizer.vocab_size, mask_id=tokenizer.mask_id,
-                   special_ids=tuple(tokenizer.special_ids), masked_lm_prob=masked_lm_prob,
+                   special_ids=never, masked_lm_prob=masked_lm_prob,
                    max_predictions=max_predictions, whole_word=whole_word,
                    continuation=tokenizer.continuation_mask() if whole_word else None)
 
@@ -160,6 +185,22 @@ class MaskingSpec:
         return mask_tokens(input_ids, rng, vocab_size=self.vocab_size, mask_id=self.mask_id,
                            special_ids=self.special_ids, masked_lm_prob=self.masked_lm_prob,
                            max_predictions=self.max_predictions, word_starts=starts)
+
+    def apply_flat(self, flat: np.ndarray, offsets: np.ndarray, rng: np.random.Generator
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`mask_flat` with this spec's settings (rows end to end; what collate uses).
+        Whole-word masking goes row by row through `mask_tokens`."""
+        if self.whole_word and self.continuation is not None:
+            rows = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+            masked, positions, originals = self.apply_batch(rows, rng)
+            chosen = [p + a for p, a in zip(positions, offsets[:-1])]
+            if not rows:
+                return flat.copy(), np.zeros(0, np.int64), flat[:0]
+            return (np.concatenate(masked), np.concatenate(chosen).astype(np.int64),
+                    np.concatenate(originals))
+        return mask_flat(flat, offsets, rng, vocab_size=self.vocab_size, mask_id=self.mask_id,
+                         special_ids=self.special_ids, masked_lm_prob=self.masked_lm_prob,
+                         max_predictions=self.max_predictions)
 
     def apply_batch(self, rows: Sequence[np.ndarray], rng: np.random.Generator
                     ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:

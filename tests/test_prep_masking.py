@@ -167,3 +167,71 @@ def test_mask_batch_follows_the_same_rule_as_mask_tokens():
     body = np.delete(hits, [0, 19, 39])  # [CLS], middle [SEP], final [SEP]
     assert hits[[0, 19, 39]].sum() == 0
     assert body.min() > 0.75 * body.mean() and body.max() < 1.25 * body.mean()
+
+
+def test_unk_is_chosen_for_masking_like_any_text_token(minilm_dir):
+    """Google excludes only [CLS]/[SEP]: [UNK] in the text is masked as often as any
+    other token; [CLS]/[SEP]/[PAD] never are."""
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer.from_dir(minilm_dir)
+    spec = MaskingSpec.from_tokenizer(tok)
+    assert tok.unk_id not in spec.special_ids
+    assert {tok.cls_id, tok.sep_id, tok.pad_id} <= set(spec.special_ids)
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(400):
+        body = rng.integers(2000, 3000, 30)
+        body[rng.random(30) < 0.2] = tok.unk_id
+        rows.append(np.r_[tok.cls_id, body[:15], tok.sep_id, body[15:], tok.sep_id])
+    flat, offsets = np.concatenate(rows), np.r_[0, np.cumsum([len(r) for r in rows])]
+    _, chosen, originals = spec.apply_flat(flat, offsets, rng)
+    unk_share_text = (flat == tok.unk_id).sum() / (~np.isin(flat, spec.special_ids)).sum()
+    unk_share_masked = (originals == tok.unk_id).mean()
+    assert abs(unk_share_masked - unk_share_text) < 0.03 and unk_share_masked > 0.1
+    assert not np.isin(flat[chosen], [tok.cls_id, tok.sep_id, tok.pad_id]).any()
+
+
+def test_dynamic_masks_are_a_function_of_seed_epoch_and_batch_index():
+    """Collated through iter_collated, whatever the threads: same (seed, epoch, batch)
+    -> same masks, in a rerun, with other prefetching, and after a resume at batch 3."""
+    from data_prep.collate import batch_rng, iter_collated
+
+    spec = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, CLS, SEP))
+    rng = np.random.default_rng(9)
+    raw = [_rows(rng, 16, with_static=False) for _ in range(8)]
+
+    def collate(b, g):
+        return collate_pretraining(b, PAD, spec, g)
+
+    def run(**kw):
+        return [o["input_ids"] for o in iter_collated(raw, collate, seed=3, epoch=1, **kw)]
+
+    first, rerun = run(prefetch=4), run(prefetch=0)
+    assert all(np.array_equal(a, b) for a, b in zip(first, rerun)) and len(first) == 8
+    resumed = run(start=3, prefetch=2)
+    assert len(resumed) == 5 and all(np.array_equal(a, b) for a, b in zip(first[3:], resumed))
+    # a direct call with the batch's generator gives the same batch
+    assert np.array_equal(collate(raw[5], batch_rng(3, 1, 5))["input_ids"], first[5])
+    next_epoch = [o["input_ids"] for o in iter_collated(raw, collate, seed=3, epoch=2)]
+    assert not any(np.array_equal(a, b) for a, b in zip(first, next_epoch))
+    with pytest.raises(BertflowError, match="batch_rng"):
+        collate_pretraining(raw[0], PAD, spec)
+
+
+def test_collate_of_a_pyarrow_batch_equals_the_numpy_batch():
+    import pyarrow as pa
+
+    rng = np.random.default_rng(10)
+    batch = _rows(rng, 12)
+    table = pa.table({k: pa.array([np.asarray(r).tolist() for r in v]) if k != "next_sentence_label"
+                      else pa.array(v, pa.int8()) for k, v in batch.items()})
+    a, b = collate_pretraining(batch, PAD), collate_pretraining(table.slice(0), PAD)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    spec = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, CLS, SEP))
+    dyn = table.drop_columns(["masked_lm_positions", "masked_lm_ids"]).slice(3, 6)
+    plain = {k: v[3:9] for k, v in _rows(np.random.default_rng(10), 12).items()
+             if not k.startswith("masked")}
+    x = collate_pretraining(dyn, PAD, spec, np.random.default_rng(1))
+    y = collate_pretraining(plain, PAD, spec, np.random.default_rng(1))
+    assert all(np.array_equal(x[k], y[k]) for k in x)
