@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # Activations the encoder implements (the names Hugging Face uses in config.json).
 ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
+# How BertForSequenceClassification turns token vectors into one sentence vector.
+POOLINGS = ("cls", "mean", "mean_last4")
+
 # Named sizes: layers / hidden / heads / intermediate. tiny is for tests and quick runs;
 # mini is "BERT-mini" (Turc et al. 2019); base and large are the paper's models.
 PRESETS: dict[str, dict[str, int]] = {
@@ -76,6 +79,12 @@ class BertConfig:
     id2label: dict[int, str] | None = field(
         None, help="label names of classification heads, by index")
     label2id: dict[str, int] | None = field(None, help="inverse of id2label (derived)")
+    classifier_pooling: str = field(
+        "cls", help="sentence vector of sequence classification: cls (tanh pooler over "
+        "[CLS], BERT's fine-tuning), mean (last layer averaged over real tokens: the "
+        "feature-based use, and what sentence-transformers models are trained for), "
+        "mean_last4 (the last four layers concatenated, averaged: 4H wide). Only cls "
+        "exports to transformers unchanged")
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -93,6 +102,11 @@ class BertConfig:
             check(0.0 <= value < 1.0, name, f"must be in [0, 1), got {value!r}")
         check(self.classifier_dropout is None or 0.0 <= self.classifier_dropout < 1.0,
               "classifier_dropout", f"must be in [0, 1) or None, got {self.classifier_dropout!r}")
+        check(self.classifier_pooling in POOLINGS, "classifier_pooling",
+              f"{self.classifier_pooling!r} is not one of {', '.join(POOLINGS)}")
+        check(self.classifier_pooling != "mean_last4" or self.num_hidden_layers >= 4,
+              "classifier_pooling", f"mean_last4 needs 4 layers, the model has "
+              f"{self.num_hidden_layers}; use mean")
         check(self.layer_norm_eps > 0, "layer_norm_eps", "must be > 0")
         check(self.initializer_range > 0, "initializer_range", "must be > 0")
         check(self.pad_token_id is None or 0 <= self.pad_token_id < self.vocab_size,

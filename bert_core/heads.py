@@ -162,25 +162,49 @@ class BertForMaskedLM(_HeadModel):
 
 
 class BertForSequenceClassification(_HeadModel):
-    """A label (or a score when num_labels == 1) per sentence or sentence pair, from the
-    pooled [CLS] vector. Pairs are `[CLS] A [SEP] B [SEP]` with token_type_ids 0/1."""
+    """A label (or a score when num_labels == 1) per sentence or sentence pair. Pairs are
+    `[CLS] A [SEP] B [SEP]` with token_type_ids 0/1.
+
+    The sentence vector is `config.classifier_pooling`: the pooled [CLS] (BERT's
+    fine-tuning), or token vectors averaged over real tokens (the frozen, feature-based use:
+    a frozen encoder's [CLS] pooler was trained for NSP, not for your labels). Without cls
+    pooling the model has no pooler, so DDP sees no parameter without a gradient.
+    """
 
     hf_architecture = "BertForSequenceClassification"
     hf_head_names = {"classifier": "classifier"}
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
-        self.bert = BertModel(config)
+        pooling = config.classifier_pooling
+        self.bert = BertModel(config, add_pooling_layer=pooling == "cls")
         p = config.classifier_dropout
         self.dropout = nn.Dropout(config.hidden_dropout_prob if p is None else p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        width = config.hidden_size * (4 if pooling == "mean_last4" else 1)
+        self.classifier = nn.Linear(width, config.num_labels)
         self._init_head()
+
+    def sentence_vector(self, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None,
+                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """What the classifier reads: (B, H), or (B, 4H) for mean_last4."""
+        pooling = self.config.classifier_pooling
+        out = self.bert(input_ids, attention_mask, token_type_ids,
+                        output_hidden_states=pooling == "mean_last4")
+        if pooling == "cls":
+            return out.pooler_output  # (B, H)
+        tokens = (torch.cat(out.hidden_states[-4:], dim=-1) if pooling == "mean_last4"
+                  else out.last_hidden_state)  # (B, T, W)
+        if attention_mask is None:
+            return tokens.mean(dim=1)  # (B, W)
+        weight = attention_mask.to(tokens.dtype).unsqueeze(-1)  # (B, T, 1)
+        return (tokens * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1.0)  # (B, W)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> ClassifierOutput:
         """labels: (B,) class ids, or (B,) float targets when num_labels == 1 (MSE)."""
-        pooled = self.bert(input_ids, attention_mask, token_type_ids).pooler_output  # (B, H)
+        pooled = self.sentence_vector(input_ids, attention_mask, token_type_ids)  # (B, W)
         logits = self.classifier(self.dropout(pooled))  # (B, C)
         loss = None
         if labels is not None:
