@@ -20,6 +20,8 @@ _EXPORTS: dict[str, str] = {
     "mask_tokens": "data_prep.masking",
     "MaskingSpec": "data_prep.masking",
     "collate_pretraining": "data_prep.collate",
+    "batch_rng": "data_prep.collate",
+    "iter_collated": "data_prep.collate",
     "init_ray": "data_prep.ray_env",
 }
 

@@ -43,8 +43,8 @@ class PrepConfig:
                                 "Ray)")
     num_workers: int = field(0, help="parallel tokenizing workers (0: one per CPU of the "
                              "Ray cluster); never changes the output")
-    docs_per_unit: int = field(1000, help="documents per work unit; the random-next "
-                               "sentence pool of NSP is the unit (changes the output)")
+    docs_per_unit: int = field(1000, help="documents per work unit (a unit of tasks and of "
+                               "worker memory); never changes the output")
     max_line_bytes: int = field(1_000_000, help="lines longer than this are not read; "
                                 "their document is skipped and counted (line_too_long)")
     text_field: str = field("text", help="field/column holding the text in .jsonl/.parquet")
@@ -75,4 +75,4 @@ class PrepConfig:
 
 
 # Fields that change nothing in the output; they stay out of the build fingerprint.
-RUNTIME_ONLY = ("force", "address", "num_workers", "output")
+RUNTIME_ONLY = ("force", "address", "num_workers", "output", "docs_per_unit")

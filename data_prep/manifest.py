@@ -26,7 +26,7 @@ from bert_core.config_io import BertflowError
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: corpus-wide NSP pool, globally shuffled parts
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
 

@@ -6,12 +6,23 @@ How the work is cut, and why (the only module that touches Ray Data):
    date" and nothing is written.
 2. Inside a hidden temp folder (renamed into place at the end, so no partial DIR is ever
    visible), the driver streams each file once through `readers` and stages its
-   documents in work units of `docs_per_unit` documents (one file, one split: a document
-   goes to val when a hash of its text falls under `val_fraction`). Only one unit is in
-   memory at a time.
-3. Ray Data maps units over tasks (at most `num_workers` at a time). Each unit is seeded from (seed,
-   file sha256, split, unit number) and writes its own part file named by its index, so
-   rows are identical whatever the number of workers or their scheduling.
+   documents in work units of at most `docs_per_unit` documents of one file and one split
+   (a document goes to val when a hash of its text falls under `val_fraction`). Only one
+   unit is in memory at a time. Units only cut the work: rows do not depend on them.
+3. Tokenize (Ray Data, one task per unit): each unit's documents are written tokenized
+   (`corpus.py` format). The driver then numbers every document of a split, in reading
+   order: that is the corpus-wide index NSP draws its random next segments from.
+4. Instances (one task per unit): each document's instances come from a generator seeded
+   by (seed, split, document number), so rows do not depend on the number of workers or
+   on unit size; random next segments are read from any unit of the split by index
+   (`SplitPool`). Every instance gets a random 63-bit key from the same generator and
+   goes to shuffle bucket `key % buckets`; a unit writes its instances bucket by bucket
+   to an Arrow file, a few million tokens at a time.
+5. Shuffle (one task per bucket): a bucket's instances from every unit, sorted by key,
+   become `SPLIT/part-BUCKET.parquet`. The split is thus shuffled as a whole (a
+   permutation fixed by the seed), with memory bounded by a bucket (about 64 MB; the
+   number of buckets follows from the split's token count, never from the workers).
+   Ray Data's own `random_shuffle` would hold the whole split in the object store.
 On a multi-node cluster, DIR's parent must be a filesystem every node sees (NFS, a
 mounted bucket): workers read the staged units and write their parts there.
 """
@@ -35,7 +46,9 @@ from data_prep.manifest import (Manifest, ManifestError, atomic_output_dir,
                                 build_fingerprint, fingerprint_file, is_up_to_date)
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_inputs, iter_documents
-from data_prep.recipe import RecipeSpec, create_instances, instances_to_table, output_schema
+from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
+from data_prep.recipe import (Instance, RecipeSpec, document_instances, instances_to_table,
+                              output_schema)
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -102,53 +115,133 @@ def stage_units(files: list[Path], inputs: list[dict[str, Any]], config: PrepCon
     return units, stats
 
 
-def unit_seed(seed: int, unit: dict[str, Any]) -> np.random.SeedSequence:
-    """Seed of a unit from (seed, file sha256, split, unit number): no dependence on
-    which worker runs it or when."""
-    return np.random.SeedSequence([seed, int(unit["file_sha256"][:16], 16),
-                                   SPLITS.index(unit["split"]), unit["number"]])
+_BUCKET_BYTES = 64 << 20   # target size of one shuffle bucket (one output part)
+_FLUSH_TOKENS = 4 << 20    # instance tokens a unit task holds before writing them out
 
 
-def process_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer, spec: RecipeSpec,
-                 seed: int, out_dir: Path) -> dict[str, Any]:
-    """Tokenize one staged unit, build its instances, write `SPLIT/part-INDEX.parquet`.
+def doc_rng(seed: int, split: str, document: int) -> np.random.Generator:
+    """The generator of one document: its pairs, masks and shuffle keys depend only on
+    (seed, split, the document's number in the split), not on workers or units."""
+    return np.random.default_rng([seed, SPLITS.index(split), document])
 
-    Returns the unit's counts (documents used/skipped, sentences, instances, tokens,
-    masked tokens) and the part file written, if any."""
-    import time
 
+def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
+    """Shuffle buckets of a split: enough that each holds about `_BUCKET_BYTES` of rows
+    (estimated from the split's token count, so it is the same on any cluster)."""
+    per_token = 5 + (8 * config.masked_lm_prob if config.masking == "static" else 0)
+    estimate = corpus_tokens * config.dupe_factor * per_token
+    return max(1, -(-int(estimate) // _BUCKET_BYTES))
+
+
+def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
+                  staging: Path) -> dict[str, Any]:
+    """Pass 1: tokenize one staged unit and write it in the `corpus` format. Sentences
+    without tokens are dropped, documents without any are counted (no_tokens)."""
     import pyarrow.parquet as pq
 
     started = time.perf_counter()
     docs_text = pq.read_table(unit["path"]).column("sentences").to_pylist()
-    flat = [s for doc in docs_text for s in doc]
-    ids = tokenizer.encode_batch(flat)
-    documents, k, no_tokens, sentences = [], 0, 0, 0
+    ids = tokenizer.encode_batch([s for doc in docs_text for s in doc])
+    documents, k, no_tokens = [], 0, 0
     for doc in docs_text:
         sents = [s for s in ids[k:k + len(doc)] if s]
         k += len(doc)
         if sents:
             documents.append(sents)
-            sentences += len(sents)
         else:
             no_tokens += 1
-    rng = np.random.default_rng(unit_seed(seed, unit))
-    instances = create_instances(documents, spec, rng) if documents else []
-    result: dict[str, Any] = {
-        "index": unit["index"], "split": unit["split"], "documents_used": len(documents),
-        "skipped.no_tokens": no_tokens, "sentences": sentences, "instances": len(instances),
-        "tokens": int(sum(x.input_ids.shape[0] for x in instances)),
-        "masked_tokens": int(sum(x.positions.shape[0] for x in instances
-                                 if x.positions is not None)),
-        "file": None}
-    if instances:
-        table = instances_to_table(instances, spec.objective, spec.masking is not None)
-        rel = f"{unit['split']}/part-{unit['index']:06d}.parquet"
-        (out_dir / unit["split"]).mkdir(parents=True, exist_ok=True)
+    path = staging / f"tokens-{unit['index']:06d}.bin"
+    sizes = write_tokenized(path, documents)
+    return {"index": unit["index"], "split": unit["split"], "tokens_path": str(path),
+            "documents_used": sizes["documents"], "skipped.no_tokens": no_tokens,
+            "sentences": sizes["sentences"], "corpus_tokens": sizes["tokens"],
+            "seconds": time.perf_counter() - started}
+
+
+def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: SplitPool,
+                  staging: Path) -> dict[str, Any]:
+    """Pass 2: the instances of one unit's documents, bucketed for the shuffle.
+
+    `unit` carries its tokens file, split, `first_doc` (its first document's number in
+    the split) and `buckets`. Writes an Arrow file holding, per flush, one record batch
+    per bucket (batch i belongs to bucket i % buckets), each sorted by key."""
+    import pyarrow as pa
+
+    started = time.perf_counter()
+    n_buckets, split = unit["buckets"], unit["split"]
+    static = spec.masking is not None
+    schema = output_schema(spec.objective, static).append(pa.field("key", pa.int64()))
+    path = staging / f"instances-{unit['index']:06d}.arrow"
+    counts = {"instances": 0, "tokens": 0, "masked_tokens": 0}
+    buffer: list[Instance] = []
+    keys: list[np.ndarray] = []
+    held = 0
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+
+        def flush() -> None:
+            key = np.concatenate(keys)
+            table = instances_to_table(buffer, spec.objective, static)
+            table = table.append_column("key", pa.array(key))
+            bucket = key % n_buckets
+            order = np.lexsort((key, bucket))
+            batch = table.take(pa.array(order)).combine_chunks().to_batches()[0]
+            bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+            for b in range(n_buckets):
+                writer.write_batch(batch.slice(bounds[b], bounds[b + 1] - bounds[b]))
+            buffer.clear()
+            keys.clear()
+
+        for local, document in enumerate(read_tokenized(Path(unit["tokens_path"]))):
+            index = unit["first_doc"] + local
+            rng = doc_rng(seed, split, index)
+            instances = document_instances(document, index, pool, spec, rng)
+            keys.append(rng.integers(0, 2**63 - 1, len(instances), dtype=np.int64))
+            buffer.extend(instances)
+            tokens = sum(x.input_ids.shape[0] for x in instances)
+            counts["instances"] += len(instances)
+            counts["tokens"] += tokens
+            counts["masked_tokens"] += sum(x.positions.shape[0] for x in instances) \
+                if static else 0
+            held += tokens
+            if held >= _FLUSH_TOKENS:
+                flush()
+                held = 0
+        if buffer:
+            flush()
+    return {"index": unit["index"], "instances_path": str(path), **counts,
+            "seconds": time.perf_counter() - started}
+
+
+def merge_bucket(task: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Pass 3: one bucket's instances from every unit of a split, sorted by key, as
+    `SPLIT/part-BUCKET.parquet` (None when the bucket is empty)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    started = time.perf_counter()
+    n, b = task["buckets"], task["bucket"]
+    batches, schema = [], None
+    sources = []
+    for path in json.loads(Path(task["units_file"]).read_text()):
+        source = pa.memory_map(path)
+        sources.append(source)
+        reader = pa.ipc.open_file(source)
+        schema = reader.schema
+        batches += [reader.get_batch(i) for i in range(b, reader.num_record_batches, n)]
+    result: dict[str, Any] = {"split": task["split"], "bucket": b, "file": None}
+    table = pa.Table.from_batches(batches, schema) if schema is not None else None
+    if table is not None and table.num_rows:
+        order = pa.compute.sort_indices(table, sort_keys=[("key", "ascending")])
+        table = table.take(order).drop_columns(["key"])
+        rel = f"{task['split']}/part-{b:05d}.parquet"
+        (out_dir / task["split"]).mkdir(parents=True, exist_ok=True)
         pq.write_table(table, out_dir / rel)
         result["file"] = {"path": rel, "size": (out_dir / rel).stat().st_size,
                           "rows": table.num_rows}
-    result["seconds"] = time.perf_counter() - started  # for the log, not the manifest
+    del table, batches
+    for source in sources:
+        source.close()
+    result["seconds"] = time.perf_counter() - started
     return result
 
 
@@ -164,66 +257,93 @@ def recipe_spec(config: PrepConfig, tokenizer: WordPieceTokenizer) -> RecipeSpec
                       masking=masking)
 
 
-_WORKER_STATE: dict[str, tuple[PrepConfig, WordPieceTokenizer, RecipeSpec]] = {}
+_WORKER_STATE: dict[str, Any] = {}
 
 
-def build_units(batch: dict[str, Any], tokenizer_dir: str, config: dict[str, Any],
-                out_dir: str) -> dict[str, Any]:
-    """Ray Data task: process a batch of units. The tokenizer and recipe are built once
-    per worker process (Ray reuses task workers), which starts far faster than an actor
-    pool and keeps the output independent of scheduling."""
+def _worker_state(tokenizer_dir: str, config: dict[str, Any]
+                  ) -> tuple[PrepConfig, WordPieceTokenizer, RecipeSpec]:
+    """Tokenizer and recipe, built once per worker process (Ray reuses task workers,
+    which start far faster than an actor pool and keep the output independent of
+    scheduling)."""
     key = json.dumps([tokenizer_dir, config], sort_keys=True)
-    if key not in _WORKER_STATE:
+    if _WORKER_STATE.get("key") != key:
         from bert_core.config_io import from_dict
 
+        for pool in _WORKER_STATE.get("pools", {}).values():
+            pool.close()
         cfg = from_dict(PrepConfig, config, "prep config")
         tok = WordPieceTokenizer.from_dir(tokenizer_dir)
         _WORKER_STATE.clear()
-        _WORKER_STATE[key] = (cfg, tok, recipe_spec(cfg, tok))
-    cfg, tok, spec = _WORKER_STATE[key]
-    results = [process_unit(json.loads(u), tok, spec, cfg.seed, Path(out_dir))
-               for u in batch["unit"]]
+        _WORKER_STATE.update(key=key, state=(cfg, tok, recipe_spec(cfg, tok)), pools={})
+    return _WORKER_STATE["state"]
+
+
+def _pool(path: str) -> SplitPool:
+    pools = _WORKER_STATE["pools"]
+    if path not in pools:
+        pools[path] = SplitPool.load(path)
+    return pools[path]
+
+
+def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[str, Any],
+             out_dir: str) -> dict[str, Any]:
+    """Ray Data task: one item of pass `step` (tokenize, instances or merge)."""
+    cfg, tok, spec = _worker_state(tokenizer_dir, config)
+    results = []
+    for item in batch["item"]:
+        task = json.loads(item)
+        staging = Path(out_dir) / "_staging"
+        if step == "tokenize":
+            results.append(tokenize_unit(task, tok, staging))
+        elif step == "instances":
+            results.append(instance_unit(task, spec, cfg.seed, _pool(task["pool"]), staging))
+        else:
+            results.append(merge_bucket(task, Path(out_dir)))
+        results[-1]["_order"] = task["_order"]
     return {"result": [json.dumps(r) for r in results]}
 
 
-def run_units(units: list[dict[str, Any]], tokenizer_dir: Path, config: PrepConfig,
-              out_dir: Path) -> list[dict[str, Any]]:
-    """Process all units on Ray Data; results in unit order."""
+def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: Path,
+              config: PrepConfig, out_dir: Path) -> list[dict[str, Any]]:
+    """Run one pass over `items` on Ray Data (at most `num_workers` tasks at a time);
+    results come back in item order."""
     from tqdm import tqdm
 
     from data_prep.ray_env import init_ray
 
-    if not units:
+    if not items:
         return []
     ray = init_ray(config.address)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False  # one tqdm bar over units is clearer
+    ctx.enable_progress_bars = False  # one tqdm bar per pass is clearer
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     workers = config.num_workers or max(1, int(total_cpus))
-    workers = min(workers, len(units))
+    workers = min(workers, len(items))
     # Fractions so a small (2-core) cluster can also run Ray Data's own tasks.
     cpus = min(1.0, max(0.1, total_cpus / (workers + 1)))
-    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in units],
-                             override_num_blocks=len(units))
-    ds = ds.map_batches(build_units, batch_size=1, num_cpus=cpus,
+    ds = ray.data.from_items([{"item": json.dumps({**it, "_order": k})}
+                              for k, it in enumerate(items)], override_num_blocks=len(items))
+    ds = ds.map_batches(run_pass, batch_size=1, num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=workers),
-                        fn_kwargs={"tokenizer_dir": str(tokenizer_dir),
+                        fn_kwargs={"step": step, "tokenizer_dir": str(tokenizer_dir),
                                    "config": to_dict(config), "out_dir": str(out_dir)})
     results = []
     started = time.perf_counter()
     try:
-        with tqdm(total=len(units), desc="prep units", unit="unit", mininterval=2.0) as bar:
+        with tqdm(total=len(items), desc=f"prep {step}", unit="task",
+                  mininterval=2.0) as bar:
             for row in ds.iter_rows():
                 results.append(json.loads(row["result"]))
                 bar.update(1)
     finally:
         ctx.enable_progress_bars = bars
-    log.info("%d units: %.1f s of work in %.1f s on %d worker(s)", len(units),
+    log.info("%s: %d tasks, %.1f s of work in %.1f s on %d worker(s)", step, len(items),
              sum(r["seconds"] for r in results), time.perf_counter() - started, workers)
-    return sorted(results, key=lambda r: r["index"])
+    results.sort(key=lambda r: r.pop("_order"))
+    return results
 
 
 def _counts(read: Counter, results: list[dict[str, Any]], n_files: int) -> dict[str, Any]:
@@ -286,27 +406,67 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
             (tmp / split).mkdir()
         log.info("building instances from %d document(s) in %d unit(s)",
                  read["documents_read"], len(units))
-        results = run_units(units, tmp / "tokenizer", config, tmp)
-        shutil.rmtree(tmp / "_staging")
+        results, buckets = _build_instances(units, tmp, config)
         counts = _counts(read, results, len(files))
         accounted = counts["documents_used"] + sum(counts["documents_skipped"].values())
         if accounted != counts["documents_read"]:  # a bug, not bad input: fail loudly
             raise RuntimeError(f"document accounting mismatch: read "
                                f"{counts['documents_read']}, accounted {accounted}")
+        parts = run_tasks("merge", [{"split": s, "bucket": b, "buckets": n,
+                                     "units_file": str(tmp / "_staging" / f"instances-{s}.json")}
+                                    for s, n in buckets.items() for b in range(n)],
+                          tmp / "tokenizer", config, tmp)
+        shutil.rmtree(tmp / "_staging")
+        if sum(p["file"]["rows"] for p in parts if p["file"]) != counts["instances"]:
+            raise RuntimeError("shuffle lost or duplicated instances (a bug)")
         schema = output_schema(config.objective, config.masking == "static")
         manifest = Manifest(
             kind="pretraining", config=stored, inputs=inputs,
             tokenizer={"fingerprint": tokenizer.fingerprint(), "vocab_size": tokenizer.vocab_size,
                        **tokenizer.settings(), "path": "tokenizer"},
             counts=counts,
-            splits={s: {"files": [r["file"] for r in results if r["split"] == s and r["file"]],
+            splits={s: {"files": [p["file"] for p in parts if p["split"] == s and p["file"]],
                         "instances": counts[s]["instances"]} for s in SPLITS},
             schema={f.name: str(f.type) for f in schema}, fingerprint=fingerprint,
-            extra={"units": len(units), "docs_per_unit": config.docs_per_unit})
+            extra={"units": len(units), "docs_per_unit": config.docs_per_unit,
+                   "shuffle": {"scope": "split", "buckets": buckets},
+                   "nsp_pool": "split"})
         manifest.save(tmp)
     log.info("wrote %s: %d train / %d val instances, %d tokens", out,
              counts["train"]["instances"], counts["val"]["instances"], counts["tokens"])
     return manifest
+
+
+def _build_instances(units: list[dict[str, Any]], tmp: Path, config: PrepConfig
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Passes 1 and 2: tokenize every unit, number the documents of each split (the
+    corpus-wide NSP pool), build the bucketed instances. Returns the per-unit results
+    (counts) and the number of shuffle buckets of each split."""
+    staging = tmp / "_staging"
+    results = run_tasks("tokenize", units, tmp / "tokenizer", config, tmp)
+    buckets: dict[str, int] = {}
+    work = []
+    for split in SPLITS:
+        mine = [(u, r) for u, r in zip(units, results) if u["split"] == split]
+        pool_file = staging / f"pool-{split}.json"
+        pool_file.write_text(json.dumps([[r["tokens_path"], r["documents_used"]]
+                                         for _, r in mine]))
+        buckets[split] = num_buckets(sum(r["corpus_tokens"] for _, r in mine), config)
+        first = 0
+        for u, r in mine:
+            if r["documents_used"]:
+                work.append({"index": u["index"], "split": split, "first_doc": first,
+                             "tokens_path": r["tokens_path"], "buckets": buckets[split],
+                             "pool": str(pool_file)})
+            first += r["documents_used"]
+    built = {r["index"]: r for r in run_tasks("instances", work, tmp / "tokenizer", config, tmp)}
+    for split in SPLITS:
+        paths = [built[w["index"]]["instances_path"] for w in work if w["split"] == split]
+        (staging / f"instances-{split}.json").write_text(json.dumps(paths))
+    empty = {"instances": 0, "tokens": 0, "masked_tokens": 0}
+    merged = [{**r, **{k: built.get(r["index"], empty)[k] for k in empty}} for r in results]
+    return merged, {s: n for s, n in buckets.items()
+                    if any(w["split"] == s for w in work)}
 
 
 def _train_vocab(units: list[dict[str, Any]], config: PrepConfig) -> WordPieceTokenizer:

@@ -1,32 +1,33 @@
 """Google's create_pretraining_data recipe as pure functions over token ids.
 
-`create_instances(documents, spec, rng)` turns a pool of tokenized documents (each a list
-of sentences, each a list of ids) into training instances, exactly as Google's script
-does for one corpus, with these documented differences:
-- the pool is one work unit (`docs_per_unit` documents of one file and one split), not
-  the whole corpus: random "next" sentences of NSP come from that pool. This is what
-  makes the output deterministic whatever the number of workers, and what keeps memory
-  bounded. With a pool of 1000 documents a random B is still almost always from another
-  document, which is all NSP needs.
-- random numbers come from a `numpy.random.Generator`, so rows equal Google's in
-  distribution, not bit for bit.
+`document_instances(document, index, pool, spec, rng)` turns one tokenized document (a
+list of sentences, each a list of ids) into its training instances, exactly as Google's
+script does, with these documented differences:
+- NSP's random "next" segment comes from `pool`, a `DocumentPool` of every document of
+  the split (prep passes a `SplitPool` over the whole tokenized corpus), and is always
+  from another document (Google retries 10 times, then accepts its own document).
+- random numbers come from a `numpy.random.Generator` per document (prep seeds it from
+  the seed, the split and the document's number in the split), so rows equal Google's in
+  distribution, not bit for bit, and do not depend on how the work is cut.
 - `sop` (ALBERT's sentence order): the negative is the same A and B swapped. A chunk of
   one sentence is cut inside the sentence so that it still yields an ordered pair.
 - `mlm`: contiguous blocks of whole sentences up to the target length, one segment;
   a sentence longer than the block is cut into block-sized pieces.
+Shuffling instances is not the recipe's business: prep shuffles the whole split.
+`create_instances(documents, spec, rng)` is the recipe over a small in-memory corpus.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from data_prep.corpus import Document, DocumentPool, ListPool
 from data_prep.masking import MaskingSpec
 
 Sentence = list[int]
-Document = list[Sentence]
 
 
 @dataclass(frozen=True)
@@ -99,10 +100,10 @@ def _flat(chunk: list[Sentence]) -> list[int]:
     return out
 
 
-def pair_instances(documents: list[Document], index: int, spec: RecipeSpec,
+def pair_instances(document: Document, index: int, pool: DocumentPool, spec: RecipeSpec,
                    rng: np.random.Generator) -> list[Instance]:
-    """NSP/SOP instances of documents[index] (Google's create_instances_from_document)."""
-    document = documents[index]
+    """NSP/SOP instances of one document (Google's create_instances_from_document);
+    `index` is the document's number in `pool`, where random next segments come from."""
     max_num_tokens = spec.max_seq_len - 3
     target = _target_length(max_num_tokens, spec, rng)
     instances: list[Instance] = []
@@ -119,7 +120,7 @@ def pair_instances(documents: list[Document], index: int, spec: RecipeSpec,
             if spec.objective == "nsp":
                 if len(chunk) == 1 or rng.random() < 0.5:
                     label = 1
-                    b = _random_b(documents, index, target - len(a), rng)
+                    b = _random_b(pool, index, target - len(a), rng)
                     # the sentences not used as B go back to the stream
                     i -= len(chunk) - a_end
                 else:
@@ -146,32 +147,27 @@ def _cut_sentence(tokens: list[int], rng: np.random.Generator) -> tuple[list[int
     return tokens[:cut], tokens[cut:]
 
 
-def _random_b(documents: list[Document], index: int, target_b: int,
+def _random_b(pool: DocumentPool, index: int, target_b: int,
               rng: np.random.Generator) -> list[int]:
-    # Google tries 10 times for another document; a pool of one reuses itself.
-    other = index
-    for _ in range(10):
-        other = int(rng.integers(0, len(documents)))
-        if other != index:
-            break
-    doc = documents[other]
-    start = int(rng.integers(0, len(doc)))
-    b: list[int] = []
-    for sentence in doc[start:]:
-        b.extend(sentence)
-        if len(b) >= target_b:
-            break
-    return b
+    """Sentences of another document from a random start, up to `target_b` tokens.
+    Uniform over the other documents of the pool (a pool of one reuses itself)."""
+    if len(pool) > 1:
+        other = int(rng.integers(0, len(pool) - 1))
+        other += other >= index
+    else:
+        other = index
+    start = int(rng.integers(0, pool.num_sentences(other)))
+    return pool.tokens_from(other, start, target_b)
 
 
-def mlm_instances(documents: list[Document], index: int, spec: RecipeSpec,
+def mlm_instances(document: Document, spec: RecipeSpec,
                   rng: np.random.Generator) -> list[Instance]:
     """Single-segment instances: blocks of whole sentences up to the target length."""
     max_num_tokens = spec.max_seq_len - 2
     target = _target_length(max_num_tokens, spec, rng)
     instances: list[Instance] = []
     block: list[int] = []
-    for sentence in documents[index]:
+    for sentence in document:
         pieces = [sentence[k:k + max_num_tokens] for k in range(0, len(sentence), max_num_tokens)]
         for piece in pieces:
             if block and len(block) + len(piece) > target:
@@ -190,22 +186,41 @@ def _single(block: list[int], spec: RecipeSpec) -> Instance:
     return Instance(ids, np.zeros(ids.shape[0], dtype=np.int8), -1)
 
 
-def create_instances(documents: list[Document], spec: RecipeSpec,
-                     rng: np.random.Generator) -> list[Instance]:
-    """All instances of a pool: `dupe_factor` passes over the documents, each instance
-    masked on its own when `spec.masking` is set, then shuffled (as Google does)."""
-    make = mlm_instances if spec.objective == "mlm" else pair_instances
+def document_instances(document: Document, index: int, pool: DocumentPool,
+                       spec: RecipeSpec, rng: np.random.Generator) -> list[Instance]:
+    """All instances of one document: `dupe_factor` passes, each instance masked on its
+    own when `spec.masking` is set (the masks are drawn after the pairs, from `rng`)."""
     instances: list[Instance] = []
     for _ in range(spec.dupe_factor):
-        for index in range(len(documents)):
-            instances.extend(make(documents, index, spec, rng))
-    if spec.masking is not None and instances:
-        masked, positions, originals = spec.masking.apply_batch(
+        if spec.objective == "mlm":
+            instances.extend(mlm_instances(document, spec, rng))
+        else:
+            instances.extend(pair_instances(document, index, pool, spec, rng))
+    return _mask(instances, spec.masking, rng)
+
+
+def _mask(instances: list[Instance], masking: MaskingSpec | None,
+          rng: np.random.Generator) -> list[Instance]:
+    if masking is not None and instances:
+        masked, positions, originals = masking.apply_batch(
             [inst.input_ids for inst in instances], rng)
         for inst, ids, pos, orig in zip(instances, masked, positions, originals):
             inst.input_ids = ids
             inst.positions = pos.astype(np.int32)
             inst.originals = orig.astype(np.int32)
+    return instances
+
+
+def create_instances(documents: list[Document], spec: RecipeSpec,
+                     rng: np.random.Generator) -> list[Instance]:
+    """All instances of a small in-memory corpus, shuffled (Google's script on a corpus
+    that fits in memory; one generator for the whole corpus)."""
+    pool = ListPool(documents)
+    unmasked = replace(spec, masking=None)  # pairs first, then masks: as Google orders it
+    instances: list[Instance] = []
+    for index, document in enumerate(documents):
+        instances.extend(document_instances(document, index, pool, unmasked, rng))
+    instances = _mask(instances, spec.masking, rng)
     order = rng.permutation(len(instances))
     return [instances[k] for k in order]
 

@@ -170,11 +170,12 @@ def test_sigkill_midway_leaves_no_partial_output(ray_local, tmp_path, minilm_dir
     deadline = time.time() + 240
     parts = []
     while time.time() < deadline and proc.poll() is None:
-        parts = list(tmp_path.glob(".ds.tmp-*/train/*.parquet"))
+        # midway: some units already turned into (bucketed) instances
+        parts = list(tmp_path.glob(".ds.tmp-*/_staging/instances-*.arrow"))
         if len(parts) >= 2:
             break
         time.sleep(0.2)
-    assert parts, f"no part written before the deadline: {proc.communicate()[1][-2000:]}"
+    assert parts, f"no unit done before the deadline: {proc.communicate()[1][-2000:]}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "ds").exists()  # killed midway: no DIR at all
@@ -213,3 +214,57 @@ def test_output_inside_the_input_folder_is_not_read_back(ray_local, tmp_path, mi
     again = build_pretraining_dataset(cfg)  # sees the same two input files: up to date
     assert len(first.inputs) == 2 and again.fingerprint == first.fingerprint
     assert again.created_at == first.created_at
+
+
+def test_one_document_files_nsp_pool_and_global_shuffle(ray_local, tmp_path, minilm_dir):
+    """A corpus of one-document files (the layout where a per-file pool fails): random
+    next segments come from another document of the same split, consecutive rows rarely
+    share a document, and rows do not depend on workers or unit size."""
+    from data_prep import build_pretraining_dataset
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer.from_dir(minilm_dir)
+    words = [w for w, i in sorted(tok.vocab.items(), key=lambda kv: kv[1])
+             if w.isalpha() and w.isascii() and len(w) > 3 and i > 2000][:60 * 12]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    owner = {}  # token id -> the document (file) whose words hold it
+    rng = np.random.default_rng(0)
+    for d in range(60):
+        mine = words[d * 12:(d + 1) * 12]
+        owner.update({tok.vocab[w]: d for w in mine})
+        sents = [" ".join(rng.choice(mine, int(rng.integers(4, 12)))) + " ." for _ in range(8)]
+        (corpus / f"doc{d:03d}.txt").write_text("\n".join(sents) + "\n")
+    cfg = config(tmp_path, minilm_dir, corpus, docs_per_unit=1, dupe_factor=3,
+                 val_fraction=0.2, max_seq_len=48)
+    m = build_pretraining_dataset(cfg)
+    ds = Path(cfg.output)
+    again = config(tmp_path, minilm_dir, corpus, output=str(tmp_path / "ds2"),
+                   docs_per_unit=7, dupe_factor=3, val_fraction=0.2, max_seq_len=48,
+                   num_workers=2)
+    build_pretraining_dataset(again)
+    assert rows(ds) == rows(tmp_path / "ds2")  # unit size and workers change nothing
+
+    docs_of = {}
+    for split in ("train", "val"):
+        table = pq.read_table(ds / split)
+        docs_in_split, sources, randoms = set(), [], 0
+        for row in table.to_pylist():
+            ids = np.array(row["input_ids"])
+            ids[row["masked_lm_positions"]] = row["masked_lm_ids"]  # unmask
+            sep = int(np.flatnonzero(ids == tok.sep_id)[0])
+            a = {owner[t] for t in ids[1:sep] if t in owner}
+            b = {owner[t] for t in ids[sep + 1:-1] if t in owner}
+            assert len(a) == 1  # A is one document's text
+            sources.append(a.pop())
+            docs_in_split.add(sources[-1])
+            if row["next_sentence_label"] == 1:
+                randoms += 1
+                assert sources[-1] not in b, "random next from A's own document"
+            docs_of.setdefault(split, []).append(b)
+        assert randoms > 0.3 * len(sources)
+        # B comes from the same split's documents (val draws from val's pool)
+        assert set().union(*docs_of[split]) <= docs_in_split
+        same_next = np.mean([x == y for x, y in zip(sources[:-1], sources[1:])])
+        assert same_next < 0.15, same_next  # grouped by file it would be ~0.9
+    assert m.extra["shuffle"]["scope"] == "split"
