@@ -216,6 +216,7 @@ def merge_bucket(task: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Pass 3: one bucket's instances from every unit of a split, sorted by key, as
     `SPLIT/part-BUCKET.parquet` (None when the bucket is empty)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     started = time.perf_counter()
@@ -231,7 +232,7 @@ def merge_bucket(task: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"split": task["split"], "bucket": b, "file": None}
     table = pa.Table.from_batches(batches, schema) if schema is not None else None
     if table is not None and table.num_rows:
-        order = pa.compute.sort_indices(table, sort_keys=[("key", "ascending")])
+        order = pc.sort_indices(table, sort_keys=[("key", "ascending")])
         table = table.take(order).drop_columns(["key"])
         rel = f"{task['split']}/part-{b:05d}.parquet"
         (out_dir / task["split"]).mkdir(parents=True, exist_ok=True)
