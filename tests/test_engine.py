@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from workflows.config import LoopSettings
-from workflows.engine import (MetricWindow, StepRunner, load_checkpoint_state,
-                              save_checkpoint)
-from workflows.optim import Lamb, linear_warmup_decay, param_groups
+from workflows.training.checkpoint import load_checkpoint_state, save_checkpoint
+from workflows.training.optim import Lamb, linear_warmup_decay, param_groups
+from workflows.training.step import MetricWindow, StepRunner
 
 TRUE_W = np.linspace(-1.0, 1.0, 8).astype(np.float32)
 
@@ -198,7 +198,7 @@ sys.path.insert(0, {tests!r})
 import ray
 import test_engine as te
 from workflows.config import LoopSettings
-from workflows.engine import run_training
+from workflows.training.engine import run_training
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 ray.cloudpickle.register_pickle_by_value(te)  # workers cannot import the tests folder

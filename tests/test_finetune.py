@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def _config(tmp: Path, minilm_dir: Path, task: str, train: Path, eval_: Path, **kw):
-    from workflows.config import FinetuneConfig
+    from workflows.config import FinetuneConfig, config_from_mapping
 
     settings = dict(task=task, base=str(minilm_dir), train=str(train), eval=str(eval_),
                     epochs=2, max_seq_len=48, batch_size=16, lr=5e-5,
@@ -34,7 +34,7 @@ def _config(tmp: Path, minilm_dir: Path, task: str, train: Path, eval_: Path, **
                     data_dir=str(tmp / "data"), log_system_metrics=False, cpus_per_worker=1.0,
                     log_every=5)
     settings.update(kw)
-    return FinetuneConfig(**settings)
+    return config_from_mapping(FinetuneConfig, settings)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def sentiment(tmp_path_factory, minilm_dir, ray_local):
     D.write_sentiment(tmp / "eval.jsonl", 80, seed=2, fmt="jsonl")
     with (tmp / "train.csv").open("a") as f:  # bad rows are counted, not fatal
         f.write(',pos\n"a film with no label",\n"great fun",meh\n')
-    from workflows.finetune import run_finetune
+    from workflows.training.finetune import run_finetune
 
     cfg = _config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
                   register_as="sentiment", labels=["neg", "pos"])
@@ -62,7 +62,7 @@ def test_seq_cls_beats_majority_class_and_is_registered_with_lineage(sentiment, 
     assert result.skipped["train"]["by_reason"] == {"missing field": 2, "unknown label": 1}
     from workflows import tracking as T
 
-    mv = T.client(cfg.tracking_uri).get_model_version("sentiment", result.model_version)
+    mv = T.client(cfg.tracking.tracking_uri).get_model_version("sentiment", result.model_version)
     assert mv.tags[T.TAG_TASK] == "seq-cls"
     assert json.loads(mv.tags["bertflow.labels"]) == ["neg", "pos"]
     assert mv.tags[T.TAG_BASE_MODEL] == str(minilm_dir.resolve())
@@ -79,7 +79,7 @@ def test_registered_model_loads_as_pyfunc_without_pickle(sentiment):
 
     tmp, cfg, result = sentiment
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
-    mlflow.set_tracking_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/sentiment/{result.model_version}")
     out = model.predict(pd.DataFrame({"text": ["what a wonderful film !",
                                                "the plot was dreadful .", ""]}))
@@ -96,7 +96,7 @@ def test_bertflow_predict_cli_writes_every_row(sentiment, tmp_path):
     src.write_text("id,text\n1,a delightful story\n2,\n3,the acting was awful\n")
     out = tmp_path / "scored.jsonl"
     code = main(["predict", "--model", f"models:/sentiment/{result.model_version}",
-                 "--input", str(src), "--output", str(out), "--tracking-uri", cfg.tracking_uri])
+                 "--input", str(src), "--output", str(out), "--tracking-uri", cfg.tracking.tracking_uri])
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["id"] for r in rows] == [1, 2, 3]
@@ -113,7 +113,7 @@ def _free_port() -> int:
 def test_mlflow_models_serve_answers_a_prediction_request(sentiment, tmp_path):
     tmp, cfg, result = sentiment
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking_uri,  # uvicorn from this venv
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.tracking_uri,  # uvicorn from this venv
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     mlflow_bin = Path(sys.executable).with_name("mlflow")
@@ -159,7 +159,7 @@ def test_frozen_encoder_trains_only_the_head(sentiment, minilm_dir):
     import bert_core
 
     tmp, _, full = sentiment
-    from workflows.finetune import run_finetune
+    from workflows.training.finetune import run_finetune
 
     cfg = _config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
                   labels=["neg", "pos"], freeze_encoder=True, epochs=1, lr=1e-3)
@@ -175,7 +175,7 @@ def test_frozen_encoder_trains_only_the_head(sentiment, minilm_dir):
 
 
 def test_pair_cls_beats_majority_class(tmp_path, minilm_dir, ray_local):
-    from workflows.finetune import run_finetune
+    from workflows.training.finetune import run_finetune
 
     D.write_pairs(tmp_path / "train.jsonl", 320, seed=3)
     D.write_pairs(tmp_path / "eval.jsonl", 80, seed=4)
@@ -185,8 +185,8 @@ def test_pair_cls_beats_majority_class(tmp_path, minilm_dir, ray_local):
 
 
 def test_token_cls_finds_entities_like_seqeval(tmp_path, minilm_dir, ray_local):
-    from workflows.finetune import run_finetune
-    from workflows.predict import Predictor
+    from workflows.training.finetune import run_finetune
+    from workflows.serving.predictor import Predictor
 
     D.write_conll(tmp_path / "train.conll", 240, seed=5)
     D.write_conll(tmp_path / "eval.conll", 60, seed=6)
@@ -201,8 +201,8 @@ def test_token_cls_finds_entities_like_seqeval(tmp_path, minilm_dir, ray_local):
 
 
 def test_qa_v2_answers_from_windows_and_abstains(tmp_path, minilm_dir, ray_local):
-    from workflows.finetune import run_finetune
-    from workflows.predict import Predictor
+    from workflows.training.finetune import run_finetune
+    from workflows.serving.predictor import Predictor
 
     D.write_squad(tmp_path / "train.json", 50, seed=7, v2=True)
     D.write_squad(tmp_path / "eval.json", 15, seed=8, v2=True)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from data_prep.tasks import features as F
-from workflows.predict import Predictor
-from workflows.task_heads import FinetuneTask, majority_baseline
+from workflows.serving.predictor import Predictor
+from workflows.training.finetune_task import FinetuneTask, majority_baseline
 
 TAGS = ["O", "B-PER", "I-PER"]
 

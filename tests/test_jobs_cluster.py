@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from workflows import jobs
+from workflows.ops import jobs
 from workflows.cli import main as cli
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -125,7 +125,7 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
     listing = capsys.readouterr().out
     assert "bertflow-test-prep" in listing and "prep" in listing
 
-    if not (Path(jobs.project_root()) / "workflows" / "commands" / "pretrain.py").is_file():
+    if not (Path(jobs.project_root()) / "workflows" / "cli" / "commands" / "pretrain.py").is_file():
         pytest.skip("bertflow pretrain is not available yet")
     code = cli(["submit", "pretrain", "--address", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
@@ -136,7 +136,7 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
                 "--storage-path", str(tmp_path / "runs"), "--register-as", "bert-job"])
     out, err = capsys.readouterr()
     assert code == 0, out[-3000:] + err[-3000:]
-    from workflows import registry
+    from workflows.ops import registry
 
     info = registry.show_model("bert-job", tracking_uri)
     assert info["version"] == "1" and info["run_name"] == "job-tiny"

@@ -7,8 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflows.predict import (PredictError, Predictor, decode_answer, window_candidates,
-                               write_task_meta)
+from workflows.decoding import decode_answer, window_candidates
+from workflows.model_folder import write_task_meta
+from workflows.serving.predictor import PredictError, Predictor
 
 TEXTS = ["The cat sat on the mat.", "Stocks fell sharply in Tokyo today.", "hi"]
 

@@ -47,12 +47,12 @@ def test_cli_rerun_of_a_folder_without_manifest(tmp_path, capsys):
 
 
 def test_cli_flags_and_yaml_merge(tmp_path):
-    from workflows.commands.prep import _build_parser
-    from workflows.cli import config_from_args
+    from workflows.cli.args import config_from_args
+    from workflows.cli.commands.prep import build_parser
 
     y = tmp_path / "p.yaml"
     y.write_text("objective: sop\nmax_seq_len: 256\n")
-    args = _build_parser().parse_args(["--config", str(y), "--input", "a", "b", "--output", "o",
+    args = build_parser().parse_args(["--config", str(y), "--input", "a", "b", "--output", "o",
                                        "--max-seq-len", "64", "--no-lowercase",
                                        "--whole-word-mask"])
     cfg = config_from_args(PrepConfig, args)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bert_core.config_io import ConfigError
-from workflows.config import PretrainConfig
+from workflows.config import PretrainConfig, config_from_mapping
 
 ADJ = "red green blue small large old new quiet loud bright".split()
 NOUN = "cat dog bird river city garden teacher farmer engine violin".split()
@@ -45,15 +45,16 @@ def test_config_needs_data_and_run_name_and_rejects_bad_values():
     with pytest.raises(ConfigError, match="run_name"):
         PretrainConfig(data="d", run_name="a/b")
     with pytest.raises(ConfigError, match="warmup_steps"):
-        PretrainConfig(data="d", run_name="r", warmup_steps=20, max_steps=10)
+        config_from_mapping(PretrainConfig, dict(data="d", run_name="r", warmup_steps=20,
+                                                 max_steps=10))
     with pytest.raises(ConfigError, match="fp16"):
-        PretrainConfig(data="d", run_name="r", precision="fp16")
+        config_from_mapping(PretrainConfig, dict(data="d", run_name="r", precision="fp16"))
 
 
 def test_vocab_mismatch_with_init_model_is_an_error_naming_both(minilm_dir, tmp_path):
     from data_prep.manifest import Manifest
     from data_prep.tokenizer import WordPieceTokenizer
-    from workflows.pretrain import PretrainError, _model_config
+    from workflows.training.pretrain import PretrainError, _model_config
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghij"]
     small = WordPieceTokenizer({t: i for i, t in enumerate(vocab)})
@@ -104,7 +105,7 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
     from workflows import tracking as T
-    from workflows.pretrain import PretrainError, run_pretrain
+    from workflows.training.pretrain import PretrainError, run_pretrain
 
     monkeypatch.chdir(tmp_path)
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=1600)
@@ -112,13 +113,13 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         masking="dynamic", dupe_factor=2, val_fraction=0.05, docs_per_unit=400,
         num_workers=1))
-    cfg = PretrainConfig(
+    cfg = config_from_mapping(PretrainConfig, dict(
         data=str(tmp_path / "ds"), run_name="tiny-kill", model_size="tiny", num_workers=2,
         cpus_per_worker=0.5, batch_size=16, lr=1e-3, warmup_steps=20, max_steps=120,
         checkpoint_every=40, keep_checkpoints=2, max_failures=1, eval_every=60,
         eval_batches=4, log_every=10, storage_path=str(tmp_path / "runs"),
         tracking_uri=tracking_uri, experiment="pretrain-test", register_as="bert-tiny-test",
-        log_system_metrics=False)
+        log_system_metrics=False))
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(tmp_path / "runs" / "tiny-kill", killed), daemon=True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from workflows.quickstart import (PRODUCTS, QuickstartConfig, QuickstartResult,
-                                  render_summary, write_reference_corpus, write_review_task)
+from workflows.config import QuickstartConfig
+from workflows.quickstart.data import PRODUCTS, write_reference_corpus, write_review_task
+from workflows.quickstart.summary import QuickstartResult, render_summary
 
 
 def test_corpus_is_the_python_reference_in_bert_text_format(tmp_path):

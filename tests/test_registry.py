@@ -8,8 +8,10 @@ from urllib.parse import urlparse
 
 import pytest
 
-from workflows import registry as r
 from workflows import tracking as t
+from workflows.cli.table import format_table
+from workflows.ops import hf_import
+from workflows.ops import registry as r
 from workflows.cli import main as cli
 
 
@@ -42,8 +44,8 @@ def test_import_minilm_list_promote_show_through_the_cli(minilm_dir, tracking_ur
                 "--tracking-uri", tracking_uri]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == "1" and info["aliases"] == ["champion"]
-    assert info["tags"][r.TAG_SOURCE_PATH] == str(minilm_dir.resolve())
-    assert info["tags"][r.TAG_CONFIG_HASH] == r.config_hash(minilm_dir)
+    assert info["tags"][t.TAG_SOURCE_PATH] == str(minilm_dir.resolve())
+    assert info["tags"][t.TAG_CONFIG_HASH] == hf_import.config_hash(minilm_dir)
     assert info["params"]["hidden_size"] == "384"
     # Only the model's own files were copied into the registry, not the
     # sentence-transformers extras shipped beside them.
@@ -60,7 +62,7 @@ def test_show_follows_the_base_model_chain_and_lists_the_key_metric(
     import mlflow
 
     base_dir = tiny_hf_bert(tmp_path / "tiny", minilm_dir)
-    r.import_hf(base_dir, "tiny-base", tracking_uri)
+    hf_import.import_hf(base_dir, "tiny-base", tracking_uri)
     # A fine-tuned model built on it, registered the way the workflows do.
     exp = t.ensure_experiment("bertflow", tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
@@ -90,15 +92,15 @@ def test_registry_errors_name_the_problem(tmp_path, tracking_uri, capsys):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "config.json").write_text('{"model_type": "bert"}')
     (tmp_path / "old" / "pytorch_model.bin").write_bytes(b"pickle")
-    with pytest.raises(r.RegistryError, match="pytorch_model.bin is not accepted"):
-        r.import_hf(tmp_path / "old", "old", tracking_uri)
+    with pytest.raises(hf_import.HFImportError, match="pytorch_model.bin is not accepted"):
+        hf_import.import_hf(tmp_path / "old", "old", tracking_uri)
     gpt = tmp_path / "gpt"
     gpt.mkdir()
     for f in ("model.safetensors", "vocab.txt"):
         (gpt / f).write_text("x")
     (gpt / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(r.RegistryError, match="BERT models only"):
-        r.import_hf(gpt, "gpt", tracking_uri)
+    with pytest.raises(hf_import.HFImportError, match="BERT models only"):
+        hf_import.import_hf(gpt, "gpt", tracking_uri)
 
     assert cli(["registry", "show", "nope@champion", "--tracking-uri", tracking_uri]) == 2
     err = capsys.readouterr().err
@@ -108,10 +110,11 @@ def test_registry_errors_name_the_problem(tmp_path, tracking_uri, capsys):
 
 
 def test_refs_and_tables():
-    assert r.parse_ref("bert@champion") == ("bert", "champion", None)
-    assert r.parse_ref("models:/bert/3") == ("bert", None, "3")
-    assert r.parse_ref("bert") == ("bert", None, None)
-    table = r.format_table([{"a": "/very/long/path/" + "x" * 80 + "/end.txt", "b": None}],
+    assert t.parse_model_ref(r.as_model_ref("bert@champion")) == ("bert", "champion", None)
+    assert t.parse_model_ref(r.as_model_ref("models:/bert/3")) == ("bert", None, "3")
+    assert t.parse_model_ref(r.as_model_ref("bert")) == ("bert", None, None)
+    assert t.parse_model_ref("runs/finetune-qa/checkpoint_00000100") is None  # a path
+    table = format_table([{"a": "/very/long/path/" + "x" * 80 + "/end.txt", "b": None}],
                            ["a", "b"], max_width=20)
     header, row = table.splitlines()
     assert header.split() == ["A", "B"] and row.split() == ["/very/lon…xx/end.txt", "-"]

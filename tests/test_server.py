@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from workflows import registry
+from workflows.config import ServerConfig
+from workflows.ops import registry, server
 
 
 def free_port() -> int:
@@ -19,13 +20,17 @@ def free_port() -> int:
 
 
 def test_server_command_serves_the_sqlite_store_on_loopback(tmp_path):
-    cmd = registry.server_command(f"sqlite:///{tmp_path / 'mlruns.db'}", port=5123)
+    cmd = server.server_command(ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+                                             port=5123))
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
     assert "--serve-artifacts" in cmd
-    with pytest.raises(registry.RegistryError, match="already a server"):
-        registry.server_command("http://127.0.0.1:5000")
+    with pytest.raises(server.ServerError, match="already a server"):
+        server.server_command(ServerConfig(tracking_uri="http://127.0.0.1:5000"))
+    # A wildcard bind is reached on loopback; IPv6 hosts are bracketed.
+    assert server.server_url("0.0.0.0", 5000) == "http://127.0.0.1:5000"
+    assert server.server_url("::1", 5001) == "http://[::1]:5001"
 
 
 @pytest.fixture()
@@ -34,12 +39,13 @@ def mlflow_server(tmp_path):
     store = tmp_path / "store"
     store.mkdir()
     log = open(tmp_path / "server.log", "wb")
-    proc, url = registry.start_server(f"sqlite:///{store / 'mlruns.db'}", port=free_port(),
-                                      timeout_s=300, stdout=log, stderr=log)
+    proc, url = server.start_server(
+        ServerConfig(tracking_uri=f"sqlite:///{store / 'mlruns.db'}", port=free_port()),
+        timeout_s=300, stdout=log, stderr=log)
     try:
         yield url, store / "mlartifacts"
     finally:
-        registry.stop_server(proc)
+        server.stop_server(proc)
         log.close()
 
 
@@ -48,9 +54,9 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        with pytest.raises(registry.RegistryError, match="uses that port"):
-            registry.start_server(f"sqlite:///{tmp_path / 'mlruns.db'}", port=port,
-                                  timeout_s=60, stdout=open(tmp_path / "log", "wb"),
+        with pytest.raises(server.ServerError, match="uses that port"):
+            server.start_server(ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+                                             port=port), timeout_s=60, stdout=open(tmp_path / "log", "wb"),
                                   stderr=open(tmp_path / "err", "wb"))
 
 
@@ -63,8 +69,8 @@ def test_tiny_pretrain_through_the_server_then_browse_it(ray_local, mlflow_serve
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
     from workflows import tracking
-    from workflows.config import PretrainConfig
-    from workflows.pretrain import run_pretrain
+    from workflows.config import PretrainConfig, config_from_mapping
+    from workflows.training.pretrain import run_pretrain
 
     url, artifacts = mlflow_server
     corpus = tmp_path / "corpus.txt"
@@ -73,11 +79,11 @@ def test_tiny_pretrain_through_the_server_then_browse_it(ray_local, mlflow_serve
     build_pretraining_dataset(PrepConfig(input=[str(corpus)], output=str(data),
                                          vocab=str(minilm_dir / "vocab.txt"),
                                          max_seq_len=64, dupe_factor=1))
-    result = run_pretrain(PretrainConfig(
+    result = run_pretrain(config_from_mapping(PretrainConfig, dict(
         data=str(data), run_name="served-tiny", model_size="tiny", max_steps=4,
         warmup_steps=1, batch_size=8, log_every=1, eval_every=0, eval_batches=2,
         checkpoint_every=0, storage_path=str(tmp_path / "runs"), tracking_uri=url,
-        register_as="served-bert", log_system_metrics=False))
+        register_as="served-bert", log_system_metrics=False)))
     assert result.model_version == "1"
 
     rows = registry.list_models(url)

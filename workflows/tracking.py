@@ -1,15 +1,22 @@
-"""MLflow for bertflow: where runs are stored, logging models, registering versions, and
-turning any model reference a user types into a local Hugging Face-format folder.
+"""MLflow for bertflow: the one home of the run lifecycle and of model references.
 
-MLflow is imported inside the functions (this module is imported by CLI verbs at parse
-time). Conventions other modules rely on:
-- Default store: `sqlite:///<cwd>/mlruns.db`, artifacts in `<cwd>/mlartifacts/` (MLflow 3
-  refuses plain `file:` stores; an absolute artifact folder keeps runs readable from any cwd).
-- A bertflow model is logged as an MLflow pyfunc through models-from-code: the python model
-  is the file `workflows/serving.py`, and the HF-format folder is the artifact named
-  `MODEL_ARTIFACT` ("model"). Nothing is pickled, so it loads with
-  MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false.
-- Lineage lives in tags named in `TAG_*` on the run and on each registered version.
+- Store: `resolve_tracking_uri` (default `sqlite:///<cwd>/mlruns.db`, artifacts in
+  `<cwd>/mlartifacts/`: MLflow 3 refuses plain `file:` stores; an absolute artifact folder
+  keeps runs readable from any cwd), `client`, `ensure_experiment`, `find_run`.
+- A stage's run: `open_run` (a new run with bertflow's tags, the params, the datasets as
+  inputs; or, when resuming, the run of that name reopened), `log_and_register` (the
+  final model folder as a pyfunc, then a new registered version whose tags carry the
+  lineage and the `metric.*` values), `fail_run`.
+- Lineage lives in the tags named `TAG_*` below, on runs and on registered versions.
+- Model references: `parse_model_ref`, `get_model_version`, `model_lineage`,
+  `base_lineage`, and `resolve_model(ref) -> Path` for `models:/NAME@ALIAS`,
+  `models:/NAME/VERSION`, checkpoints, run folders and model folders.
+
+A bertflow model is logged as an MLflow pyfunc through models-from-code: the python model
+is the file `workflows/serving/pyfunc.py`, and the model folder is the artifact named
+`MODEL_ARTIFACT` ("model"). Nothing is pickled, so it loads with
+MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. MLflow is imported inside the functions (CLI
+verbs import this module at parse time).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import logging
 import os
 import re
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +35,38 @@ from bert_core.config_io import BertflowError
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT = "model"  # key of the HF folder in the pyfunc's artifacts (serving.py reads it)
-SERVING_FILE = Path(__file__).with_name("serving.py")
+MODEL_ARTIFACT = "model"  # key of the model folder in the pyfunc's artifacts (pyfunc.py reads it)
+SERVING_FILE = Path(__file__).parent / "serving" / "pyfunc.py"
 
+# Lineage and provenance, on runs and registered versions.
 TAG_RUN_ID = "bertflow.run_id"
 TAG_DATASET_FINGERPRINT = "bertflow.dataset_fingerprint"
 TAG_DATASET_PATH = "bertflow.dataset_path"
+TAG_EVAL_DATASET = "bertflow.eval_dataset_fingerprint"
 TAG_BASE_MODEL = "bertflow.base_model"
+TAG_BASE_VERSION = "bertflow.base_model_version"
+TAG_BASE_RUN = "bertflow.base_run_id"
+TAG_BASE_DATASET = "bertflow.base_dataset_fingerprint"
 TAG_TASK = "bertflow.task"
+TAG_LABELS = "bertflow.labels"
 TAG_VERSION = "bertflow.version"
 TAG_GIT_COMMIT = "bertflow.git_commit"
 TAG_RUN_NAME = "bertflow.run_name"
 TAG_MODEL_URI = "bertflow.model_uri"  # set on a run once its final model is logged
+TAG_SOURCE_PATH = "bertflow.source_path"  # an imported Hugging Face folder
+TAG_CONFIG_HASH = "bertflow.config_sha256"
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
 
 
 class TrackingError(BertflowError):
     """A tracking store, run or model reference cannot be used; the message says which."""
+
+
+class ModelNotFound(TrackingError):
+    """A `models:/` reference names no registered version."""
+
+
+# ---------------------------------------------------------------- the store
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -132,12 +156,95 @@ def bertflow_tags() -> dict[str, str]:
     return tags
 
 
+# ---------------------------------------------------------------- a stage's run
+
+
+@dataclass
+class DatasetInput:
+    """A prepared dataset recorded as a run input: its folder, manifest and role."""
+
+    path: Path
+    manifest: Any                 # data_prep.manifest.Manifest
+    context: str                  # "train" or "eval"
+    manifest_artifact: str        # where its manifest.json is logged in the run
+
+
+def open_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str],
+             params: dict[str, Any], inputs: list[DatasetInput] = (),
+             metrics: dict[str, float] | None = None, resume: bool = False) -> str:
+    """The id of a stage's MLflow run, which the driver creates and rank 0 logs into.
+
+    With `resume`, the newest run named `run_name` is reopened (the curves continue);
+    otherwise a new run gets bertflow's tags plus `tags`, the params (lists and dicts as
+    JSON), each dataset as an input (manifest fingerprint and path, manifest logged) and
+    `metrics` at step 0.
+    """
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+
+    experiment_id = ensure_experiment(experiment, uri)
+    if resume and (run := find_run(experiment_id, run_name, uri)) is not None:
+        log.info("resuming MLflow run %s (%s)", run.info.run_id, run_name)
+        return run.info.run_id
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
+                          tags={**bertflow_tags(), **tags, TAG_RUN_NAME: run_name},
+                          log_system_metrics=False) as run:
+        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+                           for k, v in params.items()})
+        for ds in inputs:
+            source = _dataset_source(ds.path)
+            mlflow.log_input(MetaDataset(source, name=ds.path.name,
+                                         digest=ds.manifest.fingerprint[:32]),
+                             context=ds.context)
+            mlflow.log_dict(ds.manifest.to_dict(), ds.manifest_artifact)
+        if metrics:
+            mlflow.log_metrics(metrics, step=0)
+        return run.info.run_id
+
+
+def _dataset_source(path: Path) -> Any:
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():  # MLflow registers the local source twice; harmless
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(path))
+
+
+def fail_run(run_id: str, uri: str) -> None:
+    """Mark the run FAILED (rerunning the same command resumes it from its checkpoint)."""
+    client(uri).set_terminated(run_id, status="FAILED")
+
+
+def log_and_register(model_dir: str | Path, *, run_id: str, uri: str, task: str,
+                     tags: dict[str, str], register_as: str | None,
+                     version_tags: dict[str, str] | None = None,
+                     metrics: dict[str, Any] | None = None) -> tuple[str, str | None]:
+    """Log a stage's final model folder to its run and, with `register_as`, register it.
+
+    The logged model carries `tags` (its lineage); the run gets `TAG_MODEL_URI` (so a
+    rerun knows the model was logged). The registered version carries `tags`,
+    `version_tags`, the run id and task, and one `metric.NAME` tag per numeric metric.
+    Returns (model URI, version or None).
+    """
+    model_uri = log_bert_model(model_dir, run_id=run_id, tracking_uri=uri, task=task,
+                               extra_tags=tags)
+    client(uri).set_tag(run_id, TAG_MODEL_URI, model_uri)
+    if not register_as:
+        return model_uri, None
+    mv_tags = {**tags, **(version_tags or {}), TAG_RUN_ID: run_id, TAG_TASK: task,
+               **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()
+                  if isinstance(v, (int, float))}}
+    mv = register_model_version(model_uri, register_as, mv_tags, tracking_uri=uri)
+    return model_uri, str(mv.version)
+
+
 def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | None = None,
                    artifact_path: str = "model", task: str = "pretraining",
                    extra_tags: dict[str, str] | None = None) -> str:
     """Log HF-format folder `model_dir` to run `run_id` as an MLflow pyfunc; return its URI.
 
-    Models-from-code: the python model is `workflows/serving.py` (a file, not a pickled
+    Models-from-code: the python model is `workflows/serving/pyfunc.py` (a file, not a pickled
     object) and the folder travels as the artifact `MODEL_ARTIFACT`, so loading it never
     unpickles anything. Requirements are given explicitly (inferring them would load the
     model in a subprocess); serving needs bertflow itself installed (serving.py imports
@@ -185,6 +292,45 @@ def register_model_version(model_uri: str, name: str, tags: dict[str, str] | Non
     return mv
 
 
+# ---------------------------------------------------------------- model references
+
+_MODELS_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))?$")
+
+
+def parse_model_ref(ref: str) -> tuple[str, str | None, str | None] | None:
+    """(name, alias, version) of `models:/NAME`, `models:/NAME@ALIAS` or
+    `models:/NAME/VERSION`; None for anything else (a path)."""
+    m = _MODELS_REF.match(ref)
+    return (m["name"], m["alias"], m["version"]) if m else None
+
+
+def get_model_version(ref: str, tracking_uri: str | None = None) -> Any:
+    """The registered ModelVersion of a `models:/` reference: by alias (`@latest` is the
+    newest version), by number, or the newest one for a bare name."""
+    from mlflow.exceptions import MlflowException
+
+    parsed = parse_model_ref(ref)
+    if parsed is None:
+        raise ModelNotFound(f"{ref!r} is not a models:/NAME@ALIAS or models:/NAME/VERSION "
+                            f"reference")
+    name, alias, version = parsed
+    uri = resolve_tracking_uri(tracking_uri)
+    c = client(uri)
+    try:
+        if alias is not None or version == "latest":
+            return c.get_model_version_by_alias(name, alias or "latest")
+        if version is not None:
+            return c.get_model_version(name, version)
+        versions = c.search_model_versions(f"name = '{name}'")
+    except MlflowException as exc:
+        raise ModelNotFound(f"model {ref!r} is not in the registry at {uri}: {exc.message}. "
+                            "See `bertflow registry list`.") from None
+    if not versions:
+        raise ModelNotFound(f"model {ref!r}: no registered model of that name in {uri}. "
+                            "See `bertflow registry list`.")
+    return max(versions, key=lambda v: int(v.version))
+
+
 def model_lineage(name: str, version: str | int, tracking_uri: str | None = None) -> dict[str, str]:
     """The lineage tags (run id, dataset fingerprint, base model, task) of a model version."""
     mv = client(tracking_uri).get_model_version(name, str(version))
@@ -193,57 +339,38 @@ def model_lineage(name: str, version: str | int, tracking_uri: str | None = None
     return lineage
 
 
-_MODELS_REF = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))$")
-
-
-def _is_hf_folder(p: Path) -> bool:
-    return (p / "config.json").is_file() and (p / "model.safetensors").is_file()
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a Ray Train run folder."""
-    def step_of(p: Path) -> int:
-        state = p / "trainer_state.json"
-        if state.is_file():
-            return int(json.loads(state.read_text()).get("step", -1))
-        digits = re.findall(r"\d+", p.name)
-        return int(digits[-1]) if digits else -1
-
-    ckpts = [p for p in run_dir.glob("checkpoint_*") if (p / "model").is_dir()]
-    return max(ckpts, key=step_of) if ckpts else None
-
-
-def find_hf_folder(path: Path) -> Path | None:
-    """The HF-format model folder inside a local path: the folder itself, a bertflow
-    checkpoint (`model/`), a Ray Train run folder (its latest checkpoint) or a downloaded
-    MLflow pyfunc (`artifacts/model/`)."""
-    if _is_hf_folder(path):
-        return path
-    for sub in (path / "model", path / "artifacts" / MODEL_ARTIFACT):
-        if _is_hf_folder(sub):
-            return sub
-    ckpt = _latest_checkpoint(path)
-    if ckpt is not None and _is_hf_folder(ckpt / "model"):
-        return ckpt / "model"
-    return None
+def base_lineage(ref: str, tracking_uri: str) -> dict[str, str]:
+    """Tags that tie a model to its base: the reference (a folder made absolute), and for
+    a registered base its name/version, version, pretraining run and dataset fingerprint."""
+    if parse_model_ref(ref) is None:
+        return {TAG_BASE_MODEL: str(Path(ref).expanduser().resolve())}
+    mv = get_model_version(ref, tracking_uri)
+    tags = {TAG_BASE_MODEL: f"models:/{mv.name}/{mv.version}",
+            TAG_BASE_VERSION: str(mv.version)}
+    lineage = model_lineage(mv.name, mv.version, tracking_uri)
+    tags[TAG_BASE_RUN] = lineage.get(TAG_RUN_ID, "")
+    if lineage.get(TAG_DATASET_FINGERPRINT):
+        tags[TAG_BASE_DATASET] = lineage[TAG_DATASET_FINGERPRINT]
+    return tags
 
 
 def resolve_model(ref: str, dest: str | Path | None = None,
                   tracking_uri: str | None = None) -> Path:
-    """A local HF-format folder for `ref`: `models:/NAME@ALIAS` (`@latest` = newest
-    version), `models:/NAME/VERSION`, a checkpoint or Ray run folder, or an HF folder.
+    """A local model folder for `ref`: `models:/NAME@ALIAS` (`@latest` = newest
+    version), `models:/NAME/VERSION`, a checkpoint or Ray run folder, or a model folder.
 
     Registered models are downloaded into `dest` (default: a fresh temporary folder).
     """
-    match = _MODELS_REF.match(ref)
-    if match is None:
+    from workflows.model_folder import find_model_folder
+
+    if parse_model_ref(ref) is None:
         path = Path(ref).expanduser()
         if not path.exists():
             raise TrackingError(
                 f"model {ref!r} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, "
                 f"a checkpoint folder or a Hugging Face-format folder (config.json + "
                 f"model.safetensors)")
-        found = find_hf_folder(path)
+        found = find_model_folder(path)
         if found is None:
             raise TrackingError(f"model {ref!r}: {path} holds no config.json + "
                                 f"model.safetensors (nor a checkpoint with a model/ folder)")
@@ -251,28 +378,16 @@ def resolve_model(ref: str, dest: str | Path | None = None,
     import tempfile
 
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     uri = resolve_tracking_uri(tracking_uri)
-    c = client(uri)
-    name, alias, version = match["name"], match["alias"], match["version"]
-    try:
-        if alias is not None:
-            mv = c.get_model_version_by_alias(name, alias)
-        elif version == "latest":
-            mv = c.get_model_version_by_alias(name, "latest")
-        else:
-            mv = c.get_model_version(name, version)
-    except MlflowException as exc:
-        raise TrackingError(f"model {ref!r} is not in the registry at {uri}: "
-                            f"{exc.message}. See `bertflow registry list`.") from None
+    mv = get_model_version(ref, uri)
     dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="bertflow-model-"))
     dest.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dest)))
-    found = find_hf_folder(local)
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
+    found = find_model_folder(local)
     if found is None:
         raise TrackingError(f"model {ref!r} (version {mv.version}) is not a bertflow model: "
                             f"no Hugging Face-format folder in its artifacts")

@@ -1,0 +1,123 @@
+"""The command line's one way to build a verb's options from its config dataclass.
+
+`add_config_arguments(parser, Cls)` adds one option per field (bool -> `--x/--no-x`,
+list -> nargs +, Literal -> choices; a field whose `flag` has no leading dash is a
+positional argument shown as that name, e.g. `flag="ID"`) plus `--config FILE`; fields of a settings group (`loop`,
+`tracking`) appear flat, with the stage's defaults. `config_from_args(Cls, args)` merges
+defaults <- YAML <- flags. Verb modules build their parser with `new_parser` and these two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any, TypeVar
+
+from bert_core.config_io import field_types, read_mapping
+from workflows.config import config_from_mapping
+
+T = TypeVar("T")
+
+
+def new_parser(verb: str, description: str, epilog: str | None = None,
+               parent: Any = None) -> argparse.ArgumentParser:
+    """The parser of `bertflow VERB` (or of a sub-verb, from `parent.add_parser`), with -v."""
+    kwargs = {"description": description, "epilog": epilog,
+              "formatter_class": argparse.RawDescriptionHelpFormatter}
+    if parent is None:
+        parser = argparse.ArgumentParser(prog=f"bertflow {verb}", **kwargs)
+    else:
+        parser = parent.add_parser(verb, help=description, **kwargs)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _type_for(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """(argparse type, extra add_argument kwargs) for a dataclass field annotation."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or type(tp).__name__ == "UnionType":
+        inner = [a for a in args if a is not type(None)]
+        return _type_for(inner[0]) if len(inner) == 1 else (str, {})
+    if origin is typing.Literal:
+        return type(args[0]), {"choices": list(args)}
+    if origin in (list, tuple):
+        inner_type, extra = _type_for(args[0] if args else str)
+        return inner_type, {"nargs": "+", **extra}
+    if tp is bool:
+        return None, {"action": argparse.BooleanOptionalAction}
+    if tp in (int, float, str):
+        return tp, {}
+    return str, {}
+
+
+def _fields(cls: type) -> list[tuple[dataclasses.Field, Any, Any, str]]:
+    """(field, type, default, help) of every option of `cls`, groups flattened."""
+    out = []
+    hints = field_types(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("group"):
+            group_default = f.default_factory()  # type: ignore[misc]
+            notes = f.metadata.get("notes", {})
+            for g, tp, _, help_text in _fields(type(group_default)):
+                out.append((g, tp, getattr(group_default, g.name), notes.get(g.name, help_text)))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        out.append((f, hints[f.name], default, f.metadata.get("help", "")))
+    return out
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
+                         required: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
+                         config_file: bool = True) -> None:
+    """Add one option per field of dataclass `cls` (or the fields in `only`), plus
+    `--config FILE` (YAML).
+
+    Absent options stay out of the namespace (default SUPPRESS), so a value comes from,
+    in increasing priority: the dataclass default, the YAML file, the command line.
+    `required` fields are marked in --help and, with a `--config` file, checked when the
+    config is built (they may come from the file); without one, argparse requires them.
+    """
+    if config_file:
+        parser.add_argument("--config", metavar="FILE",
+                            help="YAML file with any of the settings below (flags override it)")
+    for f, tp, default, help_text in _fields(cls):
+        if (only is not None and f.name not in only) or not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        positional = not flag.startswith("-")
+        arg_type, extra = _type_for(tp)
+        if f.name in required:
+            help_text += " (required)"
+        elif default not in (None, "", [], ()) and tp is not bool:
+            help_text += f" (default: {default})"
+        elif tp is bool and default:
+            help_text += " (default: on)"
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, **extra}
+        if arg_type is not None:
+            kwargs["type"] = arg_type
+            if "choices" not in extra:
+                kwargs["metavar"] = flag if positional else f.name.upper()
+        if not positional:
+            parser.add_argument(flag, dest=f.name, required=f.name in required and
+                                not config_file, **kwargs)
+        else:
+            parser.add_argument(f.name, **kwargs, **({} if f.name in required
+                                                     else {"nargs": "?"}))
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace,
+                     extra: dict[str, Any] | None = None) -> T:
+    """Merge dataclass defaults <- `--config` YAML <- command-line flags into `cls`."""
+    data: dict[str, Any] = {}
+    source = "command line"
+    if getattr(args, "config", None):
+        data.update(read_mapping(args.config))
+        source = f"{args.config} + command line"
+    names = {f.name for f, *_ in _fields(cls)}
+    data.update({k: v for k, v in vars(args).items() if k in names})
+    data.update(extra or {})
+    return config_from_mapping(cls, data, source)

@@ -1,0 +1,1 @@
+"""One module per `bertflow` verb: build_parser() + run(args) (see workflows.cli)."""

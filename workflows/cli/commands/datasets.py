@@ -1,0 +1,45 @@
+"""`bertflow datasets list [ROOT]`: prepared datasets and whether each is up to date."""
+
+from __future__ import annotations
+
+import argparse
+
+from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+from workflows.config import DatasetsConfig
+
+DESCRIPTION = "list prepared datasets and whether each is up to date with its inputs"
+EPILOG = """examples:
+  bertflow datasets list                 # every dataset under the current folder
+  bertflow datasets list data/ --no-check
+
+A STALE dataset is rebuilt from its manifest with `bertflow prep rerun DIR`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("datasets", DESCRIPTION, EPILOG)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sp = new_parser("list", "datasets (folders with manifest.json) under ROOT", parent=sub)
+    add_config_arguments(sp, DatasetsConfig, config_file=False)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """List datasets; exit code 0 even when some are stale (it is a report)."""
+    from pathlib import Path
+
+    from bert_core.config_io import BertflowError
+    from workflows.cli.table import format_table
+    from workflows.ops.datasets import list_datasets, to_json
+
+    cfg = config_from_args(DatasetsConfig, args)
+    if not Path(cfg.root).is_dir():
+        raise BertflowError(f"{cfg.root}: no such folder")
+    rows = list_datasets(cfg.root, check_inputs=cfg.check)
+    if cfg.json:
+        print(to_json(rows))
+    elif not rows:
+        print(f"no prepared datasets (folders with manifest.json) under {cfg.root}")
+    else:
+        print(format_table(rows, ["path", "kind", "objective", "instances", "tokens",
+                                  "created", "status"], max_width=60))
+    return 0

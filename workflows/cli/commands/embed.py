@@ -1,0 +1,32 @@
+"""`bertflow embed`: write embeddings of texts (pooled vectors or a hidden layer) to Parquet."""
+
+from __future__ import annotations
+
+import argparse
+
+from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+from workflows.config import EmbedConfig
+
+DESCRIPTION = "write embeddings (pooled vectors or a hidden layer) of texts to Parquet"
+EPILOG = """examples:
+  bertflow embed --model models:/bert-mini@latest --input texts.csv --output vectors.parquet
+  bertflow embed --model path/to/hf_bert --input docs.jsonl --output cls_l4.parquet \\
+      --pooling cls --layer 4
+
+--pooling mean averages the real tokens' vectors (the better sentence feature for a
+BERT that was not fine-tuned for it), cls takes the [CLS] vector, pooler the pooler output.
+--layer N reads hidden_states[N] (0 = embeddings, -1 = last) instead of the last layer."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("embed", DESCRIPTION, EPILOG)
+    add_config_arguments(parser, EmbedConfig, required=("model", "input", "output"))
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from workflows.serving.batch import embed_file
+
+    s = embed_file(config_from_args(EmbedConfig, args))
+    print(f"wrote {s['rows']} embeddings of dimension {s['dim']} to {s['output']}")
+    return 0

@@ -1,0 +1,63 @@
+"""`bertflow prep`: build a pretraining dataset; `bertflow prep rerun DIR`: rebuild one."""
+
+from __future__ import annotations
+
+import argparse
+
+from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+
+DESCRIPTION = ("prepare a pretraining dataset from raw text (Google's create_pretraining_data "
+               "recipe on Ray Data); `bertflow prep rerun DIR` rebuilds one from its manifest")
+EPILOG = """examples:
+  bertflow prep --input corpus/ --output data/wiki128 --vocab vocab.txt
+  bertflow prep --input 'shards/*.jsonl.gz' --output data/zh --train-vocab 21128 --objective sop
+  bertflow prep rerun data/wiki128            # "up to date", or rebuilds if inputs changed
+  bertflow prep rerun data/wiki128 --force    # rebuild anyway"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep.config import PrepConfig
+
+    parser = new_parser("prep", DESCRIPTION, EPILOG)
+    add_config_arguments(parser, PrepConfig, required=("input", "output"))
+    sub = parser.add_subparsers(dest="action", metavar="rerun DIR")
+    rerun = new_parser("rerun", "rebuild a dataset from the config stored in DIR/manifest.json",
+                       parent=sub)
+    rerun.add_argument("dir", metavar="DIR", help="a dataset folder written by bertflow prep")
+    rerun.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    rerun.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    rerun.add_argument("--num-workers", type=int, help="parallel workers (output unchanged)")
+    return parser
+
+
+def _report(manifest, out: str) -> None:
+    c = manifest.counts
+    skipped = ", ".join(f"{k} {v}" for k, v in c.get("documents_skipped", {}).items()) or "none"
+    print(f"{out}: {c['train']['instances']} train / {c['val']['instances']} val instances, "
+          f"{c['tokens']} tokens; documents read {c['documents_read']}, used "
+          f"{c['documents_used']}, skipped: {skipped}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or with `rerun`, rebuild) the dataset and report its counts."""
+    from bert_core.config_io import from_dict
+    from data_prep.config import PrepConfig
+
+    if getattr(args, "action", None) == "rerun":
+        from data_prep.manifest import Manifest
+
+        stored = Manifest.load(args.dir).config
+        stored.update(output=args.dir, force=args.force)
+        if args.address is not None:
+            stored["address"] = args.address
+        if args.num_workers is not None:
+            stored["num_workers"] = args.num_workers
+        config = from_dict(PrepConfig, stored, f"{args.dir}/manifest.json")
+    else:
+        config = config_from_args(PrepConfig, args)
+
+    from data_prep.pipeline import build_pretraining_dataset
+
+    manifest = build_pretraining_dataset(config)
+    _report(manifest, config.output)
+    return 0

@@ -1,0 +1,74 @@
+"""`bertflow registry list|show|promote|import-hf`: the MLflow model registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+from workflows.config import RegistryConfig
+
+DESCRIPTION = "browse the MLflow model registry: list, show, promote, import-hf"
+EPILOG = """examples:
+  bertflow registry list
+  bertflow registry show bert-tiny@champion      # or bert-tiny/3, or bert-tiny (latest)
+  bertflow registry promote bert-tiny 3 --alias champion
+  bertflow registry import-hf path/to/MiniLM --name minilm
+
+--tracking-uri defaults to $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlruns.db."""
+
+# action -> (help, its fields of RegistryConfig, the required ones)
+ACTIONS = {
+    "list": ("registered models, one line each", ("json",), ()),
+    "show": ("one version with its lineage, metrics, params and artifacts", ("ref", "json"),
+             ("ref",)),
+    "promote": ("point an alias at a version", ("model", "version", "alias"),
+                ("model", "version", "alias")),
+    "import-hf": ("register a Hugging Face-format BERT folder (e.g. MiniLM) as a base",
+                  ("model_dir", "name", "experiment"), ("model_dir", "name")),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("registry", DESCRIPTION, EPILOG)
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, (text, fields, required) in ACTIONS.items():
+        sp = new_parser(action, text, parent=sub)
+        add_config_arguments(sp, RegistryConfig, required=required,
+                             only=("tracking_uri", *fields), config_file=False)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch the registry sub-verb."""
+    from workflows import tracking
+    from workflows.ops import registry as r
+
+    cfg = config_from_args(RegistryConfig, args)
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    if cfg.action == "list":
+        rows = r.list_models(uri)
+        if cfg.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no registered models in {uri}")
+        else:
+            from workflows.cli.table import format_table
+
+            print(format_table(rows, ["name", "latest", "aliases", "task", "base_model",
+                                      "key_metric", "created"]))
+        return 0
+    if cfg.action == "show":
+        info = r.show_model(cfg.ref, uri)
+        print(json.dumps(info, indent=2, default=str) if cfg.json else r.render_model(info))
+        return 0
+    if cfg.action == "promote":
+        mv = r.promote(cfg.model, cfg.version, cfg.alias, uri)
+        print(f"{cfg.model}@{cfg.alias} -> version {mv.version}")
+        return 0
+    from workflows.ops.hf_import import import_hf
+
+    mv = import_hf(cfg.model_dir, cfg.name, uri, experiment=cfg.experiment)
+    print(f"registered {cfg.model_dir} as {mv.name} version {mv.version} "
+          f"(use it as models:/{mv.name}/{mv.version} or models:/{mv.name}@latest)")
+    return 0

@@ -1,0 +1,65 @@
+"""`bertflow submit VERB ARGS... --address http://HOST:8265 [--wait]`: run a verb as a Ray job.
+
+Options of `submit` itself may appear anywhere; everything else is passed to the verb
+unchanged (put it after `--` if a verb option clashes with one below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+from workflows.config import SubmitConfig
+
+DESCRIPTION = "submit a bertflow job to a Ray cluster through the Jobs API"
+PASS_THROUGH = True  # everything that is not an option of submit goes to the verb
+EPILOG = """examples:
+  bertflow submit prep --address http://127.0.0.1:8265 --wait \\
+      --input /data/corpus --output /data/wiki128 --vocab /data/vocab.txt
+  bertflow submit pretrain --address http://127.0.0.1:8265 \\
+      --tracking-uri http://10.0.0.5:5000 --data /data/wiki128 --use-gpu --num-workers 4
+  bertflow jobs logs bertflow-pretrain-1 --follow
+
+The project folder is shipped as the job's working_dir (without .venv, data and run
+outputs); the tracking URI reaches the job as MLFLOW_TRACKING_URI."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("submit", DESCRIPTION, EPILOG)
+    add_config_arguments(parser, SubmitConfig, required=("verb",), config_file=False)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Submit, and with --wait follow the job to its end."""
+    from workflows.ops.jobs import (JobError, connect, default_address, exit_code_for,
+                                    submit_verb, wait_for_job)
+    from workflows.tracking import resolve_tracking_uri
+
+    cfg = config_from_args(SubmitConfig, args)
+    verb_args = list(getattr(args, "verb_args", []))
+    if verb_args and verb_args[0] == "--":
+        verb_args = verb_args[1:]
+    address = cfg.address or default_address()
+    if not address:
+        raise JobError("--address is required (or set RAY_ADDRESS=http://HOST:8265)")
+    tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
+    client = connect(address)
+    job = submit_verb(address, cfg.verb, verb_args, tracking_uri,
+                      submission_id=cfg.submission_id, client=client)
+    print(f"submitted job {job.submission_id}: {job.entrypoint}")
+    print(f"  tracking URI: {job.tracking_uri}")
+    if not cfg.wait:
+        print(f"  follow it with: bertflow jobs logs {job.submission_id} --follow "
+              f"--address {address}")
+        return 0
+    try:
+        status = wait_for_job(client, job.submission_id, stream=True, timeout_s=cfg.timeout,
+                              out=sys.stdout)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; job {job.submission_id} keeps running "
+              f"(`bertflow jobs stop {job.submission_id}` stops it)", file=sys.stderr)
+        return 130
+    print(f"job {job.submission_id} {status}")
+    return exit_code_for(status)

@@ -1,1 +1,0 @@
-"""One module per `bertflow` verb: add_arguments(parser) + run(args), or main(argv)."""

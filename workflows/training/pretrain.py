@@ -1,0 +1,256 @@
+"""Pretraining: masked LM + NSP/SOP on a prepared dataset, on the one Ray Train loop.
+
+`run_pretrain(config)`:
+1. Read the dataset's manifest and tokenizer; build or resolve the model (`--model-size`,
+   `--model-config` or `--init`) and check it fits the data before anything starts: the
+   vocabulary (size, and the exact tokenizer when the init model carries one), the
+   position table against the dataset's sequence length, segment ids for pairs.
+2. Open the MLflow run: a new one, or, when the run folder already holds checkpoints
+   (the driver died, the same command runs again), the run of that name, reopened, so
+   the curves continue. Params (the whole config), tags (bertflow version, git commit),
+   the dataset as a run input (manifest fingerprint and path).
+3. Train with `workflows.training.engine.run_training` (rank 0 logs metrics every
+   `log_every`).
+4. Log the final model (HF folder + tokenizer + bertflow.json) as an MLflow pyfunc and,
+   with `register_as`, register it as a new version whose tags name the run, the dataset
+   fingerprint and the base model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from bert_core.config_io import BertflowError
+from workflows.config import PretrainConfig, flat_dict
+from workflows.model_folder import PRETRAINING_HEAD, save_model_folder
+
+log = logging.getLogger(__name__)
+
+
+class PretrainError(BertflowError):
+    """Pretraining cannot start: the data, model or run does not fit; the message says how."""
+
+
+@dataclass
+class PretrainTask:
+    """The TrainTask of pretraining (picklable: plain values, no tokenizer object)."""
+
+    model_config: dict[str, Any]          # HF config.json of a fresh model
+    init_dir: str | None                  # or start from this HF folder
+    tokenizer_dir: str                    # the dataset's tokenizer (saved with the model)
+    pad_id: int
+    masking: Any = None                   # data_prep MaskingSpec for dynamic masking
+    meta: dict[str, Any] = field(default_factory=dict)  # bertflow.json of the saved model
+
+    def build_model(self) -> nn.Module:
+        from bert_core import BertConfig
+
+        if self.init_dir:
+            return PRETRAINING_HEAD.from_pretrained(self.init_dir)
+        return PRETRAINING_HEAD(BertConfig.from_hf_dict(self.model_config))
+
+    def load_model(self, model_dir: Path) -> nn.Module:
+        return PRETRAINING_HEAD.from_pretrained(model_dir, strict=True)
+
+    def collate(self, batch: dict[str, np.ndarray],
+                rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        from data_prep.collate import collate_pretraining
+
+        arrays = collate_pretraining(batch, self.pad_id, self.masking, rng)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def compute_loss(self, model: nn.Module,
+                     batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                    labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label"))
+        metrics: dict[str, Any] = {"mlm_loss": out.mlm_loss.detach(),
+                                   "mlm_correct": out.mlm_correct, "mlm_count": out.mlm_count}
+        if out.nsp_loss is not None:
+            metrics.update(nsp_loss=out.nsp_loss.detach(), nsp_correct=out.nsp_correct,
+                           nsp_count=float(batch["input_ids"].shape[0]))
+        return out.loss, metrics
+
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        """MLM loss (per masked token) and accuracy, NSP/SOP loss and accuracy."""
+        sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "mlm_count": 0.0,
+                "nsp_loss": 0.0, "nsp_correct": 0.0, "nsp_count": 0.0}
+        for batch in batches:
+            loss, m = self.compute_loss(model, batch)
+            count = float(m["mlm_count"])
+            sums["mlm_loss"] += float(m["mlm_loss"]) * count
+            sums["mlm_correct"] += float(m["mlm_correct"])
+            sums["mlm_count"] += count
+            if "nsp_loss" in m:
+                n = m["nsp_count"]
+                sums["nsp_loss"] += float(m["nsp_loss"]) * n
+                sums["nsp_correct"] += float(m["nsp_correct"])
+                sums["nsp_count"] += n
+        out = {}
+        if sums["mlm_count"]:
+            out["mlm_loss"] = sums["mlm_loss"] / sums["mlm_count"]
+            out["mlm_acc"] = sums["mlm_correct"] / sums["mlm_count"]
+        if sums["nsp_count"]:
+            out["nsp_loss"] = sums["nsp_loss"] / sums["nsp_count"]
+            out["nsp_acc"] = sums["nsp_correct"] / sums["nsp_count"]
+        return out
+
+    def save_model(self, model: nn.Module, model_dir: Path) -> None:
+        """HF folder + tokenizer + bertflow.json: everything serving needs."""
+        save_model_folder(model, model_dir, self.tokenizer_dir, self.meta)
+
+
+@dataclass
+class PretrainResult:
+    """What `run_pretrain` returns."""
+
+    run_id: str
+    model_dir: Path                # HF folder of the final checkpoint
+    model_uri: str                 # the logged MLflow model
+    model_version: str | None      # registered version (with register_as)
+    step: int
+    start_step: int                # > 0 when the last worker group resumed
+    metrics: dict[str, Any]
+    checkpoint_dir: Path
+    run_dir: Path
+
+
+def _model_config(cfg: PretrainConfig, tokenizer: Any, manifest: Any,
+                  init_dir: Path | None) -> dict[str, Any]:
+    """The HF config of the model to train, checked against the dataset."""
+    from bert_core import BertConfig
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    data_tok = f"the dataset's tokenizer ({Path(cfg.data) / 'tokenizer'})"
+    if init_dir is not None:
+        source = f"--init {cfg.init} ({init_dir / 'config.json'})"
+        config = BertConfig.from_hf_dict(json.loads((init_dir / "config.json").read_text()),
+                                         str(init_dir / "config.json"))
+        if (init_dir / "vocab.txt").is_file():
+            init_tok = WordPieceTokenizer.from_dir(init_dir)
+            if init_tok.fingerprint() != tokenizer.fingerprint():
+                raise PretrainError(
+                    f"{source}: its tokenizer ({init_tok.vocab_size} tokens, lowercase="
+                    f"{init_tok.lowercase}) differs from {data_tok} ({tokenizer.vocab_size} "
+                    f"tokens, lowercase={tokenizer.lowercase}); prepare the data with "
+                    f"--vocab {init_dir}")
+    elif cfg.model_config:
+        source = f"--model-config {cfg.model_config}"
+        path = Path(cfg.model_config)
+        if not path.is_file():
+            raise PretrainError(f"{source}: file not found")
+        data = json.loads(path.read_text())
+        data.setdefault("vocab_size", tokenizer.vocab_size)
+        config = BertConfig.from_hf_dict(data, str(path))
+    else:
+        source = f"--model-size {cfg.model_size}"
+        config = BertConfig.preset(cfg.model_size, vocab_size=tokenizer.vocab_size)
+    if config.vocab_size != tokenizer.vocab_size:
+        raise PretrainError(
+            f"{source}: the model has vocab_size {config.vocab_size} but {data_tok} has "
+            f"{tokenizer.vocab_size} tokens; the ids would not match. Prepare the data with "
+            f"the model's vocab.txt, or use a model config with vocab_size "
+            f"{tokenizer.vocab_size}")
+    seq_len = int(manifest.config.get("max_seq_len", 0))
+    if seq_len > config.max_position_embeddings:
+        raise PretrainError(
+            f"{source}: the model takes at most {config.max_position_embeddings} positions "
+            f"but the dataset {cfg.data} has sequences of {seq_len}")
+    if manifest.config.get("objective", "nsp") != "mlm" and config.type_vocab_size < 2:
+        raise PretrainError(f"{source}: type_vocab_size {config.type_vocab_size} cannot "
+                            f"hold the two segments of the dataset's sentence pairs")
+    return config.to_hf_dict("BertForPreTraining")
+
+
+def _masking(manifest: Any, tokenizer: Any) -> Any:
+    """The dynamic-masking spec of a dataset prepared with `--masking dynamic`, else None."""
+    from data_prep.masking import MaskingSpec
+
+    c = manifest.config
+    if c.get("masking", "static") != "dynamic":
+        return None
+    return MaskingSpec.from_tokenizer(
+        tokenizer, masked_lm_prob=float(c.get("masked_lm_prob", 0.15)),
+        max_predictions=int(c.get("max_predictions_per_seq", 20)),
+        whole_word=bool(c.get("whole_word_mask", False)))
+
+
+def run_pretrain(config: PretrainConfig) -> PretrainResult:
+    """Pretrain as described in the module docstring; returns the run and model."""
+    from data_prep.manifest import Manifest
+    from data_prep.ray_env import init_ray
+    from data_prep.tokenizer import WordPieceTokenizer
+    from workflows import tracking as T
+    from workflows.training.engine import RunTracking, finished_run, run_dir_for, run_training
+
+    cfg = config
+    cfg.validate_for_run()
+    data_dir = Path(cfg.data).expanduser().resolve()
+    manifest = Manifest.load(data_dir)
+    if manifest.kind != "pretraining":
+        raise PretrainError(f"{data_dir}: a {manifest.kind!r} dataset, not a pretraining one; "
+                            f"prepare it with `bertflow prep`")
+    tokenizer = WordPieceTokenizer.from_dir(data_dir)
+    uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
+    init_dir = T.resolve_model(cfg.init, tracking_uri=uri) if cfg.init else None
+    model_config = _model_config(cfg, tokenizer, manifest, init_dir)
+    loop = cfg.loop
+
+    run_dir = run_dir_for(loop, cfg.run_name)
+    trained = finished_run(loop, cfg.run_name)
+    if trained is not None:
+        # Finished training; only if the driver died before logging the model, do that now.
+        found = T.find_run(T.ensure_experiment(cfg.tracking.experiment, uri), cfg.run_name, uri)
+        if found is None or found.data.tags.get(T.TAG_MODEL_URI):
+            raise PretrainError(f"run {cfg.run_name!r} already finished ({run_dir}); choose "
+                                f"a new --run-name, or delete that folder to train it again")
+    resuming = any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
+    lineage = {T.TAG_DATASET_FINGERPRINT: manifest.fingerprint,
+               T.TAG_DATASET_PATH: str(data_dir)}
+    if cfg.init:
+        lineage[T.TAG_BASE_MODEL] = cfg.init
+    run_id = T.open_run(
+        uri, cfg.tracking.experiment, cfg.run_name, tags={**lineage, T.TAG_TASK: "pretraining"},
+        params=flat_dict(cfg), resume=resuming,
+        inputs=[T.DatasetInput(data_dir, manifest, "train", "dataset/manifest.json")])
+
+    ray = init_ray(cfg.address)
+    splits = {s: data_dir / s for s in ("train", "val")
+              if int(manifest.splits.get(s, {}).get("instances", 0)) > 0}
+    if "train" not in splits:
+        raise PretrainError(f"{data_dir}: the train split is empty; prepare more text")
+    datasets = {s: ray.data.read_parquet(str(p)) for s, p in splits.items()}
+    task = PretrainTask(
+        model_config=model_config, init_dir=str(init_dir) if init_dir else None,
+        tokenizer_dir=str(data_dir / "tokenizer"), pad_id=tokenizer.pad_id,
+        masking=_masking(manifest, tokenizer),
+        meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
+              "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
+              "dataset_fingerprint": manifest.fingerprint, "base_model": cfg.init})
+    log.info("pretraining %s (%s) on %s: %d train instances, %d steps", cfg.run_name,
+             "resuming" if resuming else "new", data_dir,
+             manifest.splits["train"]["instances"], loop.max_steps)
+    result = trained
+    if result is None:
+        try:
+            result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
+                                  tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
+        except BaseException:
+            T.fail_run(run_id, uri)  # rerunning the command resumes it from its checkpoint
+            raise
+
+    model_uri, version = T.log_and_register(
+        result.model_dir, run_id=run_id, uri=uri, task="pretraining", tags=lineage,
+        register_as=cfg.tracking.register_as, version_tags={T.TAG_RUN_NAME: cfg.run_name},
+        metrics={k: v for k, v in result.metrics.items() if k.startswith("val_")})
+    return PretrainResult(run_id=run_id, model_dir=result.model_dir, model_uri=model_uri,
+                          model_version=version, step=result.step, start_step=result.start_step,
+                          metrics=result.metrics, checkpoint_dir=result.checkpoint_dir,
+                          run_dir=result.run_dir)
