@@ -247,7 +247,7 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
     Models-from-code: the python model is `workflows/serving/pyfunc.py` (a file, not a pickled
     object) and the folder travels as the artifact `MODEL_ARTIFACT`, so loading it never
     unpickles anything. Requirements are given explicitly (inferring them would load the
-    model in a subprocess); serving needs bertflow itself installed (serving.py imports
+    model in a subprocess); serving needs bertflow itself installed (pyfunc.py imports
     it), so no code is copied into the model, which would shadow the installed packages.
     """
     import mlflow
