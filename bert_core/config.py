@@ -34,6 +34,14 @@ PRESETS: dict[str, dict[str, int]] = {
                   intermediate_size=4096),
 }
 
+# Upper bounds far above any real BERT (XLM-R: 250k tokens; BERT-large: 24 layers, 1024
+# wide). A config.json beyond them is refused before anything is allocated for it.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 15, "num_hidden_layers": 256,
+    "num_attention_heads": 1024, "intermediate_size": 1 << 17,
+    "max_position_embeddings": 1 << 17, "type_vocab_size": 1 << 10, "num_labels": 1 << 17,
+}
+
 # config.json keys written by transformers that carry no meaning for the encoder's maths.
 _HF_BOOKKEEPING = {
     "architectures", "model_type", "transformers_version", "_name_or_path", "use_cache",
@@ -92,6 +100,8 @@ class BertConfig:
             value = getattr(self, name)
             check(isinstance(value, int) and not isinstance(value, bool) and value > 0, name,
                   f"must be a positive integer, got {value!r}")
+            check(value <= LIMITS[name], name, f"{value} is over the limit of {LIMITS[name]} "
+                  "(no BERT is that large; is config.json damaged?)")
         check(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
               f"{self.hidden_size} is not divisible by num_attention_heads="
               f"{self.num_attention_heads}; pick a head count that divides it")
@@ -116,7 +126,12 @@ class BertConfig:
 
     def _settle_labels(self) -> None:
         """Make num_labels, id2label and label2id agree (JSON turns int keys into strings)."""
+        check(self.num_labels is None or isinstance(self.num_labels, int)
+              and 1 <= self.num_labels <= LIMITS["num_labels"], "num_labels",
+              f"must be an integer in 1..{LIMITS['num_labels']}, got {self.num_labels!r}")
         if self.id2label is not None:
+            check(len(self.id2label) <= LIMITS["num_labels"], "id2label",
+                  f"{len(self.id2label)} labels is over the limit of {LIMITS['num_labels']}")
             try:
                 self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
             except (TypeError, ValueError):
@@ -132,7 +147,10 @@ class BertConfig:
         check(isinstance(self.num_labels, int) and self.num_labels >= 1, "num_labels",
               f"must be a positive integer, got {self.num_labels!r}")
         if self.id2label is None and self.label2id:
-            self.id2label = {int(i): str(name) for name, i in self.label2id.items()}
+            try:
+                self.id2label = {int(i): str(name) for name, i in self.label2id.items()}
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError("label2id: values must be label indices 0..n-1") from None
             check(sorted(self.id2label) == list(range(self.num_labels)), "label2id",
                   "values must be 0..num_labels-1, each once")
         if self.id2label is None:

@@ -120,43 +120,182 @@ class NameMap:
 
 # --- folders ---------------------------------------------------------------------------
 
+MAX_CONFIG_BYTES = 1 << 20  # config.json / index.json larger than this is not a config
+_LAYER = re.compile(r"(?:bert\.)?encoder\.layer\.(\d+)\.")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """A small JSON file of a model folder, parsed; every failure is a BertflowError
+    naming the file (bad bytes, huge numbers and deep nesting included)."""
+    if not path.is_file():
+        raise BertflowError(f"{path}: not a regular file")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise BertflowError(f"{path}: {path.stat().st_size} bytes is too large for {what} "
+                            f"(limit {MAX_CONFIG_BYTES})")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise BertflowError(f"{path}: not UTF-8 (byte {exc.start}); {what} must be UTF-8 "
+                            "JSON") from None
+    except json.JSONDecodeError as exc:
+        raise BertflowError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # a 5000-digit number, deep nesting
+        raise BertflowError(f"{path}: unreadable JSON ({type(exc).__name__}: {exc})") from None
+
+
 def read_config_json(folder: Path) -> dict[str, Any]:
-    """The parsed config.json of a model folder, with the path named in any error."""
+    """The parsed config.json of a model folder, with the path named in any error.
+
+    When the folder holds weights, the config is checked against the tensor shapes in the
+    safetensors headers (no tensor is read), so a hostile config (`vocab_size: 1e12`,
+    `num_hidden_layers: 1e6`) is refused before anything is allocated."""
     path = folder / "config.json"
     if not folder.is_dir():
         raise BertflowError(f"{folder}: model folder not found")
-    if not path.is_file():
+    if not path.exists():
         raise BertflowError(f"{path}: missing; a model folder needs config.json and "
                             "model.safetensors (as written by save_pretrained)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BertflowError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    data = _read_json(path, "config.json")
+    if weight_files(folder, required=False):
+        from bert_core.config import BertConfig
+
+        config = BertConfig.from_hf_dict(data, str(path))
+        check_config_shapes(config, tensor_shapes(folder), str(path))
+    return data
+
+
+def weight_files(folder: Path, required: bool = True) -> list[Path]:
+    """The safetensors file(s) of a model folder: `model.safetensors`, or the shards that
+    `model.safetensors.index.json` names, each confined to the folder (a shard name that
+    is a path is refused). Pickled weights are refused."""
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        data = _read_json(index, "a safetensors index")
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map or \
+                not all(isinstance(v, str) for v in weight_map.values()):
+            raise BertflowError(f"{index}: expected a \"weight_map\" of tensor name -> shard "
+                                "file name")
+        return [_confined(folder, name, index) for name in sorted(set(weight_map.values()))]
+    if not required:
+        return []
+    pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+    if pickled:
+        raise BertflowError(
+            f"{folder}: has {', '.join(sorted(pickled))} but no model.safetensors. "
+            "bertflow never unpickles weight files (a pickle can run arbitrary code). If "
+            "you trust the file, convert it once with transformers: python -c \"from "
+            "transformers import AutoModel; AutoModel.from_pretrained('DIR')"
+            ".save_pretrained('DIR')\" (writes model.safetensors), then retry.")
+    raise BertflowError(f"{folder}: no model.safetensors found")
+
+
+def _confined(folder: Path, name: str, source: Path) -> Path:
+    """`folder/name` when `name` is a plain .safetensors file name (no folder part, no
+    `..`, not absolute); else a BertflowError naming `source`. (A file that is itself a
+    symlink is allowed: Hugging Face's cache links snapshot files to its blob store.)"""
+    if Path(name).name != name or name in (".", "..") or "\\" in name \
+            or not name.endswith(".safetensors"):
+        raise BertflowError(f"{source}: weight file {name!r} is not a plain .safetensors file "
+                            "name in the model folder; refusing to read outside it")
+    path = folder / name
+    if not path.is_file():
+        raise BertflowError(f"{path}: weight file missing (named by {source.name})")
+    return path
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor in the folder's safetensors files, from their
+    headers only (nothing is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in weight_files(folder):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for name in fh.keys():
+                    shapes[name] = tuple(fh.get_slice(name).get_shape())
+        except Exception as exc:  # safetensors raises its own error types
+            raise BertflowError(f"{f}: cannot read safetensors header: {exc}") from None
+    return shapes
+
+
+def check_config_shapes(config: Any, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuse a config that disagrees with the checkpoint's tensor shapes (vocab_size,
+    hidden_size, num_hidden_layers, intermediate_size, max_position_embeddings,
+    type_vocab_size), naming the field; the model is then never built at a size the
+    file does not hold."""
+    def find(suffix: str) -> tuple[str, tuple[int, ...]] | None:
+        for prefix in ("bert.", ""):
+            if prefix + suffix in shapes:
+                return prefix + suffix, shapes[prefix + suffix]
+        return None
+
+    def expect(suffix: str, want: tuple[int, ...], fields: tuple[str, ...],
+               required: bool = False) -> None:
+        found = find(suffix)
+        if found is None:
+            if required:
+                raise BertflowError(f"{source}: the weights hold no {suffix}; not a BERT "
+                                    "checkpoint (or a folder for another architecture)")
+            return
+        name, shape = found
+        if shape != want:
+            said = ", ".join(f"{f}={getattr(config, f)}" for f in fields)
+            raise BertflowError(f"{source}: {said} needs {name} of shape {want}, but the "
+                                f"weights hold {shape}; fix config.json to match the weights")
+
+    H = config.hidden_size
+    expect("embeddings.word_embeddings.weight", (config.vocab_size, H),
+           ("vocab_size", "hidden_size"), required=True)
+    expect("embeddings.position_embeddings.weight", (config.max_position_embeddings, H),
+           ("max_position_embeddings", "hidden_size"))
+    expect("embeddings.token_type_embeddings.weight", (config.type_vocab_size, H),
+           ("type_vocab_size", "hidden_size"))
+    layers = {int(m[1]) for n in shapes if (m := _LAYER.match(n))}
+    if layers != set(range(config.num_hidden_layers)):
+        held = f"layers {min(layers)}..{max(layers)}" if layers else "no encoder layers"
+        raise BertflowError(f"{source}: num_hidden_layers={config.num_hidden_layers} but the "
+                            f"weights hold {held}; fix config.json to match the weights")
+    expect("encoder.layer.0.intermediate.dense.weight", (config.intermediate_size, H),
+           ("intermediate_size", "hidden_size"))
+
+
+def vocab_file_size(vocab_txt: Path) -> int:
+    """Token count of a WordPiece vocab.txt: its number of lines (a line's index is its
+    id), counted in chunks without decoding."""
+    count, last = 0, b"\n"
+    with open(vocab_txt, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            count += chunk.count(b"\n")
+            last = chunk[-1:]
+    return count + (last != b"\n")
+
+
+def check_tokenizer_fits(folder: str | Path, vocab_size: int) -> None:
+    """Refuse a model folder whose `vocab.txt` has more tokens than the model's
+    `vocab_size`: its ids past the end would fail (IndexError) only at predict time.
+    A folder without vocab.txt passes (its tokenizer comes from elsewhere)."""
+    vocab = Path(folder) / "vocab.txt"
+    if not vocab.is_file():
+        return
+    n = vocab_file_size(vocab)
+    if n > vocab_size:
+        raise BertflowError(
+            f"{vocab}: has {n} tokens but the model's config.json says vocab_size "
+            f"{vocab_size}; ids {vocab_size}..{n - 1} have no embedding. Use the vocab.txt "
+            "the model was trained with")
 
 
 def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a model folder (single or sharded safetensors); pickles are refused."""
     from safetensors.torch import load_file
 
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = [folder / f for f in sorted(set(weight_map.values()))]
-    else:
-        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
-        if pickled:
-            raise BertflowError(
-                f"{folder}: has {', '.join(sorted(pickled))} but no model.safetensors. "
-                "bertflow never unpickles weight files (a pickle can run arbitrary code). If "
-                "you trust the file, convert it once with transformers: python -c \"from "
-                "transformers import AutoModel; AutoModel.from_pretrained('DIR')"
-                ".save_pretrained('DIR')\" (writes model.safetensors), then retry.")
-        raise BertflowError(f"{folder}: no model.safetensors found")
     tensors: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in weight_files(folder):
         try:
             tensors.update(load_file(str(f)))
         except Exception as exc:  # safetensors raises its own error types
