@@ -48,6 +48,9 @@ class PrepConfig:
     max_line_bytes: int = field(1_000_000, help="lines longer than this are not read; "
                                 "their document is skipped and counted (line_too_long)")
     text_field: str = field("text", help="field/column holding the text in .jsonl/.parquet")
+    max_decompressed_bytes: int = field(8 << 30, help="a .gz input is read up to this many "
+                                        "decompressed bytes (gzip bombs); the rest is "
+                                        "dropped and counted (decompressed_too_large)")
 
     def __post_init__(self) -> None:
         check(self.max_seq_len >= 8, "max_seq_len", f"must be at least 8, got {self.max_seq_len}")
@@ -64,6 +67,8 @@ class PrepConfig:
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
         check(self.docs_per_unit >= 1, "docs_per_unit", "must be >= 1")
         check(self.max_line_bytes >= 1024, "max_line_bytes", "must be at least 1024")
+        check(self.max_decompressed_bytes >= 1 << 20, "max_decompressed_bytes",
+              "must be at least 1048576 (1 MiB)")
 
     def validate_for_run(self) -> None:
         """Checks that only apply when running (a YAML may leave inputs to the CLI)."""

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -75,21 +76,48 @@ class Manifest:
             raise ManifestError(f"{path}: no manifest here; is {p} a dataset prepared by "
                                 "`bertflow prep`?")
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_bytes().decode("utf-8"))
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the "
                                 "dataset with --force") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"{path}: unreadable ({type(exc).__name__}); not a manifest "
+                                "written by bertflow") from None
+        if not isinstance(data, dict):
+            raise ManifestError(f"{path}: expected a JSON object; not a bertflow manifest")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
             raise ManifestError(f"{path}: unknown key(s) {', '.join(unknown)}; written by a "
                                 "newer bertflow?")
+        required = ("kind", "config", "inputs", "tokenizer")
+        lacking = [k for k in required if k not in data]
+        if lacking:
+            raise ManifestError(f"{path}: lacks {', '.join(lacking)}; not a bertflow manifest")
+        kinds = {"kind": str, "config": dict, "inputs": list, "tokenizer": dict,
+                 "counts": dict, "splits": dict, "format_version": int}
+        wrong = [k for k, t in kinds.items() if k in data and not isinstance(data[k], t)]
+        if wrong:
+            raise ManifestError(f"{path}: {wrong[0]} is not a {kinds[wrong[0]].__name__}; "
+                                "not a bertflow manifest")
         return cls(**data)
+
+
+def is_dataset_folder(directory: str | Path) -> bool:
+    """True when `directory` holds a manifest.json that loads as a bertflow dataset's
+    (a folder that merely has a file of that name is not one)."""
+    try:
+        Manifest.load(Path(directory) / MANIFEST_NAME)
+    except ManifestError:
+        return False
+    return True
 
 
 def fingerprint_file(path: str | Path, chunk_size: int = 1 << 20) -> dict[str, Any]:
     """{path (absolute), size, sha256} of a file, read in chunks (any size)."""
     p = Path(path).resolve()
+    if not stat.S_ISREG(os.stat(p).st_mode):  # opening a FIFO would block forever
+        raise ManifestError(f"{p}: not a regular file; cannot fingerprint it")
     h = hashlib.sha256()
     with open(p, "rb") as fh:
         while chunk := fh.read(chunk_size):

@@ -43,7 +43,8 @@ import numpy as np
 from bert_core.config_io import to_dict
 from data_prep.config import RUNTIME_ONLY, PrepConfig
 from data_prep.manifest import (Manifest, ManifestError, atomic_output_dir,
-                                build_fingerprint, fingerprint_file, is_up_to_date)
+                                build_fingerprint, fingerprint_file, is_dataset_folder,
+                                is_up_to_date)
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_inputs, iter_documents
 from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
@@ -104,7 +105,8 @@ def stage_units(files: list[Path], inputs: list[dict[str, Any]], config: PrepCon
             buffers[split], sizes[split] = [], 0
 
         for doc in iter_documents(file, stats, text_field=config.text_field,
-                                  max_line_bytes=config.max_line_bytes):
+                                  max_line_bytes=config.max_line_bytes,
+                                  max_decompressed_bytes=config.max_decompressed_bytes):
             split = split_of(doc, config.val_fraction)
             buffers[split].append(doc)
             sizes[split] += sum(map(len, doc))
@@ -374,7 +376,8 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
     from tqdm import tqdm
 
     config.validate_for_run()
-    files = expand_inputs(config.input)  # a missing path fails here, before any work
+    not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
+    files = expand_inputs(config.input, not_read)  # a missing path fails here, before any work
     out = Path(config.output).absolute()
     # an output folder inside an input folder must not be read back as corpus
     files = [f for f in files if out.resolve() not in f.parents]
@@ -390,16 +393,17 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
             return Manifest.load(out)
         if out.exists():
             log.info("rebuilding %s: %s", out, reason)
-    is_ours = (out / "manifest.json").is_file()
-    if out.exists() and not (is_ours or config.force):
-        raise ManifestError(f"{out} exists and is not a bertflow dataset; choose another "
-                            "--output or pass --force to replace it")
+    if out.exists() and not (is_dataset_folder(out) or config.force):
+        raise ManifestError(f"{out} exists and is not a bertflow dataset (no manifest.json "
+                            "that loads as one); choose another --output or pass --force to "
+                            "replace it")
     stored = to_dict(config)
     stored["input"] = [str(Path(p).expanduser().absolute()) for p in config.input]
     stored["output"] = str(out)
     with atomic_output_dir(out, force=out.exists()) as tmp:
         log.info("reading %d file(s) into work units", len(files))
         units, read = stage_units(files, inputs, config, tmp / "_staging")
+        read.update(not_read)
         if tokenizer is None:
             tokenizer = _train_vocab(units, config)
         tokenizer.save(tmp / "tokenizer")

@@ -22,8 +22,15 @@ none stops the run). Every document read is either yielded or skipped with a rea
   `skipped.missing_text_field`; a blank text: `skipped.empty_document`.
 - a document over 8 MiB of text is cut at sentence boundaries into several documents
   (`oversize_documents_split`), so one huge document cannot exhaust a worker's memory.
-A missing path, a glob matching nothing, or a Parquet file without the text column is a
-user error raised before any work (`PrepInputError`).
+- a `.gz` that decompresses to more than `max_decompressed_bytes`: documents so far are
+  kept, the rest is not read (`files_skipped.decompressed_too_large`).
+Files found in input folders (and globs) that are not regular files (FIFOs, sockets,
+devices: reading one could block forever) are skipped, as are symlinks whose target lies
+outside the folder searched (`files_skipped.not_regular_file`,
+`files_skipped.symlink_outside_input`, counted by `expand_inputs`).
+A missing path, a glob matching nothing, a named path that is not a regular file, or a
+Parquet file without the text column is a user error raised before any work
+(`PrepInputError`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ import glob
 import gzip
 import json
 import os
+import logging
 import re
+import stat
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -41,9 +50,13 @@ from typing import IO
 
 from bert_core.config_io import BertflowError
 
+log = logging.getLogger(__name__)
+
 MAX_DOC_BYTES = 8 << 20
+MAX_DECOMPRESSED_BYTES = 8 << 30  # default cap on what one .gz may expand to
 _SNIFF_BYTES = 8192
 _SKIP_CHUNK = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _SENTENCE_END = re.compile(r"(?<=[.!?\u2026])\s+(?=\S)|(?<=[\u3002\uff01\uff1f])")
 
 
@@ -67,27 +80,38 @@ def file_format(path: str | Path) -> tuple[str, bool]:
     return "text", gz
 
 
-def expand_inputs(patterns: Sequence[str]) -> list[Path]:
-    """Files named by `patterns` (files, folders searched recursively, globs), in a stable
-    order. Raises PrepInputError naming every missing path, before any work is done."""
+def expand_inputs(patterns: Sequence[str], skipped: Counter | None = None) -> list[Path]:
+    """Regular files named by `patterns` (files, folders searched recursively, globs), in a
+    stable order. Raises PrepInputError naming every missing path, before any work is done.
+
+    Inside folders and glob matches, entries that are not regular files (FIFOs, sockets,
+    devices) and symlinks leading outside the folder searched are left out, logged and
+    counted in `skipped` as `files_skipped.<reason>`; a path named directly must be a
+    regular file."""
     files: list[Path] = []
     missing: list[str] = []
+    skipped = skipped if skipped is not None else Counter()
     for pattern in patterns:
         p = Path(pattern).expanduser()
         if glob.has_magic(pattern):
+            base = _glob_base(p)
             matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
-            found = [m for m in matches if m.is_file()]
+            found = []
             for m in matches:
-                if m.is_dir():
-                    found += _walk(m)
+                if m.is_dir() and not m.is_symlink():
+                    found += _walk(m, skipped)
+                elif _usable(m, base, skipped):
+                    found.append(m)
             if not found:
                 missing.append(f"{pattern} (glob matches no file)")
             files += found
         elif p.is_dir():
-            found = _walk(p)
+            found = _walk(p, skipped)
             if not found:
                 missing.append(f"{pattern} (folder holds no file)")
             files += found
+        elif p.exists() and not p.is_file():
+            missing.append(f"{pattern} (not a regular file: a FIFO, socket or device)")
         elif p.is_file():
             files.append(p)
         else:
@@ -105,11 +129,45 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
     return unique
 
 
-def _walk(folder: Path) -> list[Path]:
+def _glob_base(pattern: Path) -> Path:
+    """The folder part of a glob before its first wildcard."""
+    parts = []
+    for part in pattern.parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _usable(path: Path, root: Path, skipped: Counter) -> bool:
+    """True for a regular file that is not a symlink leading outside `root`; otherwise
+    count and log why it is left out."""
+    reason = None
+    try:
+        if path.is_symlink():
+            target = path.resolve()
+            if root.resolve() != target and root.resolve() not in target.parents:
+                reason = "symlink_outside_input"
+        if reason is None and not stat.S_ISREG(os.stat(path).st_mode):
+            reason = "not_regular_file"
+    except (OSError, RuntimeError):  # dangling link, loop, no permission
+        reason = "not_regular_file"
+    if reason is None:
+        return True
+    skipped[f"files_skipped.{reason}"] += 1
+    log.warning("%s: skipped (%s)", path, reason.replace("_", " "))
+    return False
+
+
+def _walk(folder: Path, skipped: Counter) -> list[Path]:
     out = []
     for root, dirs, names in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")]
+        for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
+            skipped["files_skipped.symlinked_folder"] += 1  # os.walk does not follow them
+            log.warning("%s: symlinked folder not followed", Path(root) / d)
+        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")
+                and _usable(Path(root) / n, folder, skipped)]
     return out
 
 
@@ -125,8 +183,33 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def _open_binary(path: Path, gz: bool) -> IO[bytes]:
-    return gzip.open(path, "rb") if gz else open(path, "rb")
+class DecompressedTooLarge(Exception):
+    """A .gz expanded past its cap (a gzip bomb, or a cap set too low for the corpus)."""
+
+
+class _CappedGzipFile(gzip.GzipFile):
+    """A GzipFile that raises DecompressedTooLarge once more than `cap` bytes came out."""
+
+    def __init__(self, path: Path, cap: int):
+        super().__init__(path, "rb")
+        self.cap, self.produced = cap, 0
+
+    def _count(self, data: bytes) -> bytes:
+        self.produced += len(data)
+        if self.produced > self.cap:
+            raise DecompressedTooLarge(f"decompresses to more than {self.cap} bytes")
+        return data
+
+    def read(self, size: int | None = -1) -> bytes:
+        return self._count(super().read(size if size is None or size < 0
+                                        else min(size, self.cap + 1)))
+
+    def readline(self, size: int | None = -1) -> bytes:
+        return self._count(super().readline(size))
+
+
+def _open_binary(path: Path, gz: bool, cap: int = MAX_DECOMPRESSED_BYTES) -> IO[bytes]:
+    return _CappedGzipFile(path, cap) if gz else open(path, "rb")
 
 
 def sniff_file(path: Path) -> str | None:
@@ -181,25 +264,37 @@ def _cap(sentences: list[str], stats: Counter) -> Iterator[list[str]]:
 
 
 def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text",
-                   max_line_bytes: int = 1_000_000) -> Iterator[list[str]]:
+                   max_line_bytes: int = 1_000_000,
+                   max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> Iterator[list[str]]:
     """Documents of one file as lists of sentences, applying the module's rules.
 
     Counts go to `stats`: documents_read, skipped.<reason>, files_skipped.<reason>."""
     p = Path(path)
     fmt, gz = file_format(p)
+    try:
+        regular = stat.S_ISREG(os.stat(p).st_mode)
+    except OSError:
+        regular = False
+    if not regular:  # never open a FIFO or device: it may block forever
+        stats["files_skipped.not_regular_file"] += 1
+        return
     reason = sniff_file(p)
     if reason:
         stats[f"files_skipped.{reason}"] += 1
         return
     reader = {"text": _text_docs, "jsonl": _jsonl_docs, "parquet": _parquet_docs}[fmt]
     try:
-        yield from reader(p, gz, stats, text_field, max_line_bytes)
+        yield from reader(p, gz, stats, text_field, max_line_bytes, max_decompressed_bytes)
     except (EOFError, zlib.error, gzip.BadGzipFile):
         stats["files_skipped.corrupt_compressed_file"] += 1
+    except DecompressedTooLarge as exc:
+        log.warning("%s: %s; the documents before that point are kept (raise "
+                    "--max-decompressed-bytes to read it all)", p, exc)
+        stats["files_skipped.decompressed_too_large"] += 1
 
 
 def _text_docs(path: Path, gz: bool, stats: Counter, _field: str,
-               max_line_bytes: int) -> Iterator[list[str]]:
+               max_line_bytes: int, cap: int) -> Iterator[list[str]]:
     lines: list[str] = []
     bad: str | None = None
     started = False
@@ -213,7 +308,7 @@ def _text_docs(path: Path, gz: bool, stats: Counter, _field: str,
             stats["documents_read"] += 1
             yield lines
 
-    with _open_binary(path, gz) as fh:
+    with _open_binary(path, gz, cap) as fh:
         for raw in _read_lines(fh, max_line_bytes):
             if raw is None:
                 bad, started = bad or "line_too_long", True
@@ -252,6 +347,8 @@ def _text_doc(text: object, stats: Counter) -> Iterator[list[str]]:
         stats["skipped.missing_text_field"] += 1
     elif "\0" in text:
         stats["skipped.nul_bytes"] += 1
+    elif _SURROGATE.search(text):  # a lone \ud800 escape in JSON: not encodable text
+        stats["skipped.undecodable_bytes"] += 1
     else:
         sentences = split_sentences(text)
         if not sentences:
@@ -261,8 +358,8 @@ def _text_doc(text: object, stats: Counter) -> Iterator[list[str]]:
 
 
 def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
-                max_line_bytes: int) -> Iterator[list[str]]:
-    with _open_binary(path, gz) as fh:
+                max_line_bytes: int, cap: int) -> Iterator[list[str]]:
+    with _open_binary(path, gz, cap) as fh:
         for raw in _read_lines(fh, max_line_bytes):
             if raw is None:
                 stats["documents_read"] += 1
@@ -278,7 +375,7 @@ def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # invalid JSON, 5000-digit numbers, nesting
                 stats["documents_read"] += 1
                 stats["skipped.invalid_json"] += 1
                 continue
@@ -287,7 +384,7 @@ def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
 
 
 def _parquet_docs(path: Path, _gz: bool, stats: Counter, field: str,
-                  _max_line_bytes: int) -> Iterator[list[str]]:
+                  _max_line_bytes: int, _cap: int) -> Iterator[list[str]]:
     import pyarrow.parquet as pq
 
     try:
@@ -299,8 +396,17 @@ def _parquet_docs(path: Path, _gz: bool, stats: Counter, field: str,
     if field not in names:
         raise PrepInputError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "
                              "pass --text-field NAME")
-    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
-        for text in batch.column(0).to_pylist():
+    batches = pf.iter_batches(batch_size=1024, columns=[field])
+    while True:
+        try:
+            batch = next(batches)
+            texts = batch.column(0).to_pylist()
+        except StopIteration:
+            return
+        except Exception:  # a damaged page or invalid UTF-8: keep what was read so far
+            stats["files_skipped.unreadable_parquet"] += 1
+            return
+        for text in texts:
             if text is None:
                 stats["documents_read"] += 1
                 stats["skipped.empty_document"] += 1
