@@ -81,3 +81,53 @@ def test_trivial_baselines():
           {"context": "Rome", "answers": [], "is_impossible": True}]
     # first word: right on the answerable one, wrong on the other; empty: the reverse
     assert majority_baseline("qa", qa, qa)["exact"] == 50.0
+
+
+def test_pooling_follows_freezing_and_reaches_the_served_model(minilm_dir, tokenizer, tmp_path):
+    """--pooling auto: mean pooling for a frozen encoder (its [CLS] pooler was trained for
+    NSP), cls otherwise; the saved folder carries it, so serving pools the same way."""
+    from bert_core.config_io import ConfigError
+    from workflows.config import FinetuneConfig
+
+    def cfg(**kw):
+        return FinetuneConfig(base="b", train="t", **kw)
+
+    assert cfg(freeze_encoder=True).classifier_pooling == "mean"
+    assert cfg().classifier_pooling == "cls"
+    assert cfg(pooling="mean_last4").classifier_pooling == "mean_last4"
+    assert cfg(task="token-cls").classifier_pooling is None
+    with pytest.raises(ConfigError, match="pooling"):
+        cfg(task="token-cls", pooling="mean")
+
+    labels = ["neg", "pos"]
+    task = _task(minilm_dir, tokenizer, task="seq-cls", labels=labels, freeze_encoder=True,
+                 pooling="mean")
+    model = task.build_model()
+    assert model.config.classifier_pooling == "mean" and model.bert.pooler is None
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == \
+        ["classifier.weight", "classifier.bias"]
+    task.save_model(model, tmp_path / "m")
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["classifier_pooling"] == "mean"
+    predictor = Predictor.from_dir(tmp_path / "m", device="cpu")
+    import pandas as pd
+
+    texts = pd.DataFrame({"text": ["a short text", "another, longer text about nothing"]})
+    out = predictor.predict(texts)
+    model.eval()
+    ids = tokenizer.encode_batch(list(texts["text"]))
+    with torch.no_grad():
+        for i, row in enumerate(ids):
+            x = torch.tensor([[tokenizer.cls_id, *row, tokenizer.sep_id]])
+            want = labels[int(model(x, torch.ones_like(x)).logits.argmax(-1))]
+            assert out["label"][i] == want
+
+
+def test_task_datasets_are_cached_in_the_user_cache(monkeypatch, tmp_path):
+    from workflows.training.finetune import user_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert user_cache_dir() == tmp_path / "xdg" / "bertflow"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert user_cache_dir() == tmp_path / "home" / ".cache" / "bertflow"

@@ -1,4 +1,4 @@
-"""The quickstart's pieces: a real offline corpus, a fair generated task, the summary.
+"""The quickstart's pieces: a real offline corpus, the summary (the task: test_quickstart_task).
 
 The full quickstart (`make quickstart`) takes minutes of pretraining and fine-tuning, more
 than this suite's budget on 2 shared cores; its steps are the library functions tested in
@@ -7,12 +7,10 @@ their own files (prep, pretrain, finetune, predict, registry).
 
 from __future__ import annotations
 
-import csv
-from pathlib import Path
-
 from workflows.config import QuickstartConfig
-from workflows.quickstart.data import PRODUCTS, write_reference_corpus, write_review_task
-from workflows.quickstart.summary import QuickstartResult, render_summary
+from workflows.quickstart.data import write_reference_corpus
+from workflows.quickstart.pydoc_task import PydocTask
+from workflows.quickstart.summary import QuickstartResult, TaskRun, render_summary
 
 
 def test_corpus_is_the_python_reference_in_bert_text_format(tmp_path):
@@ -28,44 +26,40 @@ def test_corpus_is_the_python_reference_in_bert_text_format(tmp_path):
     assert not list(tmp_path.glob("corpus/*.tmp"))  # written atomically
 
 
-def read(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def test_review_task_is_balanced_and_evaluates_on_unseen_products(tmp_path):
-    files = write_review_task(tmp_path, n_train=400, n_eval=100, seed=3)
-    train, dev = read(files["train"]), read(files["dev"])
-    assert (len(train), len(dev)) == (400, 100)
-    for rows in (train, dev):
-        share = sum(r["label"] == "positive" for r in rows) / len(rows)
-        assert 0.35 < share < 0.65
-    def products(rows):
-        return {p for r in rows for p in PRODUCTS if f" {p} " in f" {r['text'].lower()} "}
-    assert products(dev) and not products(dev) & products(train)
-    assert read(files["unseen"]) and "label" not in read(files["unseen"])[0]
-    # Deterministic for a seed: a rerun makes the same task.
-    again = write_review_task(tmp_path / "again", n_train=400, n_eval=100, seed=3)
-    assert files["train"].read_text() == again["train"].read_text()
-
-
 def test_summary_names_what_was_made_and_how_to_look_at_it(tmp_path):
+    task = PydocTask(train=tmp_path / "t" / "train.csv", eval=tmp_path / "t" / "eval.csv",
+                     heldout=tmp_path / "t" / "heldout.csv", labels=list("abcde"),
+                     train_examples=420, eval_examples=180, train_topics=[], eval_topics=[],
+                     majority_label="statements", majority_accuracy=0.301)
+    runs = [TaskRun("frozen", "models:/quickstart-topics/1", "1", {"val_accuracy": 0.61,
+                    "val_macro_f1": 0.55}, "mean", 40.0, 1260),
+            TaskRun("fine-tuned", "models:/quickstart-topics/2", "2", {"val_accuracy": 0.82,
+                    "val_macro_f1": 0.8}, "cls", 90.0, 1260)]
     result = QuickstartResult(
         output=tmp_path, tracking_uri="sqlite:////x/mlruns.db",
         corpus={"documents": 222, "sentences": 3000, "topics": 79}, dataset=tmp_path / "d",
         dataset_counts={"instances": 1372, "tokens": 150954},
         pretrained="models:/quickstart-bert-tiny/1",
         loss_curve=[(1, 11.05), (5, 10.5), (10, 9.9), (20, 9.23)], base="models:/minilm/1",
-        classifier="models:/quickstart-reviews/1", finetune_metrics={"val_accuracy": 0.97},
-        baseline={"val_accuracy": 0.52}, predictions=tmp_path / "p.csv",
-        prediction_rows=[{"text": "The tent kept us dry.", "label": "positive"}],
+        task=task, runs=runs, champion="fine-tuned", predictions=tmp_path / "p.csv",
+        prediction_rows=[{"text": "Exceptions are raised.", "true_label": "execution model",
+                          "label": "execution model"},
+                         {"text": "A list is mutable.", "true_label": "builtin types",
+                          "label": "data model"}],
         seconds={"prep": 30.0, "pretrain": 120.0})
     text = render_summary(result)
     assert "11.05" in text and "9.23" in text                     # the loss fell
-    assert "val_accuracy=0.970" in text and "val_accuracy=0.520" in text
-    assert "positive  The tent kept us dry." in text
+    # the baseline and both uses side by side, with their speeds
+    assert "majority class (statements)" in text and "0.301" in text
+    frozen = next(line for line in text.splitlines() if "frozen (mean pooling) v1" in line)
+    assert "0.610" in frozen and "0.550" in frozen and "31.5" in frozen  # 1260 ex / 40 s
+    tuned = next(line for line in text.splitlines() if "fine-tuned (cls pooling)" in line)
+    assert "0.820" in tuned and "@champion" in tuned
+    # held-out predictions next to their true labels, misses marked
+    assert "(1/2 right on held-out paragraphs)" in text
+    assert "MISS data model" in text and "(true: builtin types)" in text
     for command in ("bertflow registry list --tracking-uri sqlite:////x/mlruns.db",
-                    "bertflow server", "bertflow predict --model models:/quickstart-reviews@champion"):
+                    "bertflow server", "bertflow predict --model models:/quickstart-topics@champion"):
         assert command in text
 
 

@@ -29,9 +29,9 @@ def test_split_has_no_document_on_both_sides(tmp_path):
     assert task.majority_accuracy < 0.5
     # held-out examples for the predict step come from evaluation topics, with labels
     heldout = _rows(task.heldout)
-    assert heldout and all((r["text"], r["label"]) in {(h["text"], h["label"]) for h in held}
-                           for r in heldout)
-    assert len({r["label"] for r in heldout}) >= 5
+    pairs = {(h["text"], h["label"]) for h in held}
+    assert heldout and all((r["text"], r["true_label"]) in pairs for r in heldout)
+    assert len({r["true_label"] for r in heldout}) >= 5
 
 
 def test_same_seed_same_task_other_seed_other_split(tmp_path):

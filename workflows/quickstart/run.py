@@ -5,8 +5,10 @@
 2. prep      Ray Data turns it into NSP + MLM instances with MiniLM's uncased vocabulary
 3. pretrain  a tiny BERT on local Ray Train; its loss is shown falling; registered
 4. import    MiniLM (a real pretrained BERT shipped as a PyPI package) into the registry
-5. finetune  MiniLM on a small review-sentiment task generated here; evaluated, registered
-6. predict   the registered classifier over unseen reviews (Ray Data batch inference)
+5. finetune  MiniLM on a real task, BERT's two ways: a head on the frozen encoder (mean
+             pooling, the feature-based use) and full fine-tuning; the task is paragraphs of
+             the Python reference labelled by topic group, evaluated on unseen topics
+6. predict   the better classifier over held-out paragraphs (Ray Data batch inference)
 
 Everything goes under `output` (default ./quickstart_out) and the default MLflow store
 (./mlruns.db + ./mlartifacts), so `bertflow registry list` and `bertflow server` show it.
@@ -23,9 +25,13 @@ from typing import Any
 
 from bert_core.config_io import BertflowError
 from workflows.config import QuickstartConfig
-from workflows.quickstart.data import write_reference_corpus, write_review_task
+from workflows.quickstart.data import write_reference_corpus
 from workflows.quickstart.progress import RunProgress
-from workflows.quickstart.summary import QuickstartResult, curve_text, fmt_metrics
+from workflows.quickstart.pydoc_task import build_pydoc_task
+from workflows.quickstart.summary import (QuickstartResult, TaskRun, curve_text,
+                                          fmt_metrics)
+
+CLASSIFIER = "quickstart-topics"  # registered name of the quickstart's classifiers
 
 
 class QuickstartError(BertflowError):
@@ -108,39 +114,48 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     base = f"models:/minilm/{version}"
     lap("import")
 
-    _banner(5, "finetune: MiniLM on review sentiment (held-out products), then evaluate")
-    task_files = write_review_task(out / "tasks" / "reviews", cfg.train_examples,
-                                   cfg.eval_examples, cfg.seed)
-    ft_name = f"quickstart-reviews-{stamp}"
-    ft_cfg = FinetuneConfig(
-        task="seq-cls", base=base, train=str(task_files["train"]), eval=str(task_files["dev"]),
-        epochs=cfg.finetune_epochs, max_seq_len=48, run_name=ft_name,
-        data_dir=str(out / "data" / "finetune"),
-        loop=finetune_loop(batch_size=16, lr=5e-5, seed=cfg.seed, log_every=5,
-                           storage_path=str(out / "runs")),
-        tracking=TrackingSettings(tracking_uri=uri, experiment=cfg.experiment,
-                                  register_as="quickstart-reviews", log_system_metrics=False))
-    ft_steps = max(1, int(cfg.train_examples * cfg.finetune_epochs) // 16)
-    with RunProgress(uri, cfg.experiment, ft_name, ft_steps, "finetune"):
-        ft = run_finetune(ft_cfg)
-    classifier = f"models:/quickstart-reviews/{ft.model_version}"
-    print(f"registered {classifier}; eval {fmt_metrics(ft.metrics)} "
-          f"(majority-class baseline {fmt_metrics(ft.baseline)})")
-    registry.promote("quickstart-reviews", str(ft.model_version), "champion", uri)
+    _banner(5, "finetune: MiniLM on Python-reference topics, frozen vs fully fine-tuned")
+    task = build_pydoc_task(out / "tasks" / "topics", seed=cfg.seed)
+    print(f"{task.train_examples} train / {task.eval_examples} eval paragraphs, "
+          f"{len(task.labels)} topic groups; eval topics never seen in training; "
+          f"majority class '{task.majority_label}' scores {task.majority_accuracy:.3f}")
+    runs = []
+    for mode, frozen, lr in (("frozen", True, cfg.frozen_lr), ("fine-tuned", False,
+                                                                cfg.finetune_lr)):
+        ft_name = f"quickstart-topics-{mode}-{stamp}"
+        ft_cfg = FinetuneConfig(
+            task="seq-cls", base=base, train=str(task.train), eval=str(task.eval),
+            epochs=cfg.finetune_epochs, max_seq_len=128, run_name=ft_name,
+            freeze_encoder=frozen, data_dir=str(out / "data" / "finetune"),
+            loop=finetune_loop(batch_size=16, lr=lr, seed=cfg.seed, log_every=5,
+                               storage_path=str(out / "runs")),
+            tracking=TrackingSettings(tracking_uri=uri, experiment=cfg.experiment,
+                                      register_as=CLASSIFIER, log_system_metrics=False))
+        ft_steps = max(1, int(task.train_examples * cfg.finetune_epochs) // 16)
+        started = time.monotonic()
+        with RunProgress(uri, cfg.experiment, ft_name, ft_steps, mode):
+            ft = run_finetune(ft_cfg)
+        runs.append(TaskRun(mode=mode, model=f"models:/{CLASSIFIER}/{ft.model_version}",
+                            version=str(ft.model_version), metrics=ft.metrics,
+                            pooling=ft_cfg.classifier_pooling or "cls",
+                            seconds=time.monotonic() - started,
+                            examples=int(task.train_examples * cfg.finetune_epochs)))
+        print(f"{mode}: registered {runs[-1].model}; eval {fmt_metrics(ft.metrics)}")
+    best = max(runs, key=lambda r: r.metrics.get("val_accuracy", 0.0))
+    registry.promote(CLASSIFIER, best.version, "champion", uri)
     lap("finetune")
 
-    _banner(6, "predict: the registered classifier over unseen reviews (Ray Data)")
+    _banner(6, f"predict: {CLASSIFIER}@champion ({best.mode}) over held-out paragraphs")
     predictions = out / "predictions.csv"
-    predict_file(PredictConfig(model="models:/quickstart-reviews@champion",
-                               input=str(task_files["unseen"]), output=str(predictions),
+    predict_file(PredictConfig(model=f"models:/{CLASSIFIER}@champion",
+                               input=str(task.heldout), output=str(predictions),
                                tracking_uri=uri))
     rows = _read_csv(predictions)
     lap("predict")
     return QuickstartResult(
         output=out, tracking_uri=uri, corpus=corpus, dataset=dataset, dataset_counts=counts,
-        pretrained=pretrained, loss_curve=curve, base=base, classifier=classifier,
-        finetune_metrics=ft.metrics, baseline=ft.baseline, predictions=predictions,
-        prediction_rows=rows, seconds=seconds)
+        pretrained=pretrained, loss_curve=curve, base=base, task=task, runs=runs,
+        champion=best.mode, predictions=predictions, prediction_rows=rows, seconds=seconds)
 
 
 def _minilm_dir() -> Path:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import math
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,12 @@ def _history(client: Any, run_id: str, steps_per_epoch: int) -> dict[str, dict[s
             rows[step] for step in sorted(rows)}
 
 
+def user_cache_dir() -> Path:
+    """bertflow's cache folder: $XDG_CACHE_HOME/bertflow, else ~/.cache/bertflow."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "bertflow"
+
+
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
     from data_prep.ray_env import init_ray
@@ -105,7 +112,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     lineage = T.base_lineage(cfg.base, uri)
     tokenizer = WordPieceTokenizer.from_dir(base_dir)
     spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
-    data_root = Path(cfg.data_dir or Path.cwd() / "data" / "finetune")
+    data_root = Path(cfg.data_dir) if cfg.data_dir else user_cache_dir() / "finetune"
     train = build_task_dataset(cfg.train, spec, base_dir, data_root, split="train",
                                labels=cfg.labels, seed=cfg.loop.seed, address=cfg.address)
     labels = train.labels
@@ -126,7 +133,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
                     for r in evalset.records}
     task = FinetuneTask(task=cfg.task, base_dir=str(base_dir), tokenizer_dir=str(base_dir),
                         labels=labels, pad_id=tokenizer.pad_id, meta=meta,
-                        freeze_encoder=cfg.freeze_encoder, qa_golds=qa_golds)
+                        freeze_encoder=cfg.freeze_encoder,
+                        pooling=cfg.classifier_pooling, qa_golds=qa_golds)
     loop, steps_per_epoch = _loop_for(cfg, int(train.manifest.counts["rows"]))
     baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
 
@@ -144,7 +152,8 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         params={**flat_dict(cfg), "steps_per_epoch": steps_per_epoch,
                 "total_steps": loop.max_steps, "warmup_total": loop.warmup_steps,
                 "train_examples": len(train.records),
-                "trainable_parameters_frozen": cfg.freeze_encoder},
+                "trainable_parameters_frozen": cfg.freeze_encoder,
+                "classifier_pooling": cfg.classifier_pooling},
         metrics={f"baseline_{k}": v for k, v in baseline.items()})
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
              cfg.base, train.manifest.counts["rows"], loop.max_steps, steps_per_epoch)

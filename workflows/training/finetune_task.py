@@ -46,6 +46,7 @@ class FinetuneTask:
     pad_id: int
     meta: dict[str, Any]
     freeze_encoder: bool = False
+    pooling: str | None = None  # seq/pair-cls sentence vector (bert_core classifier_pooling)
     qa_golds: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
 
     # ---- model --------------------------------------------------------------------
@@ -53,8 +54,11 @@ class FinetuneTask:
         if self.task == "qa":
             return {}
         id2label = dict(enumerate(self.labels))
-        return {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
-                "num_labels": len(self.labels)}
+        out = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+               "num_labels": len(self.labels)}
+        if self.pooling is not None:
+            out["classifier_pooling"] = self.pooling
+        return out
 
     def build_model(self) -> nn.Module:
         """The head model on the base encoder (a new head, unless the base already has
