@@ -21,6 +21,14 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
+    if os.environ.get("BERTFLOW_ROUTE_RAY_LOGS") == "1":
+        # The bertflow CLI owns logging: Ray's records go through its handlers (terminal
+        # filter + log file) instead of Ray's own stderr handler.
+        ray_logger = logging.getLogger("ray")
+        for handler in list(ray_logger.handlers):
+            ray_logger.removeHandler(handler)
+        ray_logger.propagate = True
+
     if ray.is_initialized():
         return ray
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,

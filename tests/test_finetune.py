@@ -166,8 +166,11 @@ def test_frozen_encoder_trains_only_the_head(sentiment, minilm_dir):
     frozen = run_finetune(cfg)
     base = bert_core.BertModel.from_pretrained(minilm_dir)
     tuned = bert_core.BertForSequenceClassification.from_pretrained(frozen.model_dir)
-    for name, p in base.state_dict().items():
-        assert torch.equal(p, tuned.bert.state_dict()[name]), name
+    # --freeze-encoder picks mean pooling: the encoder minus MiniLM's (NSP) pooler is kept
+    assert tuned.config.classifier_pooling == "mean" and tuned.bert.pooler is None
+    base_state = base.state_dict()
+    for name, p in tuned.bert.state_dict().items():
+        assert torch.equal(p, base_state[name]), name
     tuned.freeze_encoder()
     assert tuned.num_parameters(trainable_only=True) == 384 * 2 + 2
     assert tuned.num_parameters() > 20_000_000

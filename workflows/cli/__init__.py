@@ -13,7 +13,6 @@ modules import torch / ray / mlflow inside `run`, so `bertflow --help` and
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from types import ModuleType
 
@@ -49,10 +48,8 @@ def verb_module(verb: str) -> ModuleType:
     return importlib.import_module(f"workflows.cli.commands.{verb}")
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+# Verbs that start Ray or train: their full log goes to a file named at the end.
+LOGGED_VERBS = {"prep", "pretrain", "finetune", "predict", "embed", "quickstart", "submit"}
 
 
 def _top_help() -> str:
@@ -79,16 +76,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     module = verb_module(verb)
-    setup_logging("-v" in rest or "--verbose" in rest)
+    from workflows.cli.logs import setup_logging
+
+    verbose = "-v" in rest or "--verbose" in rest
+    log_file = setup_logging(verb, verbose, to_file=verb in LOGGED_VERBS
+                             and not any(h in rest for h in ("-h", "--help")))
     try:
         parser = module.build_parser()
         if getattr(module, "PASS_THROUGH", False):
             args, args.verb_args = parser.parse_known_args(rest)
         else:
             args = parser.parse_args(rest)
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        if log_file is not None:
+            print(f"bertflow {verb}: full log in {log_file}", file=sys.stderr)
+        return code
     except BertflowError as exc:
         print(f"bertflow {verb}: error: {exc}", file=sys.stderr)
+        if log_file is not None:
+            print(f"bertflow {verb}: full log in {log_file}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bertflow {verb}: interrupted", file=sys.stderr)

@@ -29,7 +29,9 @@ def new_parser(verb: str, description: str, epilog: str | None = None,
         parser = argparse.ArgumentParser(prog=f"bertflow {verb}", **kwargs)
     else:
         parser = parent.add_parser(verb, help=description, **kwargs)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every library's log lines (Ray, Ray Data, MLflow) on the "
+                             "terminal; by default they go to the log file named at the end")
     return parser
 
 

@@ -1,0 +1,91 @@
+"""Quiet by default: bertflow's lines on the terminal, every library's in the log file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from workflows.cli.logs import setup_logging
+
+
+@pytest.fixture
+def restore_logging(monkeypatch):
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    for var in ("RAY_DATA_LOGGING_CONFIG", "BERTFLOW_ROUTE_RAY_LOGS"):
+        monkeypatch.delenv(var, raising=False)
+    yield
+    for h in list(root.handlers):
+        root.removeHandler(h)
+        h.close()
+    for h in handlers:
+        root.addHandler(h)
+    root.setLevel(level)
+
+
+def _emit():
+    logging.getLogger("workflows.training.finetune").info("fine-tuning seq-cls")
+    logging.getLogger("ray.data._internal.execution").info("Execution plan of Dataset")
+    logging.getLogger("mlflow.store").warning("schema is old")
+    logging.getLogger("ray._private.auth").warning(
+        "Token authentication is enabled for this Ray cluster. Set ...")
+    logging.getLogger("bert_core").debug("loading tensors")
+
+
+def test_quiet_terminal_and_full_file(tmp_path, monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    path = setup_logging("finetune", verbose=False)
+    _emit()
+    terminal = capsys.readouterr().err
+    assert "fine-tuning seq-cls" in terminal and "schema is old" in terminal
+    assert "Execution plan" not in terminal and "Token authentication" not in terminal
+    assert "loading tensors" not in terminal
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = path.read_text()
+    for line in ("fine-tuning seq-cls", "Execution plan", "schema is old",
+                 "Token authentication", "loading tensors"):
+        assert line in text
+    assert path.parent == tmp_path / "logs" and path.name.startswith("bertflow-finetune-")
+    # Ray Data reads its logging config from this file when ray.data is imported
+    assert "propagate: true" in open(os.environ["RAY_DATA_LOGGING_CONFIG"]).read()
+    assert os.environ["BERTFLOW_ROUTE_RAY_LOGS"] == "1"
+
+
+def test_verbose_shows_everything(tmp_path, monkeypatch, capsys, restore_logging):
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    setup_logging("prep", verbose=True)
+    _emit()
+    terminal = capsys.readouterr().err
+    assert "Execution plan" in terminal and "fine-tuning seq-cls" in terminal
+    assert "RAY_DATA_LOGGING_CONFIG" not in os.environ
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir):
+    """`bertflow prep` end to end: the terminal has bertflow's lines, not Ray Data's
+    execution plans; the file named at the end has them."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(
+        "\n".join(f"Sentence {d} {i} about rivers and mountains near the city." for i in range(6))
+        for d in range(20)) + "\n")
+    env = {**os.environ, "BERTFLOW_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_DATA_LOGGING_CONFIG", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "workflows.cli", "prep", "--input", str(corpus), "--output",
+         str(tmp_path / "out"), "--vocab", str(minilm_dir / "vocab.txt")],
+        capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data_prep.pipeline" in proc.stderr
+    for noise in ("Execution plan", "streaming_executor", "Full logs are in",
+                  "Token authentication"):
+        assert noise not in proc.stderr, noise
+    log_line = [ln for ln in proc.stderr.splitlines() if "full log in" in ln]
+    assert log_line
+    log_text = open(log_line[-1].split("full log in ", 1)[1]).read()
+    assert "streaming_executor" in log_text or "Execution plan" in log_text

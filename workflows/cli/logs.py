@@ -1,0 +1,109 @@
+"""Where a command's logs go: bertflow's own lines on the terminal, everything to a file.
+
+Ray and Ray Data log a lot at INFO (execution plans, resource tables, "Full logs are in
+..."). By default a long-running verb shows only bertflow's INFO lines, warnings and errors
+of any library, and progress bars; the whole log, every library at INFO and bertflow at
+DEBUG, goes to a file that the command names when it ends. `-v` shows everything on the
+terminal as well.
+
+Ray Data configures its own logger when `ray.data` is imported, from the YAML named by
+`RAY_DATA_LOGGING_CONFIG`: quiet mode writes one that keeps Ray Data's session log file
+(`ray-data.log` in the Ray session's logs folder) and hands its records to the root
+logger (terminal filter + bertflow's file) instead of Ray Data's own console handler. The
+variable must be set before `ray.data` is imported, which verbs do lazily inside `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+# Loggers whose INFO lines are bertflow's own and stay on the terminal.
+OWN_LOGGERS = ("workflows", "data_prep", "bert_core", "bertflow")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+_RAY_DATA_CONFIG = """\
+version: 1
+disable_existing_loggers: false
+formatters:
+  ray: {format: "%(asctime)s\\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s"}
+handlers:
+  file: {class: ray.data._internal.logging.SessionFileHandler, formatter: ray,
+         filename: ray-data.log}
+loggers:
+  ray.data: {level: DEBUG, handlers: [file], propagate: true}
+"""
+
+
+# Warnings that are expected under bertflow and say nothing to its user (file only).
+BENIGN = ("Token authentication is enabled for this Ray cluster",  # local Ray, loopback only
+          "Progress bars disabled")  # bertflow draws its own bars over Ray Data's
+
+
+class _TerminalFilter(logging.Filter):
+    """bertflow's INFO and above; other libraries' WARNING and above, less the benign."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        own = record.name.split(".", 1)[0] in OWN_LOGGERS or record.name == "__main__"
+        if record.levelno < (logging.INFO if own else logging.WARNING):
+            return False
+        return own or record.levelno > logging.WARNING or not any(
+            b in record.getMessage() for b in BENIGN)
+
+
+def log_dir() -> Path:
+    """$BERTFLOW_LOG_DIR, else $XDG_STATE_HOME/bertflow/logs, else ~/.local/state/..."""
+    if os.environ.get("BERTFLOW_LOG_DIR"):
+        return Path(os.environ["BERTFLOW_LOG_DIR"])
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "bertflow" / "logs"
+
+
+def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Path | None:
+    """Configure the root logger for one command; returns the log file (None: no file).
+
+    Quiet (default): terminal = bertflow INFO + everyone's warnings; file = everything.
+    Verbose: everything on the terminal at DEBUG for bertflow, INFO for the rest, and in
+    the file too.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(logging.DEBUG)
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    terminal = logging.StreamHandler(sys.stderr)
+    terminal.setFormatter(logging.Formatter(FORMAT, datefmt="%H:%M:%S"))
+    if verbose:
+        terminal.setLevel(logging.INFO)
+    else:
+        terminal.addFilter(_TerminalFilter())
+    root.addHandler(terminal)
+    path = None
+    if to_file:
+        folder = log_dir()
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"bertflow-{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            handler = logging.FileHandler(path, encoding="utf-8")
+        except OSError as exc:  # a read-only home must not stop the command
+            logging.getLogger("bertflow").warning("no log file in %s (%s)", folder, exc)
+            return None
+        handler.setFormatter(logging.Formatter(FORMAT))
+        handler.setLevel(logging.DEBUG)
+        root.addHandler(handler)
+        os.environ["BERTFLOW_ROUTE_RAY_LOGS"] = "1"  # data_prep.ray_env hands Ray's logger over
+        if not verbose and "RAY_DATA_LOGGING_CONFIG" not in os.environ:
+            config = folder / "ray-data-logging.yaml"
+            if not config.is_file() or config.read_text() != _RAY_DATA_CONFIG:
+                tmp = config.with_name(f".{config.name}.{os.getpid()}")
+                tmp.write_text(_RAY_DATA_CONFIG)
+                tmp.replace(config)
+            os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+    # Libraries that chatter at INFO on every call.
+    for name in ("urllib3", "alembic", "filelock", "httpx"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    return path
