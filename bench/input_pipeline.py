@@ -1,0 +1,177 @@
+"""Can the training input pipeline keep a GPU fed? Tokens per CPU core, no model step.
+
+The iterator is the training loop's: Parquet parts -> Ray Data (a `streaming_split`
+shard, as Ray Train hands each worker) -> batches -> `collate_pretraining` (padding,
+labels, and for dynamic masking the masks) -> torch tensors. Two ways of driving it:
+
+- `ray collate_fn`: `iter_torch_batches(collate_fn=...)`, numpy batches, one generator
+  per epoch shared by Ray's collate threads (the loop today);
+- `iter_collated`: `iter_batches(batch_format="pyarrow")` + `data_prep.iter_collated`,
+  each batch masked with `batch_rng(seed, epoch, batch, rank)` (reproducible), Arrow
+  list columns collated without per-row Python.
+
+Rows are synthetic in the dataset schema (lengths as prep makes them: 90% full, 10%
+short), so the figure does not depend on prep. CPU time is summed over the whole process
+tree (driver + Ray workers reading Parquet) from /proc, from the iterator's start (Ray
+Data's start-up included, so the rate is conservative); tokens per CPU-second is the
+per-core rate, and 700k tokens/s (BERT-base, one H100, bf16, ~50% MFU) divided by it is
+the cores one GPU needs (goal: <= 4).
+
+    python bench/input_pipeline.py [--tokens 1e7] [--seq 128 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GPU_TOKENS_PER_S = 700_000
+VOCAB, PAD, CLS, SEP, MASK = 30522, 0, 101, 102, 103
+
+
+def tree_cpu_seconds() -> float:
+    """utime + stime of this process and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        if pid in stats:
+            total += int(stats[pid][11]) + int(stats[pid][12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def write_dataset(folder: Path, seq: int, rows: int, static: bool, parts: int = 8) -> None:
+    import pyarrow.parquet as pq
+
+    from data_prep.masking import MaskingSpec
+    from data_prep.recipe import Instance, instances_to_table
+
+    rng = np.random.default_rng(seq)
+    spec = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, CLS, SEP),
+                       max_predictions=max(20, round(seq * 0.15)))
+    folder.mkdir(parents=True)
+    for p in range(parts):
+        n = rows // parts
+        lengths = np.where(rng.random(n) < 0.1, rng.integers(8, seq, n), seq)
+        insts = []
+        for length in lengths:
+            ids = rng.integers(1000, VOCAB, length).astype(np.int32)
+            cut = int(rng.integers(2, length - 1))
+            ids[0], ids[cut], ids[-1] = CLS, SEP, SEP
+            types = np.zeros(length, np.int8)
+            types[cut + 1:] = 1
+            insts.append(Instance(ids, types, int(rng.integers(0, 2))))
+        if static:
+            masked, pos, orig = spec.apply_batch([x.input_ids for x in insts], rng)
+            for x, m, ps, o in zip(insts, masked, pos, orig):
+                x.input_ids, x.positions, x.originals = m, ps.astype(np.int32), o.astype(np.int32)
+        pq.write_table(instances_to_table(insts, "nsp", static), folder / f"part-{p:05d}.parquet")
+
+
+def measure(folder: Path, seq: int, batch_size: int, static: bool, mode: str,
+            max_tokens: float) -> tuple[float, float]:
+    """(tokens per CPU-second, tokens per wall-second) of one pass over the shard."""
+    import ray
+    import torch
+
+    from data_prep.collate import collate_pretraining, iter_collated
+    from data_prep.masking import MaskingSpec
+
+    masking = None if static else MaskingSpec(
+        vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, CLS, SEP),
+        max_predictions=max(20, round(seq * 0.15)))
+
+    def collate(batch, rng):  # what PretrainTask.collate does
+        arrays = collate_pretraining(batch, PAD, masking, rng)
+        return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    shard = ray.data.read_parquet(str(folder)).streaming_split(1, equal=True)[0]
+    if mode == "ray collate_fn":
+        rng = np.random.default_rng([0, 0, 0])
+        batches = shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                           prefetch_batches=2,
+                                           collate_fn=lambda b: collate(b, rng))
+    else:
+        raw = shard.iter_batches(batch_size=batch_size, drop_last=True, prefetch_batches=2,
+                                 batch_format="pyarrow")
+        batches = iter_collated(raw, collate, seed=0, epoch=0, rank=0)
+    # CPU is counted from the start (Parquet reads, Ray Data's start-up included: a
+    # conservative per-core rate); wall time after 3 warm-up batches (steady state).
+    cpu0 = tree_cpu_seconds()
+    batches = iter(batches)
+    tokens = 0
+    for _ in range(3):
+        tokens += int(next(batches)["attention_mask"].sum())
+    t0, warm = time.perf_counter(), tokens
+    for batch in batches:
+        tokens += int(batch["attention_mask"].sum())
+        if tokens >= max_tokens:
+            break
+    cpu, wall = tree_cpu_seconds() - cpu0, time.perf_counter() - t0
+    return tokens / cpu, (tokens - warm) / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=float, default=1e7, help="tokens per measurement")
+    parser.add_argument("--seq", type=int, nargs="+", default=[128, 512])
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import torch
+
+    from data_prep.ray_env import init_ray
+
+    torch.set_num_threads(1)
+    ray = init_ray(None)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    work = Path(tempfile.mkdtemp(prefix="bertflow-input-bench-"))
+    print(f"input pipeline: {os.cpu_count()} CPUs; tokens per CPU-second of the whole "
+          f"process tree; cores for one GPU at {GPU_TOKENS_PER_S:,} tokens/s")
+    results = {}
+    try:
+        for seq in args.seq:
+            batch_size = 256 if seq <= 128 else 64
+            rows = int(args.tokens * 1.2 / seq)
+            for static in (True, False):
+                folder = work / f"s{seq}-{'static' if static else 'dynamic'}"
+                write_dataset(folder, seq, rows, static)
+                for mode in ("ray collate_fn", "iter_collated"):
+                    per_cpu, per_wall = measure(folder, seq, batch_size, static, mode,
+                                                args.tokens)
+                    results[seq, static, mode] = per_cpu
+                    print(f"seq {seq:4d} batch {batch_size:3d} "
+                          f"{'static ' if static else 'dynamic'}  {mode:15s} "
+                          f"{per_cpu:12,.0f} tokens/CPU-s  {per_wall:12,.0f} tokens/s wall  "
+                          f"-> {GPU_TOKENS_PER_S / per_cpu:5.2f} cores per GPU", flush=True)
+        for seq in args.seq:
+            for static in (True, False):
+                a = results[seq, static, "iter_collated"]
+                b = results[seq, static, "ray collate_fn"]
+                print(f"ratio iter_collated / ray collate_fn, seq {seq}, "
+                      f"{'static' if static else 'dynamic'}: {a / b:.2f}")
+        worst = max(GPU_TOKENS_PER_S / v for (s, st, m), v in results.items()
+                    if m == "iter_collated")
+        print(f"cores one GPU needs (worst case, iter_collated): {worst:.2f} (goal <= 4)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
