@@ -331,15 +331,25 @@ class EmbedConfig(FileInference):
     """`bertflow embed`: embeddings of a text column (pooled vectors or a hidden layer),
     written to one Parquet file (`--output FILE.parquet`)."""
 
-    pooling: Literal["cls", "mean", "pooler"] = field(
-        "mean", help="how a text's token vectors become one vector")
+    pooling: Literal["cls", "mean", "pooler"] | None = field(
+        None, help="how a text's token vectors become one vector (default: the folder's "
+                   "sentence-transformers pooling, else mean)")
     layer: int | None = field(None, help="hidden layer to read (0 = embeddings; default: the last)")
     text_column: str = field("text", help="column holding the texts")
+    max_seq_len: int | None = field(
+        None, help="word pieces per text, specials included; longer texts are cut (default: "
+                   "the folder's sentence-transformers max_seq_length, else its bertflow.json "
+                   "max_seq_len, else 128)")
+    normalize: bool | None = field(
+        None, help="L2-normalise the vectors (default: as the folder's sentence-transformers "
+                   "modules say, else no)")
 
     def __post_init__(self) -> None:
         FileInference.__post_init__(self)
         check(self.pooling != "pooler" or self.layer is None, "layer",
               "--layer applies to cls or mean pooling; the pooler reads the last layer")
+        check(self.max_seq_len is None or 2 <= self.max_seq_len <= 512, "max_seq_len",
+              "must be between 2 and 512")
         check(self.output.lower().endswith(".parquet"), "output",
               f"{self.output}: embeddings are written as Parquet; name it FILE.parquet")
 

@@ -127,16 +127,19 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
 class BatchEmbedder:
     """Ray Data callable class: DataFrame batches of texts in, `embedding` column added."""
 
-    def __init__(self, model_dir: str, pooling: str, layer: int | None, text_column: str) -> None:
+    def __init__(self, model_dir: str, pooling: str, layer: int | None, text_column: str,
+                 normalize: bool = False, max_seq_len: int | None = None) -> None:
         self.predictor = Predictor.from_dir(model_dir)
         self.pooling, self.layer, self.text_column = pooling, layer, text_column
+        self.normalize, self.max_seq_len = normalize, max_seq_len
 
     def __call__(self, df: Any) -> Any:
         if self.text_column not in df.columns:
             raise PredictError(f"input has no column {self.text_column!r} (columns: "
                                f"{', '.join(map(str, df.columns))})")
         texts = ["" if v is None or v != v else str(v) for v in df[self.text_column]]
-        vecs = self.predictor.embed(texts, pooling=self.pooling, layer=self.layer)
+        vecs = self.predictor.embed(texts, pooling=self.pooling, layer=self.layer,
+                                    normalize=self.normalize, max_seq_len=self.max_seq_len)
         df = df.reset_index(drop=True).copy()
         df["embedding"] = list(vecs.astype("float32"))
         return df
@@ -152,11 +155,13 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
 
     out = Path(cfg.output)
     model_dir = resolve_model(cfg.model, tracking_uri=cfg.tracking_uri)
+    pooling, max_seq_len, normalize = embed_settings(cfg, model_dir)
     ray = init_ray(cfg.address)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     ds = read_table_dataset(ray, cfg.input).map_batches(
         BatchEmbedder,
-        fn_constructor_args=(str(model_dir), cfg.pooling, cfg.layer, cfg.text_column),
+        fn_constructor_args=(str(model_dir), pooling, cfg.layer, cfg.text_column, normalize,
+                             max_seq_len),
         batch_format="pandas", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,5 +189,20 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
         tmp.unlink(missing_ok=True)
         raise
     log.info("wrote %d embeddings of dimension %d to %s", rows, dim, out)
-    return {"rows": rows, "dim": dim, "output": str(out), "pooling": cfg.pooling,
-            "layer": cfg.layer}
+    return {"rows": rows, "dim": dim, "output": str(out), "pooling": pooling,
+            "layer": cfg.layer, "max_seq_len": max_seq_len, "normalize": normalize}
+
+
+def embed_settings(cfg: EmbedConfig, model_dir: Path) -> tuple[str, int | None, bool]:
+    """(pooling, max_seq_len, normalize): the flags, else the folder's sentence-transformers
+    settings, else mean pooling, the folder's max_seq_len and no normalisation."""
+    from workflows.serving.st_settings import read_embed_settings
+
+    folder = read_embed_settings(model_dir)
+    pooling = cfg.pooling or folder.pooling or "mean"
+    max_seq_len = cfg.max_seq_len or folder.max_seq_len
+    normalize = cfg.normalize if cfg.normalize is not None else bool(folder.normalize)
+    if folder.source:
+        log.info("embedding as %s says: pooling %s, max_seq_len %s, normalize %s "
+                 "(flags override)", folder.source, pooling, max_seq_len, normalize)
+    return pooling, max_seq_len, normalize

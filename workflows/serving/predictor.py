@@ -223,16 +223,23 @@ class Predictor:
                    for w, c in zip(windows, contexts)]
         return {k: [r[k] for r in results] for k in ("answer", "start", "end", "score")}
 
-    def embed(self, texts: list[str], pooling: str = "mean", layer: int | None = None) -> np.ndarray:
+    def embed(self, texts: list[str], pooling: str = "mean", layer: int | None = None,
+              normalize: bool = False, max_seq_len: int | None = None) -> np.ndarray:
         """(N, H) float32 features: the [CLS] vector, the mean over real tokens, or the
         pooler output, of the last layer or of hidden_states[layer] (0 = embeddings,
-        negative counts from the end)."""
+        negative counts from the end); L2-normalised with `normalize`. Texts are cut at
+        `max_seq_len` word pieces (default: the folder's max_seq_len)."""
+        limit = max_seq_len or self.max_seq_len
+        positions = int(getattr(encoder_of(self.model).config, "max_position_embeddings", limit))
+        if limit > positions:
+            raise PredictError(f"max_seq_len {limit} exceeds the model's "
+                               f"max_position_embeddings={positions}")
         if pooling not in POOLINGS:
             raise PredictError(f"pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
         if pooling == "pooler" and layer is not None:
             raise PredictError("--layer applies to cls or mean pooling; the pooler reads "
                                "the last layer only")
-        rows = F.encode_classification(self.tokenizer, texts, None, self.max_seq_len)
+        rows = F.encode_classification(self.tokenizer, texts, None, limit)
         encoder = encoder_of(self.model)
         saved, self.model = self.model, encoder
         out_vecs: list[np.ndarray | None] = [None] * len(texts)
@@ -249,6 +256,10 @@ class Predictor:
 
                         m = torch.as_tensor(mask, device=h.device, dtype=h.dtype).unsqueeze(-1)
                         vec = (h * m).sum(1) / m.sum(1).clamp(min=1)
+                if normalize:
+                    import torch
+
+                    vec = torch.nn.functional.normalize(vec.float(), dim=-1)
                 arr = vec.float().cpu().numpy()
                 for r, j in enumerate(idx):
                     out_vecs[j] = arr[r]

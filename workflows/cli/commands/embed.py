@@ -15,7 +15,11 @@ EPILOG = """examples:
 
 --pooling mean averages the real tokens' vectors (the better sentence feature for a
 BERT that was not fine-tuned for it), cls takes the [CLS] vector, pooler the pooler output.
---layer N reads hidden_states[N] (0 = embeddings, -1 = last) instead of the last layer."""
+--layer N reads hidden_states[N] (0 = embeddings, -1 = last) instead of the last layer.
+A sentence-transformers folder (modules.json, 1_Pooling, sentence_bert_config.json) is
+embedded as it says (its pooling, max_seq_length and normalisation), so the vectors equal
+SentenceTransformer(folder).encode(...); --pooling, --max-seq-len and --[no-]normalize
+override it."""
 
 
 def build_parser() -> argparse.ArgumentParser:
