@@ -99,3 +99,20 @@ def test_pad_batch_pads_each_column_with_its_own_value():
     assert b["labels"].tolist() == [[0, 1, 2], [5, -100, -100]]
     assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert b["example_index"].tolist() == [0, 1]
+
+
+def test_prediction_input_keeps_numeric_csv_columns_numeric(tmp_path):
+    """CSV has no types: an all-number column (ids) is read as numbers, as pyarrow's CSV
+    reader infers, so predictions are written back with the same ids; text stays text."""
+    from data_prep.tasks.readers import read_table_frame
+
+    src = tmp_path / "in.csv"
+    src.write_text("id,text,code\n1,a story,007\n2,,x1\n3,123,9\n")
+    df, report = read_table_frame(src)
+    assert report.total == 0
+    assert df["id"].tolist() == [1, 2, 3] and df["id"].dtype.kind == "i"
+    assert df["text"].tolist() == ["a story", "", "123"]  # an empty cell keeps it text
+    assert df["code"].tolist() == ["007", "x1", "9"]
+    jsonl = tmp_path / "in.jsonl"
+    jsonl.write_text('{"id": "007", "text": "a"}\n')
+    assert read_table_frame(jsonl)[0]["id"].tolist() == ["007"]  # JSON types are kept

@@ -377,7 +377,29 @@ def read_table_frame(path: str | Path) -> tuple[Any, SkipReport]:
                 continue
             columns.update(dict.fromkeys(row))
             out.append(row)
-    return pd.DataFrame(out, columns=list(columns)), report
+    frame = pd.DataFrame(out, columns=list(columns))
+    if all(f.suffix.lower() in (".csv", ".tsv") for f in files):
+        frame = _numeric_columns(frame)
+    return frame, report
+
+
+def _numeric_columns(frame: Any) -> Any:
+    """CSV has no types: a column whose every value is a number (an id, a score) becomes
+    numeric, as pyarrow's CSV reader infers, so `1` is written back as 1, not "1". Columns
+    with any text or any empty cell stay strings."""
+    import pandas as pd
+
+    for name in frame.columns:
+        values = frame[name]
+        if values.isna().any() or not len(values):
+            continue
+        if any(not isinstance(v, str) or not v.strip() for v in values):
+            continue
+        try:
+            frame[name] = pd.to_numeric(values)
+        except (ValueError, TypeError):
+            continue
+    return frame
 
 
 # ----------------------------------------------------------------------- CoNLL
