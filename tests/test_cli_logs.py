@@ -16,7 +16,7 @@ from workflows.cli.logs import setup_logging
 def restore_logging(monkeypatch):
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    for var in ("RAY_DATA_LOGGING_CONFIG", "BERTFLOW_ROUTE_RAY_LOGS"):
+    for var in ("RAY_DATA_LOGGING_CONFIG", "BERTFLOW_ROUTE_RAY_LOGS", "MLFLOW_CONFIGURE_LOGGING"):
         monkeypatch.delenv(var, raising=False)
     yield
     for h in list(root.handlers):
@@ -54,6 +54,7 @@ def test_quiet_terminal_and_full_file(tmp_path, monkeypatch, capsys, restore_log
     # Ray Data reads its logging config from this file when ray.data is imported
     assert "propagate: true" in open(os.environ["RAY_DATA_LOGGING_CONFIG"]).read()
     assert os.environ["BERTFLOW_ROUTE_RAY_LOGS"] == "1"
+    assert os.environ["MLFLOW_CONFIGURE_LOGGING"] == "false"  # MLflow's records reach ours
 
 
 def test_verbose_shows_everything(tmp_path, monkeypatch, capsys, restore_logging):

@@ -103,6 +103,9 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
                 tmp.write_text(_RAY_DATA_CONFIG)
                 tmp.replace(config)
             os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+    # MLflow installs its own stderr handler on import unless told not to: let its records
+    # reach ours (terminal filter + file) instead.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
     # Libraries that chatter at INFO on every call.
     for name in ("urllib3", "alembic", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
