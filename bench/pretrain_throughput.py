@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
 VOCAB, PAD, UNK, CLS, SEP, MASK = 30522, 0, 100, 101, 102, 103  # BERT uncased ids
 
@@ -44,7 +43,7 @@ def synthetic_rows(n: int, seq_len: int, seed: int) -> list[dict]:
 def make_task(model_size: str, seq_len: int):
     from bert_core import BertConfig
     from data_prep.masking import MaskingSpec
-    from workflows.pretrain import PretrainTask
+    from workflows.training.pretrain import PretrainTask
 
     config = BertConfig.preset(model_size, vocab_size=VOCAB,
                                max_position_embeddings=max(512, seq_len))
@@ -59,7 +58,7 @@ def make_task(model_size: str, seq_len: int):
 
 def bare_loop(task, loop, rows: list[dict], steps: int, warmup: int, device: str) -> float:
     """A plain torch loop: collate, forward, backward, clip, step. Returns tokens/s."""
-    from workflows.optim import build_optimizer, build_scheduler
+    from workflows.training.optim import build_optimizer, build_scheduler
 
     torch.manual_seed(loop.seed)
     model = task.build_model().to(device).train()
@@ -97,7 +96,7 @@ def ray_loop(task, loop, rows: list[dict], warmup: int, tmp: Path) -> float:
 
     from data_prep.ray_env import init_ray
     from workflows import tracking as T
-    from workflows.engine import RunTracking, run_training
+    from workflows.training.engine import RunTracking, run_training
 
     ray = init_ray(None)
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
@@ -153,7 +152,7 @@ def main() -> int:
     print(f"ratio Ray/bare  : {ray_rate / bare:.3f}  (Ray Train overhead {1 - ray_rate / bare:+.1%}; "
           f"goal < 10%)")
     if args.gpu:
-        from workflows.engine import mfu
+        from workflows.training.step import mfu
 
         dev = torch.device("cuda")
         print(f"MFU bare / Ray  : {mfu(bare, n_params, dev, 1):.1%} / "
