@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -84,6 +85,13 @@ class LoopSettings:
               "fp16 needs --use-gpu (on CPUs use bf16 or fp32)")
 
 
+# Registered model names: what a `models:/` reference, an MLflow filter string and a shell
+# argument all carry without quoting (workflows.tracking.check_model_name enforces it).
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MODEL_NAME_RULE = ("1-128 letters, digits, '.', '_' or '-', starting with a letter or digit "
+                   "(quotes, spaces, '/' and '@' break model references and registry queries)")
+
+
 @dataclass(kw_only=True)
 class TrackingSettings:
     """Where MLflow records runs and registers models."""
@@ -100,6 +108,8 @@ class TrackingSettings:
         check(bool(self.experiment.strip()), "experiment", "must not be empty")
         check(self.register_as is None or bool(self.register_as.strip()), "register_as",
               "must not be empty (leave it out to skip registering)")
+        check(self.register_as is None or bool(MODEL_NAME.match(self.register_as)),
+              "register_as", f"{self.register_as!r} is not a model name: use {MODEL_NAME_RULE}")
 
 
 # ---------------------------------------------------------------- groups
@@ -380,7 +390,7 @@ class RegistryConfig:
 
     Each action uses some of the fields (see `bertflow registry ACTION --help`)."""
 
-    action: Literal["list", "show", "promote", "import-hf"] = field(
+    action: Literal["list", "show", "promote", "verify", "import-hf"] = field(
         "list", help="what to do", cli=False)
     tracking_uri: str | None = field(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")

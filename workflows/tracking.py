@@ -11,12 +11,19 @@
 - Model references: `parse_model_ref`, `get_model_version`, `model_lineage`,
   `base_lineage`, and `resolve_model(ref) -> Path` for `models:/NAME@ALIAS`,
   `models:/NAME/VERSION`, checkpoints, run folders and model folders.
+- Integrity: `register_model_version` records a sha256 manifest of every file of the
+  version (the artifact `bertflow.sha256`, see workflows.integrity) and the manifest's own
+  sha256 as the version tag `TAG_MANIFEST`; `verify_model_version` checks both, and
+  `resolve_model` refuses a version whose files differ. Registered names are checked by
+  `check_model_name`.
 
 A bertflow model is logged as an MLflow pyfunc through models-from-code: the python model
 is the file `workflows/serving/pyfunc.py`, and the model folder is the artifact named
 `MODEL_ARTIFACT` ("model"). Nothing is pickled, so it loads with
-MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. MLflow is imported inside the functions (CLI
-verbs import this module at parse time).
+MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. Loading it with MLflow still executes code from
+the artifact store (the version's copy of pyfunc.py), which is why every version carries a
+checksum manifest. MLflow is imported inside the functions (CLI verbs import this module
+at parse time).
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ TAG_RUN_NAME = "bertflow.run_name"
 TAG_MODEL_URI = "bertflow.model_uri"  # set on a run once its final model is logged
 TAG_SOURCE_PATH = "bertflow.source_path"  # an imported Hugging Face folder
 TAG_CONFIG_HASH = "bertflow.config_sha256"
+TAG_SWEEP_RUN = "bertflow.sweep_run_id"  # the parent run of the sweep a model won
+TAG_SWEEP_NAME = "bertflow.sweep_name"
+TAG_MANIFEST = "bertflow.manifest_sha256"  # sha256 of the version's bertflow.sha256 artifact
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
 
 
@@ -64,6 +74,31 @@ class TrackingError(BertflowError):
 
 class ModelNotFound(TrackingError):
     """A `models:/` reference names no registered version."""
+
+
+class IntegrityError(TrackingError):
+    """A registered version's files are not those it was registered with (or cannot be
+    checked); the message names the files."""
+
+
+def check_model_name(name: str) -> str:
+    """`name` if it can be a registered model name, else a TrackingError saying why."""
+    from workflows.config import MODEL_NAME, MODEL_NAME_RULE
+
+    if not MODEL_NAME.match(name or ""):
+        raise TrackingError(f"model name {name!r}: use {MODEL_NAME_RULE}")
+    return name
+
+
+def name_filter(name: str) -> str:
+    """An MLflow filter string matching registered model `name` exactly (names made by
+    other tools may hold an apostrophe: quoted with the other quote)."""
+    if "'" not in name:
+        return f"name = '{name}'"
+    if '"' not in name:
+        return f'name = "{name}"'
+    raise TrackingError(f"model name {name!r} holds both quote characters; MLflow cannot "
+                        f"search for it (rename it in the MLflow UI)")
 
 
 # ---------------------------------------------------------------- the store
@@ -273,13 +308,21 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
 
 def register_model_version(model_uri: str, name: str, tags: dict[str, str] | None = None,
                            tracking_uri: str | None = None, timeout_s: float = 300):
-    """Register `model_uri` under `name` as a NEW version (never overwrites); wait for READY."""
+    """Register `model_uri` under `name` as a NEW version (never overwrites); wait for READY.
+
+    Before registering, the logged model's files are hashed into the manifest artifact
+    `bertflow.sha256`, and the version gets the manifest's sha256 as tag `TAG_MANIFEST`.
+    """
     import mlflow
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
-    mlflow.set_registry_uri(resolve_tracking_uri(tracking_uri))
+    check_model_name(name)
+    uri = resolve_tracking_uri(tracking_uri)
+    manifest_sha = record_manifest(model_uri, uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     mv = mlflow.register_model(model_uri, name, await_registration_for=int(timeout_s),
-                               tags={k: str(v) for k, v in (tags or {}).items()})
+                               tags={**{k: str(v) for k, v in (tags or {}).items()},
+                                     TAG_MANIFEST: manifest_sha})
     c = client(tracking_uri)
     deadline = time.monotonic() + timeout_s
     while mv.status != "READY":
@@ -290,6 +333,30 @@ def register_model_version(model_uri: str, name: str, tags: dict[str, str] | Non
         mv = c.get_model_version(name, mv.version)
     log.info("registered %s version %s", name, mv.version)
     return mv
+
+
+def record_manifest(model_uri: str, tracking_uri: str) -> str:
+    """Hash every file of the logged model `model_uri` (models:/m-...) as stored, add the
+    manifest to the model's artifacts and return the manifest's sha256."""
+    import tempfile
+
+    import mlflow
+
+    from workflows.integrity import MANIFEST_FILE, build_manifest, text_sha256
+
+    model_id = model_uri.removeprefix("models:/")
+    if not model_id.startswith("m-"):
+        raise TrackingError(f"{model_uri}: only a logged model (models:/m-...) can be "
+                            f"registered with a checksum manifest")
+    mlflow.set_tracking_uri(tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="bertflow-manifest-") as tmp:
+        stored = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=model_uri, dst_path=str(Path(tmp) / "model")))
+        manifest = build_manifest(stored)
+        path = Path(tmp) / MANIFEST_FILE
+        path.write_text(manifest, encoding="utf-8")
+        client(tracking_uri).log_model_artifact(model_id, str(path))
+    return text_sha256(manifest)
 
 
 # ---------------------------------------------------------------- model references
@@ -321,7 +388,7 @@ def get_model_version(ref: str, tracking_uri: str | None = None) -> Any:
             return c.get_model_version_by_alias(name, alias or "latest")
         if version is not None:
             return c.get_model_version(name, version)
-        versions = c.search_model_versions(f"name = '{name}'")
+        versions = c.search_model_versions(name_filter(name))
     except MlflowException as exc:
         raise ModelNotFound(f"model {ref!r} is not in the registry at {uri}: {exc.message}. "
                             "See `bertflow registry list`.") from None
@@ -375,20 +442,56 @@ def resolve_model(ref: str, dest: str | Path | None = None,
             raise TrackingError(f"model {ref!r}: {path} holds no config.json + "
                                 f"model.safetensors (nor a checkpoint with a model/ folder)")
         return found
-    import tempfile
-
-    import mlflow
-
     uri = resolve_tracking_uri(tracking_uri)
     mv = get_model_version(ref, uri)
-    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="bertflow-model-"))
-    dest.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
+    local, checks = verify_model_version(mv, uri, dest)
+    bad = [c for c in checks if not c.ok]
+    if bad:
+        listed = ", ".join(f"{c.path} ({c.status})" for c in bad[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise IntegrityError(
+            f"model {ref!r} (version {mv.version} of {mv.name}) was changed in the artifact "
+            f"store since it was registered: {listed}{more}. Refusing to load it; "
+            f"`bertflow registry verify {mv.name}/{mv.version}` lists every file.")
     found = find_model_folder(local)
     if found is None:
         raise TrackingError(f"model {ref!r} (version {mv.version}) is not a bertflow model: "
                             f"no Hugging Face-format folder in its artifacts")
     return found
+
+
+def verify_model_version(mv: Any, tracking_uri: str, dest: str | Path | None = None
+                         ) -> tuple[Path, list[Any]]:
+    """Download version `mv` into `dest` (default: a fresh temporary folder) and check its
+    files against the manifest recorded at registration; returns (the downloaded folder,
+    one `workflows.integrity.FileCheck` per file, the manifest first).
+
+    The manifest itself must hash to the version's `TAG_MANIFEST` tag (a tag lives in the
+    registry's database, the manifest beside the files it describes). A version without
+    the tag was not registered by bertflow (or predates manifests): IntegrityError.
+    """
+    import tempfile
+
+    import mlflow
+
+    from workflows.integrity import MANIFEST_FILE, FileCheck, check_files, text_sha256
+
+    expected = (mv.tags or {}).get(TAG_MANIFEST)
+    if not expected:
+        raise IntegrityError(
+            f"model {mv.name} version {mv.version} has no checksum manifest (tag "
+            f"{TAG_MANIFEST}): it was not registered by this bertflow, so its files cannot "
+            f"be verified. Register the model folder again (e.g. `bertflow registry "
+            f"import-hf DIR --name NAME`).")
+    dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="bertflow-model-"))
+    dest.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
+    manifest_path = local / MANIFEST_FILE
+    if not manifest_path.is_file():
+        return local, [FileCheck(MANIFEST_FILE, "MISSING")]
+    manifest = manifest_path.read_text(encoding="utf-8", errors="replace")
+    first = FileCheck(MANIFEST_FILE, "OK" if text_sha256(manifest) == expected else "MISMATCH")
+    return local, [first, *check_files(local, manifest, f"{mv.name}/{mv.version}:{MANIFEST_FILE}")]

@@ -26,7 +26,7 @@ VERBS: dict[str, str] = {
     "finetune": "fine-tune a BERT for seq-cls, pair-cls, token-cls or qa, then evaluate/register",
     "predict": "batch predictions from a fine-tuned model over a file",
     "embed": "write embeddings (pooled vectors or a hidden layer) of texts to Parquet",
-    "registry": "browse the MLflow model registry: list, show, promote, import-hf",
+    "registry": "browse the MLflow model registry: list, show, promote, verify, import-hf",
     "server": "start an MLflow tracking server (with UI) on the project's store (127.0.0.1)",
     "submit": "submit a bertflow job to a Ray cluster through the Jobs API",
     "jobs": "list, inspect, follow or stop jobs on a Ray cluster",

@@ -34,9 +34,17 @@ def config_hash(model_dir: Path) -> str:
 
 def check_hf_bert_folder(model_dir: Path) -> dict[str, Any]:
     """The config of a Hugging Face-format BERT folder, or a HFImportError saying what is
-    missing. Only safetensors weights are accepted (pickled .bin files are never loaded)."""
+    missing. Only safetensors weights are accepted (pickled .bin files are never loaded).
+    A symbolic link among the files to import is refused: a received folder could point
+    one at a local secret and have it copied into the registry."""
     if not model_dir.is_dir():
         raise HFImportError(f"{model_dir}: no such folder")
+    for f in HF_MODEL_FILES:
+        if (model_dir / f).is_symlink():
+            raise HFImportError(
+                f"{model_dir / f} is a symbolic link (to {(model_dir / f).readlink()}); "
+                f"bertflow imports plain files only. Check where it points, then copy the "
+                f"folder with its links resolved (cp -rL) and import the copy")
     missing = [f for f in ("config.json", "model.safetensors", "vocab.txt")
                if not (model_dir / f).is_file()]
     if missing:
@@ -62,6 +70,7 @@ def import_hf(model_dir: str | Path, name: str, tracking_uri: str | None = None,
     the model files are logged as a bertflow pyfunc and registered as a new version of
     `name` (task "base"). Returns the ModelVersion.
     """
+    t.check_model_name(name)
     src = Path(model_dir).expanduser().resolve()
     config = check_hf_bert_folder(src)
     uri = t.resolve_tracking_uri(tracking_uri)
@@ -77,7 +86,7 @@ def import_hf(model_dir: str | Path, name: str, tracking_uri: str | None = None,
         staged.mkdir()
         for f in HF_MODEL_FILES:
             if (src / f).is_file():
-                shutil.copy2(src / f, staged / f)
+                shutil.copy2(src / f, staged / f, follow_symlinks=False)
         run_id = t.open_run(uri, experiment, f"import-{name}", tags=tags,
                             params={"source_path": str(src), "config_sha256": digest, **arch})
         _, version = t.log_and_register(staged, run_id=run_id, uri=uri, task="base",

@@ -1,4 +1,5 @@
-"""Browsing and curating the MLflow model registry: `bertflow registry list|show|promote`.
+"""Browsing and curating the MLflow model registry: `bertflow registry
+list|show|promote|verify`.
 
 It reads what `workflows.tracking` writes: the lineage tags `TAG_*` on every registered
 version. MLflow is imported inside the functions so that `bertflow registry --help` is
@@ -60,12 +61,12 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """One row per registered model: name, latest version, aliases, task, base model, key
     metric, created (of the latest version)."""
     c = t.client(tracking_uri)
+    latest_of = _latest_versions(c)
     rows = []
     for rm in c.search_registered_models(max_results=1000, order_by=["name ASC"]):
-        versions = c.search_model_versions(f"name = '{rm.name}'")
-        if not versions:
+        latest = latest_of.get(rm.name)
+        if latest is None:
             continue
-        latest = max(versions, key=lambda v: int(v.version))
         aliases = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items()))
         rows.append({
             "name": rm.name, "latest": str(latest.version), "aliases": aliases,
@@ -75,6 +76,21 @@ def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
             "created": _fmt_time(latest.creation_timestamp),
         })
     return rows
+
+
+def _latest_versions(c: Any) -> dict[str, Any]:
+    """{model name: its newest version} over the whole registry, in one paged search with
+    no filter string (a name that needs quoting cannot break it)."""
+    latest: dict[str, Any] = {}
+    token = None
+    while True:
+        page = c.search_model_versions(max_results=10_000, page_token=token)
+        for v in page:
+            if v.name not in latest or int(v.version) > int(latest[v.name].version):
+                latest[v.name] = v
+        token = getattr(page, "token", None)
+        if not token:
+            return latest
 
 
 def base_model_chain(ref: str, tracking_uri: str | None = None, max_depth: int = 10
@@ -153,7 +169,11 @@ def render_model(info: dict[str, Any]) -> str:
         f"  model files      {info['model_artifacts']}",
         f"  run artifacts    {info['artifact_uri']}",
     ]
-    extra = {k: v for k, v in info["tags"].items() if k in (t.TAG_SOURCE_PATH, t.TAG_CONFIG_HASH)}
+    if info["tags"].get(t.TAG_SWEEP_RUN):  # the winner of a `bertflow sweep`
+        lines.append(f"  sweep            {info['tags'].get(t.TAG_SWEEP_NAME, '-')}  "
+                     f"(run {info['tags'][t.TAG_SWEEP_RUN]})")
+    extra = {k: v for k, v in info["tags"].items() if k in (t.TAG_SOURCE_PATH, t.TAG_CONFIG_HASH,
+                                                        t.TAG_MANIFEST)}
     lines += [f"  {k.split('.', 1)[1]:<16} {v}" for k, v in sorted(extra.items())]
     if info["metrics"]:
         lines.append("  metrics")
@@ -176,3 +196,14 @@ def promote(name: str, version: str, alias: str, tracking_uri: str | None = None
         raise RegistryError(f"cannot set alias {alias!r} on {name} version {version}: "
                             f"{exc.message}") from None
     return c.get_model_version_by_alias(name, alias)
+
+
+def verify(ref: str, tracking_uri: str | None = None) -> tuple[Any, list[Any]]:
+    """(the version, one `FileCheck` per file) of `NAME@ALIAS`, `NAME/VERSION` or `NAME`:
+    its files as stored now against the checksum manifest recorded at registration."""
+    import tempfile
+
+    mv = get_version(ref, tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="bertflow-verify-") as tmp:
+        _, checks = t.verify_model_version(mv, t.resolve_tracking_uri(tracking_uri), tmp)
+    return mv, checks

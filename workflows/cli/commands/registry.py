@@ -1,4 +1,4 @@
-"""`bertflow registry list|show|promote|import-hf`: the MLflow model registry."""
+"""`bertflow registry list|show|promote|verify|import-hf`: the MLflow model registry."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import json
 from workflows.cli.args import add_config_arguments, config_from_args, new_parser
 from workflows.config import RegistryConfig
 
-DESCRIPTION = "browse the MLflow model registry: list, show, promote, import-hf"
+DESCRIPTION = "browse the MLflow model registry: list, show, promote, verify, import-hf"
 EPILOG = """examples:
   bertflow registry list
   bertflow registry show bert-tiny@champion      # or bert-tiny/3, or bert-tiny (latest)
   bertflow registry promote bert-tiny 3 --alias champion
+  bertflow registry verify bert-tiny@champion    # files vs. checksums taken at registration
   bertflow registry import-hf path/to/MiniLM --name minilm
 
 --tracking-uri defaults to $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlruns.db."""
@@ -24,6 +25,8 @@ ACTIONS = {
              ("ref",)),
     "promote": ("point an alias at a version", ("model", "version", "alias"),
                 ("model", "version", "alias")),
+    "verify": ("check a version's files against the sha256 manifest recorded when it was "
+               "registered (exit 2 on a mismatch)", ("ref",), ("ref",)),
     "import-hf": ("register a Hugging Face-format BERT folder (e.g. MiniLM) as a base",
                   ("model_dir", "name", "experiment"), ("model_dir", "name")),
 }
@@ -66,6 +69,15 @@ def run(args: argparse.Namespace) -> int:
         mv = r.promote(cfg.model, cfg.version, cfg.alias, uri)
         print(f"{cfg.model}@{cfg.alias} -> version {mv.version}")
         return 0
+    if cfg.action == "verify":
+        mv, checks = r.verify(cfg.ref, uri)
+        for check in checks:
+            print(f"{check.status:<10} {check.path}")
+        bad = sum(not c.ok for c in checks)
+        print(f"{mv.name} version {mv.version}: " + (
+            f"{bad} of {len(checks)} files do not match what was registered; do not load it"
+            if bad else f"all {len(checks)} files match what was registered"))
+        return 2 if bad else 0
     from workflows.ops.hf_import import import_hf
 
     mv = import_hf(cfg.model_dir, cfg.name, uri, experiment=cfg.experiment)
