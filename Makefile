@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.bertflow-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
+# MLflow: never unpickle model files; no telemetry (on by default in MLflow 3).
+export MLFLOW_ALLOW_PICKLE_DESERIALIZATION := false
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup test quickstart bench clean help

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -21,18 +22,101 @@ def test_only_workflow_verbs_can_be_submitted():
         jobs.build_entrypoint("server", [])
 
 
-def test_runtime_env_ships_the_project_without_local_state_and_passes_tracking():
-    env = jobs.build_runtime_env("http://10.0.0.5:5000")
-    assert env["working_dir"] == str(jobs.project_root())
-    for local_only in (".venv", ".git", "mlruns.db", "mlartifacts", "quickstart_out"):
-        assert local_only in env["excludes"]
+def fake_project(root: Path) -> Path:
+    """A project folder holding the packages beside what must never leave the machine."""
+    for pkg in jobs.PACKAGES:
+        (root / pkg).mkdir(parents=True)
+        (root / pkg / "__init__.py").write_text("")
+    (root / "workflows" / "cli").mkdir()
+    (root / "workflows" / "cli" / "__main__.py").write_text("print('hi')\n")
+    (root / "workflows" / "__pycache__").mkdir()
+    (root / "workflows" / "__pycache__" / "x.pyc").write_bytes(b"\0")
+    (root / "configs").mkdir()
+    (root / "configs" / "pretrain.yaml").write_text("lr: 1e-4\n")
+    (root / "pyproject.toml").write_text("[project]\nname = 'bertflow'\n")
+    (root / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
+    (root / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\n")
+    (root / "mlruns.db").write_bytes(b"sqlite")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "wiki.txt").write_text("text\n")
+    return root
+
+
+def test_submit_ships_only_the_allowlist_and_never_follows_links(tmp_path):
+    project = fake_project(tmp_path / "project")
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_rsa").write_text("secret")
+    (project / "configs" / "home").symlink_to(home, target_is_directory=True)
+    (project / "workflows" / "token.txt").symlink_to(home / ".ssh" / "id_rsa")
+    shipment = jobs.stage_project(project, tmp_path / "staged")
+    shipped = sorted(p.relative_to(shipment.folder).as_posix()
+                     for p in shipment.folder.rglob("*") if p.is_file())
+    assert shipped == ["bert_core/__init__.py", "configs/pretrain.yaml", "data_prep/__init__.py",
+                       "pyproject.toml", "workflows/__init__.py", "workflows/cli/__main__.py"]
+    assert not any(p.is_symlink() for p in shipment.folder.rglob("*"))
+    assert sorted(shipment.skipped_links) == ["configs/home", "workflows/token.txt"]
+    assert shipment.files == 6 and shipment.size == sum(
+        (shipment.folder / f).stat().st_size for f in shipped)
+    assert shipment.describe().startswith(
+        "bert_core/, data_prep/, workflows/, configs/, pyproject.toml (6 files, ")
+
+
+def test_an_installed_bertflow_ships_its_packages_not_site_packages(tmp_path):
+    site = tmp_path / "site-packages"
+    for pkg in jobs.PACKAGES:
+        (site / pkg).mkdir(parents=True)
+        (site / pkg / "__init__.py").write_text("")
+    (site / "workflows" / "cli").mkdir()
+    (site / "workflows" / "cli" / "__main__.py").write_text("")
+    (site / "torch").mkdir()
+    (site / "torch" / "lib.so").write_bytes(b"\0" * 1000)
+    shipment = jobs.stage_project(site, tmp_path / "staged")
+    assert shipment.entries == list(jobs.PACKAGES) and shipment.files == 4
+    assert not (shipment.folder / "torch").exists()
+
+
+def test_runtime_env_passes_tracking_and_keeps_mlflow_safe(tmp_path):
+    env = jobs.build_runtime_env("http://10.0.0.5:5000", tmp_path)
+    assert env["working_dir"] == str(tmp_path)
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://10.0.0.5:5000"
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert env["env_vars"]["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert env["env_vars"]["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert env["env_vars"]["DO_NOT_TRACK"] == "true"
 
 
-def test_runtime_env_refuses_a_folder_that_is_not_the_project(tmp_path):
+def test_a_folder_that_is_not_the_project_is_refused(tmp_path):
     with pytest.raises(jobs.JobError, match="not a bertflow project"):
-        jobs.build_runtime_env("http://h:5000", project_dir=tmp_path)
+        jobs.stage_project(tmp_path, tmp_path / "staged")
+
+
+def test_the_auth_token_is_not_sent_in_cleartext_off_loopback(caplog):
+    for address in ("http://10.0.0.2:8265", "http://head.example.com:8265",
+                    "ray://10.0.0.2:10001"):
+        with pytest.raises(jobs.JobError, match="cleartext"):
+            jobs.check_address_is_private(address)
+    for address in ("http://127.0.0.1:8265", "http://localhost:8265", "http://[::1]:8265",
+                    "https://head.example.com:8265"):
+        jobs.check_address_is_private(address)
+    jobs.check_address_is_private("http://10.0.0.2:8265", insecure=True)
+    assert "--insecure" in caplog.text
+    with pytest.raises(jobs.JobError, match="cleartext"):
+        jobs.connect("http://10.0.0.2:8265")
+
+
+def test_the_cli_keeps_mlflow_from_unpickling_and_phoning_home(monkeypatch):
+    from workflows.cli import main
+
+    for key in ("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "MLFLOW_DISABLE_TELEMETRY",
+                "DO_NOT_TRACK"):
+        monkeypatch.delenv(key, raising=False)
+    assert main(["--help"]) == 0
+    import os
+
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert os.environ["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert os.environ["DO_NOT_TRACK"] == "true"
 
 
 @pytest.mark.parametrize("uri,address,expect", [

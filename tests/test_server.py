@@ -60,6 +60,28 @@ def test_a_port_in_use_is_a_clear_error(tmp_path):
                                   stderr=open(tmp_path / "err", "wb"))
 
 
+def test_bertflow_server_is_the_same_launcher_with_the_port_check(tmp_path, capsys):
+    """`bertflow server` goes through start_server: a busy port is a clear error at once,
+    not mlflow dying after its workers started."""
+    from workflows.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["server", "--port", str(port),
+                     "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}"]) == 2
+    assert "uses that port" in capsys.readouterr().err
+
+
+def test_the_server_runs_without_unpickling_or_telemetry(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    env = server.server_env()
+    assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true" and env["DO_NOT_TRACK"] == "true"
+    assert env["PATH"]  # the rest of the environment is kept
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tiny_pretrain_through_the_server_then_browse_it(ray_local, mlflow_server, tmp_path,

@@ -65,6 +65,11 @@ TAG_CONFIG_HASH = "bertflow.config_sha256"
 TAG_SWEEP_RUN = "bertflow.sweep_run_id"  # the parent run of the sweep a model won
 TAG_SWEEP_NAME = "bertflow.sweep_name"
 TAG_MANIFEST = "bertflow.manifest_sha256"  # sha256 of the version's bertflow.sha256 artifact
+# Set in every process bertflow starts (the CLI itself, Ray jobs, the MLflow server):
+# MLflow may not unpickle model files, and sends no telemetry (on by default in MLflow 3).
+MLFLOW_SAFE_ENV = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
 
 

@@ -13,6 +13,7 @@ modules import torch / ray / mlflow inside `run`, so `bertflow --help` and
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from types import ModuleType
 
@@ -61,8 +62,18 @@ def _top_help() -> str:
     return "\n".join(lines + ["", EPILOG])
 
 
+def safe_mlflow_environment() -> None:
+    """Before any verb runs: MLflow may not unpickle model files and sends no telemetry,
+    in this process and every one it starts (unless the user set these variables)."""
+    from workflows.tracking import MLFLOW_SAFE_ENV
+
+    for key, value in MLFLOW_SAFE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    safe_mlflow_environment()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0

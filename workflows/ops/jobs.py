@@ -1,9 +1,12 @@
 """Run bertflow verbs on a Ray cluster through Ray's Jobs API, and watch them.
 
-`submit_verb` ships the project folder as the job's `working_dir` (without local
-environments, data or run outputs), runs `python -m workflows.cli VERB ARGS...` as the
-job's entrypoint, and passes the MLflow tracking URI through the environment, so a job
-logs and registers into the same store as a local run would.
+`submit_verb` ships an allowlist of the project (the packages, `configs/`,
+`pyproject.toml`, `constraints.txt`: `SHIPPED`), copied into a temporary folder without
+following links, as the job's `working_dir`; runs `python -m workflows.cli VERB ARGS...`
+as the job's entrypoint, and passes the MLflow tracking URI through the environment, so
+a job logs and registers into the same store as a local run would. `connect` refuses a
+dashboard that is reached in cleartext off this machine unless told `insecure`: Ray's
+auth token and the shipped code would cross the network readable by anyone on the path.
 
 Ray is imported inside the functions: `bertflow jobs --help` stays instant.
 """
@@ -11,33 +14,40 @@ Ray is imported inside the functions: `bertflow jobs --help` stays instant.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import shlex
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bert_core.config_io import BertflowError
 from workflows.config import SUBMITTABLE_VERBS
+from workflows.tracking import MLFLOW_SAFE_ENV
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
 
-# Never upload these with the job: environments, VCS data, stores and outputs. Ray's
-# working_dir upload is size-limited, and a shipped .venv would break the cluster's Python.
-WORKING_DIR_EXCLUDES = [
-    ".git", ".venv", "venv", "**/__pycache__", "*.egg-info", ".pytest_cache",
-    "data", "runs", "quickstart_out", "mlruns", "mlruns.db", "mlartifacts",
-    "*.parquet", "*.safetensors", "*.pt",
-]
+# What a job ships of the project folder: the packages and the files that describe how
+# to run them. Nothing else goes (.env files, keys, stores, corpora and run outputs stay
+# home); the packages are required, the rest shipped when present (an installed bertflow
+# has only the packages).
+PACKAGES = ("bert_core", "data_prep", "workflows")
+SHIPPED = (*PACKAGES, "configs", "pyproject.toml", "constraints.txt")
+# Never shipped from inside those folders: caches a job rebuilds anyway.
+SKIPPED_NAMES = ("__pycache__", ".pytest_cache")
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
 
-# Environment every job gets: offline by design, like local runs (see Makefile).
-JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+# Environment every job gets: offline by design, like local runs (see Makefile), with
+# MLflow's unpickling of model files and its telemetry off.
+JOB_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **MLFLOW_SAFE_ENV}
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -110,25 +120,115 @@ def attach_to_cluster(verb: str, args: list[str]) -> list[str]:
     return list(args)
 
 
-def build_runtime_env(tracking_uri: str, project_dir: Path | None = None,
+@dataclass
+class Shipment:
+    """What a job ships: a staged copy of the allowlisted project files."""
+
+    folder: Path                                    # the job's working_dir
+    entries: list[str]                              # top-level names shipped
+    files: int = 0
+    size: int = 0                                   # bytes
+    skipped_links: list[str] = field(default_factory=list)  # never followed nor shipped
+
+    def describe(self) -> str:
+        names = ", ".join(e + "/" if (self.folder / e).is_dir() else e for e in self.entries)
+        return f"{names} ({self.files} files, {self.size / 1e6:.1f} MB)"
+
+
+def stage_project(project_dir: Path, dest: Path) -> Shipment:
+    """Copy the `SHIPPED` entries of `project_dir` into the new folder `dest`.
+
+    Only regular files are copied; a symbolic link (to a file or a folder) is skipped and
+    listed, never followed, so a link to a corpus or a home folder ships nothing.
+    """
+    missing = [p for p in PACKAGES if not (project_dir / p).is_dir()
+               or (project_dir / p).is_symlink()]
+    if missing or not (project_dir / "workflows" / "cli" / "__main__.py").is_file():
+        raise JobError(f"{project_dir} is not a bertflow project folder (it needs the "
+                       f"packages {', '.join(PACKAGES)} with workflows/cli/__main__.py)")
+    shipment = Shipment(dest, [])
+    dest.mkdir(parents=True)
+    for name in SHIPPED:
+        src = project_dir / name
+        if src.is_symlink():
+            shipment.skipped_links.append(name)
+            continue
+        if src.is_file():
+            _ship_file(src, dest / name, shipment)
+        elif src.is_dir():
+            for root, dirs, files in os.walk(src):  # followlinks=False: links not entered
+                rel = Path(root).relative_to(project_dir)
+                dirs[:] = sorted(d for d in dirs if d not in SKIPPED_NAMES)
+                for d in dirs:
+                    if (Path(root) / d).is_symlink():
+                        shipment.skipped_links.append(str(rel / d))
+                for f in sorted(files):
+                    path = Path(root) / f
+                    if path.is_symlink():
+                        shipment.skipped_links.append(str(rel / f))
+                    elif path.is_file() and not f.endswith(SKIPPED_SUFFIXES):
+                        _ship_file(path, dest / rel / f, shipment)
+        else:
+            continue
+        shipment.entries.append(name)
+    for link in shipment.skipped_links:
+        log.warning("not shipped: %s is a symbolic link", project_dir / link)
+    return shipment
+
+
+def _ship_file(src: Path, dest: Path, shipment: Shipment) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest, follow_symlinks=False)
+    shipment.files += 1
+    shipment.size += dest.stat().st_size
+
+
+def build_runtime_env(tracking_uri: str, working_dir: Path,
                       env_vars: dict[str, str] | None = None) -> dict[str, Any]:
-    """Ray runtime_env shipping `project_dir` and passing the tracking URI to the job."""
-    project_dir = project_dir or project_root()
-    if not (project_dir / "workflows" / "cli" / "__main__.py").is_file():
-        raise JobError(f"{project_dir} is not a bertflow project folder "
-                       f"(no workflows/cli/__main__.py)")
+    """Ray runtime_env shipping `working_dir` (a `stage_project` folder) and passing the
+    tracking URI to the job."""
     env = {**JOB_ENV, "MLFLOW_TRACKING_URI": tracking_uri, **(env_vars or {})}
-    return {"working_dir": str(project_dir), "excludes": list(WORKING_DIR_EXCLUDES),
-            "env_vars": env}
+    return {"working_dir": str(working_dir), "env_vars": env}
 
 
-def connect(address: str) -> "JobSubmissionClient":
-    """A Jobs API client for the dashboard at `address` (http://HOST:8265)."""
+def is_loopback(host: str | None) -> bool:
+    """Whether `host` is this machine (localhost, 127.0.0.0/8, ::1)."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_address_is_private(address: str, insecure: bool = False) -> None:
+    """Refuse (unless `insecure`) a cleartext dashboard address off loopback: Ray's auth
+    token, the shipped code and the job's environment would cross the network unencrypted."""
+    from urllib.parse import urlparse
+
+    url = urlparse(address)
+    if url.scheme not in ("http", "ray") or is_loopback(url.hostname):
+        return
+    message = (f"--address {address} is {url.scheme}:// to another machine: Ray's auth "
+               f"token, the shipped project and the job's environment would be sent in "
+               f"cleartext. Tunnel the dashboard (`ray dashboard cluster.yaml`, or ssh -L "
+               f"8265:localhost:8265 HEAD) and use http://127.0.0.1:8265, or use https://")
+    if not insecure:
+        raise JobError(message + "; --insecure sends it anyway (a network you trust)")
+    log.warning("%s (sent anyway: --insecure)", message)
+
+
+def connect(address: str, insecure: bool = False) -> "JobSubmissionClient":
+    """A Jobs API client for the dashboard at `address` (http://HOST:8265); see
+    `check_address_is_private` for `insecure`."""
     from ray.job_submission import JobSubmissionClient
 
     if not address.startswith(("http://", "https://")):
         raise JobError(f"--address {address!r}: expected the dashboard URL, "
                        "e.g. http://127.0.0.1:8265 (or via `ray dashboard cluster.yaml`)")
+    check_address_is_private(address, insecure)
     _use_ray_auth_token_if_present()
     try:
         return JobSubmissionClient(address)
@@ -158,26 +258,36 @@ class SubmittedJob:
     address: str
     entrypoint: str
     tracking_uri: str
+    shipped: str = ""          # Shipment.describe(): what went to the cluster
 
 
 def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
                 submission_id: str | None = None, project_dir: Path | None = None,
                 env_vars: dict[str, str] | None = None,
-                client: "JobSubmissionClient | None" = None) -> SubmittedJob:
-    """Submit `bertflow VERB ARGS...` as a Ray job; returns at once (see `wait_for_job`)."""
+                client: "JobSubmissionClient | None" = None,
+                insecure: bool = False) -> SubmittedJob:
+    """Submit `bertflow VERB ARGS...` as a Ray job; returns at once (see `wait_for_job`).
+
+    The allowlisted project files are staged in a temporary folder, which Ray packs and
+    uploads during the submission; it is removed afterwards."""
+    import tempfile
+
     for warning in check_tracking_uri_for_cluster(tracking_uri, address):
         log.warning(warning)
     entrypoint = build_entrypoint(verb, attach_to_cluster(verb, args))
-    runtime_env = build_runtime_env(tracking_uri, project_dir, env_vars)
-    client = client or connect(address)
-    try:
-        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                   submission_id=submission_id,
-                                   metadata={"bertflow_verb": verb})
-    except RuntimeError as exc:  # the SDK reports HTTP errors (e.g. a reused id) this way
-        raise JobError(f"the cluster at {address} refused the job: {exc}") from None
+    client = client or connect(address, insecure)
+    with tempfile.TemporaryDirectory(prefix="bertflow-job-") as tmp:
+        shipment = stage_project(project_dir or project_root(), Path(tmp) / "bertflow")
+        runtime_env = build_runtime_env(tracking_uri, shipment.folder, env_vars)
+        try:
+            job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                       submission_id=submission_id,
+                                       metadata={"bertflow_verb": verb})
+        except RuntimeError as exc:  # the SDK reports HTTP errors (e.g. a reused id) so
+            raise JobError(f"the cluster at {address} refused the job: {exc}") from None
+        shipped = shipment.describe()
     log.info("submitted %s as job %s to %s", verb, job_id, address)
-    return SubmittedJob(job_id, address, entrypoint, tracking_uri)
+    return SubmittedJob(job_id, address, entrypoint, tracking_uri, shipped)
 
 
 def job_status(client: "JobSubmissionClient", job_id: str) -> str:

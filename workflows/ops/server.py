@@ -52,6 +52,14 @@ def server_command(cfg: ServerConfig) -> list[str]:
             str(artifacts.resolve()), "--serve-artifacts", "--workers", "1"]
 
 
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The server's environment: `base` (default: this process's) with unpickling of model
+    files and MLflow's telemetry switched off."""
+    from workflows.tracking import MLFLOW_SAFE_ENV
+
+    return {**(os.environ if base is None else base), **MLFLOW_SAFE_ENV}
+
+
 def server_url(host: str, port: int) -> str:
     """The URL that reaches a server bound to `host` (a wildcard is reached on loopback)."""
     host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
@@ -99,7 +107,8 @@ def start_server(cfg: ServerConfig, timeout_s: float = 60.0,
                     "(MLflow has no authentication here)", cfg.host)
     check_port_free(cfg.host, cfg.port)
     cmd = server_command(cfg)
-    proc = subprocess.Popen(cmd, start_new_session=True, **popen_kwargs)
+    env = server_env(popen_kwargs.pop("env", None))
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env, **popen_kwargs)
     url = server_url(cfg.host, cfg.port)
     try:
         wait_for_server(url, timeout_s, proc)

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     address = cfg.address or default_address()
     if not address:
         raise JobError("--address is required (or set RAY_ADDRESS=http://HOST:8265)")
-    client = connect(address)
+    client = connect(address, cfg.insecure)
     if cfg.action == "list":
         rows = list_jobs(client)
         if not rows:

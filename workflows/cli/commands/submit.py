@@ -21,8 +21,10 @@ EPILOG = """examples:
       --tracking-uri http://10.0.0.5:5000 --data /data/wiki128 --use-gpu --num-workers 4
   bertflow jobs logs bertflow-pretrain-1 --follow
 
-The project folder is shipped as the job's working_dir (without .venv, data and run
-outputs); the tracking URI reaches the job as MLFLOW_TRACKING_URI."""
+Only bert_core/, data_prep/, workflows/, configs/, pyproject.toml and constraints.txt are
+shipped as the job's working_dir (symbolic links are not followed); the tracking URI
+reaches the job as MLFLOW_TRACKING_URI. A cleartext http:// address off this machine is
+refused (the Ray auth token would cross the network): tunnel it, or --insecure."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
     if not address:
         raise JobError("--address is required (or set RAY_ADDRESS=http://HOST:8265)")
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
-    client = connect(address)
+    client = connect(address, cfg.insecure)
     job = submit_verb(address, cfg.verb, verb_args, tracking_uri,
                       submission_id=cfg.submission_id, client=client)
     print(f"submitted job {job.submission_id}: {job.entrypoint}")
+    print(f"  shipped: {job.shipped}")
     print(f"  tracking URI: {job.tracking_uri}")
     if not cfg.wait:
         print(f"  follow it with: bertflow jobs logs {job.submission_id} --follow "
