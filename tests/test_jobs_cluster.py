@@ -149,3 +149,29 @@ def test_unknown_job_and_unreachable_cluster_are_clear_errors(ray_head, capsys):
     port = free_ports(1)[0]
     assert cli(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
     assert "cannot reach the Ray dashboard" in capsys.readouterr().err
+
+
+def test_cluster_python_without_bertflow_is_caught_before_submitting(ray_head, tmp_path,
+                                                                      capsys):
+    """A head whose `python` lacks bertflow's dependencies (here: a PATH without the venv)
+    is refused before the job is shipped, saying what to install where; a job that fails
+    on the cluster ends with the last lines of its log and the command for all of it."""
+    from workflows.ops.probe import ClusterPythonError, check_cluster_python
+
+    client = jobs.connect(ray_head)
+    report = check_cluster_python(client, ray_head, {"env_vars": {
+        "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}})
+    assert report["missing"] == [] and report["python"].startswith(str(VENV_BIN))
+    with pytest.raises(ClusterPythonError, match="pip install -c constraints.txt"):
+        check_cluster_python(client, ray_head, {"env_vars": {"PATH": str(tmp_path)}})
+
+    code = cli(["submit", "prep", "--address", ray_head, "--wait", "--timeout",
+                str(JOB_TIMEOUT_S), "--submission-id", "bertflow-test-fails",
+                "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}",
+                "--input", str(tmp_path / "no-such-corpus.txt"), "--output",
+                str(tmp_path / "out"), "--vocab", str(tmp_path / "no-vocab.txt")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "job bertflow-test-fails FAILED" in out
+    assert "last lines of its log" in err and "no-such-corpus" in err.split(
+        "last lines of its log", 1)[1]
+    assert f"bertflow jobs logs bertflow-test-fails --address {ray_head}" in err

@@ -265,7 +265,7 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
                 submission_id: str | None = None, project_dir: Path | None = None,
                 env_vars: dict[str, str] | None = None,
                 client: "JobSubmissionClient | None" = None,
-                insecure: bool = False) -> SubmittedJob:
+                insecure: bool = False, probe: bool = True) -> SubmittedJob:
     """Submit `bertflow VERB ARGS...` as a Ray job; returns at once (see `wait_for_job`).
 
     The allowlisted project files are staged in a temporary folder, which Ray packs and
@@ -279,6 +279,10 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
     with tempfile.TemporaryDirectory(prefix="bertflow-job-") as tmp:
         shipment = stage_project(project_dir or project_root(), Path(tmp) / "bertflow")
         runtime_env = build_runtime_env(tracking_uri, shipment.folder, env_vars)
+        if probe:  # before shipping the job: can the cluster's python import bertflow's deps?
+            from workflows.ops.probe import check_cluster_python
+
+            check_cluster_python(client, address, {"env_vars": runtime_env["env_vars"]})
         try:
             job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                        submission_id=submission_id,
@@ -288,6 +292,15 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
         shipped = shipment.describe()
     log.info("submitted %s as job %s to %s", verb, job_id, address)
     return SubmittedJob(job_id, address, entrypoint, tracking_uri, shipped)
+
+
+def log_tail(client: "JobSubmissionClient", job_id: str, lines: int = 20) -> str:
+    """The last `lines` lines of a job's log ("" when the cluster has none)."""
+    try:
+        text = client.get_job_logs(job_id)
+    except RuntimeError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
 def job_status(client: "JobSubmissionClient", job_id: str) -> str:

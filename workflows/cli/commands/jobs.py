@@ -40,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     """Dispatch the jobs sub-verb."""
     from workflows.cli.table import format_table
     from workflows.ops.jobs import (JobError, connect, default_address, exit_code_for,
-                                    follow_logs, job_status, list_jobs, stop_job)
+                                    follow_logs, job_status, list_jobs, log_tail,
+                                    stop_job)
 
     cfg = config_from_args(JobsConfig, args)
     address = cfg.address or default_address()
@@ -57,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
     if cfg.action == "status":
         status = job_status(client, cfg.job_id)
         print(f"{cfg.job_id} {status}")
+        if status == "FAILED":
+            tail = log_tail(client, cfg.job_id)
+            if tail:
+                print(f"--- last lines of its log:\n{tail}\nwhole log: bertflow jobs logs "
+                      f"{cfg.job_id} --address {address}", file=sys.stderr)
         return exit_code_for(status) if status in ("SUCCEEDED", "FAILED", "STOPPED") else 0
     if cfg.action == "logs":
         job_status(client, cfg.job_id)  # a clear error for an unknown id

@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Submit, and with --wait follow the job to its end."""
     from workflows.ops.jobs import (JobError, connect, default_address, exit_code_for,
-                                    submit_verb, wait_for_job)
+                                    log_tail, submit_verb, wait_for_job)
     from workflows.tracking import resolve_tracking_uri
 
     cfg = config_from_args(SubmitConfig, args)
@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     client = connect(address, cfg.insecure)
     job = submit_verb(address, cfg.verb, verb_args, tracking_uri,
-                      submission_id=cfg.submission_id, client=client)
+                      submission_id=cfg.submission_id, client=client, probe=cfg.probe)
     print(f"submitted job {job.submission_id}: {job.entrypoint}")
     print(f"  shipped: {job.shipped}")
     print(f"  tracking URI: {job.tracking_uri}")
@@ -65,4 +65,10 @@ def run(args: argparse.Namespace) -> int:
               f"(`bertflow jobs stop {job.submission_id}` stops it)", file=sys.stderr)
         return 130
     print(f"job {job.submission_id} {status}")
+    if status != "SUCCEEDED":
+        tail = log_tail(client, job.submission_id)
+        if tail:
+            print(f"--- last lines of its log:\n{tail}", file=sys.stderr)
+        print(f"whole log: bertflow jobs logs {job.submission_id} --address {address}",
+              file=sys.stderr)
     return exit_code_for(status)
