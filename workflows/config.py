@@ -54,6 +54,9 @@ class LoopSettings:
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this (0 disables)")
     precision: Literal["fp32", "bf16", "fp16"] = field(
         "fp32", help="autocast precision; fp16 uses a gradient scaler")
+    max_nonfinite_steps: int = field(
+        50, help="fp16: stop with an error after this many optimizer steps in a row whose "
+                 "loss is not finite (the scaler skips them; 0: never stop)")
     checkpoint_every: int = field(500, help="optimizer steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = field(2, help="how many of the latest checkpoints to keep")
     max_failures: int = field(0, help="worker-group restarts allowed (each resumes from the latest checkpoint)")
@@ -71,7 +74,7 @@ class LoopSettings:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         for name in ("warmup_steps", "checkpoint_every", "max_failures", "eval_every",
-                     "eval_batches"):
+                     "eval_batches", "max_nonfinite_steps"):
             check(getattr(self, name) >= 0, name, "must be 0 or more")
         check(self.warmup_steps <= self.max_steps, "warmup_steps",
               f"{self.warmup_steps} is more than max_steps={self.max_steps}")
@@ -453,9 +456,6 @@ class SubmitConfig:
     timeout: float | None = field(
         None, help="with --wait, give up waiting after this many seconds (the job keeps "
                    "running)")
-    probe: bool = field(True, help="first run a one-line job checking that the cluster's "
-                                   "Python can import bertflow's dependencies (says what to "
-                                   "install where if not)")
 
 
 @dataclass(kw_only=True)

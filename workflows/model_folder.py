@@ -14,7 +14,6 @@ Ray Train run folder, or a downloaded MLflow model.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -93,24 +92,13 @@ def is_model_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint with the highest step under a Ray Train run folder (the layout that
-    workflows.training.checkpoint writes: checkpoint_*/trainer_state.json + model/)."""
-    def step_of(p: Path) -> int:
-        state = p / "trainer_state.json"
-        if state.is_file():
-            return int(json.loads(state.read_text()).get("step", -1))
-        digits = re.findall(r"\d+", p.name)
-        return int(digits[-1]) if digits else -1
-
-    ckpts = [p for p in run_dir.glob("checkpoint_*") if (p / "model").is_dir()]
-    return max(ckpts, key=step_of) if ckpts else None
-
-
 def find_model_folder(path: Path) -> Path | None:
     """The model folder inside a local path: the folder itself, a bertflow checkpoint
     (`model/`), a Ray Train run folder (its latest checkpoint) or a downloaded MLflow
     model (`artifacts/model/`)."""
+    # The checkpoint layout, and which checkpoints are trusted, belong to training.
+    from workflows.training.checkpoint import latest_checkpoint
+
     if is_model_folder(path):
         return path
     for sub in (path / "model", path / "artifacts" / MODEL_ARTIFACT):

@@ -7,6 +7,12 @@ A checkpoint is one folder (Ray Train keeps the latest `keep_checkpoints`):
                          plain values; read back with torch.load(weights_only=True))
     trainer_state.json   step, epoch, data position, attempt (human-readable)
     rank_<r>.pt          each worker's torch RNG state and data position
+    bertflow_checkpoint.json   written last by rank 0: every file it wrote, with its size
+
+Which checkpoints are trusted (`trusted_checkpoints`, `latest_checkpoint`): those Ray
+Train committed (listed in the run folder's checkpoint_manager_snapshot.json) and those
+whose completion marker lists files that are all there at their size. A `checkpoint_*`
+folder left half-written by a crash, or dropped into the run folder by hand, is neither.
 
 Resume: the workers restart from the latest checkpoint with its model, optimizer,
 scheduler and scaler, at its step, and each worker skips the micro-batches of the
@@ -17,6 +23,7 @@ workflows.training.loop does the skipping).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +39,8 @@ def save_checkpoint(dest: Path, *, task: Any, raw_model: nn.Module | None,
                     batches_in_epoch: int, attempt: int) -> None:
     """Write this rank's part of a checkpoint into `dest` (rank 0 writes model + state)."""
     dest.mkdir(parents=True, exist_ok=True)
+    torch.save({"torch_rng": torch.get_rng_state(), "epoch": epoch,
+                "batches_in_epoch": batches_in_epoch}, dest / f"rank_{rank}.pt")
     if rank == 0:
         assert task is not None and raw_model is not None and runner is not None
         task.save_model(raw_model, dest / "model")
@@ -39,8 +48,63 @@ def save_checkpoint(dest: Path, *, task: Any, raw_model: nn.Module | None,
         (dest / "trainer_state.json").write_text(json.dumps(
             {"step": runner.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
              "attempt": attempt}, indent=2))
-    torch.save({"torch_rng": torch.get_rng_state(), "epoch": epoch,
-                "batches_in_epoch": batches_in_epoch}, dest / f"rank_{rank}.pt")
+        write_completion_marker(dest)
+
+
+COMPLETE_FILE = "bertflow_checkpoint.json"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def write_completion_marker(dest: Path) -> None:
+    """Record every file of the checkpoint with its size, as the last file written (the
+    sizes make it independent of the order in which storage receives the files)."""
+    files = {p.relative_to(dest).as_posix(): p.stat().st_size
+             for p in sorted(dest.rglob("*")) if p.is_file() and p.name != COMPLETE_FILE}
+    tmp = dest / (COMPLETE_FILE + ".tmp")
+    tmp.write_text(json.dumps({"files": files}, indent=1))
+    tmp.replace(dest / COMPLETE_FILE)
+
+
+def is_complete(ckpt: Path) -> bool:
+    """Whether the completion marker of `ckpt` is there and every file it lists is too,
+    at the size it was written with."""
+    try:
+        files = json.loads((ckpt / COMPLETE_FILE).read_text())["files"]
+        return bool(files) and all((ckpt / rel).stat().st_size == size
+                                   for rel, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def committed_by_ray(run_dir: Path) -> set[str]:
+    """Names of the checkpoints Ray Train recorded as reported by every worker."""
+    try:
+        snapshot = json.loads((run_dir / RAY_SNAPSHOT).read_text())
+        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def trusted_checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoint folders of a run that Ray committed or that are complete."""
+    committed = committed_by_ray(run_dir)
+    return [p for p in sorted(run_dir.glob("checkpoint_*"))
+            if p.is_dir() and (p.name in committed or is_complete(p))]
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step of a checkpoint (its trainer_state.json, else the digits of its name)."""
+    try:
+        return int(json.loads((ckpt / "trainer_state.json").read_text()).get("step", -1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        digits = re.findall(r"\d+", ckpt.name)
+        return int(digits[-1]) if digits else -1
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The trusted checkpoint with the highest step under a Ray Train run folder."""
+    ckpts = [p for p in trusted_checkpoints(run_dir) if (p / "model").is_dir()]
+    return max(ckpts, key=checkpoint_step) if ckpts else None
 
 
 def load_checkpoint_state(src: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:

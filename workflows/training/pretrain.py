@@ -31,6 +31,7 @@ from torch import nn
 from bert_core.config_io import BertflowError
 from workflows.config import PretrainConfig, flat_dict
 from workflows.model_folder import PRETRAINING_HEAD, save_model_folder
+from workflows.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         if found is None or found.data.tags.get(T.TAG_MODEL_URI):
             raise PretrainError(f"run {cfg.run_name!r} already finished ({run_dir}); choose "
                                 f"a new --run-name, or delete that folder to train it again")
-    resuming = any(p.is_dir() for p in run_dir.glob("checkpoint_*"))
+    resuming = latest_checkpoint(run_dir) is not None
     lineage = {T.TAG_DATASET_FINGERPRINT: manifest.fingerprint,
                T.TAG_DATASET_PATH: str(data_dir)}
     if cfg.init:

@@ -2,7 +2,10 @@
 tested without Ray, used by the worker loop in workflows.training.loop).
 
 `StepRunner` owns forward/backward with gradient accumulation and precision (autocast
-bf16/fp16, a gradient scaler for fp16), clipping, the optimizer and the schedule.
+bf16/fp16, a gradient scaler for fp16), clipping, the optimizer and the schedule. Under
+fp16 it counts the steps the scaler skipped (metric `scaler_skipped_steps`) and stops the
+run after `max_nonfinite_steps` steps in a row with a non-finite loss: a diverged fp16 run
+would otherwise skip every step to the end and learn nothing.
 `MetricWindow` sums per-micro-batch metrics; `mfu` turns throughput into model FLOPs
 utilisation.
 """
@@ -10,6 +13,7 @@ utilisation.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from typing import Any
 
@@ -41,6 +45,9 @@ class StepRunner:
         self.scaler = torch.amp.GradScaler(device.type, enabled=loop.precision == "fp16")
         self.step = 0
         self.micro = 0
+        self.skipped_steps = 0      # fp16 steps the scaler skipped (inf/NaN gradients)
+        self.nonfinite_run = 0      # optimizer steps in a row with a non-finite loss
+        self._cycle_finite = True   # every micro-batch loss of this cycle was finite
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.loop.precision == "fp32":
@@ -59,14 +66,19 @@ class StepRunner:
                 loss, metrics = task.compute_loss(self.model, batch)
             self.scaler.scale(loss / self.loop.grad_accum).backward()
         self.micro += 1
-        return float(loss.detach()), metrics
+        value = float(loss.detach())
+        self._cycle_finite = self._cycle_finite and math.isfinite(value)
+        return value, metrics
 
     @property
     def cycle_done(self) -> bool:
         return self.micro % self.loop.grad_accum == 0
 
     def optimizer_step(self) -> dict[str, float]:
-        """Unscale, clip, step, schedule; returns the lr used and the gradient norm."""
+        """Unscale, clip, step, schedule; returns the lr used and the gradient norm (under
+        fp16 also the loss scale and the steps skipped so far)."""
+        fp16 = self.scaler.is_enabled()
+        scale = self.scaler.get_scale() if fp16 else 1.0
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         if self.loop.max_grad_norm > 0:
@@ -79,12 +91,35 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"lr": lr, "grad_norm": grad_norm}
+        info = {"lr": lr, "grad_norm": grad_norm}
+        if fp16:
+            # The scaler lowers its scale exactly when it found inf/NaN and skipped the step.
+            self.skipped_steps += int(self.scaler.get_scale() < scale)
+            info.update(loss_scale=self.scaler.get_scale(),
+                        scaler_skipped_steps=float(self.skipped_steps))
+            self._check_divergence()
+        self._cycle_finite = True
+        return info
+
+    def _check_divergence(self) -> None:
+        """Stop an fp16 run whose loss has not been finite for `max_nonfinite_steps` steps."""
+        self.nonfinite_run = 0 if self._cycle_finite else self.nonfinite_run + 1
+        limit = self.loop.max_nonfinite_steps
+        if limit and self.nonfinite_run >= limit:
+            from workflows.training.engine import TrainingError
+
+            raise TrainingError(
+                f"fp16 run diverged: the loss was not finite for {self.nonfinite_run} "
+                f"optimizer steps in a row (up to step {self.step}; {self.skipped_steps} "
+                f"steps skipped by the gradient scaler in all). Lower --lr, raise "
+                f"--warmup-steps, or use --precision bf16 (or fp32); "
+                f"--max-nonfinite-steps sets how many are tolerated")
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "step": self.step}
+                "scaler": self.scaler.state_dict(), "step": self.step,
+                "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -92,6 +127,7 @@ class StepRunner:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.micro = 0
 
 
