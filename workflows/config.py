@@ -456,6 +456,9 @@ class SubmitConfig:
     timeout: float | None = field(
         None, help="with --wait, give up waiting after this many seconds (the job keeps "
                    "running)")
+    probe: bool = field(True, help="first run a one-line job checking that the cluster's "
+                                   "Python can import bertflow's dependencies (says what to "
+                                   "install where if not)")
 
 
 @dataclass(kw_only=True)
