@@ -477,7 +477,7 @@ class QuickstartConfig:
     finetune_epochs: float = field(3.0, help="passes over the topic task's training set, "
                                              "for both fine-tuning runs")
     finetune_lr: float = field(5e-5, help="learning rate of full fine-tuning (BERT paper range)")
-    frozen_lr: float = field(1e-3, help="learning rate of the head on the frozen encoder "
+    frozen_lr: float = field(3e-3, help="learning rate of the head on the frozen encoder "
                                         "(a new linear layer alone learns at a larger rate)")
     minilm_dir: str | None = field(
         None, help="Hugging Face-format BERT to import and fine-tune "
