@@ -474,9 +474,10 @@ class QuickstartConfig:
     pretrain_batch_size: int = field(32, help="sequences per pretraining step")
     dupe_factor: int = field(4, help="prep: instances made from each document (masking varies)")
     max_seq_len: int = field(128, help="prep: tokens per pretraining instance")
-    finetune_epochs: float = field(3.0, help="passes over the topic task's training set, "
+    finetune_epochs: float = field(4.0, help="passes over the topic task's training set, "
                                              "for both fine-tuning runs")
-    finetune_lr: float = field(5e-5, help="learning rate of full fine-tuning (BERT paper range)")
+    finetune_lr: float = field(1e-4, help="learning rate of full fine-tuning (above the BERT "
+                                          "paper's 2e-5..5e-5: a small model, few steps)")
     frozen_lr: float = field(3e-3, help="learning rate of the head on the frozen encoder "
                                         "(a new linear layer alone learns at a larger rate)")
     minilm_dir: str | None = field(

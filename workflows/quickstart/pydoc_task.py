@@ -2,9 +2,9 @@
 
 `pydoc_data.topics` holds the Python language reference as plain text, one document per
 topic (`help("while")` prints one). Each paragraph is an example; its label is the group
-its topic belongs to (statements, expressions, built-in types, data model, execution
-model). No template wrote this text, so scores mean something: the split is by topic, and
-evaluation paragraphs come only from topics never seen in training.
+its topic belongs to (numbers, text, control flow, classes and objects, containers, names
+and modules). No template wrote this text, so scores mean something: the split is by
+topic, and evaluation paragraphs come only from topics never seen in training.
 """
 
 from __future__ import annotations
@@ -18,24 +18,21 @@ from pathlib import Path
 
 # Topic -> group. Topics a Python version lacks are skipped; topics not listed are unused.
 GROUPS: dict[str, tuple[str, ...]] = {
-    "statements": ("assert", "assignment", "augassign", "break", "compound", "continue",
-                   "del", "else", "for", "global", "if", "import", "nonlocal", "pass",
-                   "raise", "return", "try", "while", "with", "yield", "async", "function",
-                   "class"),
-    "expressions": ("atom-identifiers", "atom-literals", "attribute-references", "await",
-                    "binary", "bitwise", "booleans", "calls", "comparisons", "conversions",
-                    "exprlists", "in", "lambda", "operator-summary", "power", "shifting",
-                    "slicings", "subscriptions", "unary"),
-    "builtin types": ("dict", "lists", "typesmapping", "typesseq", "typesseq-mutable",
-                      "string-methods", "strings", "integers", "floating", "imaginary",
-                      "numbers", "formatstrings", "truth", "typesfunctions", "typesmethods",
-                      "typesmodules", "bltin-code-objects", "bltin-ellipsis-object",
-                      "bltin-null-object", "bltin-type-objects"),
-    "data model": ("attribute-access", "callable-types", "context-managers", "customization",
-                   "numeric-types", "objects", "sequence-types", "specialattrs",
-                   "specialnames", "types"),
-    "execution model": ("debugger", "dynamic-features", "exceptions", "execmodel",
-                        "id-classes", "identifiers", "naming"),
+    "numbers": ("integers", "floating", "imaginary", "numbers", "numeric-types", "power",
+                "binary", "bitwise", "shifting", "unary", "operator-summary", "comparisons"),
+    "text": ("strings", "string-methods", "formatstrings", "atom-literals", "conversions"),
+    "control flow": ("if", "while", "for", "break", "continue", "else", "try", "raise",
+                     "with", "assert", "pass", "return", "yield", "exceptions", "compound",
+                     "context-managers", "async", "await"),
+    "classes and objects": ("class", "customization", "attribute-access", "specialattrs",
+                            "specialnames", "objects", "types", "callable-types",
+                            "attribute-references", "bltin-type-objects", "typesmethods",
+                            "function", "lambda", "calls", "typesfunctions"),
+    "containers": ("lists", "dict", "typesmapping", "typesseq", "typesseq-mutable",
+                   "sequence-types", "slicings", "subscriptions", "in", "exprlists", "truth"),
+    "names and modules": ("naming", "global", "nonlocal", "identifiers", "atom-identifiers",
+                          "execmodel", "import", "dynamic-features", "typesmodules", "id-classes",
+                          "assignment", "augassign", "del", "debugger"),
 }
 
 _MIN_CHARS = 80  # shorter blocks are headings, grammar fragments or one-liners
