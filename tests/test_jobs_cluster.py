@@ -162,8 +162,14 @@ def test_cluster_python_without_bertflow_is_caught_before_submitting(ray_head, t
     report = check_cluster_python(client, ray_head, {"env_vars": {
         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}})
     assert report["missing"] == [] and report["python"].startswith(str(VENV_BIN))
-    with pytest.raises(ClusterPythonError, match="pip install -c constraints.txt"):
-        check_cluster_python(client, ray_head, {"env_vars": {"PATH": str(tmp_path)}})
+    # a head whose `python` is the system interpreter, without bertflow's dependencies
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.base_prefix + "/bin/python3")
+    with pytest.raises(ClusterPythonError, match="cannot import torch.*pip install -c "
+                                                 "constraints.txt"):
+        check_cluster_python(client, ray_head, {"env_vars": {
+            "PATH": f"{bare}{os.pathsep}/usr/bin{os.pathsep}/bin"}})
 
     code = cli(["submit", "prep", "--address", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--submission-id", "bertflow-test-fails",

@@ -79,9 +79,17 @@ def check_cluster_python(client: JobSubmissionClient, address: str,
                          runtime_env: dict[str, Any], timeout_s: float = 120.0,
                          poll_s: float = 0.5) -> dict[str, Any]:
     """Run the probe job; return its report, or raise ClusterPythonError saying what to fix."""
-    job_id = client.submit_job(entrypoint=probe_entrypoint(), runtime_env=runtime_env,
-                               metadata={"bertflow_verb": "probe"})
     deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            job_id = client.submit_job(entrypoint=probe_entrypoint(), runtime_env=runtime_env,
+                                       metadata={"bertflow_verb": "probe"})
+            break
+        except RuntimeError as exc:  # a head that has just started has no job agent yet
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise ClusterPythonError(f"the cluster at {address} refused the probe job: "
+                                         f"{exc}") from None
+            time.sleep(1.0)
     status = "PENDING"
     while time.monotonic() < deadline:
         status = str(client.get_job_status(job_id))
