@@ -185,3 +185,78 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     # Running the same finished run again is refused, not silently retrained.
     with pytest.raises(PretrainError, match="already finished"):
         run_pretrain(cfg)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
+        ray_local, tmp_path, tracking_uri, monkeypatch):
+    """MLM-only data trains on two DDP workers (no sentence head, so every parameter has a
+    gradient); the global batch and tokens seen are logged; the step-0 evaluation, sharded
+    over both workers and all-reduced, equals a one-worker evaluation of the same model."""
+    import pyarrow.parquet as pq
+
+    from bert_core import BertForMaskedLM
+    from data_prep.config import PrepConfig
+    from data_prep.pipeline import build_pretraining_dataset
+    from tests.test_loop import FakeShard
+    from workflows import tracking as T
+    from workflows.model_folder import load_task_model
+    from workflows.training.loop import evaluate
+    from workflows.training.pretrain import run_pretrain
+    from workflows.training.step import StepRunner
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=300)
+    build_pretraining_dataset(PrepConfig(
+        input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
+        objective="mlm", masking="dynamic", dupe_factor=1, val_fraction=0.1,
+        num_workers=1))
+    cfg = config_from_mapping(PretrainConfig, dict(
+        data=str(tmp_path / "ds"), run_name="tiny-mlm", model_size="tiny", num_workers=2,
+        cpus_per_worker=0.5, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2,
+        max_steps=6, checkpoint_every=0, eval_every=0, eval_batches=0, log_every=3,
+        seed=11, storage_path=str(tmp_path / "runs"), tracking_uri=tracking_uri,
+        experiment="pretrain-mlm", log_system_metrics=False))
+    result = run_pretrain(cfg)
+
+    assert result.step == 6
+    model = BertForMaskedLM.from_pretrained(result.model_dir, strict=True)
+    assert not hasattr(model, "nsp")
+    encoder = load_task_model(result.model_dir, "pretraining")  # what fine-tuning starts from
+    assert torch.equal(encoder.embeddings.word_embeddings.weight,
+                       model.bert.embeddings.word_embeddings.weight)
+    client = T.client(tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.data.params["global_batch_size"] == "32"  # 8 x 2 workers x 2 accumulated
+    seen = sorted((m.step, m.value) for m in
+                  client.get_metric_history(result.run_id, "tokens_seen"))
+    assert [s for s, _ in seen] == [3, 6]
+    assert 32 * 3 * 8 <= seen[0][1] < seen[1][1] <= 32 * 6 * 64  # rows of 8 to 64 tokens
+
+    # The same initial model (seeded as the workers seed it), evaluated alone.
+    val = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_mlm_loss")}
+    task = _pretrain_task(cfg)
+    torch.manual_seed(cfg.loop.seed)
+    initial = task.build_model()
+    table = pq.read_table(tmp_path / "ds" / "val")
+    shard = FakeShard(table)
+    single = evaluate(task, initial, shard, cfg.loop, StepRunner(initial, cfg.loop,
+                                                                torch.device("cpu")),
+                      torch.device("cpu"))
+    assert val[0] == pytest.approx(single["val_mlm_loss"], rel=1e-5)
+
+
+def _pretrain_task(cfg: PretrainConfig):
+    """The PretrainTask `run_pretrain` builds for `cfg` (a fresh model)."""
+    from data_prep.manifest import Manifest
+    from data_prep.tokenizer import WordPieceTokenizer
+    from workflows.training.pretrain import PretrainTask, _masking, _model_config
+
+    manifest = Manifest.load(Path(cfg.data))
+    tokenizer = WordPieceTokenizer.from_dir(Path(cfg.data))
+    return PretrainTask(model_config=_model_config(cfg, tokenizer, manifest, None),
+                        init_dir=None, tokenizer_dir=str(Path(cfg.data) / "tokenizer"),
+                        pad_id=tokenizer.pad_id, masking=_masking(manifest, tokenizer),
+                        objective="mlm")

@@ -1,28 +1,39 @@
 """The worker side of the training loop: what each Ray Train worker runs, top to bottom.
 
     worker_loop          restore, then one flat loop over micro-batches
-    train_batches        the batch stream: epochs, per-epoch masking seeds, resume skipping
-    evaluate             validation metrics on rank 0
+    train_batches        the batch stream: epochs, per-batch masking seeds, resume skipping
+    evaluate             validation metrics, sharded over every worker when the task can
     report_checkpoint    write this rank's part of a checkpoint and hand it to Ray Train
     RunLogger            rank 0's MLflow logging; a no-op on every other rank
 
-Data: the `train` dataset is split across workers (`get_dataset_shard`) and streamed with
-`iter_torch_batches(collate_fn=...)`; it is never loaded on the driver. Which rows a
-worker sees follows Ray Data's split, made deterministic with `preserve_order`; dynamic
-masks are drawn from a generator seeded by (seed, rank, epoch), so the masks after a
-resume are those the lost attempt would have drawn. `val` is not split: rank 0 evaluates
-on its first `eval_batches` batches (same batches, same masking seed every time, so the
-curve is comparable).
+Data: the `train` dataset is split across workers (`get_dataset_shard`) and streamed as
+numpy batches; it is never loaded on the driver. Which rows a worker sees follows Ray
+Data's split, made deterministic with `preserve_order`. Batches are collated by
+`data_prep.collate.iter_collated` (threads collate ahead): batch i of an epoch on rank r
+draws its dynamic masks from `batch_rng(seed, epoch, i, r)`, so masks do not depend on
+thread scheduling, a rerun draws the same masks and a resume draws the masks the lost
+attempt would have drawn. Across worker counts the rows of a batch differ, so the masks do;
+a batch holding the same rows at the same (epoch, index, rank) gets the same masks.
+
+Evaluation: `val` is not split. A task with `eval_sums`/`eval_metrics` (pretraining) is
+evaluated on every worker: the first `eval_batches` batches of `val` (all for 0) are dealt
+round-robin (batch i to rank i % world), each batch masked by `batch_rng(seed, EVAL_EPOCH,
+i)` whatever rank takes it, and the sums are all-reduced: the metrics equal a one-worker
+evaluation (up to float summation order). Other tasks evaluate on rank 0 alone.
+
+Logged once per run: `global_batch_size` (batch x workers x accumulation) as a param; at
+each log, `tokens_seen` (non-padding tokens trained on by all workers, kept in checkpoints).
 
 Resume repeats the work done after the checkpoint (the steps between the checkpoint and
-the failure are trained again and their metrics logged again at the same steps) and skips
-nothing: each worker re-reads and discards the micro-batches of the current epoch that it
-had consumed (no compute), then continues.
+the failure are trained again and their metrics logged again at the same steps): each
+worker re-reads, without collating, the micro-batches of the current epoch that it had
+consumed, then continues.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import os
@@ -31,16 +42,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
+from data_prep.collate import batch_rng, iter_collated
 from workflows.config import LoopSettings
 from workflows.training.checkpoint import restore, save_checkpoint
 from workflows.training.engine import RunTracking, TrainingError, TrainTask
 from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
 
 Batch = dict[str, torch.Tensor]
+EVAL_EPOCH = 1_000_003  # the `epoch` of validation masks, apart from any training epoch
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -66,23 +78,30 @@ def worker_loop(config: dict[str, Any]) -> None:
     n_params = sum(p.numel() for p in raw_model.parameters())
     logger = RunLogger(config["tracking"] if rank == 0 else None)
     logger.log({"attempt": attempt}, start_step)
-    val = ray.train.get_dataset_shard("val") if rank == 0 and "val" in config["splits"] else None
+    logger.log_params({"global_batch_size": loop.batch_size * world * loop.grad_accum})
+    sharded_eval = hasattr(task, "eval_sums")
+    val = (ray.train.get_dataset_shard("val")
+           if "val" in config["splits"] and (rank == 0 or sharded_eval) else None)
     report = dict(task=task, model=raw_model, runner=runner, rank=rank, attempt=attempt,
                   start_step=start_step)
+    evaluate_now = functools.partial(evaluate, task, raw_model, val, loop, runner, device,
+                                     rank, world)
 
     last_eval: dict[str, float] = {}
-    if runner.step == 0 and logger.active:  # where validation starts: the curve shows the drop
-        last_eval = evaluate(task, raw_model, val, loop, runner, device)
+    if runner.step == 0 and val is not None:  # where validation starts: the curve shows the drop
+        last_eval = evaluate_now()
         logger.log(last_eval, 0)
     saved_at = start_step if start.resumed else -1
-    epoch, window = start.epoch, MetricWindow()
+    epoch, window, new_tokens = start.epoch, MetricWindow(), 0
     batches = train_batches(ray.train.get_dataset_shard("train"), task, loop, rank, world,
                             start.epoch, start.skip, device)
     raw_model.train()
     while runner.step < loop.max_steps:
         epoch, position, batch = next(batches)
         loss, metrics = runner.forward_backward(task, batch)
-        window.add(loss, metrics, *count_tokens(batch))
+        tokens, samples = count_tokens(batch)
+        window.add(loss, metrics, tokens, samples)
+        new_tokens += tokens
         if not runner.cycle_done:
             continue
         step_info = runner.optimizer_step()
@@ -90,13 +109,19 @@ def worker_loop(config: dict[str, Any]) -> None:
         if not math.isfinite(loss) and loop.precision != "fp16":
             raise TrainingError(f"loss is {loss} at step {step}: lower --lr or use "
                                 f"--precision fp32")
-        if step % loop.log_every == 0 or final:
-            logger.log({**train_summary(window, world, n_params, device), **step_info}, step)
+        log_now = step % loop.log_every == 0 or final
+        checkpoint_now = _every(step, loop.checkpoint_every) or final
+        if log_now or checkpoint_now:  # the same steps on every rank: a collective is safe
+            runner.tokens_seen += int(all_reduce_sums({"t": new_tokens}, device)["t"])
+            new_tokens = 0
+        if log_now:
+            logger.log({**train_summary(window, world, n_params, device), **step_info,
+                        "tokens_seen": runner.tokens_seen}, step)
             window.reset()
         if _every(step, loop.eval_every) or final:
-            last_eval = evaluate(task, raw_model, val, loop, runner, device)
+            last_eval = evaluate_now()
             logger.log(last_eval, step)
-        if _every(step, loop.checkpoint_every) or final:
+        if checkpoint_now:
             report_checkpoint(**report, epoch=epoch, position=position, metrics=last_eval)
             saved_at = step
     if saved_at != runner.step:  # resumed at max_steps: report the final state again
@@ -109,20 +134,18 @@ def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, wo
                   ) -> Iterator[tuple[int, int, Batch]]:
     """(epoch, micro-batches consumed in that epoch, batch on `device`), epoch after epoch.
 
-    Each epoch draws dynamic masks from a generator seeded by (seed, rank, epoch); the
-    first `skip` batches of the first epoch were consumed before the checkpoint resumed
-    from, so they are read and dropped.
+    Batch i of an epoch is collated with `batch_rng(seed, epoch, i, rank)` (its dynamic
+    masks); the first `skip` batches of the first epoch were consumed before the
+    checkpoint resumed from, so they are read but not collated.
     """
     while True:
-        rng = np.random.default_rng([loop.seed, rank, epoch])
-        batches = shard.iter_torch_batches(
-            batch_size=loop.batch_size, drop_last=True, prefetch_batches=2,
-            collate_fn=lambda b, rng=rng: task.collate(b, rng))
+        raw = shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
+                                 drop_last=True, prefetch_batches=2)
         seen = 0
-        for seen, batch in enumerate(batches, start=1):
-            if seen > skip:
-                yield epoch, seen, _to_device(batch, device)
-        if seen == 0:
+        collated = iter_collated(raw, task.collate, loop.seed, epoch, rank, start=skip)
+        for seen, batch in enumerate(collated, start=skip + 1):
+            yield epoch, seen, _to_device(batch, device)
+        if seen == 0 and skip == 0:
             raise TrainingError(
                 f"the train split gave worker {rank} no batch in epoch {epoch}: it has "
                 f"fewer rows than --num-workers x --batch-size ({world} x "
@@ -131,20 +154,43 @@ def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, wo
 
 
 def evaluate(task: TrainTask, model: nn.Module, val_shard: Any, loop: LoopSettings,
-             runner: StepRunner, device: torch.device) -> dict[str, float]:
+             runner: StepRunner, device: torch.device, rank: int = 0,
+             world: int = 1) -> dict[str, float]:
     """`val_*` metrics on the first `eval_batches` batches of `val_shard` (all of it for 0),
-    with the same masking seed every time; {} without a validation split."""
+    with the same masks every time; {} without a validation split.
+
+    A task with `eval_sums` is evaluated by every rank on its share of the batches (batch
+    i on rank i % world) and the sums are all-reduced, so every rank must call this at the
+    same steps; other tasks are evaluated on the whole of them (rank 0 alone)."""
     if val_shard is None:
         return {}
-    rng = np.random.default_rng([loop.seed, 1_000_003])
-    batches = val_shard.iter_torch_batches(batch_size=loop.batch_size,
-                                           collate_fn=lambda b: task.collate(b, rng))
-    limited = (_to_device(b, device) for b in itertools.islice(batches, loop.eval_batches or None))
+    sharded = hasattr(task, "eval_sums")
+    raw = itertools.islice(val_shard.iter_batches(batch_size=loop.batch_size,
+                                                  batch_format="numpy"),
+                           loop.eval_batches or None)
+    mine = (_to_device(task.collate(b, batch_rng(loop.seed, EVAL_EPOCH, i)), device)
+            for i, b in enumerate(raw) if not sharded or i % world == rank)
     model.eval()
     with torch.no_grad(), runner.autocast():
-        metrics = task.evaluate(model, limited)
+        if sharded:
+            metrics = task.eval_metrics(all_reduce_sums(task.eval_sums(model, mine), device))
+        else:
+            metrics = task.evaluate(model, mine)
     model.train()
     return {f"val_{k}": float(v) for k, v in metrics.items()}
+
+
+def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    """`sums` added over every rank (float64; unchanged outside a process group). Every
+    rank must pass the same keys."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(sums)
+    keys = sorted(sums)
+    t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))
 
 
 def report_checkpoint(*, task: TrainTask, model: nn.Module, runner: StepRunner, rank: int,
@@ -191,6 +237,12 @@ class RunLogger:
             import mlflow
 
             mlflow.log_metrics(metrics, step=step)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.active:
+            import mlflow
+
+            mlflow.log_params(params)
 
     def close(self) -> None:
         if self.active:

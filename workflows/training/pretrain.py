@@ -40,9 +40,16 @@ class PretrainError(BertflowError):
     """Pretraining cannot start: the data, model or run does not fit; the message says how."""
 
 
+EVAL_SUMS = ("mlm_loss", "mlm_correct", "mlm_count", "nsp_loss", "nsp_correct", "nsp_count")
+
+
 @dataclass
 class PretrainTask:
-    """The TrainTask of pretraining (picklable: plain values, no tokenizer object)."""
+    """The TrainTask of pretraining (picklable: plain values, no tokenizer object).
+
+    With MLM-only data (`objective="mlm"`) the model is `BertForMaskedLM`: no sentence
+    head and no pooler, which would get no gradient and make DDP fail on the second step.
+    """
 
     model_config: dict[str, Any]          # HF config.json of a fresh model
     init_dir: str | None                  # or start from this HF folder
@@ -50,16 +57,24 @@ class PretrainTask:
     pad_id: int
     masking: Any = None                   # data_prep MaskingSpec for dynamic masking
     meta: dict[str, Any] = field(default_factory=dict)  # bertflow.json of the saved model
+    objective: str = "nsp"                # the dataset's: nsp, sop or mlm
+
+    @property
+    def head(self) -> type[nn.Module]:
+        """The model class trained: the MLM + sentence head, or MLM alone."""
+        from bert_core import BertForMaskedLM
+
+        return BertForMaskedLM if self.objective == "mlm" else PRETRAINING_HEAD
 
     def build_model(self) -> nn.Module:
         from bert_core import BertConfig
 
         if self.init_dir:
-            return PRETRAINING_HEAD.from_pretrained(self.init_dir)
-        return PRETRAINING_HEAD(BertConfig.from_hf_dict(self.model_config))
+            return self.head.from_pretrained(self.init_dir)
+        return self.head(BertConfig.from_hf_dict(self.model_config))
 
     def load_model(self, model_dir: Path) -> nn.Module:
-        return PRETRAINING_HEAD.from_pretrained(model_dir, strict=True)
+        return self.head.from_pretrained(model_dir, strict=True)
 
     def collate(self, batch: dict[str, np.ndarray],
                 rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -70,6 +85,11 @@ class PretrainTask:
 
     def compute_loss(self, model: nn.Module,
                      batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self.objective == "mlm":
+            out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
+                        labels=batch["labels"])
+            return out.loss, {"mlm_loss": out.loss.detach(), "mlm_correct": out.mlm_correct,
+                              "mlm_count": out.mlm_count}
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                     labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label"))
         metrics: dict[str, Any] = {"mlm_loss": out.mlm_loss.detach(),
@@ -81,10 +101,15 @@ class PretrainTask:
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """MLM loss (per masked token) and accuracy, NSP/SOP loss and accuracy."""
-        sums = {"mlm_loss": 0.0, "mlm_correct": 0.0, "mlm_count": 0.0,
-                "nsp_loss": 0.0, "nsp_correct": 0.0, "nsp_count": 0.0}
+        return self.eval_metrics(self.eval_sums(model, batches))
+
+    def eval_sums(self, model: nn.Module, batches) -> dict[str, float]:
+        """Sums over `batches` from which `eval_metrics` computes the metrics: sums of
+        several workers' shards add up to the sums of the whole set (the loop all-reduces
+        them). Always the same keys, so every rank reduces the same vector."""
+        sums = dict.fromkeys(EVAL_SUMS, 0.0)
         for batch in batches:
-            loss, m = self.compute_loss(model, batch)
+            _, m = self.compute_loss(model, batch)
             count = float(m["mlm_count"])
             sums["mlm_loss"] += float(m["mlm_loss"]) * count
             sums["mlm_correct"] += float(m["mlm_correct"])
@@ -94,6 +119,11 @@ class PretrainTask:
                 sums["nsp_loss"] += float(m["nsp_loss"]) * n
                 sums["nsp_correct"] += float(m["nsp_correct"])
                 sums["nsp_count"] += n
+        return sums
+
+    @staticmethod
+    def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
+        """The metrics of (all-reduced) `eval_sums`."""
         out = {}
         if sums["mlm_count"]:
             out["mlm_loss"] = sums["mlm_loss"] / sums["mlm_count"]
@@ -167,7 +197,8 @@ def _model_config(cfg: PretrainConfig, tokenizer: Any, manifest: Any,
     if manifest.config.get("objective", "nsp") != "mlm" and config.type_vocab_size < 2:
         raise PretrainError(f"{source}: type_vocab_size {config.type_vocab_size} cannot "
                             f"hold the two segments of the dataset's sentence pairs")
-    return config.to_hf_dict("BertForPreTraining")
+    mlm_only = manifest.config.get("objective", "nsp") == "mlm"
+    return config.to_hf_dict("BertForMaskedLM" if mlm_only else "BertForPreTraining")
 
 
 def _masking(manifest: Any, tokenizer: Any) -> Any:
@@ -231,7 +262,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     task = PretrainTask(
         model_config=model_config, init_dir=str(init_dir) if init_dir else None,
         tokenizer_dir=str(data_dir / "tokenizer"), pad_id=tokenizer.pad_id,
-        masking=_masking(manifest, tokenizer),
+        masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
               "dataset_fingerprint": manifest.fingerprint, "base_model": cfg.init})

@@ -46,6 +46,7 @@ class StepRunner:
         self.step = 0
         self.micro = 0
         self.skipped_steps = 0      # fp16 steps the scaler skipped (inf/NaN gradients)
+        self.tokens_seen = 0        # non-padding tokens trained on by all workers (the loop)
         self.nonfinite_run = 0      # optimizer steps in a row with a non-finite loss
         self._cycle_finite = True   # every micro-batch loss of this cycle was finite
 
@@ -119,7 +120,7 @@ class StepRunner:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "step": self.step,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
@@ -128,6 +129,7 @@ class StepRunner:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.tokens_seen = int(state.get("tokens_seen", 0))
         self.micro = 0
 
 
