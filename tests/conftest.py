@@ -37,6 +37,19 @@ def ray_local():
 
 
 @pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one torch thread, and the test machine's cores are
+    shared: several threads spin-waiting on a busy machine made such tests 20x slower.
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh MLflow sqlite store (MLflow 3 refuses plain file: stores)."""
     return f"sqlite:///{tmp_path / 'mlruns.db'}"

@@ -15,14 +15,7 @@ from bert_core import BertConfig  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, and the test machine's cores are shared:
-    several threads spin-waiting on a busy machine made these tests 20x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _padded_batch(vocab: int, seed: int = 0, lengths=(20, 13, 6)):

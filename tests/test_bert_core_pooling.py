@@ -13,12 +13,7 @@ from bert_core import BertConfig, BertflowError, ConfigError
 from data_prep.tokenizer import WordPieceTokenizer
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(vocab: int = 99):

@@ -17,12 +17,7 @@ from workflows.serving.st_settings import EmbedSettings, read_embed_settings
 SENTENCE = "The quick brown fox jumps over the lazy dog near the quiet river bank. "
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _texts(tokenizer) -> tuple[list[str], list[int]]:
