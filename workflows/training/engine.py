@@ -130,10 +130,14 @@ def finished_run(loop: LoopSettings, run_name: str) -> TrainResult | None:
 
 
 def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any],
-                 run_name: str, tracking: RunTracking | None = None) -> TrainResult:
+                 run_name: str, tracking: RunTracking | None = None,
+                 callbacks: list[Any] | None = None) -> TrainResult:
     """Train `task` with Ray Train under `loop` settings; returns the final checkpoint.
 
-    `datasets` holds Ray Datasets `train` (split across workers) and optionally `val`.
+    `datasets` holds Ray Datasets `train` (split across workers; left out for a task that
+    reads its own `train_location`, see training/rows.py) and optionally `val`.
+    `callbacks` are Ray Train callbacks (e.g. a sweep's `TuneReportCallback`, which hands
+    each checkpoint's metrics, the eval metrics of each epoch, to Ray Tune).
     Ray must already be initialised (data_prep.ray_env.init_ray). Rerunning the same
     `run_name` with the same storage resumes from its latest checkpoint; a run that
     already finished is an error (choose a new name).
@@ -142,8 +146,9 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if "train" not in datasets:
-        raise TrainingError("run_training needs a 'train' dataset")
+    if "train" not in datasets and not getattr(task, "train_location", None):
+        raise TrainingError("run_training needs a 'train' dataset (or a task that reads "
+                            "its train_location)")
     run_dir = run_dir_for(loop, run_name)
     if (done := finished_run(loop, run_name)) is not None:
         raise TrainingError(
@@ -166,7 +171,8 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
         run_config=RunConfig(
             name=run_name, storage_path=str(run_dir.parent),
             checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=loop.max_failures)),
+            failure_config=FailureConfig(max_failures=loop.max_failures),
+            callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),

@@ -56,7 +56,7 @@ class FinetuneResult:
     table: str = ""
 
 
-def _loop_for(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
+def loop_for_epochs(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
     """LoopSettings with epochs turned into steps; (loop, steps per epoch)."""
     loop = cfg.loop
     per_step = loop.batch_size * loop.num_workers * loop.grad_accum
@@ -93,17 +93,85 @@ def user_cache_dir() -> Path:
     return Path(root) / "bertflow"
 
 
-def run_finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
-    from data_prep.ray_env import init_ray
+@dataclass
+class PreparedFinetune:
+    """What every fine-tuning run of one task, base and data shares (`prepare_finetune`):
+    the resolved base, its lineage, the tokenized datasets, labels and the baseline. A
+    sweep prepares once and trains many runs from it."""
+
+    uri: str                             # resolved tracking URI
+    base_dir: Path
+    lineage: dict[str, str]              # base-model tags (tracking.base_lineage)
+    train: Any                           # data_prep.tasks TaskDataset
+    evalset: Any | None
+    labels: list[str]
+    meta: dict[str, Any]                 # bertflow.json of the model
+    qa_golds: dict[int, tuple[str, list[str]]]
+    pad_id: int
+    baseline: dict[str, float]
+
+    @property
+    def train_rows(self) -> int:
+        return int(self.train.manifest.counts["rows"])
+
+    def task_for(self, cfg: FinetuneConfig) -> Any:
+        """The FinetuneTask of a run with settings `cfg` (frozen encoder, pooling)."""
+        from workflows.training.finetune_task import FinetuneTask
+
+        return FinetuneTask(task=cfg.task, base_dir=str(self.base_dir),
+                            tokenizer_dir=str(self.base_dir), labels=self.labels,
+                            pad_id=self.pad_id, meta=self.meta,
+                            freeze_encoder=cfg.freeze_encoder,
+                            pooling=cfg.classifier_pooling, qa_golds=self.qa_golds)
+
+    def inputs(self) -> list[Any]:
+        """The datasets as MLflow run inputs."""
+        from workflows import tracking as T
+
+        out = [T.DatasetInput(self.train.path, self.train.manifest, "train",
+                              "datasets/train_manifest.json")]
+        if self.evalset is not None:
+            out.append(T.DatasetInput(self.evalset.path, self.evalset.manifest, "eval",
+                                      "datasets/eval_manifest.json"))
+        return out
+
+    def run_tags(self, task: str) -> dict[str, str]:
+        """Lineage tags of a run trained on these data."""
+        from workflows import tracking as T
+
+        return {**self.lineage, T.TAG_TASK: task, T.TAG_LABELS: json.dumps(self.labels),
+                T.TAG_DATASET_FINGERPRINT: self.train.manifest.fingerprint,
+                T.TAG_DATASET_PATH: str(self.train.path)}
+
+    def model_tags(self) -> dict[str, str]:
+        """Lineage tags of the logged model and its registered version."""
+        from workflows import tracking as T
+
+        extra = {T.TAG_LABELS: json.dumps(self.labels),
+                 T.TAG_DATASET_FINGERPRINT: self.train.manifest.fingerprint, **self.lineage}
+        if self.evalset is not None:
+            extra[T.TAG_EVAL_DATASET] = self.evalset.manifest.fingerprint
+        return extra
+
+    def ray_datasets(self, address: str | None) -> dict[str, Any]:
+        """Ray Datasets `train` (and `val`) read from the tokenized Parquet."""
+        from data_prep.ray_env import init_ray
+
+        ray = init_ray(address)
+        datasets = {"train": ray.data.read_parquet(str(self.train.parquet_dir))}
+        if self.evalset is not None:
+            datasets["val"] = ray.data.read_parquet(str(self.evalset.parquet_dir))
+        return datasets
+
+
+def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
+    """Steps 1-2 of the module doc: resolve the base, tokenize the train/eval files (reused
+    when up to date), labels, bertflow.json and the trivial baseline."""
     from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.metrics import format_table
-    from workflows.training.engine import RunTracking, run_training
-    from workflows.training.finetune_task import FinetuneTask, majority_baseline
+    from workflows.training.finetune_task import majority_baseline
 
-    cfg = config
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
     base_dir = T.resolve_model(cfg.base, tracking_uri=uri)
     if not (base_dir / "vocab.txt").is_file():
@@ -131,37 +199,45 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         qa_golds = {r["example_index"]: (r["context"], [] if r["is_impossible"] else
                                          [a["text"] for a in r["answers"]])
                     for r in evalset.records}
-    task = FinetuneTask(task=cfg.task, base_dir=str(base_dir), tokenizer_dir=str(base_dir),
-                        labels=labels, pad_id=tokenizer.pad_id, meta=meta,
-                        freeze_encoder=cfg.freeze_encoder,
-                        pooling=cfg.classifier_pooling, qa_golds=qa_golds)
-    loop, steps_per_epoch = _loop_for(cfg, int(train.manifest.counts["rows"]))
     baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
+    return PreparedFinetune(uri=uri, base_dir=base_dir, lineage=lineage, train=train,
+                            evalset=evalset, labels=labels, meta=meta, qa_golds=qa_golds,
+                            pad_id=tokenizer.pad_id, baseline=baseline)
+
+
+def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
+               steps_per_epoch: int) -> dict[str, Any]:
+    """The params of a fine-tuning run: the whole config and the derived step counts."""
+    return {**flat_dict(cfg), "steps_per_epoch": steps_per_epoch,
+            "total_steps": loop.max_steps, "warmup_total": loop.warmup_steps,
+            "train_examples": len(prep.train.records),
+            "trainable_parameters_frozen": cfg.freeze_encoder,
+            "classifier_pooling": cfg.classifier_pooling}
+
+
+def run_finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
+    from workflows import tracking as T
+    from workflows.metrics import format_table
+    from workflows.training.engine import RunTracking, run_training
+
+    cfg = config
+    prep = prepare_finetune(cfg)
+    uri, train, evalset, labels, baseline = (prep.uri, prep.train, prep.evalset, prep.labels,
+                                             prep.baseline)
+    task = prep.task_for(cfg)
+    loop, steps_per_epoch = loop_for_epochs(cfg, prep.train_rows)
 
     # The driver creates the run; rank 0 logs training metrics into it.
     run_name = cfg.run_name or f"finetune-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    inputs = [T.DatasetInput(train.path, train.manifest, "train", "datasets/train_manifest.json")]
-    if evalset is not None:
-        inputs.append(T.DatasetInput(evalset.path, evalset.manifest, "eval",
-                                     "datasets/eval_manifest.json"))
     run_id = T.open_run(
-        uri, cfg.tracking.experiment, run_name, inputs=inputs,
-        tags={**lineage, T.TAG_TASK: cfg.task, T.TAG_LABELS: json.dumps(labels),
-              T.TAG_DATASET_FINGERPRINT: train.manifest.fingerprint,
-              T.TAG_DATASET_PATH: str(train.path)},
-        params={**flat_dict(cfg), "steps_per_epoch": steps_per_epoch,
-                "total_steps": loop.max_steps, "warmup_total": loop.warmup_steps,
-                "train_examples": len(train.records),
-                "trainable_parameters_frozen": cfg.freeze_encoder,
-                "classifier_pooling": cfg.classifier_pooling},
+        uri, cfg.tracking.experiment, run_name, inputs=prep.inputs(),
+        tags=prep.run_tags(cfg.task), params=run_params(cfg, prep, loop, steps_per_epoch),
         metrics={f"baseline_{k}": v for k, v in baseline.items()})
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
-             cfg.base, train.manifest.counts["rows"], loop.max_steps, steps_per_epoch)
-    ray = init_ray(cfg.address)
-    datasets = {"train": ray.data.read_parquet(str(train.parquet_dir))}
-    if evalset is not None:
-        datasets["val"] = ray.data.read_parquet(str(evalset.parquet_dir))
-    result = run_training(task, loop, datasets=datasets, run_name=run_name,
+             cfg.base, prep.train_rows, loop.max_steps, steps_per_epoch)
+    result = run_training(task, loop, datasets=prep.ray_datasets(cfg.address),
+                          run_name=run_name,
                           tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
 
     client = T.client(uri)
@@ -174,10 +250,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     table = format_table(table_rows) if table_rows else "(no eval file: no metrics)"
     print(f"\n{cfg.task} evaluation on {cfg.eval}:\n{table}\n", flush=True)
 
-    extra = {T.TAG_LABELS: json.dumps(labels),
-             T.TAG_DATASET_FINGERPRINT: train.manifest.fingerprint, **lineage}
-    if evalset is not None:
-        extra[T.TAG_EVAL_DATASET] = evalset.manifest.fingerprint
+    extra = prep.model_tags()
     model_uri, version = T.log_and_register(
         result.model_dir, run_id=run_id, uri=uri, task=cfg.task, tags=extra,
         register_as=cfg.tracking.register_as,
