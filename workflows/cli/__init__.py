@@ -25,6 +25,7 @@ VERBS: dict[str, str] = {
     "datasets": "list prepared datasets and whether each is up to date with its inputs",
     "pretrain": "pretrain BERT with masked-LM + NSP/SOP on Ray Train, tracked in MLflow",
     "finetune": "fine-tune a BERT for seq-cls, pair-cls, token-cls or qa, then evaluate/register",
+    "sweep": "fine-tune over the BERT paper's grid or any space on Ray Tune; best one registered",
     "predict": "batch predictions from a fine-tuned model over a file",
     "embed": "write embeddings (pooled vectors or a hidden layer) of texts to Parquet",
     "registry": "browse the MLflow model registry: list, show, promote, verify, import-hf",
@@ -50,7 +51,7 @@ def verb_module(verb: str) -> ModuleType:
 
 
 # Verbs that start Ray or train: their full log goes to a file named at the end.
-LOGGED_VERBS = {"prep", "pretrain", "finetune", "predict", "embed", "quickstart", "submit"}
+LOGGED_VERBS = {"prep", "pretrain", "finetune", "sweep", "predict", "embed", "quickstart", "submit"}
 
 
 def _top_help() -> str:

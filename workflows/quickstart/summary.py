@@ -57,14 +57,14 @@ def fmt_metrics(metrics: dict[str, float]) -> str:
 
 
 def _score_table(r: QuickstartResult) -> str:
-    lines = [f"    {'':<34}{'accuracy':>9}{'macro-F1':>10}{'train ex/s':>12}{'run time':>10}",
-             f"    {'majority class (' + r.task.majority_label + ')':<34}"
+    lines = [f"    {'':<42}{'accuracy':>9}{'macro-F1':>10}{'train ex/s':>12}{'run time':>10}",
+             f"    {'majority class (' + r.task.majority_label + ')':<42}"
              f"{r.task.majority_accuracy:>9.3f}{'-':>10}{'-':>12}{'-':>10}"]
     for run in r.runs:
         name = f"{run.mode} ({run.pooling} pooling) v{run.version}"
         if run.mode == r.champion:
             name += " @champion"
-        lines.append(f"    {name:<34}{run.metrics.get('val_accuracy', float('nan')):>9.3f}"
+        lines.append(f"    {name:<42}{run.metrics.get('val_accuracy', float('nan')):>9.3f}"
                      f"{run.metrics.get('val_macro_f1', float('nan')):>10.3f}"
                      f"{run.examples / max(run.seconds, 1e-9):>12.1f}{run.seconds:>9.0f}s")
     return "\n".join(lines)

