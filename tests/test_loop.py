@@ -136,3 +136,84 @@ def test_sharded_evaluation_sums_equal_one_worker_evaluation(monkeypatch):
 
 def test_all_reduce_sums_outside_a_process_group_is_the_identity():
     assert L.all_reduce_sums({"a": 1.5, "b": 2.0}, torch.device("cpu")) == {"a": 1.5, "b": 2.0}
+
+
+# ---------------------------------------------------------------- reading Parquet parts
+
+
+def write_parts(root, sizes: list[int]) -> None:
+    """Parts of a split: rows numbered across parts (`row`), as prep writes them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True)
+    data, first = rows(sum(sizes), seed=5), 0
+    for i, n in enumerate(sizes):
+        pq.write_table(pa.table({"input_ids": [r.tolist() for r in data[first:first + n]],
+                                 "row": list(range(first, first + n))}),
+                       root / f"part-{i:03d}.parquet")
+        first += n
+
+
+def test_parts_are_read_in_an_order_reseeded_every_epoch_and_split_between_ranks(tmp_path):
+    from workflows.training.rows import batches_per_epoch, list_parts, rank_batches
+
+    write_parts(tmp_path / "train", [13, 7, 20, 9])  # 49 rows
+    parts = list_parts(str(tmp_path / "train"))
+    assert [p.rows for p in parts] == [13, 7, 20, 9]
+    assert batches_per_epoch(parts, 4, 2) == 6  # 48 rows in global batches of 8
+
+    def epoch(e: int, seed: int = 1) -> list[list[int]]:
+        per_rank = [[b.column("row").to_pylist() for b in
+                     rank_batches(parts, batch_size=4, rank=r, world=2, seed=seed, epoch=e)]
+                    for r in range(2)]
+        assert [len(b) for b in per_rank] == [6, 6]  # equal for every rank (DDP)
+        return [row for k in range(6) for r in range(2) for row in per_rank[r][k]]
+
+    first = epoch(0)
+    assert len(set(first)) == 48  # no row twice, ranks disjoint
+    assert epoch(0) == first and epoch(1) != first and epoch(0, seed=2) != first
+    assert set(first) < set(range(49))  # the row past the last global batch waits
+
+
+def test_a_resume_reads_no_part_and_hands_out_no_row_before_its_position(tmp_path):
+    from workflows.training.rows import _read_part, list_parts, rank_batches
+
+    write_parts(tmp_path / "train", [13, 7, 20, 9])
+    parts = list_parts(str(tmp_path / "train"))
+    opened: list[str] = []
+
+    def counting_read(part):
+        opened.append(part.path)
+        return _read_part(part)
+
+    def run(start: int) -> list[list[int]]:
+        opened.clear()
+        return [b.column("row").to_pylist() for b in
+                rank_batches(parts, batch_size=4, rank=1, world=2, seed=3, epoch=2,
+                             start=start, read=counting_read)]
+
+    full, full_opened = run(0), list(opened)
+    sizes = {p.path: p.rows for p in parts}
+    ends = np.cumsum([sizes[path] for path in full_opened])  # epoch rows after each part
+    skipped_some = False
+    for k in range(1, 6):
+        resumed = run(k)
+        assert resumed == full[k:]  # the batches the full run had from k on
+        # Batch k starts at epoch row k x 8: the parts wholly before it are not opened.
+        n_before = int(np.searchsorted(ends, k * 8, side="right"))
+        assert opened == full_opened[n_before:]
+        skipped_some |= n_before > 0
+    assert skipped_some
+
+
+def test_train_batches_from_parts_resume_with_the_batches_and_masks_of_the_full_run(tmp_path):
+    write_parts(tmp_path / "train", [13, 7, 20, 9])
+    t, cpu = task(), torch.device("cpu")
+    t.train_location = str(tmp_path / "train")
+    settings = loop_settings()
+    full = masks(L.train_batches(None, t, settings, 1, 2, 0, 0, cpu), 14)  # 6 an epoch
+    resumed = masks(L.train_batches(None, t, settings, 1, 2, 1, 2, cpu), 4)
+    assert [(e, p) for e, p, _ in full][5:8] == [(0, 6), (1, 1), (1, 2)]
+    assert [(e, p) for e, p, _ in resumed] == [(e, p) for e, p, _ in full[8:12]]
+    assert all(np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(resumed, full[8:12]))

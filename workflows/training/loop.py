@@ -6,9 +6,13 @@
     report_checkpoint    write this rank's part of a checkpoint and hand it to Ray Train
     RunLogger            rank 0's MLflow logging; a no-op on every other rank
 
-Data: the `train` dataset is split across workers (`get_dataset_shard`) and streamed as
-numpy batches; it is never loaded on the driver. Which rows a worker sees follows Ray
-Data's split, made deterministic with `preserve_order`. Batches are collated by
+Data: a task with a `train_location` (pretraining) has each worker read the train split's
+Parquet parts itself (`training/rows.py`): an order reseeded every epoch, batch k of an
+epoch at a position computed from the parts' row counts, so a resume seeks there and
+reads nothing before it. Otherwise the `train` dataset is split across workers
+(`get_dataset_shard`) by Ray Data, made deterministic with `preserve_order` (the same
+order every epoch; a resume re-reads the consumed batches). Either way the data are never
+loaded on the driver. Batches are collated by
 `data_prep.collate.iter_collated` (threads collate ahead): batch i of an epoch on rank r
 draws its dynamic masks from `batch_rng(seed, epoch, i, r)`, so masks do not depend on
 thread scheduling, a rerun draws the same masks and a resume draws the masks the lost
@@ -25,9 +29,8 @@ Logged once per run: `global_batch_size` (batch x workers x accumulation) as a p
 each log, `tokens_seen` (non-padding tokens trained on by all workers, kept in checkpoints).
 
 Resume repeats the work done after the checkpoint (the steps between the checkpoint and
-the failure are trained again and their metrics logged again at the same steps): each
-worker re-reads, without collating, the micro-batches of the current epoch that it had
-consumed, then continues.
+the failure are trained again and their metrics logged again at the same steps), then
+continues from the checkpoint's position (epoch, micro-batches consumed in it).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from data_prep.collate import batch_rng, iter_collated
 from workflows.config import LoopSettings
 from workflows.training.checkpoint import restore, save_checkpoint
 from workflows.training.engine import RunTracking, TrainingError, TrainTask
+from workflows.training.rows import list_parts, rank_batches
 from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
 
 Batch = dict[str, torch.Tensor]
@@ -93,8 +97,8 @@ def worker_loop(config: dict[str, Any]) -> None:
         logger.log(last_eval, 0)
     saved_at = start_step if start.resumed else -1
     epoch, window, new_tokens = start.epoch, MetricWindow(), 0
-    batches = train_batches(ray.train.get_dataset_shard("train"), task, loop, rank, world,
-                            start.epoch, start.skip, device)
+    shard = ray.train.get_dataset_shard("train") if "train" in config["splits"] else None
+    batches = train_batches(shard, task, loop, rank, world, start.epoch, start.skip, device)
     raw_model.train()
     while runner.step < loop.max_steps:
         epoch, position, batch = next(batches)
@@ -136,11 +140,23 @@ def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, wo
 
     Batch i of an epoch is collated with `batch_rng(seed, epoch, i, rank)` (its dynamic
     masks); the first `skip` batches of the first epoch were consumed before the
-    checkpoint resumed from, so they are read but not collated.
+    checkpoint resumed from. A task with a `train_location` is read from its Parquet
+    parts (`training/rows.py`: reshuffled every epoch, the resume seeks past the `skip`
+    batches without reading them); otherwise `shard` (Ray Data) is read in its fixed order
+    and the `skip` batches are read but not collated.
     """
+    location = getattr(task, "train_location", None)
+    parts = list_parts(location) if location else None
     while True:
-        raw = shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
-                                 drop_last=True, prefetch_batches=2)
+        if parts is not None:
+            raw = rank_batches(parts, batch_size=loop.batch_size, rank=rank, world=world,
+                               seed=loop.seed, epoch=epoch, start=skip)
+            # iter_collated numbers batches from `start` after dropping that many; these
+            # placeholders stand for the batches before the position, which are never read.
+            raw = itertools.chain(itertools.repeat((), skip), raw)
+        else:
+            raw = shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
+                                     drop_last=True, prefetch_batches=2)
         seen = 0
         collated = iter_collated(raw, task.collate, loop.seed, epoch, rank, start=skip)
         for seen, batch in enumerate(collated, start=skip + 1):

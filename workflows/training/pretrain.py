@@ -58,6 +58,7 @@ class PretrainTask:
     masking: Any = None                   # data_prep MaskingSpec for dynamic masking
     meta: dict[str, Any] = field(default_factory=dict)  # bertflow.json of the saved model
     objective: str = "nsp"                # the dataset's: nsp, sop or mlm
+    train_location: str | None = None     # the train split's Parquet parts (training/rows.py)
 
     @property
     def head(self) -> type[nn.Module]:
@@ -258,11 +259,13 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
               if int(manifest.splits.get(s, {}).get("instances", 0)) > 0}
     if "train" not in splits:
         raise PretrainError(f"{data_dir}: the train split is empty; prepare more text")
-    datasets = {s: ray.data.read_parquet(str(p)) for s, p in splits.items()}
+    # Workers read `train` themselves (reshuffled per epoch, seekable on resume).
+    datasets = {s: ray.data.read_parquet(str(p)) for s, p in splits.items() if s != "train"}
     task = PretrainTask(
         model_config=model_config, init_dir=str(init_dir) if init_dir else None,
         tokenizer_dir=str(data_dir / "tokenizer"), pad_id=tokenizer.pad_id,
         masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
+        train_location=str(splits["train"]),
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
               "dataset_fingerprint": manifest.fingerprint, "base_model": cfg.init})
