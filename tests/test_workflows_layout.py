@@ -27,18 +27,19 @@ def test_the_training_path_does_not_import_the_inference_modules():
 
 
 class FakeShard:
-    """`iter_torch_batches` over `n` rows numbered 0..n-1, collated by the task."""
+    """A Ray DataIterator's numpy `iter_batches` over `n` rows numbered 0..n-1."""
 
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def iter_torch_batches(self, batch_size, collate_fn, drop_last=False, **_):
+    def iter_batches(self, batch_size, batch_format="numpy", drop_last=False, **_):
+        assert batch_format == "numpy"
         for i in range(0, self.n - (self.n % batch_size if drop_last else 0), batch_size):
-            yield collate_fn({"row": np.arange(i, min(i + batch_size, self.n))})
+            yield {"row": np.arange(i, min(i + batch_size, self.n))}
 
 
 class DrawTask:
-    """Collate keeps the rows and one number drawn from the epoch's generator."""
+    """Collate keeps the rows and one number drawn from the batch's generator."""
 
     def collate(self, batch, rng):
         return {"row": torch.as_tensor(batch["row"]),
@@ -53,7 +54,7 @@ def test_batches_go_epoch_after_epoch_reseeded_and_skip_only_on_resume():
     # Epoch 0 resumed after its first batch; 5 rows make 2 full batches per epoch.
     assert [(e, pos, b["row"].tolist()) for e, pos, b in got] == [
         (0, 2, [2, 3]), (1, 1, [0, 1]), (1, 2, [2, 3]), (2, 1, [0, 1])]
-    # Masks come from a generator seeded by (seed, rank, epoch): the same after a resume.
+    # Masks come from batch_rng(seed, epoch, batch index, rank): the same after a resume.
     fresh = train_batches(FakeShard(5), DrawTask(), loop, rank=1, world=2, epoch=1, skip=0,
                           device=torch.device("cpu"))
     assert next(fresh)[2]["draw"].item() == got[1][2]["draw"].item()
