@@ -15,9 +15,9 @@ whose completion marker lists files that are all there at their size. A `checkpo
 folder left half-written by a crash, or dropped into the run folder by hand, is neither.
 
 Resume: the workers restart from the latest checkpoint with its model, optimizer,
-scheduler and scaler, at its step, and each worker skips the micro-batches of the
-current epoch it had consumed (`Resume.epoch`, `Resume.skip`; the batch stream in
-workflows.training.loop does the skipping).
+scheduler and scaler, at its step, and each worker continues after the micro-batches of
+the current epoch it had consumed (`Resume.epoch`, `Resume.skip`; the batch stream in
+workflows.training.loop seeks there, see workflows.training.rows).
 """
 
 from __future__ import annotations
