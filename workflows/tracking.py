@@ -64,8 +64,6 @@ TAG_SOURCE_PATH = "bertflow.source_path"  # an imported Hugging Face folder
 TAG_CONFIG_HASH = "bertflow.config_sha256"
 TAG_SWEEP_RUN = "bertflow.sweep_run_id"  # the parent run of the sweep a model won
 TAG_SWEEP_NAME = "bertflow.sweep_name"
-TAG_SWEEP_RUN = "bertflow.sweep_run_id"  # the parent run of the sweep a model won
-TAG_SWEEP_NAME = "bertflow.sweep_name"
 TAG_MANIFEST = "bertflow.manifest_sha256"  # sha256 of the version's bertflow.sha256 artifact
 # Set in every process bertflow starts (the CLI itself, Ray jobs, the MLflow server):
 # MLflow may not unpickle model files, and sends no telemetry (on by default in MLflow 3).
