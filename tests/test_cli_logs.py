@@ -40,6 +40,7 @@ def test_quiet_terminal_and_full_file(tmp_path, monkeypatch, capsys, restore_log
     monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
     path = setup_logging("finetune", verbose=False)
     _emit()
+    logging.captureWarnings(False)
     terminal = capsys.readouterr().err
     assert "fine-tuning seq-cls" in terminal and "schema is old" in terminal
     assert "Execution plan" not in terminal and "Token authentication" not in terminal
@@ -55,6 +56,28 @@ def test_quiet_terminal_and_full_file(tmp_path, monkeypatch, capsys, restore_log
     assert "propagate: true" in open(os.environ["RAY_DATA_LOGGING_CONFIG"]).read()
     assert os.environ["BERTFLOW_ROUTE_RAY_LOGS"] == "1"
     assert os.environ["MLFLOW_CONFIGURE_LOGGING"] == "false"  # MLflow's records reach ours
+
+
+def test_quickstart_terminal_keeps_its_own_step_lines(tmp_path, monkeypatch, capsys,
+                                                      restore_logging):
+    """The quickstart prints one line per step itself: bertflow's INFO lines go to the
+    file only; Python warnings pass the same filter (benign ones to the file only)."""
+    import warnings
+
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    path = setup_logging("quickstart", verbose=False)
+    try:
+        _emit()
+        warnings.warn("Add type hints to the `predict` method to enable data validation")
+        warnings.warn("a real problem")
+    finally:
+        logging.captureWarnings(False)
+    terminal = capsys.readouterr().err
+    assert "fine-tuning seq-cls" not in terminal and "schema is old" in terminal
+    assert "a real problem" in terminal and "type hints" not in terminal
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    assert "fine-tuning seq-cls" in path.read_text() and "type hints" in path.read_text()
 
 
 def test_verbose_shows_everything(tmp_path, monkeypatch, capsys, restore_logging):

@@ -40,15 +40,21 @@ loggers:
 
 # Warnings that are expected under bertflow and say nothing to its user (file only).
 BENIGN = ("Token authentication is enabled for this Ray cluster",  # local Ray, loopback only
-          "Progress bars disabled")  # bertflow draws its own bars over Ray Data's
+          "Progress bars disabled",  # bertflow draws its own bars over Ray Data's
+          "Add type hints to the `predict` method")  # MLflow, about bertflow's pyfunc
 
 
 class _TerminalFilter(logging.Filter):
-    """bertflow's INFO and above; other libraries' WARNING and above, less the benign."""
+    """bertflow's lines from `own_level` up; other libraries' WARNING and above, less the
+    benign."""
+
+    def __init__(self, own_level: int = logging.INFO) -> None:
+        super().__init__()
+        self.own_level = own_level
 
     def filter(self, record: logging.LogRecord) -> bool:
         own = record.name.split(".", 1)[0] in OWN_LOGGERS or record.name == "__main__"
-        if record.levelno < (logging.INFO if own else logging.WARNING):
+        if record.levelno < (self.own_level if own else logging.WARNING):
             return False
         return own or record.levelno > logging.WARNING or not any(
             b in record.getMessage() for b in BENIGN)
@@ -60,6 +66,10 @@ def log_dir() -> Path:
         return Path(os.environ["BERTFLOW_LOG_DIR"])
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "bertflow" / "logs"
+
+
+# Verbs that print their own one line per step: their library INFO lines go to the file.
+STEP_PRINTING_VERBS = {"quickstart"}
 
 
 def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Path | None:
@@ -80,7 +90,9 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     if verbose:
         terminal.setLevel(logging.INFO)
     else:
-        terminal.addFilter(_TerminalFilter())
+        own_level = logging.WARNING if verb in STEP_PRINTING_VERBS else logging.INFO
+        terminal.addFilter(_TerminalFilter(own_level))
+        logging.captureWarnings(True)  # Python warnings: through the filter, and to the file
     root.addHandler(terminal)
     path = None
     if to_file:
