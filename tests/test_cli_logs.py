@@ -29,7 +29,7 @@ def restore_logging(monkeypatch):
 
 def _emit():
     logging.getLogger("workflows.training.finetune").info("fine-tuning seq-cls")
-    logging.getLogger("ray.data._internal.execution").info("Execution plan of Dataset")
+    logging.getLogger("somelib.execution").info("Execution plan of Dataset")
     logging.getLogger("mlflow.store").warning("schema is old")
     logging.getLogger("ray._private.auth").warning(
         "Token authentication is enabled for this Ray cluster. Set ...")
@@ -113,3 +113,25 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir):
     assert log_line
     log_text = open(log_line[-1].split("full log in ", 1)[1]).read()
     assert "streaming_executor" in log_text or "Execution plan" in log_text
+
+
+def test_ray_loggers_imported_before_setup_are_adopted(tmp_path, monkeypatch, capsys,
+                                                      restore_logging):
+    """A process that imported Ray before calling bertflow's main(): Ray Data's INFO lines
+    still go to the file only."""
+    import ray.data  # noqa: F401  (configures the 'ray' and 'ray.data' loggers)
+
+    data_logger = logging.getLogger("ray.data")
+    before = (list(data_logger.handlers), data_logger.propagate)
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    try:
+        path = setup_logging("prep", verbose=False)
+        logging.getLogger("ray.data._internal.execution").info("Execution plan of Dataset")
+        terminal = capsys.readouterr().err
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        assert "Execution plan" not in terminal
+        assert "Execution plan" in path.read_text()
+    finally:
+        data_logger.handlers[:] = before[0]
+        data_logger.propagate = before[1]

@@ -18,7 +18,7 @@ def test_entrypoint_runs_the_projects_cli_with_the_args_quoted():
 
 
 def test_only_workflow_verbs_can_be_submitted():
-    with pytest.raises(jobs.JobError, match="prep, pretrain, finetune, predict, embed"):
+    with pytest.raises(jobs.JobError, match="prep, pretrain, finetune, sweep, predict, embed"):
         jobs.build_entrypoint("server", [])
 
 

@@ -115,6 +115,7 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
                 tmp.write_text(_RAY_DATA_CONFIG)
                 tmp.replace(config)
             os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
+    _adopt_imported_ray_loggers()
     # MLflow installs its own stderr handler on import unless told not to: let its records
     # reach ours (terminal filter + file) instead.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
@@ -122,3 +123,19 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     for name in ("urllib3", "alembic", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return path
+
+
+def _adopt_imported_ray_loggers() -> None:
+    """When Ray is already imported in this process (a caller of `main()`), its loggers
+    have their own stderr handlers and do not propagate: hand them to ours (Ray Data keeps
+    its session log file)."""
+    import sys
+
+    for name, keep in (("ray", ()), ("ray.data", ("SessionFileHandler",))):
+        if name not in sys.modules:
+            continue
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if type(handler).__name__ not in keep:
+                logger.removeHandler(handler)
+        logger.propagate = True
