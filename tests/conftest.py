@@ -53,3 +53,32 @@ def one_thread():
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh MLflow sqlite store (MLflow 3 refuses plain file: stores)."""
     return f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint (moto's server) on 127.0.0.1 for the whole session. The standard
+    AWS variables (endpoint, keys, region) are set in this process while it runs: clients
+    find it the way they find a real one, and whatever a test starts inherits nothing else."""
+    from tests.services import start_s3, stop
+
+    server = start_s3(tmp_path_factory.mktemp("s3"))
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)
+    yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    stop(server.proc)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server, request) -> str:
+    """A fresh bucket on the session's S3 server; returns `s3://NAME`."""
+    import re
+    import uuid
+
+    stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return s3_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")
