@@ -13,17 +13,24 @@ document with a few positioned reads. NSP's "random next" segments come from it,
 are drawn from the whole split while a worker holds only its own unit in memory: the
 pool keeps one small array per unit, and file pages live in the OS cache, not in the
 workers' memory.
+
+Unit files may live on any `pyarrow.fs` filesystem (a prep whose output is `s3://...`
+stages them beside the output, so a worker on any node reads them). The pool reads them
+through `storage.BlockCache`: positioned reads in blocks (16 KiB locally, where the OS
+caches pages; 1 MiB on object stores, where each block is one ranged GET), so NSP's
+random segment fetches share GETs instead of costing one each.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from data_prep.storage import BlockCache, open_location
 
 _MAGIC = 0x42455254464C4F57  # "BERTFLOW"
 _HEADER = 4 * 8
@@ -31,8 +38,9 @@ _HEADER = 4 * 8
 Document = list[list[int]]
 
 
-def write_tokenized(path: Path, documents: list[Document]) -> dict[str, int]:
-    """Write documents (lists of sentences of ids) in the unit file format above."""
+def write_tokenized(path: str | Path, documents: list[Document]) -> dict[str, int]:
+    """Write documents (lists of sentences of ids) in the unit file format above; `path`
+    may be a URI."""
     sent_lengths = [len(s) for doc in documents for s in doc]
     docs = np.zeros(len(documents) + 1, np.int64)
     np.cumsum([len(d) for d in documents], out=docs[1:])
@@ -41,23 +49,24 @@ def write_tokenized(path: Path, documents: list[Document]) -> dict[str, int]:
     tokens = np.fromiter((t for doc in documents for s in doc for t in s), np.int32,
                          count=int(sents[-1]))
     header = np.array([_MAGIC, len(documents), len(sent_lengths), tokens.shape[0]], np.int64)
-    with open(path, "wb") as fh:
+    with open_location(path).open_output_stream() as fh:
         for array in (header, docs, sents, tokens):
             fh.write(array.tobytes())
     return {"documents": len(documents), "sentences": len(sent_lengths),
             "tokens": int(tokens.shape[0])}
 
 
-def read_tokenized(path: Path) -> list[Document]:
+def read_tokenized(path: str | Path) -> list[Document]:
     """All documents of a unit file, as lists of sentences of ids (what the recipe eats)."""
-    header = np.fromfile(path, np.int64, 4)
+    raw = open_location(path).read_bytes()
+    header = np.frombuffer(raw, np.int64, 4)
     if header[0] != _MAGIC:
         raise ValueError(f"{path}: not a bertflow tokenized unit")
     n_docs, n_sents, n_tokens = (int(x) for x in header[1:])
-    docs = np.fromfile(path, np.int64, n_docs + 1, offset=_HEADER)
-    sents = np.fromfile(path, np.int64, n_sents + 1, offset=_HEADER + 8 * (n_docs + 1))
-    tokens = np.fromfile(path, np.int32, n_tokens,
-                         offset=_HEADER + 8 * (n_docs + n_sents + 2)).tolist()
+    docs = np.frombuffer(raw, np.int64, n_docs + 1, offset=_HEADER)
+    sents = np.frombuffer(raw, np.int64, n_sents + 1, offset=_HEADER + 8 * (n_docs + 1))
+    tokens = np.frombuffer(raw, np.int32, n_tokens,
+                           offset=_HEADER + 8 * (n_docs + n_sents + 2)).tolist()
     bounds = sents.tolist()
     sentences = [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [sentences[a:b] for a, b in zip(docs[:-1].tolist(), docs[1:].tolist())]
@@ -100,67 +109,80 @@ class ListPool:
 class SplitPool:
     """Every document of one split, across all unit files, fetched by positioned reads.
 
-    `units` lists (path, documents) in split order; document g lives in the unit whose
-    range of global numbers holds g. Open files are kept in a small LRU."""
+    `units` lists (path or URI, documents) in split order; document g lives in the unit
+    whose range of global numbers holds g. Open files (each with its block cache) are
+    kept in a small LRU."""
 
-    def __init__(self, units: list[tuple[str, int]], max_open: int = 64) -> None:
-        self.paths = [p for p, _ in units]
+    def __init__(self, units: list[tuple[str, int]], max_open: int = 64,
+                 cache_bytes: int | None = None) -> None:
+        self.paths = [str(p) for p, _ in units]
         self.starts = np.zeros(len(units) + 1, np.int64)
         np.cumsum([n for _, n in units], out=self.starts[1:])
-        self._fds: OrderedDict[int, tuple[int, int, int]] = OrderedDict()
+        self._files: OrderedDict[int, tuple[BlockCache, int, int]] = OrderedDict()
         self._max_open = max_open
+        self._cache_bytes = cache_bytes
 
     @classmethod
     def load(cls, path: str | Path) -> SplitPool:
         """A pool described by the JSON list of [path, documents] the driver writes."""
-        return cls([(p, int(n)) for p, n in json.loads(Path(path).read_text())])
+        return cls([(p, int(n)) for p, n in json.loads(open_location(path).read_text())])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
     def close(self) -> None:
-        while self._fds:
-            os.close(self._fds.popitem()[1][0])
+        while self._files:
+            self._files.popitem()[1][0].close()
 
-    def _unit(self, index: int) -> tuple[int, int, int, int]:
-        """(fd, local document index, documents, sentences) of global document `index`."""
+    def _open(self, path: str) -> BlockCache:
+        loc = open_location(path)
+        if loc.local:  # the OS caches pages: small blocks, little memory
+            block, budget = 16 << 10, self._cache_bytes or 4 << 20
+        else:  # one ranged GET per block: large blocks, shared by neighbouring reads
+            block, budget = 1 << 20, self._cache_bytes or 64 << 20
+        per_file = max(2, budget // block // max(1, min(self._max_open, len(self.paths))))
+        file = loc.open_input_file()
+        return BlockCache(file, file.size(), block_size=block, max_blocks=per_file)
+
+    def _unit(self, index: int) -> tuple[BlockCache, int, int, int]:
+        """(file, local document index, documents, sentences) of global document `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"document {index} is outside the pool of {len(self)}")
         u = int(np.searchsorted(self.starts, index, side="right")) - 1
-        if u in self._fds:
-            self._fds.move_to_end(u)
+        if u in self._files:
+            self._files.move_to_end(u)
         else:
-            fd = os.open(self.paths[u], os.O_RDONLY)
-            header = np.frombuffer(os.pread(fd, _HEADER, 0), np.int64)
-            self._fds[u] = (fd, int(header[1]), int(header[2]))
-            if len(self._fds) > self._max_open:
-                os.close(self._fds.popitem(last=False)[1][0])
-        fd, n_docs, n_sents = self._fds[u]
-        return fd, index - int(self.starts[u]), n_docs, n_sents
+            file = self._open(self.paths[u])
+            header = np.frombuffer(file.read_at(_HEADER, 0), np.int64)
+            self._files[u] = (file, int(header[1]), int(header[2]))
+            if len(self._files) > self._max_open:
+                self._files.popitem(last=False)[1][0].close()
+        file, n_docs, n_sents = self._files[u]
+        return file, index - int(self.starts[u]), n_docs, n_sents
 
     @staticmethod
-    def _int64s(fd: int, offset: int, count: int) -> np.ndarray:
-        return np.frombuffer(os.pread(fd, 8 * count, offset), np.int64)
+    def _int64s(file: BlockCache, offset: int, count: int) -> np.ndarray:
+        return np.frombuffer(file.read_at(8 * count, offset), np.int64)
 
-    def _sentences(self, index: int) -> tuple[int, int, int, int, int]:
-        fd, local, n_docs, n_sents = self._unit(index)
-        s0, s1 = self._int64s(fd, _HEADER + 8 * local, 2)
-        return fd, int(s0), int(s1), n_docs, n_sents
+    def _sentences(self, index: int) -> tuple[BlockCache, int, int, int, int]:
+        file, local, n_docs, n_sents = self._unit(index)
+        s0, s1 = self._int64s(file, _HEADER + 8 * local, 2)
+        return file, int(s0), int(s1), n_docs, n_sents
 
     def num_sentences(self, index: int) -> int:
         _, s0, s1, _, _ = self._sentences(index)
         return s1 - s0
 
     def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
-        fd, s0, s1, n_docs, n_sents = self._sentences(index)
+        file, s0, s1, n_docs, n_sents = self._sentences(index)
         first = s0 + start
         if first >= s1:
             return []
         sents_at = _HEADER + 8 * (n_docs + 1)
-        bounds = self._int64s(fd, sents_at + 8 * first, s1 - first + 1)
+        bounds = self._int64s(file, sents_at + 8 * first, s1 - first + 1)
         # the first sentence whose end reaches min_tokens closes the segment
         reach = np.searchsorted(bounds[1:] - bounds[0], min_tokens, side="left")
         end = bounds[min(int(reach) + 1, bounds.shape[0] - 1)]
         tokens_at = sents_at + 8 * (n_sents + 1)
-        raw = os.pread(fd, 4 * int(end - bounds[0]), tokens_at + 4 * int(bounds[0]))
+        raw = file.read_at(4 * int(end - bounds[0]), tokens_at + 4 * int(bounds[0]))
         return np.frombuffer(raw, np.int32).tolist()

@@ -5,6 +5,23 @@ temporary sibling (`atomic_output_dir`) and rename it into place when everything
 including `manifest.json`, is on disk. The manifest says what went in (config, input file
 hashes, tokenizer hash), what came out (counts, files) and a fingerprint of the inputs
 side, so a rerun can tell "up to date" from "rebuild" without reading the data.
+
+Datasets may also live on an object store (`s3://bucket/prefix`, anything `pyarrow.fs`
+resolves), where nothing can be renamed. There `output_location` publishes instead: a
+marker object (`_BUILDING`) goes up first, an old manifest is deleted (the old dataset is
+unpublished before any of its files change), the old files are deleted, the builder
+writes its files directly under the prefix (and its intermediates under a
+`_staging-<token>/` prefix it deletes), and `manifest.json` is written last, in one PUT:
+the dataset exists from that moment. Readers trust only a prefix whose manifest loads
+(`Manifest.load`, `is_dataset_folder`), so a half-written or half-deleted dataset is never
+read or listed. A prefix holding only an unfinished build's files (the marker, no
+manifest) is replaced by the next build without `--force`; any other non-dataset content
+needs `--force`. Two builds writing the same prefix at the same time are not supported.
+
+Input fingerprints: local files by path, size and sha256; object-store files by their URI
+(without query string), size and the sha256 of their bytes, read as a stream (object
+ETags are not content hashes for multipart uploads and differ between stores, so the
+content decides, as it does locally).
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_core.config_io import BertflowError
+from data_prep.storage import Location, is_local, is_uri, open_location, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +48,8 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 2  # 2: corpus-wide NSP pool, globally shuffled parts
 _TMP_TAG = ".tmp-"
 _OLD_TAG = ".old-"
+BUILDING_MARKER = "_BUILDING"  # an unfinished build on an object store (no rename there)
+STAGING_PREFIX = "_staging"
 
 
 class ManifestError(BertflowError):
@@ -55,28 +75,40 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write `manifest.json` in `directory` (fsynced: it marks the folder complete)."""
+    def save(self, directory: str | Path | Location) -> str:
+        """Write `manifest.json` in `directory` (local: fsynced; object store: one PUT).
+        It marks the dataset complete, so it is written last. Returns its location."""
         if not self.created_at:
             self.created_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        path = Path(directory) / MANIFEST_NAME
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=False)
-            fh.write("\n")
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+        loc = directory if isinstance(directory, Location) else open_location(directory)
+        target = loc.join(MANIFEST_NAME)
+        if not loc.local:
+            target.write_text(text)
+            return target.uri
+        with open(target.path, "w", encoding="utf-8") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
-        return path
+        return target.path
 
     @classmethod
-    def load(cls, directory: str | Path) -> Manifest:
-        """Read `DIR/manifest.json` (or a manifest file path)."""
-        p = Path(directory)
-        path = p if p.suffix == ".json" else p / MANIFEST_NAME
-        if not path.is_file():
-            raise ManifestError(f"{path}: no manifest here; is {p} a dataset prepared by "
-                                "`bertflow prep`?")
+    def load(cls, directory: str | Path | Location) -> Manifest:
+        """Read `DIR/manifest.json` (or a manifest file path); DIR may be a URI."""
+        loc = directory if isinstance(directory, Location) else open_location(directory)
+        target = loc if loc.path.endswith(".json") else loc.join(MANIFEST_NAME)
+        path = target.uri
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            raw = target.read_bytes() if target.is_file() else None
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot be read ({exc})") from None
+        if raw is None:
+            hint = "" if loc.local else (" (on an object store, a dataset whose build did "
+                                         "not finish has no manifest and is never read)")
+            raise ManifestError(f"{path}: no manifest here; is {loc.uri} a dataset prepared by "
+                                f"`bertflow prep`?{hint}")
+        try:
+            data = json.loads(raw.decode("utf-8"))
         except json.JSONDecodeError as exc:
             raise ManifestError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg}); rebuild the "
                                 "dataset with --force") from None
@@ -103,19 +135,27 @@ class Manifest:
         return cls(**data)
 
 
-def is_dataset_folder(directory: str | Path) -> bool:
-    """True when `directory` holds a manifest.json that loads as a bertflow dataset's
-    (a folder that merely has a file of that name is not one)."""
+def is_dataset_folder(directory: str | Path | Location) -> bool:
+    """True when `directory` (a path or URI) holds a manifest.json that loads as a bertflow
+    dataset's (a folder that merely has a file of that name is not one)."""
+    loc = directory if isinstance(directory, Location) else open_location(directory)
     try:
-        Manifest.load(Path(directory) / MANIFEST_NAME)
+        Manifest.load(loc.join(MANIFEST_NAME))
     except ManifestError:
         return False
     return True
 
 
 def fingerprint_file(path: str | Path, chunk_size: int = 1 << 20) -> dict[str, Any]:
-    """{path (absolute), size, sha256} of a file, read in chunks (any size)."""
-    p = Path(path).resolve()
+    """{path (absolute, or the URI without query string), size, sha256} of a file, read in
+    chunks (any size)."""
+    if is_uri(path) and not is_local(path):
+        loc = open_location(path)
+        size = loc.size()
+        if size is None:
+            raise ManifestError(f"{loc.uri}: not a file; cannot fingerprint it")
+        return {"path": loc.uri, "size": size, "sha256": loc.sha256(chunk_size)}
+    p = Path(open_location(path).path if is_uri(path) else path).resolve()
     if not stat.S_ISREG(os.stat(p).st_mode):  # opening a FIFO would block forever
         raise ManifestError(f"{p}: not a regular file; cannot fingerprint it")
     h = hashlib.sha256()
@@ -135,13 +175,14 @@ def build_fingerprint(config: dict[str, Any], inputs: list[dict[str, Any]],
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def is_up_to_date(directory: str | Path, expected_fingerprint: str | None = None
+def is_up_to_date(directory: str | Path | Location, expected_fingerprint: str | None = None
                   ) -> tuple[bool, str]:
     """(True, "up to date") when DIR's manifest matches its inputs (and the expected
-    fingerprint, when given); otherwise (False, the first reason found)."""
-    d = Path(directory)
+    fingerprint, when given); otherwise (False, the first reason found). DIR and the
+    inputs may be URIs."""
+    d = directory if isinstance(directory, Location) else open_location(directory)
     if not d.exists():
-        return False, f"{d} does not exist"
+        return False, f"{d.uri} does not exist"
     try:
         manifest = Manifest.load(d)
     except ManifestError as exc:
@@ -150,16 +191,16 @@ def is_up_to_date(directory: str | Path, expected_fingerprint: str | None = None
         return False, "the config, inputs or tokenizer changed since the last build"
     # the fingerprint already covers the inputs' hashes, which the caller just computed
     for item in manifest.inputs if expected_fingerprint is None else []:
-        p = Path(item["path"])
-        if not p.is_file():
-            return False, f"input {p} is gone"
-        if p.stat().st_size != item["size"] or fingerprint_file(p)["sha256"] != item["sha256"]:
-            return False, f"input {p} changed"
+        p = open_location(item["path"])
+        if p.size() is None:
+            return False, f"input {p.uri} is gone"
+        if p.size() != item["size"] or fingerprint_file(item["path"])["sha256"] != item["sha256"]:
+            return False, f"input {p.uri} changed"
     for split in manifest.splits.values():
         for f in split.get("files", []):
-            part = d / f["path"]
-            if not part.is_file() or part.stat().st_size != f["size"]:
-                return False, f"output {part} is missing or was modified"
+            part = d.join(f["path"])
+            if part.size() != f["size"]:
+                return False, f"output {part.uri} is missing or was modified"
     return True, "up to date"
 
 
@@ -242,3 +283,48 @@ def atomic_output_dir(final_dir: str | Path, force: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def output_location(final: str | Path, force: bool = False) -> Iterator[Location]:
+    """Where a builder writes a dataset that appears all at once at `final` (a path or a
+    URI); the builder writes `manifest.json` last, inside the block.
+
+    Local: `atomic_output_dir` (a hidden temp sibling renamed into place). Object store:
+    the prefix itself, after unpublishing what was there (module docstring); on failure
+    its files are deleted again (best effort: the manifest is absent, so nothing is read).
+    An existing dataset or other content is replaced only with `force=True`, except the
+    leftovers of an unfinished build."""
+    loc = open_location(final)
+    if loc.local:
+        with atomic_output_dir(loc.path, force=force) as tmp:
+            yield open_location(tmp)
+        return
+    leftovers = loc.join(BUILDING_MARKER).exists() and not loc.join(MANIFEST_NAME).exists()
+    if loc.has_content() and not (force or leftovers):
+        raise ManifestError(f"{loc.uri} already exists; pass --force to replace it")
+    marker = loc.join(BUILDING_MARKER)
+    marker.write_text(json.dumps({"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                              time.gmtime()),
+                                  "pid": os.getpid()}) + "\n")
+    loc.join(MANIFEST_NAME).delete()  # unpublish first: readers stop trusting the old files
+    _delete_except(loc, marker)
+    try:
+        yield loc
+    except BaseException:
+        try:
+            _delete_except(loc, marker)
+            marker.delete()
+        except OSError as exc:  # the manifest is absent: leftovers are never read
+            log.warning("could not clean up %s (%s); the next build replaces it", loc.uri, exc)
+        raise
+    if not loc.join(MANIFEST_NAME).exists():
+        raise ManifestError(f"{loc.uri}: the build wrote no manifest (a bug)")
+    marker.delete()
+
+
+def _delete_except(loc: Location, keep: Location) -> None:
+    """Delete every file under `loc` but `keep` (on an object store, one DELETE each)."""
+    for f in loc.list_files():
+        if f.path != keep.path:
+            f.fs.delete_file(f.path)

@@ -23,16 +23,33 @@ How the work is cut, and why (the only module that touches Ray Data):
    permutation fixed by the seed), with memory bounded by a bucket (about 64 MB; the
    number of buckets follows from the split's token count, never from the workers).
    Ray Data's own `random_shuffle` would hold the whole split in the object store.
-On a multi-node cluster, DIR's parent must be a filesystem every node sees (NFS, a
-mounted bucket): workers read the staged units and write their parts there.
+Where things live. Every intermediate a task reads or writes lives on the OUTPUT's
+filesystem, opened through `pyarrow.fs` (`data_prep.storage`), never only on the driver:
+- a local DIR (or file://): a hidden temp sibling `.DIR.tmp-PID/` holds the staging
+  folder `_staging/` and the dataset, and is renamed into place at the end (stale temp
+  folders of killed runs are removed). On a multi-node cluster such a DIR must be on a
+  filesystem every node mounts (NFS); otherwise use a URI.
+- a URI (`s3://bucket/datasets/wiki128`, any store pyarrow.fs resolves): nothing can be
+  renamed there, so the dataset is published (`manifest.output_location`): a `_BUILDING`
+  marker, the old manifest deleted first, units/tokens/instances under
+  `DIR/_staging-<token>/`, parts and tokenizer under DIR, the staging prefix deleted,
+  `manifest.json` written last in one PUT. Readers trust only a DIR whose manifest loads.
+  The NSP pool reads the staged tokens through a block cache (`corpus.SplitPool`).
+Inputs may be URIs too (`readers.expand_locations`). Rows depend only on the inputs'
+bytes, the config and the seed: a build to s3:// and a local build give byte-identical
+parts. The store's credentials come from its standard variables (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, ...); the driver checks every location before any Ray work starts
+(`storage.check_location`) and hands the variables to the Ray Data tasks through their
+runtime environment (`ray_env.worker_runtime_env`). A manifest stores locations without
+query strings or user info (`storage.public_uri`), and no credential is ever logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
+import uuid
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -42,14 +59,16 @@ import numpy as np
 
 from bert_core.config_io import to_dict
 from data_prep.config import RUNTIME_ONLY, PrepConfig
-from data_prep.manifest import (Manifest, ManifestError, atomic_output_dir,
-                                build_fingerprint, fingerprint_file, is_dataset_folder,
-                                is_up_to_date)
+from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, Manifest,
+                                ManifestError, build_fingerprint, fingerprint_file,
+                                is_dataset_folder, is_up_to_date, output_location)
 from data_prep.masking import MaskingSpec
-from data_prep.readers import expand_inputs, iter_documents
+from data_prep.readers import expand_locations, iter_documents
 from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
 from data_prep.recipe import (Instance, RecipeSpec, document_instances, instances_to_table,
                               output_schema)
+from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
+                               public_uri)
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -59,10 +78,36 @@ _UNIT_MAX_CHARS = 16 << 20  # a unit also closes at this much text (bounded memo
 
 
 def load_tokenizer(vocab: str, lowercase: bool) -> WordPieceTokenizer:
-    """--vocab is a vocab.txt (cased per --lowercase) or a folder with its own settings."""
-    p = Path(vocab)
+    """--vocab is a vocab.txt (cased per --lowercase) or a folder with its own settings;
+    either may be a URI."""
+    if is_uri(vocab) and not is_local(vocab):
+        loc = check_location(vocab, "--vocab", must_exist=True)
+        if loc.is_dir():
+            return WordPieceTokenizer.from_dir(loc.uri)
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="bertflow-vocab-") as tmp:
+            local = Path(tmp) / "vocab.txt"
+            local.write_bytes(loc.read_bytes())
+            return WordPieceTokenizer.from_vocab(local, lowercase=lowercase)
+    p = Path(open_location(vocab).path)
     return WordPieceTokenizer.from_dir(p) if p.is_dir() else \
         WordPieceTokenizer.from_vocab(p, lowercase=lowercase)
+
+
+def _write_parquet(table: Any, loc: Location) -> None:
+    import pyarrow.parquet as pq
+
+    if loc.local:
+        Path(loc.path).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, loc.path, filesystem=loc.fs)
+
+
+def _read_parquet(location: str) -> Any:
+    import pyarrow.parquet as pq
+
+    loc = open_location(location)
+    return pq.read_table(loc.path, filesystem=loc.fs)
 
 
 def split_of(sentences: list[str], val_fraction: float) -> str:
@@ -78,13 +123,13 @@ def _key_config(config: PrepConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY + ("input",)}
 
 
-def stage_units(files: list[Path], inputs: list[dict[str, Any]], config: PrepConfig,
-                staging: Path) -> tuple[list[dict[str, Any]], Counter]:
-    """Stream every file into unit files of documents; returns (units, read counts)."""
+def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
+                staging: str | Path) -> tuple[list[dict[str, Any]], Counter]:
+    """Stream every file (path or URI) into unit files of documents under `staging` (a
+    path or URI); returns (units, read counts)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    staging.mkdir(parents=True, exist_ok=True)
+    stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     for file, info in zip(files, inputs):
@@ -96,9 +141,9 @@ def stage_units(files: list[Path], inputs: list[dict[str, Any]], config: PrepCon
             docs = buffers[split]
             if not docs:
                 return
-            path = staging / f"unit-{len(units):06d}.parquet"
-            pq.write_table(pa.table({"sentences": pa.array(docs, pa.list_(pa.string()))}), path)
-            units.append({"index": len(units), "path": str(path), "split": split,
+            loc = stage.join(f"unit-{len(units):06d}.parquet")
+            _write_parquet(pa.table({"sentences": pa.array(docs, pa.list_(pa.string()))}), loc)
+            units.append({"index": len(units), "path": loc.uri, "split": split,
                           "file_sha256": info["sha256"], "number": numbers[split],
                           "documents": len(docs)})
             numbers[split] += 1
@@ -136,13 +181,11 @@ def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
 
 
 def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
-                  staging: Path) -> dict[str, Any]:
+                  staging: str | Path) -> dict[str, Any]:
     """Pass 1: tokenize one staged unit and write it in the `corpus` format. Sentences
     without tokens are dropped, documents without any are counted (no_tokens)."""
-    import pyarrow.parquet as pq
-
     started = time.perf_counter()
-    docs_text = pq.read_table(unit["path"]).column("sentences").to_pylist()
+    docs_text = _read_parquet(unit["path"]).column("sentences").to_pylist()
     ids = tokenizer.encode_batch([s for doc in docs_text for s in doc])
     documents, k, no_tokens = [], 0, 0
     for doc in docs_text:
@@ -152,16 +195,16 @@ def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
             documents.append(sents)
         else:
             no_tokens += 1
-    path = staging / f"tokens-{unit['index']:06d}.bin"
+    path = open_location(staging).join(f"tokens-{unit['index']:06d}.bin").uri
     sizes = write_tokenized(path, documents)
-    return {"index": unit["index"], "split": unit["split"], "tokens_path": str(path),
+    return {"index": unit["index"], "split": unit["split"], "tokens_path": path,
             "documents_used": sizes["documents"], "skipped.no_tokens": no_tokens,
             "sentences": sizes["sentences"], "corpus_tokens": sizes["tokens"],
             "seconds": time.perf_counter() - started}
 
 
 def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: SplitPool,
-                  staging: Path) -> dict[str, Any]:
+                  staging: str | Path) -> dict[str, Any]:
     """Pass 2: the instances of one unit's documents, bucketed for the shuffle.
 
     `unit` carries its tokens file, split, `first_doc` (its first document's number in
@@ -173,12 +216,12 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
     n_buckets, split = unit["buckets"], unit["split"]
     static = spec.masking is not None
     schema = output_schema(spec.objective, static).append(pa.field("key", pa.int64()))
-    path = staging / f"instances-{unit['index']:06d}.arrow"
+    target = open_location(staging).join(f"instances-{unit['index']:06d}.arrow")
     counts = {"instances": 0, "tokens": 0, "masked_tokens": 0}
     buffer: list[Instance] = []
     keys: list[np.ndarray] = []
     held = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+    with target.open_output_stream() as sink, pa.ipc.new_file(sink, schema) as writer:
 
         def flush() -> None:
             key = np.concatenate(keys)
@@ -193,7 +236,7 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
             buffer.clear()
             keys.clear()
 
-        for local, document in enumerate(read_tokenized(Path(unit["tokens_path"]))):
+        for local, document in enumerate(read_tokenized(unit["tokens_path"])):
             index = unit["first_doc"] + local
             rng = doc_rng(seed, split, index)
             instances = document_instances(document, index, pool, spec, rng)
@@ -210,23 +253,25 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
                 held = 0
         if buffer:
             flush()
-    return {"index": unit["index"], "instances_path": str(path), **counts,
+    return {"index": unit["index"], "instances_path": target.uri, **counts,
             "seconds": time.perf_counter() - started}
 
 
-def merge_bucket(task: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+def merge_bucket(task: dict[str, Any], out_dir: str | Path) -> dict[str, Any]:
     """Pass 3: one bucket's instances from every unit of a split, sorted by key, as
-    `SPLIT/part-BUCKET.parquet` (None when the bucket is empty)."""
+    `SPLIT/part-BUCKET.parquet` under `out_dir` (a path or URI; None when the bucket is
+    empty)."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     started = time.perf_counter()
     n, b = task["buckets"], task["bucket"]
     batches, schema = [], None
     sources = []
-    for path in json.loads(Path(task["units_file"]).read_text()):
-        source = pa.memory_map(path)
+    for path in json.loads(open_location(task["units_file"]).read_text()):
+        loc = open_location(path)
+        # local: mapped pages; elsewhere: one ranged read per record batch of this bucket
+        source = pa.memory_map(loc.path) if loc.local else loc.open_input_file()
         sources.append(source)
         reader = pa.ipc.open_file(source)
         schema = reader.schema
@@ -237,10 +282,9 @@ def merge_bucket(task: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         order = pc.sort_indices(table, sort_keys=[("key", "ascending")])
         table = table.take(order).drop_columns(["key"])
         rel = f"{task['split']}/part-{b:05d}.parquet"
-        (out_dir / task["split"]).mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, out_dir / rel)
-        result["file"] = {"path": rel, "size": (out_dir / rel).stat().st_size,
-                          "rows": table.num_rows}
+        part = open_location(out_dir).join(rel)
+        _write_parquet(table, part)
+        result["file"] = {"path": rel, "size": part.size(), "rows": table.num_rows}
     del table, batches
     for source in sources:
         source.close()
@@ -289,30 +333,31 @@ def _pool(path: str) -> SplitPool:
 
 
 def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[str, Any],
-             out_dir: str) -> dict[str, Any]:
-    """Ray Data task: one item of pass `step` (tokenize, instances or merge)."""
+             out_dir: str, staging: str) -> dict[str, Any]:
+    """Ray Data task: one item of pass `step` (tokenize, instances or merge). Every
+    location it gets is a path or URI on the output's filesystem."""
     cfg, tok, spec = _worker_state(tokenizer_dir, config)
     results = []
     for item in batch["item"]:
         task = json.loads(item)
-        staging = Path(out_dir) / "_staging"
         if step == "tokenize":
             results.append(tokenize_unit(task, tok, staging))
         elif step == "instances":
             results.append(instance_unit(task, spec, cfg.seed, _pool(task["pool"]), staging))
         else:
-            results.append(merge_bucket(task, Path(out_dir)))
+            results.append(merge_bucket(task, out_dir))
         results[-1]["_order"] = task["_order"]
     return {"result": [json.dumps(r) for r in results]}
 
 
-def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: Path,
-              config: PrepConfig, out_dir: Path) -> list[dict[str, Any]]:
+def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
+              config: PrepConfig, out_dir: str, staging: str) -> list[dict[str, Any]]:
     """Run one pass over `items` on Ray Data (at most `num_workers` tasks at a time);
-    results come back in item order."""
+    results come back in item order. The tasks get the driver's store credentials in
+    their runtime environment (also when this process joined a Ray started without them)."""
     from tqdm import tqdm
 
-    from data_prep.ray_env import init_ray
+    from data_prep.ray_env import init_ray, worker_runtime_env
 
     if not items:
         return []
@@ -331,8 +376,10 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: Path,
                               for k, it in enumerate(items)], override_num_blocks=len(items))
     ds = ds.map_batches(run_pass, batch_size=1, num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=workers),
-                        fn_kwargs={"step": step, "tokenizer_dir": str(tokenizer_dir),
-                                   "config": to_dict(config), "out_dir": str(out_dir)})
+                        runtime_env=worker_runtime_env(),
+                        fn_kwargs={"step": step, "tokenizer_dir": tokenizer_dir,
+                                   "config": to_dict(config), "out_dir": out_dir,
+                                   "staging": staging})
     results = []
     started = time.perf_counter()
     try:
@@ -371,57 +418,93 @@ def _counts(read: Counter, results: list[dict[str, Any]], n_files: int) -> dict[
     return counts
 
 
+def check_output(config: PrepConfig) -> Location:
+    """The output location, proven usable before any work: a scheme pyarrow resolves, an
+    existing bucket, accepted credentials, and either free, a bertflow dataset, the
+    leftovers of an unfinished build, or `--force`. Raises LocationError/ManifestError."""
+    out = check_location(config.output, "--output", must_exist=False, writable=True)
+    if out.local:
+        occupied = out.exists()
+    else:
+        occupied = out.has_content()
+        if occupied and out.join(BUILDING_MARKER).exists() \
+                and not out.join(MANIFEST_NAME).exists():
+            return out  # an unfinished build of ours: replaced without --force
+    if occupied and not (is_dataset_folder(out) or config.force):
+        raise ManifestError(f"{out.uri} exists and is not a bertflow dataset (no manifest.json "
+                            "that loads as one); choose another --output or pass --force to "
+                            "replace it")
+    return out
+
+
+def _outside(files: list[str], out: Location) -> list[str]:
+    """Input files not under the output (an output inside an input folder must not be read
+    back as corpus)."""
+    if out.local:
+        root = Path(out.path).resolve()
+        return [f for f in files if not is_local(f) or root not in Path(f).parents]
+    prefix = out.uri.rstrip("/") + "/"
+    return [f for f in files if not f.startswith(prefix)]
+
+
 def build_pretraining_dataset(config: PrepConfig) -> Manifest:
-    """Build (or find up to date) the dataset described by `config`; returns its manifest."""
+    """Build (or find up to date) the dataset described by `config`; returns its manifest.
+
+    `config.input` and `config.output` may be URIs (module docstring). Every location is
+    checked before any Ray work: a bad one raises a LocationError / PrepInputError /
+    ManifestError naming it (the CLI exits with 2)."""
     from tqdm import tqdm
 
     config.validate_for_run()
+    out = check_output(config)
     not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
-    files = expand_inputs(config.input, not_read)  # a missing path fails here, before any work
-    out = Path(config.output).absolute()
-    # an output folder inside an input folder must not be read back as corpus
-    files = [f for f in files if out.resolve() not in f.parents]
+    files = expand_locations(config.input, not_read)  # missing inputs fail here
+    files = _outside(files, out)
     tokenizer = load_tokenizer(config.vocab, config.lowercase) if config.vocab else None
     inputs = [fingerprint_file(f) for f in tqdm(files, desc="hashing inputs", unit="file",
                                                  disable=len(files) < 20)]
     tok_key = tokenizer.fingerprint() if tokenizer else f"train-vocab:{config.train_vocab}"
     fingerprint = build_fingerprint(_key_config(config), inputs, tok_key)
+    occupied = out.exists() if out.local else out.has_content()
     if not config.force:
         fresh, reason = is_up_to_date(out, fingerprint)
         if fresh:
-            log.info("%s is up to date; nothing to do (pass --force to rebuild)", out)
+            log.info("%s is up to date; nothing to do (pass --force to rebuild)", out.uri)
             return Manifest.load(out)
-        if out.exists():
-            log.info("rebuilding %s: %s", out, reason)
-    if out.exists() and not (is_dataset_folder(out) or config.force):
-        raise ManifestError(f"{out} exists and is not a bertflow dataset (no manifest.json "
-                            "that loads as one); choose another --output or pass --force to "
-                            "replace it")
+        if occupied:
+            log.info("rebuilding %s: %s", out.uri, reason)
     stored = to_dict(config)
-    stored["input"] = [str(Path(p).expanduser().absolute()) for p in config.input]
-    stored["output"] = str(out)
-    with atomic_output_dir(out, force=out.exists()) as tmp:
+    stored["input"] = [public_uri(p) if is_uri(p) and not is_local(p)
+                       else open_location(p).path for p in config.input]
+    stored["output"] = out.uri
+    if stored.get("vocab"):
+        stored["vocab"] = public_uri(stored["vocab"])
+    with output_location(out.uri, force=occupied) as root:
+        staging = root.join(STAGING_PREFIX if root.local
+                            else f"{STAGING_PREFIX}-{uuid.uuid4().hex[:12]}")
         log.info("reading %d file(s) into work units", len(files))
-        units, read = stage_units(files, inputs, config, tmp / "_staging")
+        units, read = stage_units(files, inputs, config, staging.uri)
         read.update(not_read)
         if tokenizer is None:
             tokenizer = _train_vocab(units, config)
-        tokenizer.save(tmp / "tokenizer")
-        for split in SPLITS:
-            (tmp / split).mkdir()
+        tokenizer_dir = root.join("tokenizer").uri
+        tokenizer.save(tokenizer_dir)
+        if root.local:
+            for split in SPLITS:
+                Path(root.path, split).mkdir()
         log.info("building instances from %d document(s) in %d unit(s)",
                  read["documents_read"], len(units))
-        results, buckets = _build_instances(units, tmp, config)
+        results, buckets = _build_instances(units, root, staging, config)
         counts = _counts(read, results, len(files))
         accounted = counts["documents_used"] + sum(counts["documents_skipped"].values())
         if accounted != counts["documents_read"]:  # a bug, not bad input: fail loudly
             raise RuntimeError(f"document accounting mismatch: read "
                                f"{counts['documents_read']}, accounted {accounted}")
         parts = run_tasks("merge", [{"split": s, "bucket": b, "buckets": n,
-                                     "units_file": str(tmp / "_staging" / f"instances-{s}.json")}
+                                     "units_file": staging.join(f"instances-{s}.json").uri}
                                     for s, n in buckets.items() for b in range(n)],
-                          tmp / "tokenizer", config, tmp)
-        shutil.rmtree(tmp / "_staging")
+                          tokenizer_dir, config, root.uri, staging.uri)
+        staging.delete()
         if sum(p["file"]["rows"] for p in parts if p["file"]) != counts["instances"]:
             raise RuntimeError("shuffle lost or duplicated instances (a bug)")
         schema = output_schema(config.objective, config.masking == "static")
@@ -436,24 +519,24 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
             extra={"units": len(units), "docs_per_unit": config.docs_per_unit,
                    "shuffle": {"scope": "split", "buckets": buckets},
                    "nsp_pool": "split"})
-        manifest.save(tmp)
-    log.info("wrote %s: %d train / %d val instances, %d tokens", out,
+        manifest.save(root)  # last: on an object store this publishes the dataset
+    log.info("wrote %s: %d train / %d val instances, %d tokens", out.uri,
              counts["train"]["instances"], counts["val"]["instances"], counts["tokens"])
     return manifest
 
 
-def _build_instances(units: list[dict[str, Any]], tmp: Path, config: PrepConfig
-                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _build_instances(units: list[dict[str, Any]], root: Location, staging: Location,
+                     config: PrepConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Passes 1 and 2: tokenize every unit, number the documents of each split (the
     corpus-wide NSP pool), build the bucketed instances. Returns the per-unit results
     (counts) and the number of shuffle buckets of each split."""
-    staging = tmp / "_staging"
-    results = run_tasks("tokenize", units, tmp / "tokenizer", config, tmp)
+    tokenizer_dir = root.join("tokenizer").uri
+    results = run_tasks("tokenize", units, tokenizer_dir, config, root.uri, staging.uri)
     buckets: dict[str, int] = {}
     work = []
     for split in SPLITS:
         mine = [(u, r) for u, r in zip(units, results) if u["split"] == split]
-        pool_file = staging / f"pool-{split}.json"
+        pool_file = staging.join(f"pool-{split}.json")
         pool_file.write_text(json.dumps([[r["tokens_path"], r["documents_used"]]
                                          for _, r in mine]))
         buckets[split] = num_buckets(sum(r["corpus_tokens"] for _, r in mine), config)
@@ -462,12 +545,13 @@ def _build_instances(units: list[dict[str, Any]], tmp: Path, config: PrepConfig
             if r["documents_used"]:
                 work.append({"index": u["index"], "split": split, "first_doc": first,
                              "tokens_path": r["tokens_path"], "buckets": buckets[split],
-                             "pool": str(pool_file)})
+                             "pool": pool_file.uri})
             first += r["documents_used"]
-    built = {r["index"]: r for r in run_tasks("instances", work, tmp / "tokenizer", config, tmp)}
+    built = {r["index"]: r for r in run_tasks("instances", work, tokenizer_dir, config,
+                                              root.uri, staging.uri)}
     for split in SPLITS:
         paths = [built[w["index"]]["instances_path"] for w in work if w["split"] == split]
-        (staging / f"instances-{split}.json").write_text(json.dumps(paths))
+        staging.join(f"instances-{split}.json").write_text(json.dumps(paths))
     empty = {"instances": 0, "tokens": 0, "masked_tokens": 0}
     merged = [{**r, **{k: built.get(r["index"], empty)[k] for k in empty}} for r in results]
     return merged, {s: n for s, n in buckets.items()
@@ -475,13 +559,11 @@ def _build_instances(units: list[dict[str, Any]], tmp: Path, config: PrepConfig
 
 
 def _train_vocab(units: list[dict[str, Any]], config: PrepConfig) -> WordPieceTokenizer:
-    import pyarrow.parquet as pq
-
     def sentences():
         for unit in units:
             if unit["split"] != "train":
                 continue
-            for doc in pq.read_table(unit["path"]).column("sentences").to_pylist():
+            for doc in _read_parquet(unit["path"]).column("sentences").to_pylist():
                 yield from doc
 
     log.info("training a WordPiece vocabulary of %d tokens", config.train_vocab)

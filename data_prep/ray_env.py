@@ -1,4 +1,14 @@
-"""Starting or joining Ray the same way everywhere in bertflow."""
+"""Starting or joining Ray the same way everywhere in bertflow, and the environment every
+Ray worker needs to reach bertflow's stores.
+
+Ray workers (Ray Data tasks, Ray Train workers) open data locations and the MLflow
+server themselves, possibly on other nodes. They get the driver's credential variables
+(`worker_env_vars`: the store variables of `data_prep.storage.CREDENTIAL_ENV_VARS` and
+MLflow's `MLFLOW_TRACKING_*` credentials) through the Ray runtime environment: `init_ray`
+sets them for the whole job, and code that may run on a Ray started elsewhere (a shared
+test Ray, a Ray started before the variables were set) passes `worker_runtime_env()` to
+its tasks as well. Only variable names are ever logged, never values.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,34 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# MLflow's client credentials (basic auth, token, TLS settings) for workers that log.
+MLFLOW_CREDENTIAL_ENV_VARS = (
+    "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
+)
+
+
+def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The credential variables set in `environ` (default: this process) that Ray workers
+    need: object-store endpoint/credentials and MLflow credentials. Never log the values."""
+    from data_prep.storage import credential_env
+
+    environ = os.environ if environ is None else environ
+    env = credential_env(environ)
+    env.update({k: environ[k] for k in MLFLOW_CREDENTIAL_ENV_VARS if environ.get(k)})
+    return env
+
+
+def worker_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """`runtime_env` (or a new one) with `worker_env_vars()` added to its env_vars
+    (variables the caller set explicitly win); None when there is nothing to add."""
+    env = worker_env_vars()
+    if not env and not runtime_env:
+        return None
+    merged = dict(runtime_env or {})
+    merged["env_vars"] = {**env, **dict(merged.get("env_vars") or {})}
+    return merged
+
 
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     """Return the `ray` module, initialised.
@@ -16,6 +54,8 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     - `address=None`: start a private local Ray (`address="local"`), so a run never
       silently attaches to some other cluster that happens to be reachable.
     - an address ("ray://host:10001", "host:6379", "auto"): connect to that cluster.
+    Either way the job's runtime environment carries `worker_env_vars()` (merged into a
+    `runtime_env` passed here), so every worker of the job sees the driver's credentials.
     Usage stats are off and worker logs are not streamed to the driver unless asked.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -34,6 +74,11 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "configure_logging": False}
     options.update(kwargs)
+    runtime_env = worker_runtime_env(options.get("runtime_env"))
+    if runtime_env is not None:
+        options["runtime_env"] = runtime_env
+        log.info("Ray workers get the credential variables %s",
+                 ", ".join(sorted(runtime_env.get("env_vars", {}))) or "(none)")
     if address is None:
         ray.init(address="local", **options)
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))

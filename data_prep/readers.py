@@ -31,12 +31,23 @@ outside the folder searched (`files_skipped.not_regular_file`,
 A missing path, a glob matching nothing, a named path that is not a regular file, or a
 Parquet file without the text column is a user error raised before any work
 (`PrepInputError`).
+
+Inputs may also be URIs that `pyarrow.fs` resolves (`s3://bucket/prefix/`, a file, or a
+glob inside a prefix: `s3://bucket/shards/*.jsonl.gz`), expanded by `expand_locations`
+and read as streams through pyarrow (a `.gz` still capped by `max_decompressed_bytes`);
+the same rules and counts apply. Keys under a prefix whose name (or a folder's) starts
+with "." are left out, as hidden files are in local folders. An object store has no
+FIFOs or symlinks, so those checks are local only. A missing bucket, an unknown scheme or
+refused credentials is a `storage.LocationError`; a prefix that holds no file is a
+`PrepInputError`, both before any work.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import gzip
+import io
 import json
 import os
 import logging
@@ -46,9 +57,10 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from bert_core.config_io import BertflowError
+from data_prep.storage import Location, check_location, is_uri, open_location, public_uri
 
 log = logging.getLogger(__name__)
 
@@ -81,52 +93,99 @@ def file_format(path: str | Path) -> tuple[str, bool]:
 
 
 def expand_inputs(patterns: Sequence[str], skipped: Counter | None = None) -> list[Path]:
-    """Regular files named by `patterns` (files, folders searched recursively, globs), in a
-    stable order. Raises PrepInputError naming every missing path, before any work is done.
+    """Regular files named by local `patterns` (files, folders searched recursively,
+    globs), in a stable order. Raises PrepInputError naming every missing path, before any
+    work is done.
 
     Inside folders and glob matches, entries that are not regular files (FIFOs, sockets,
     devices) and symlinks leading outside the folder searched are left out, logged and
     counted in `skipped` as `files_skipped.<reason>`; a path named directly must be a
     regular file."""
-    files: list[Path] = []
+    return [Path(f) for f in expand_locations(patterns, skipped)]
+
+
+def expand_locations(patterns: Sequence[str], skipped: Counter | None = None) -> list[str]:
+    """Like `expand_inputs`, for local paths and URIs alike: the input files as strings
+    (absolute resolved paths, or URIs without query strings), duplicates removed."""
+    files: list[str] = []
     missing: list[str] = []
     skipped = skipped if skipped is not None else Counter()
     for pattern in patterns:
-        p = Path(pattern).expanduser()
-        if glob.has_magic(pattern):
-            base = _glob_base(p)
-            matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
-            found = []
-            for m in matches:
-                if m.is_dir() and not m.is_symlink():
-                    found += _walk(m, skipped)
-                elif _usable(m, base, skipped):
-                    found.append(m)
-            if not found:
-                missing.append(f"{pattern} (glob matches no file)")
-            files += found
-        elif p.is_dir():
-            found = _walk(p, skipped)
-            if not found:
-                missing.append(f"{pattern} (folder holds no file)")
-            files += found
-        elif p.exists() and not p.is_file():
-            missing.append(f"{pattern} (not a regular file: a FIFO, socket or device)")
-        elif p.is_file():
-            files.append(p)
+        if is_uri(pattern) and not pattern.lower().startswith("file://"):
+            files += _expand_uri(pattern, missing)
         else:
-            missing.append(pattern)
+            if pattern.lower().startswith("file://"):
+                pattern = open_location(pattern).path
+            files += [str(f.resolve()) for f in _expand_local(pattern, skipped, missing)]
     if missing:
         raise PrepInputError("input not found: " + "; ".join(missing)
                              + ". Check the --input paths (files, folders or globs).")
-    seen: set[Path] = set()
-    unique = []
-    for f in files:
-        r = f.resolve()
-        if r not in seen:
-            seen.add(r)
-            unique.append(r)
-    return unique
+    return list(dict.fromkeys(files))
+
+
+def _expand_local(pattern: str, skipped: Counter, missing: list[str]) -> list[Path]:
+    p = Path(pattern).expanduser()
+    if glob.has_magic(pattern):
+        base = _glob_base(p)
+        matches = sorted(Path(m) for m in glob.glob(str(p), recursive=True))
+        found = []
+        for m in matches:
+            if m.is_dir() and not m.is_symlink():
+                found += _walk(m, skipped)
+            elif _usable(m, base, skipped):
+                found.append(m)
+        if not found:
+            missing.append(f"{pattern} (glob matches no file)")
+        return found
+    if p.is_dir():
+        found = _walk(p, skipped)
+        if not found:
+            missing.append(f"{pattern} (folder holds no file)")
+        return found
+    if p.exists() and not p.is_file():
+        missing.append(f"{pattern} (not a regular file: a FIFO, socket or device)")
+    elif p.is_file():
+        return [p]
+    else:
+        missing.append(pattern)
+    return []
+
+
+def _expand_uri(pattern: str, missing: list[str]) -> list[str]:
+    """Files of one URI: an object, every object under a prefix, or a glob's matches (a
+    matched "folder" brings every object under it). Hidden names are left out."""
+    shown = public_uri(pattern)
+    magic = glob.has_magic(pattern.split("://", 1)[1].split("?", 1)[0])
+    root = pattern
+    if magic:  # list from the prefix before the first wildcard
+        scheme, rest = pattern.split("://", 1)
+        where, _, query = rest.partition("?")
+        parts = where.split("/")
+        fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+        root = f"{scheme}://{'/'.join(parts[:fixed])}" + (f"?{query}" if query else "")
+    loc = check_location(root, "--input", must_exist=False)
+    if not magic and loc.is_file():
+        return [loc.uri]
+    files = [f for f in loc.list_files()
+             if not any(part.startswith(".") for part in f.path[len(loc.path):].split("/"))]
+    if magic:
+        want = open_location(pattern).path.split("/")
+        files = [f for f in files if _glob_match(want, f.path.split("/"))]
+    if not files:
+        what = "glob matches no file" if magic else "no such object, or a prefix holding no file"
+        missing.append(f"{shown} ({what})")
+    return [f.uri for f in files]
+
+
+def _glob_match(pattern: list[str], path: list[str]) -> bool:
+    """Component-wise glob match: `*`, `?`, `[...]` within one name, `**` any number of
+    names; a path under a matched folder matches too."""
+    if not pattern:
+        return True  # the pattern named a folder above this path (or the path itself)
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], path[i:]) for i in range(len(path) + 1))
+    return bool(path) and fnmatch.fnmatchcase(path[0], pattern[0]) \
+        and _glob_match(pattern[1:], path[1:])
 
 
 def _glob_base(pattern: Path) -> Path:
@@ -190,8 +249,12 @@ class DecompressedTooLarge(Exception):
 class _CappedGzipFile(gzip.GzipFile):
     """A GzipFile that raises DecompressedTooLarge once more than `cap` bytes came out."""
 
-    def __init__(self, path: Path, cap: int):
-        super().__init__(path, "rb")
+    def __init__(self, source: Path | IO[bytes], cap: int):
+        if isinstance(source, Path):
+            super().__init__(source, "rb")
+        else:
+            super().__init__(fileobj=source, mode="rb")
+            self._source = source  # GzipFile does not close a fileobj it was given
         self.cap, self.produced = cap, 0
 
     def _count(self, data: bytes) -> bytes:
@@ -207,16 +270,34 @@ class _CappedGzipFile(gzip.GzipFile):
     def readline(self, size: int | None = -1) -> bytes:
         return self._count(super().readline(size))
 
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            source = getattr(self, "_source", None)
+            if source is not None:
+                source.close()
 
-def _open_binary(path: Path, gz: bool, cap: int = MAX_DECOMPRESSED_BYTES) -> IO[bytes]:
-    return _CappedGzipFile(path, cap) if gz else open(path, "rb")
+
+Source = Path | Location  # a local file, or a file on a pyarrow filesystem
 
 
-def sniff_file(path: Path) -> str | None:
+def _open_binary(source: Source, gz: bool, cap: int = MAX_DECOMPRESSED_BYTES) -> IO[bytes]:
+    if isinstance(source, Location):  # a buffered stream: readline on the raw one is slow
+        raw: IO[bytes] = io.BufferedReader(source.open_input_stream(), 1 << 20)
+        return _CappedGzipFile(raw, cap) if gz else raw
+    return _CappedGzipFile(source, cap) if gz else open(source, "rb")
+
+
+def _size(source: Source) -> int:
+    return (source.size() or 0) if isinstance(source, Location) else source.stat().st_size
+
+
+def sniff_file(path: Source) -> str | None:
     """A files_skipped reason ("empty_file", "binary_file", "corrupt_compressed_file") or
     None when the file looks like text."""
-    fmt, gz = file_format(path)
-    if path.stat().st_size == 0:
+    fmt, gz = file_format(path.name)
+    if _size(path) == 0:
         return "empty_file"
     if fmt == "parquet":
         return None
@@ -268,16 +349,25 @@ def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text"
                    max_decompressed_bytes: int = MAX_DECOMPRESSED_BYTES) -> Iterator[list[str]]:
     """Documents of one file as lists of sentences, applying the module's rules.
 
-    Counts go to `stats`: documents_read, skipped.<reason>, files_skipped.<reason>."""
-    p = Path(path)
-    fmt, gz = file_format(p)
-    try:
-        regular = stat.S_ISREG(os.stat(p).st_mode)
-    except OSError:
-        regular = False
-    if not regular:  # never open a FIFO or device: it may block forever
-        stats["files_skipped.not_regular_file"] += 1
-        return
+    Counts go to `stats`: documents_read, skipped.<reason>, files_skipped.<reason>.
+    `path` may be a URI (read as a stream through pyarrow.fs)."""
+    p: Source
+    if is_uri(path) and not str(path).lower().startswith("file://"):
+        p = open_location(path)
+        fmt, gz = file_format(p.name)
+        if not p.is_file():
+            stats["files_skipped.not_regular_file"] += 1
+            return
+    else:
+        p = Path(open_location(path).path if is_uri(path) else path)
+        fmt, gz = file_format(p)
+        try:
+            regular = stat.S_ISREG(os.stat(p).st_mode)
+        except OSError:
+            regular = False
+        if not regular:  # never open a FIFO or device: it may block forever
+            stats["files_skipped.not_regular_file"] += 1
+            return
     reason = sniff_file(p)
     if reason:
         stats[f"files_skipped.{reason}"] += 1
@@ -293,7 +383,7 @@ def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text"
         stats["files_skipped.decompressed_too_large"] += 1
 
 
-def _text_docs(path: Path, gz: bool, stats: Counter, _field: str,
+def _text_docs(path: Source, gz: bool, stats: Counter, _field: str,
                max_line_bytes: int, cap: int) -> Iterator[list[str]]:
     lines: list[str] = []
     bad: str | None = None
@@ -357,7 +447,7 @@ def _text_doc(text: object, stats: Counter) -> Iterator[list[str]]:
             yield from _cap(sentences, stats)
 
 
-def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
+def _jsonl_docs(path: Source, gz: bool, stats: Counter, field: str,
                 max_line_bytes: int, cap: int) -> Iterator[list[str]]:
     with _open_binary(path, gz, cap) as fh:
         for raw in _read_lines(fh, max_line_bytes):
@@ -383,12 +473,12 @@ def _jsonl_docs(path: Path, gz: bool, stats: Counter, field: str,
             yield from _text_doc(text, stats)
 
 
-def _parquet_docs(path: Path, _gz: bool, stats: Counter, field: str,
+def _parquet_docs(path: Source, _gz: bool, stats: Counter, field: str,
                   _max_line_bytes: int, _cap: int) -> Iterator[list[str]]:
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(path.open_input_file() if isinstance(path, Location) else path)
     except Exception:  # pyarrow raises several types for a non-Parquet file
         stats["files_skipped.unreadable_parquet"] += 1
         return

@@ -10,18 +10,30 @@ bertflow flags, and they are never logged.
 `check_location` is the early check: a scheme pyarrow cannot resolve, a bucket that does
 not exist, credentials that are missing or refused all fail here, naming the location and
 what to set, before any Ray work starts.
+
+Ray workers open locations themselves (nothing a worker reads may exist only on the
+driver); they get the driver's credential variables through the runtime environment
+(`data_prep.ray_env`). A location is printed and stored (manifests, tags) as
+`Location.uri`, which never carries a query string or `user:password@` part
+(`public_uri`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bert_core.config_io import BertflowError
 
-class LocationError(ValueError):
-    """A data location that cannot be used; the message names it and what to do."""
+
+class LocationError(BertflowError, ValueError):
+    """A data location that cannot be used; the message names it and what to do (the CLI
+    prints it and exits with 2)."""
 
 
 # Environment variables that carry a store's endpoint or credentials. They are passed to
@@ -49,6 +61,9 @@ def scheme_of(location: str | Path) -> str:
 def is_local(location: str | Path) -> bool:
     """A plain path or a file:// URI: the local filesystem of whichever node opens it."""
     return scheme_of(location) in ("", "file")
+
+
+_FILESYSTEMS: dict[tuple[str, ...], Any] = {}
 
 
 @dataclass(frozen=True)
@@ -79,8 +94,90 @@ class Location:
 
         return self.fs.get_file_info(self.path).type == pafs.FileType.Directory
 
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    @property
+    def local(self) -> bool:
+        return is_local(self.uri)
+
+    def with_path(self, path: str) -> "Location":
+        """Another path on the same filesystem (e.g. one a listing returned)."""
+        if self.local:
+            return Location(self.fs, path, path)
+        prefix = self.uri[:-len(self.path)] if self.path and self.uri.endswith(self.path) \
+            else f"{scheme_of(self.uri)}://"
+        return Location(self.fs, path, prefix + path.lstrip("/") if prefix.endswith("//")
+                        else prefix + path)
+
+    def size(self) -> int | None:
+        """The file's size in bytes, or None when it is not a file."""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self.path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def list_files(self) -> list["Location"]:
+        """Every file under this folder/prefix (recursive), sorted by path; [] when none."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
+        except FileNotFoundError:
+            return []
+        return [self.with_path(i.path) for i in sorted(infos, key=lambda i: i.path)
+                if i.type == pafs.FileType.File]
+
+    def has_content(self) -> bool:
+        """True for a file, or a folder/prefix holding at least one file. (An object
+        store may keep an empty "folder" marker after deletes: that is not content.)"""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.File:
+            return True
+        if info.type == pafs.FileType.NotFound:
+            return False
+        if self.local:
+            return any(os.scandir(self.path))
+        return bool(self.list_files())
+
+    def open_input_file(self) -> Any:
+        """A random-access file (`read_at`); one ranged GET per read on object stores."""
+        return self.fs.open_input_file(self.path)
+
+    def open_input_stream(self) -> Any:
+        """A sequential stream of the raw bytes (no automatic decompression)."""
+        return self.fs.open_input_stream(self.path, compression=None)
+
+    def open_output_stream(self) -> Any:
+        """Write the whole object (on object stores it appears when the stream closes)."""
+        parent = posixpath.dirname(self.path)
+        if parent and self.local:
+            self.fs.create_dir(parent, recursive=True)
+        return self.fs.open_output_stream(self.path, compression=None)
+
+    def delete(self) -> None:
+        """Delete this file or folder/prefix if it exists (no error when it does not)."""
+        import pyarrow.fs as pafs
+
+        info = self.fs.get_file_info(self.path)
+        if info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path)
+        elif info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path)
+
+    def sha256(self, chunk_size: int = 1 << 20) -> str:
+        """sha256 of the file's bytes, streamed (any size)."""
+        h = hashlib.sha256()
+        with self.open_input_stream() as f:
+            while chunk := f.read(chunk_size):
+                h.update(chunk)
+        return h.hexdigest()
+
     def read_bytes(self) -> bytes:
-        with self.fs.open_input_stream(self.path) as f:
+        with self.open_input_stream() as f:
             return f.read()
 
     def read_text(self) -> str:
@@ -88,10 +185,7 @@ class Location:
 
     def write_bytes(self, data: bytes) -> None:
         """Write the whole object. On object stores one PUT: readers see all or nothing."""
-        parent = posixpath.dirname(self.path)
-        if parent:
-            self.fs.create_dir(parent, recursive=True)
-        with self.fs.open_output_stream(self.path) as f:
+        with self.open_output_stream() as f:
             f.write(data)
 
     def write_text(self, text: str) -> None:
@@ -110,17 +204,60 @@ def open_location(location: str | Path) -> Location:
     if not is_uri(text):
         path = str(Path(text).expanduser().absolute())
         return Location(pafs.LocalFileSystem(), path, path)
+    if scheme_of(text) == "file":
+        path = text.split("://", 1)[1].split("?", 1)[0]
+        if not path.startswith("/"):
+            raise LocationError(f"{text}: a file:// URI needs an absolute path "
+                                "(file:///ABSOLUTE/PATH)")
+        path = str(Path(path).absolute())
+        return Location(pafs.LocalFileSystem(), path, path)
     try:
-        fs, path = pafs.FileSystem.from_uri(text)
+        fs, path = _from_uri(text)
     except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError
         raise LocationError(
-            f"{text}: cannot open this location ({_short(e)}). Use a local path or a URI "
+            f"{public_uri(text)}: cannot open this location ({_short(e)}). Use a local path or a URI "
             f"pyarrow.fs resolves: s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
             f"abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PREFIX, hdfs://HOST:PORT/PATH, "
             f"file:///ABSOLUTE/PATH") from e
     scheme = scheme_of(text)
-    uri = f"{scheme}://{path.lstrip('/')}" if scheme not in ("file", "hdfs") else text
-    return Location(fs, path.rstrip("/") or path, uri.rstrip("/"))
+    path = path.rstrip("/") or path
+    uri = f"{scheme}://{path.lstrip('/')}" if scheme != "hdfs" else public_uri(text)
+    return Location(fs, path, uri.rstrip("/"))
+
+
+def public_uri(location: str | Path) -> str:
+    """The location without a query string or `user:password@` (what may be printed,
+    logged or stored in a manifest)."""
+    text = str(location)
+    if not is_uri(text):
+        return text
+    scheme, rest = text.split("://", 1)
+    rest = rest.split("?", 1)[0].split("#", 1)[0]
+    host, sep, tail = rest.partition("/")
+    if "@" in host and scheme_of(text) not in ("abfs", "abfss", "az"):
+        host = host.rsplit("@", 1)[1]  # abfs://CONTAINER@ACCOUNT is a name, not a secret
+    return f"{scheme}://{host}{sep}{tail}"
+
+
+def _from_uri(text: str) -> tuple[Any, str]:
+    """pyarrow's `FileSystem.from_uri`; for bucket stores the filesystem object is reused
+    per (scheme, bucket, options, credentials): building an S3 client costs about 0.1 s
+    and a task opens many files."""
+    import pyarrow.fs as pafs
+
+    scheme, rest = text.split("://", 1)
+    scheme = scheme.lower()
+    if scheme not in ("s3", "gs", "gcs"):
+        return pafs.FileSystem.from_uri(text)
+    where, _, query = rest.partition("?")
+    bucket = where.split("/", 1)[0]
+    key = (scheme, bucket, query,
+           hashlib.sha256(repr(sorted(credential_env().items())).encode()).hexdigest())
+    if key not in _FILESYSTEMS:
+        if len(_FILESYSTEMS) >= 64:
+            _FILESYSTEMS.clear()
+        _FILESYSTEMS[key] = pafs.FileSystem.from_uri(text)[0]
+    return _FILESYSTEMS[key], where.rstrip("/")
 
 
 def check_location(location: str | Path, what: str, *, must_exist: bool,
@@ -181,3 +318,51 @@ def credential_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
     environ = os.environ if environ is None else environ
     return {k: environ[k] for k in CREDENTIAL_ENV_VARS if environ.get(k)}
+
+
+class BlockCache:
+    """Positioned reads of one file through an LRU of fixed-size blocks.
+
+    On an object store every `read_at` is a ranged GET (milliseconds); reads that fall in a
+    block already fetched cost nothing. NSP's random-next draws read a few hundred bytes
+    at a time from anywhere in a split, so one GET per draw would dominate prep; with
+    blocks, neighbouring and repeated reads share GETs. Memory: `max_blocks x block_size`.
+    """
+
+    def __init__(self, file: Any, size: int, block_size: int = 1 << 20,
+                 max_blocks: int = 16) -> None:
+        self.file, self.size = file, size
+        self.block_size, self.max_blocks = block_size, max_blocks
+        self._blocks: OrderedDict[int, bytes] = OrderedDict()
+        self.fetches = 0  # blocks read from the store (for tests and benchmarks)
+
+    def _block(self, k: int) -> bytes:
+        block = self._blocks.get(k)
+        if block is None:
+            start = k * self.block_size
+            block = self.file.read_at(min(self.block_size, self.size - start), start)
+            self.fetches += 1
+            self._blocks[k] = block
+            if len(self._blocks) > self.max_blocks:
+                self._blocks.popitem(last=False)
+        else:
+            self._blocks.move_to_end(k)
+        return block
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        """`nbytes` bytes from `offset` (fewer at the end of the file)."""
+        end = min(offset + nbytes, self.size)
+        if end <= offset:
+            return b""
+        first, last = offset // self.block_size, (end - 1) // self.block_size
+        if first == last:
+            base = first * self.block_size
+            return self._block(first)[offset - base:end - base]
+        pieces = [self._block(k) for k in range(first, last + 1)]
+        joined = b"".join(pieces)
+        base = first * self.block_size
+        return joined[offset - base:end - base]
+
+    def close(self) -> None:
+        self._blocks.clear()
+        self.file.close()

@@ -8,7 +8,9 @@ cannot be pieced (or are longer than 100 characters).
 
 A tokenizer is fully described by its vocabulary and three settings, which `save(dir)`
 writes as `vocab.txt` + `tokenizer_config.json` (the Hugging Face layout, so transformers'
-BertTokenizer loads the same folder) and `fingerprint()` hashes.
+BertTokenizer loads the same folder) and `fingerprint()` hashes. `from_dir` and `save` also
+take a URI (`s3://bucket/dataset`): a dataset's tokenizer is read wherever it lives, by
+the driver or by any worker.
 """
 
 from __future__ import annotations
@@ -87,7 +89,11 @@ class WordPieceTokenizer:
         `do_lower_case`, `strip_accents` and `tokenize_chinese_chars` come from
         tokenizer_config.json; without it the folder is taken as uncased (BERT's default).
         """
-        d = Path(directory)
+        from data_prep.storage import is_local, is_uri, open_location
+
+        if is_uri(directory) and not is_local(directory):
+            return cls._from_remote_dir(open_location(directory))
+        d = Path(open_location(directory).path if is_uri(directory) else directory)
         if (d / "tokenizer").is_dir() and not (d / "vocab.txt").is_file():
             d = d / "tokenizer"  # a prepared dataset folder
         settings: dict[str, Any] = {}
@@ -104,6 +110,23 @@ class WordPieceTokenizer:
                    lowercase=bool(settings.get("do_lower_case", True)),
                    strip_accents=settings.get("strip_accents"),
                    chinese_chars=bool(settings.get("tokenize_chinese_chars", True)))
+
+    @classmethod
+    def _from_remote_dir(cls, loc: Any) -> WordPieceTokenizer:
+        """from_dir of a folder on an object store: its two small files, fetched into a
+        temporary folder and loaded as a local one."""
+        import tempfile
+
+        if not loc.join("vocab.txt").is_file() and loc.join("tokenizer", "vocab.txt").is_file():
+            loc = loc.join("tokenizer")
+        if not loc.join("vocab.txt").is_file():
+            raise TokenizerError(f"{loc.uri}: no vocab.txt here; pass a model folder, a "
+                                 "dataset folder (with tokenizer/) or a vocab.txt file")
+        with tempfile.TemporaryDirectory(prefix="bertflow-tokenizer-") as tmp:
+            for name in ("vocab.txt", "tokenizer_config.json"):
+                if loc.join(name).is_file():
+                    (Path(tmp) / name).write_bytes(loc.join(name).read_bytes())
+            return cls.from_dir(tmp)
 
     @classmethod
     def train(cls, files_or_iterator: Sequence[str | Path] | Iterable[str], vocab_size: int,
@@ -204,9 +227,20 @@ class WordPieceTokenizer:
         return {"do_lower_case": self._lowercase, "strip_accents": self._strip_accents,
                 "tokenize_chinese_chars": self._chinese_chars}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write `vocab.txt` and `tokenizer_config.json` (loadable by transformers too)."""
-        d = Path(directory)
+    def save(self, directory: str | Path) -> Path | str:
+        """Write `vocab.txt` and `tokenizer_config.json` (loadable by transformers too);
+        `directory` may be a URI (returned as given)."""
+        from data_prep.storage import is_local, is_uri, open_location
+
+        if is_uri(directory) and not is_local(directory):
+            import tempfile
+
+            loc = open_location(directory)
+            with tempfile.TemporaryDirectory(prefix="bertflow-tokenizer-") as tmp:
+                for f in Path(self.save(tmp)).iterdir():
+                    loc.join(f.name).write_bytes(f.read_bytes())
+            return str(directory)
+        d = Path(open_location(directory).path if is_uri(directory) else directory)
         d.mkdir(parents=True, exist_ok=True)
         (d / "vocab.txt").write_text("".join(t + "\n" for t in self._id_to_token),
                                      encoding="utf-8")
