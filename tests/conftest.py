@@ -82,3 +82,46 @@ def s3_bucket(s3_server, request) -> str:
 
     stem = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
     return s3_server.create_bucket(f"{stem}-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 for the session (services.start_postgres)."""
+    from tests.services import postgres_bin, start_postgres, stop_postgres
+
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL's server programs are missing (make test installs Debian's "
+                    "postgresql)")
+    pg = start_postgres()
+    yield pg
+    stop_postgres(pg)
+
+
+@pytest.fixture(scope="session")
+def team_mlflow(postgres, s3_server, tmp_path_factory):
+    """`bertflow server` the way a team runs it: runs and registry in PostgreSQL (password
+    from PGPASSWORD, not in the URI), artifacts in an S3 bucket served through the server,
+    basic auth with an admin from MLFLOW_AUTH_ADMIN_*. Yields services.TeamMlflow; clients
+    authenticate with its `client_env`."""
+    import subprocess
+
+    from tests.services import TeamMlflow, free_ports
+    from workflows.config import ServerConfig
+    from workflows.ops import server
+
+    import secrets
+
+    work = tmp_path_factory.mktemp("team-mlflow")
+    bucket = s3_server.create_bucket("mlflow-artifacts")
+    user, password = "bertflow-admin", secrets.token_hex(12)
+    store = postgres.url.replace(f":{postgres.password}@", "@")
+    log = work / "server.log"
+    env = {**os.environ, "PGPASSWORD": postgres.password, "MLFLOW_AUTH_ADMIN_USERNAME": user,
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password}
+    with open(log, "wb") as out:
+        proc, url = server.start_server(
+            ServerConfig(port=free_ports(1)[0], backend_store_uri=store,
+                         artifacts_destination=f"{bucket}/mlartifacts", auth=True),
+            timeout_s=300, env=env, stdout=out, stderr=subprocess.STDOUT)
+    yield TeamMlflow(url, user, password, bucket, store, log, proc)
+    server.stop_server(proc)

@@ -101,3 +101,275 @@ def start_s3(workdir: Path) -> S3Server:
            "AWS_SECRET_ACCESS_KEY": "bertflow-test-secret", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_REGION": "us-east-1"}
     return S3Server(endpoint, proc, env)
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def postgres_bin() -> Path | None:
+    """The folder holding PostgreSQL's server programs (initdb, pg_ctl), or None."""
+    import shutil
+
+    found = shutil.which("pg_ctl")
+    if found and shutil.which("initdb"):
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+                      key=lambda p: int(p.parts[-3]) if p.parts[-3].isdigit() else 0)
+    return versions[-1].parent if versions else None
+
+
+@dataclass
+class Postgres:
+    """A PostgreSQL server on 127.0.0.1 whose data folder the test owns."""
+
+    url: str                      # postgresql://USER:PASSWORD@127.0.0.1:PORT/DB
+    password: str
+    data_dir: Path
+    bin_dir: Path
+    as_user: list[str]            # prefix that runs a program as the server's owner
+
+
+def _run_as(prefix: list[str], cmd: list[str], log: Path, timeout_s: float = 120) -> None:
+    with open(log, "ab") as out:
+        done = subprocess.run(prefix + cmd, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=timeout_s)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:2])} failed ({done.returncode}):\n"
+                           f"{log.read_text(errors='replace')[-3000:]}")
+
+
+def start_postgres(db: str = "mlflow", user: str = "mlflow") -> Postgres:
+    """initdb + pg_ctl start in a new temporary folder, on a free port of 127.0.0.1, with a
+    password-protected user and database `db`. PostgreSQL refuses to run as root: as root
+    its programs run as the `postgres` user (runuser), in a folder that user owns."""
+    import secrets
+    import shutil
+    import tempfile
+
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL's server programs are missing: apt-get install -y "
+                           "postgresql (make test's setup does it)")
+    root = Path(tempfile.mkdtemp(prefix="bfpg", dir="/tmp"))  # short: socket paths are limited
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres", "postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+    password = secrets.token_hex(12)
+    pwfile = root / "pw"
+    pwfile.write_text(password + "\n")
+    if prefix:
+        shutil.chown(pwfile, "postgres", "postgres")
+    data, log = root / "data", root / "pg.log"
+    port = free_ports(1)[0]
+    _run_as(prefix, [str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A",
+                     "scram-sha-256", f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8"],
+            root / "initdb.log")
+    pwfile.unlink()
+    _run_as(prefix, [str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
+                     "-t", "60", "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {root} "
+                     "-c fsync=off -c full_page_writes=off", "start"], root / "pg_ctl.log")
+    pg = Postgres(f"postgresql://{user}:{password}@127.0.0.1:{port}/{db}", password, data,
+                  bin_dir, prefix)
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=port, user=user, password=password,
+                            dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{db}"')
+    conn.close()
+    return pg
+
+
+def stop_postgres(pg: Postgres) -> None:
+    """pg_ctl stop -m fast on this data folder (it signals that folder's postmaster pid)."""
+    import shutil
+
+    subprocess.run(pg.as_user + [str(pg.bin_dir / "pg_ctl"), "-D", str(pg.data_dir), "-m",
+                                 "fast", "-w", "stop"], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, timeout=60)
+    shutil.rmtree(pg.data_dir.parent, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- Ray nodes
+
+# Nodes notice a dead peer in ~3 s instead of Ray's default ~15-30 s.
+RAY_FAST_FAILURE_ENV = {"RAY_health_check_period_ms": "1000",
+                        "RAY_health_check_timeout_ms": "1000",
+                        "RAY_health_check_failure_threshold": "3"}
+
+
+def jobs_api_installed() -> bool:
+    """The Jobs API lives in Ray's dashboard, which needs the `ray[default]` extras."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) for m in ("aiohttp_cors", "grpc", "opencensus"))
+
+
+def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a `ray start`: the venv first on PATH, no
+    RAY_ADDRESS, no usage stats."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+           "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+@dataclass
+class RayHead:
+    dashboard: str                # http://127.0.0.1:PORT (Jobs API)
+    gcs_address: str              # 127.0.0.1:PORT (what `ray start --address` joins)
+    proc: subprocess.Popen
+    temp_dir: Path
+    log: Path
+
+
+def start_ray_head(num_cpus: int = 2, env: dict[str, str] | None = None,
+                   timeout_s: float = 180) -> RayHead:
+    """`ray start --head --block` on 127.0.0.1 in its own process group, dashboard and Jobs
+    API on 127.0.0.1; returns once the dashboard answers. Stop it with `stop_ray`."""
+    import tempfile
+
+    gcs, dash, agent, metrics = free_ports(4)
+    temp_dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: socket paths
+    log = temp_dir / "head.log"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+         "--dashboard-agent-listen-port", str(agent), "--metrics-export-port", str(metrics),
+         "--num-cpus", str(num_cpus), "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ray_env(env),
+        start_new_session=True)
+    head = RayHead(f"http://127.0.0.1:{dash}", f"127.0.0.1:{gcs}", proc, temp_dir, log)
+    try:
+        wait_http(f"{head.dashboard}/api/version", proc, log, timeout_s)  # 401 counts: up
+    except BaseException:
+        stop_ray(proc)
+        raise
+    return head
+
+
+def start_ray_node_private(gcs_address: str, hidden: list[Path], num_cpus: int, log: Path,
+                           env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A second Ray node, `ray start --address GCS --block`, in its own mount namespace:
+    a private tmpfs on /tmp (Ray's session folder and HOME live there), and each folder of
+    `hidden` (the driver's working folders) covered by an empty tmpfs, so a worker that
+    opens a driver-local path fails. The venv and the repository stay visible.
+
+    Needs root (mount namespaces). The node is the process group of the returned process:
+    SIGKILL that group and the node dies with everything it started."""
+    import shlex
+
+    mounts = ["mount -t tmpfs -o size=4g bertflow-node-tmp /tmp"]
+    for path in hidden:
+        if not str(path).startswith("/tmp/"):
+            mounts.append(f"mount -t tmpfs -o size=1m bertflow-hidden {shlex.quote(str(path))}")
+    ray_cmd = [str(VENV_BIN / "ray"), "start", "--address", gcs_address, "--block",
+               "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+               "--temp-dir", "/tmp/ray", "--disable-usage-stats"]
+    script = " && ".join([*mounts, "mkdir -p /tmp/home /tmp/ray",
+                          "cd /tmp/home", "exec " + shlex.join(ray_cmd)])
+    node_env = ray_env({**(env or {}), "HOME": "/tmp/home", "TMPDIR": "/tmp"})
+    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=node_env,
+                            start_new_session=True)
+
+
+def ray_nodes_alive(dashboard: str, headers: dict[str, str] | None = None) -> list[dict]:
+    """The cluster's alive nodes as the dashboard's state API lists them."""
+    import json
+
+    req = urllib.request.Request(f"{dashboard}/api/v0/nodes?limit=100", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        rows = json.load(resp)["data"]["result"]["result"]
+    return [r for r in rows if r.get("state") == "ALIVE"]
+
+
+def wait_for_nodes(dashboard: str, count: int, proc: subprocess.Popen, log: Path,
+                   headers: dict[str, str] | None = None, timeout_s: float = 120) -> None:
+    """Wait until `count` nodes are alive; fail with the node's log if `proc` dies."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Ray node exited ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if len(ray_nodes_alive(dashboard, headers)) >= count:
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} Ray nodes not alive in {timeout_s:.0f} s:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+
+
+def kill_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """SIGKILL the process group `proc` leads."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=timeout_s)
+
+
+def kill_node(proc: subprocess.Popen, timeout_s: float = 30) -> int:
+    """A node dies the way a lost machine does: SIGKILL every process of the mount
+    namespace `proc` (from `start_ray_node_private`) runs in, its process group first
+    (raylet, GCS client, agents), then the workers Ray started in sessions of their own.
+    Returns how many processes were killed."""
+    try:
+        namespace = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+    except OSError:
+        namespace = None
+    members = []
+    if namespace is not None and namespace != os.readlink("/proc/self/ns/mnt"):
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    if os.readlink(entry / "ns" / "mnt") == namespace:
+                        members.append(int(entry.name))
+                except OSError:
+                    pass
+    kill_group(proc, timeout_s)
+    for pid in members:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(members)
+
+
+def stop_ray(proc: subprocess.Popen) -> None:
+    """End a `ray start --block` process group: SIGTERM, then SIGKILL (`--block` may
+    ignore SIGTERM). Never `ray stop`, which would end every Ray on the machine."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class TeamMlflow:
+    """An MLflow server on PostgreSQL with S3 artifacts and basic auth (conftest's
+    `team_mlflow`)."""
+
+    url: str
+    username: str
+    password: str
+    bucket: str                   # s3://NAME; artifacts under s3://NAME/mlartifacts
+    store: str                    # the backend URI as given (no password in it)
+    log: Path
+    proc: subprocess.Popen
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a client (or a job) sets to log and register there."""
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": self.username,
+                "MLFLOW_TRACKING_PASSWORD": self.password}

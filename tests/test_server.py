@@ -4,6 +4,7 @@ through it, and `bertflow registry` browses the result."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from pathlib import Path
 
@@ -19,18 +20,56 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_server_command_serves_the_sqlite_store_on_loopback(tmp_path):
-    cmd = server.server_command(ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
-                                             port=5123))
+def test_the_local_default_serves_the_sqlite_store_on_loopback(tmp_path):
+    launch = server.plan_server(ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}",
+                                             port=5123), environ={})
+    cmd = launch.command
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
-    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    # The store reaches mlflow through its environment: a URI's password never lands in `ps`.
+    assert "--backend-store-uri" not in cmd
+    assert launch.env == {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
-    assert "--serve-artifacts" in cmd
+    assert "--serve-artifacts" in cmd and "--app-name" not in cmd
     with pytest.raises(server.ServerError, match="already a server"):
-        server.server_command(ServerConfig(tracking_uri="http://127.0.0.1:5000"))
+        server.plan_server(ServerConfig(tracking_uri="http://127.0.0.1:5000"), environ={})
     # A wildcard bind is reached on loopback; IPv6 hosts are bracketed.
     assert server.server_url("0.0.0.0", 5000) == "http://127.0.0.1:5000"
     assert server.server_url("::1", 5001) == "http://[::1]:5001"
+
+
+def test_a_database_needs_an_artifact_destination_and_passwords_are_redacted(tmp_path):
+    uri = "postgresql://mlflow:s3cr3t-pw@db.internal:5432/mlflow"
+    assert server.redact_uri(uri) == "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert server.redact_uri("postgresql://mlflow@db:5432/m") == "postgresql://mlflow@db:5432/m"
+    with pytest.raises(server.ServerError, match="--artifacts-destination") as err:
+        server.plan_server(ServerConfig(backend_store_uri=uri), environ={})
+    assert "s3cr3t-pw" not in str(err.value)
+    launch = server.plan_server(ServerConfig(artifacts_destination=str(tmp_path / "art")),
+                                environ={"MLFLOW_BACKEND_STORE_URI": uri})
+    assert launch.env["MLFLOW_BACKEND_STORE_URI"] == uri and launch.store == server.redact_uri(uri)
+    assert not any("s3cr3t-pw" in part for part in launch.command)
+
+
+def test_binding_beyond_loopback_needs_auth_or_insecure(tmp_path):
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with pytest.raises(server.ServerError, match="--auth.*--insecure"):
+        server.plan_server(ServerConfig(host="0.0.0.0", tracking_uri=store), environ={})
+    assert server.plan_server(ServerConfig(host="0.0.0.0", tracking_uri=store, insecure=True),
+                              environ={}).command[5] == "0.0.0.0"
+    launch = server.plan_server(ServerConfig(host="0.0.0.0", tracking_uri=store, auth=True),
+                                environ={"MLFLOW_AUTH_ADMIN_PASSWORD": "never-written-1"})
+    try:
+        assert launch.command[-2:] == ["--app-name", "basic-auth"]
+        ini = Path(launch.env["MLFLOW_AUTH_CONFIG_PATH"])
+        # MLflow's auth config lives in a private folder and holds no password.
+        assert ini.parent.stat().st_mode & 0o077 == 0 and ini.stat().st_mode & 0o077 == 0
+        text = ini.read_text()
+        assert f"database_uri = {store}" in text and "admin_username = admin" in text
+        assert "never-written-1" not in text and "admin_password" not in text
+        assert len(launch.env["MLFLOW_FLASK_SERVER_SECRET_KEY"]) == 64
+    finally:
+        server.discard(launch)
+    assert not ini.parent.exists()
 
 
 @pytest.fixture()
@@ -119,3 +158,50 @@ def test_tiny_pretrain_through_the_server_then_browse_it(ray_local, mlflow_serve
     folder = tracking.resolve_model("models:/served-bert/1", dest=tmp_path / "dl",
                                     tracking_uri=url)
     assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+
+
+CLIENT = """
+import mlflow
+with mlflow.start_run(experiment_id=mlflow.create_experiment("team-check")) as run:
+    mlflow.log_param("where", "postgres")
+    mlflow.log_text("served, not uploaded by me", "notes/hello.txt")
+print(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/notes/hello.txt"))
+"""
+
+
+@pytest.mark.slow
+def test_the_team_server_postgres_s3_artifacts_basic_auth(team_mlflow, postgres, tmp_path):
+    """The server a cluster head runs: a client with only the server's URL and a user logs a
+    run and an artifact; the artifact lands in the bucket through the server; no password
+    shows in the server's command lines or its log; anonymous requests are refused."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    import boto3
+
+    search = f"{team_mlflow.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(search, timeout=10)
+    assert denied.value.code == 401
+
+    client_env = {k: v for k, v in os.environ.items()
+                  if not k.startswith(("AWS_", "PG", "MLFLOW_AUTH_"))}
+    client_env.update(team_mlflow.client_env)
+    done = subprocess.run([sys.executable, "-c", CLIENT], env=client_env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("served, not uploaded by me")
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    bucket = team_mlflow.bucket.removeprefix("s3://")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert any(k.startswith("mlartifacts/") and k.endswith("notes/hello.txt") for k in keys)
+
+    secrets = (postgres.password, team_mlflow.password)
+    ps = subprocess.run(["ps", "-ww", "-o", "args=", "-g", str(team_mlflow.proc.pid)],
+                        capture_output=True, text=True).stdout
+    assert "--app-name basic-auth" in ps and "--artifacts-destination s3://" in ps
+    assert not any(s in ps for s in secrets)
+    assert not any(s in team_mlflow.log.read_text(errors="replace") for s in secrets)

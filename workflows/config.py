@@ -425,16 +425,32 @@ class EmbedConfig(FileInference):
 
 @dataclass(kw_only=True)
 class ServerConfig:
-    """`bertflow server`: an MLflow tracking server (with UI) on the project's store."""
+    """`bertflow server`: an MLflow tracking server (with UI) on a database, serving the
+    artifacts itself (clients need no bucket credentials)."""
 
-    host: str = field("127.0.0.1", help="interface to bind (anything but loopback exposes "
-                                        "the store, unauthenticated, to that network)")
+    host: str = field("127.0.0.1", help="interface to bind; anything but loopback needs "
+                                        "--auth (or --insecure)")
     port: int = field(5000, help="port")
     tracking_uri: str | None = field(
-        None, help="sqlite store to serve (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
-    artifacts: str | None = field(
-        None, help="artifact folder the server stores and serves (default: mlartifacts "
-                   "beside the store)")
+        None, help="the project's sqlite store, served when --backend-store-uri is not given "
+                   "(default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    backend_store_uri: str | None = field(
+        None, help="database of runs and the registry, e.g. postgresql://USER@HOST:5432/DB "
+                   "(the password from PGPASSWORD or ~/.pgpass, never on the command line); "
+                   "default: $MLFLOW_BACKEND_STORE_URI, else the sqlite store of "
+                   "--tracking-uri")
+    artifacts_destination: str | None = field(
+        None, help="where the server stores the artifacts it serves: a folder or a URI "
+                   "(s3://BUCKET/mlartifacts; the server's AWS_* variables reach it); "
+                   "default: mlartifacts beside a sqlite store")
+    auth: bool = field(False, help="require a user and password (MLflow's basic-auth app); "
+                                   "the admin comes from MLFLOW_AUTH_ADMIN_USERNAME / "
+                                   "MLFLOW_AUTH_ADMIN_PASSWORD (needed on first start)")
+    auth_db_uri: str | None = field(
+        None, help="with --auth: database of users and permissions (default: the backend "
+                   "store; MLflow keeps them in tables of their own)")
+    insecure: bool = field(False, help="allow binding beyond loopback without --auth "
+                                       "(anyone on that network can change the store)")
 
     def __post_init__(self) -> None:
         check(0 < self.port < 65536, "port", "must be between 1 and 65535")

@@ -1,22 +1,39 @@
-"""The MLflow tracking server (with its UI) on the project's store: one launcher for
-`bertflow server` (foreground, until Ctrl-C) and for tests and tools (`start_server`).
+"""The MLflow tracking server (with its UI): one launcher for `bertflow server` (foreground,
+until Ctrl-C) and for tests and tools (`start_server`).
+
+Locally it serves the project's sqlite store and `mlartifacts/` beside it. The way teams run
+it: runs and the registry in a database (`--backend-store-uri postgresql://...`), artifacts
+in object storage (`--artifacts-destination s3://BUCKET/mlartifacts`) served through the
+server, so clients and Train workers need only the server's URL (and a user and password
+with `--auth`, MLflow's basic-auth app), never the bucket's credentials.
+
+Secrets stay out of `ps` and logs: the backend URI reaches `mlflow server` through its
+environment (MLFLOW_BACKEND_STORE_URI), URIs are printed with their password redacted, the
+basic-auth admin comes from MLFLOW_AUTH_ADMIN_USERNAME / MLFLOW_AUTH_ADMIN_PASSWORD, and
+the auth config file MLflow reads (MLFLOW_AUTH_CONFIG_PATH) is written in a private folder
+(0700) that is removed when the server stops. Binding beyond loopback needs `--auth` or
+`--insecure`.
 
 `start_server` fails at once when the port is taken, starts `mlflow server` in its own
 process group, waits until it answers and returns it with the URL a browser or client
-should use; `stop_server` ends the whole group. The server binds 127.0.0.1 unless told
-otherwise: MLflow has no authentication here.
+should use; `stop_server` ends the whole group.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,30 +43,159 @@ from workflows.config import ServerConfig
 log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+AUTH_APP = "basic-auth"
+DEFAULT_ADMIN = "admin"
 
 
 class ServerError(BertflowError):
     """The tracking server cannot start on this store or port; the message says why."""
 
 
-def server_command(cfg: ServerConfig) -> list[str]:
-    """The `mlflow server` command serving the project's store, UI and artifacts.
+def redact_uri(uri: str) -> str:
+    """`uri` with the password of its `user:password@` part replaced by ***."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^@/]*@", r"\1:***@", uri)
 
-    The backend is the project's sqlite store; new artifacts are served by the server from
-    `cfg.artifacts` (default: `mlartifacts` beside the store, where local runs put theirs).
-    """
+
+@dataclass
+class ServerLaunch:
+    """How `mlflow server` is started: its command line (no secrets), the variables added
+    to its environment, and what to tell the user."""
+
+    command: list[str]
+    env: dict[str, str]
+    url: str
+    store: str                      # backend store URI, password redacted
+    artifacts: str                  # where served artifacts are stored
+    auth: bool = False
+    private_dir: Path | None = None  # the auth config's folder, removed at stop
+    notes: list[str] = field(default_factory=list)
+
+
+def with_installed_driver(uri: str) -> str:
+    """A `postgresql://` URI names the driver that is installed: SQLAlchemy 2.1 defaults to
+    psycopg (3), SQLAlchemy 2.0 to psycopg2, and bertflow's `server` extra installs
+    psycopg2-binary. URIs that name a driver are kept."""
+    import importlib.util
+
+    scheme, sep, rest = uri.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return uri
+    for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
+        if importlib.util.find_spec(module):
+            return f"postgresql+{driver}://{rest}"
+    raise ServerError(f"{redact_uri(uri)}: no PostgreSQL driver is installed; "
+                      "pip install 'bertflow[server]' (psycopg2-binary)")
+
+
+def backend_store_uri(cfg: ServerConfig, environ: dict[str, str] | None = None) -> str:
+    """The database the server keeps runs and the registry in: --backend-store-uri, else
+    $MLFLOW_BACKEND_STORE_URI, else the project's sqlite store."""
     from workflows.tracking import resolve_tracking_uri
 
+    environ = os.environ if environ is None else environ
+    uri = cfg.backend_store_uri or environ.get("MLFLOW_BACKEND_STORE_URI")
+    if uri:
+        if uri.startswith(("http://", "https://")):
+            raise ServerError(f"--backend-store-uri {redact_uri(uri)} is a server, not a "
+                              "database: give postgresql://USER@HOST:PORT/DB (or mysql://, "
+                              "sqlite:///ABSOLUTE/PATH)")
+        return with_installed_driver(uri)
     uri = resolve_tracking_uri(cfg.tracking_uri)
     if not uri.startswith("sqlite:///"):
-        raise ServerError(f"tracking URI {uri}: `bertflow server` serves a local sqlite "
-                          "store (e.g. sqlite:///$PWD/mlruns.db); an http:// URI is "
-                          "already a server")
-    db = Path(uri[len("sqlite:///"):])
-    artifacts = Path(cfg.artifacts) if cfg.artifacts else db.parent / "mlartifacts"
-    return [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port",
-            str(cfg.port), "--backend-store-uri", uri, "--artifacts-destination",
-            str(artifacts.resolve()), "--serve-artifacts", "--workers", "1"]
+        raise ServerError(f"tracking URI {redact_uri(uri)}: `bertflow server` serves a "
+                          "database; an http:// URI is already a server. Give "
+                          "--backend-store-uri postgresql://... (or a sqlite:/// store)")
+    return uri
+
+
+def artifacts_destination(cfg: ServerConfig, store: str) -> str:
+    """Where the server stores artifacts: --artifacts-destination (a folder or a URI),
+    else `mlartifacts` beside a sqlite store. A database elsewhere needs it given."""
+    from data_prep.storage import is_uri
+
+    if cfg.artifacts_destination:
+        dest = cfg.artifacts_destination
+        if not is_uri(dest):
+            return str(Path(dest).expanduser().resolve())
+        from data_prep.storage import LocationError, check_location
+
+        try:  # now, not at the first upload: the bucket exists, the credentials work
+            check_location(dest, "--artifacts-destination", must_exist=False)
+        except LocationError as exc:
+            raise ServerError(str(exc)) from None
+        return dest
+    if store.startswith("sqlite:///"):
+        return str((Path(store[len("sqlite:///"):]).parent / "mlartifacts").resolve())
+    raise ServerError(f"backend store {redact_uri(store)}: give --artifacts-destination "
+                      "(e.g. s3://BUCKET/mlartifacts, storage every client reaches through "
+                      "this server)")
+
+
+def check_exposure(cfg: ServerConfig) -> None:
+    """Refuse to bind beyond loopback without authentication unless `insecure`."""
+    if cfg.host in LOOPBACK or cfg.auth:
+        return
+    message = (f"--host {cfg.host} exposes the store beyond this machine, and without "
+               "--auth anyone who reaches it can read, change and delete runs and models")
+    if not cfg.insecure:
+        raise ServerError(message + ". Add --auth (set MLFLOW_AUTH_ADMIN_PASSWORD), or "
+                                    "--insecure on a network you trust")
+    log.warning("%s (--insecure)", message)
+
+
+def write_auth_config(database_uri: str, admin: str) -> tuple[Path, Path]:
+    """The basic-auth app's config (MLFLOW_AUTH_CONFIG_PATH) in a new private folder: its
+    user database and the admin's name. The admin's password is not written; MLflow reads
+    it from MLFLOW_AUTH_ADMIN_PASSWORD on the first start. Returns (folder, file)."""
+    folder = Path(tempfile.mkdtemp(prefix="bertflow-server-auth-"))  # mode 0700
+    ini = folder / "basic_auth.ini"
+    fd = os.open(ini, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("[mlflow]\n"
+                "default_permission = READ\n"
+                f"database_uri = {database_uri}\n"
+                f"admin_username = {admin}\n"
+                "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                # Every request checks a PBKDF2 hash (~0.5 s of CPU): remember a checked
+                # password for a minute. One worker process, so a password changed through
+                # the API takes effect at once (MLflow invalidates that worker's entry).
+                "auth_cache_ttl_seconds = 60\n")
+    return folder, ini
+
+
+def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> ServerLaunch:
+    """Check the settings and say how `mlflow server` is started (writes the auth config
+    file when `cfg.auth`; `stop_server` or `discard` removes it)."""
+    environ = dict(os.environ if environ is None else environ)
+    check_exposure(cfg)
+    store = backend_store_uri(cfg, environ)
+    artifacts = artifacts_destination(cfg, store)
+    command = [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port",
+               str(cfg.port), "--artifacts-destination", artifacts, "--serve-artifacts",
+               "--workers", "1"]
+    env = {"MLFLOW_BACKEND_STORE_URI": store}
+    launch = ServerLaunch(command, env, server_url(cfg.host, cfg.port), redact_uri(store),
+                          artifacts)
+    if cfg.auth:
+        admin = environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or DEFAULT_ADMIN
+        auth_db = with_installed_driver(cfg.auth_db_uri) if cfg.auth_db_uri else store
+        launch.private_dir, ini = write_auth_config(auth_db, admin)
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        if not environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+            # CSRF key of the auth app's forms; one server process, so a fresh one per start
+            # (browser sessions of a previous start end).
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
+        command += ["--app-name", AUTH_APP]
+        launch.auth = True
+        launch.notes.append(f"auth: basic (admin user {admin!r}; clients set "
+                            "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD)")
+    return launch
+
+
+def discard(launch: ServerLaunch) -> None:
+    """Remove what `plan_server` wrote (the private auth folder)."""
+    if launch.private_dir is not None:
+        shutil.rmtree(launch.private_dir, ignore_errors=True)
 
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -87,7 +233,7 @@ def wait_for_server(url: str, timeout_s: float = 60.0,
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
             raise ServerError(f"mlflow server exited with code {process.returncode} "
-                              f"before answering at {url} (is the port taken?)")
+                              f"before answering at {url} (its output above says why)")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -101,44 +247,56 @@ def wait_for_server(url: str, timeout_s: float = 60.0,
 def start_server(cfg: ServerConfig, timeout_s: float = 60.0,
                  **popen_kwargs: Any) -> tuple[subprocess.Popen, str]:
     """Start `mlflow server` in its own process group; return it and its URL once it
-    answers. The caller ends it with `stop_server`."""
-    if cfg.host not in LOOPBACK:
-        log.warning("binding to %s: anyone who can reach it can read and change the store "
-                    "(MLflow has no authentication here)", cfg.host)
+    answers. The caller ends it with `stop_server`. `env` in `popen_kwargs` replaces this
+    process's environment as the base of the server's."""
+    base = popen_kwargs.pop("env", None)
     check_port_free(cfg.host, cfg.port)
-    cmd = server_command(cfg)
-    env = server_env(popen_kwargs.pop("env", None))
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, **popen_kwargs)
-    url = server_url(cfg.host, cfg.port)
+    launch = plan_server(cfg, base)
+    env = {**server_env(base), **launch.env}
     try:
-        wait_for_server(url, timeout_s, proc)
+        proc = subprocess.Popen(launch.command, start_new_session=True, env=env,
+                                **popen_kwargs)
+    except BaseException:
+        discard(launch)
+        raise
+    proc.bertflow_launch = launch  # type: ignore[attr-defined]  (stop_server cleans up)
+    try:
+        wait_for_server(launch.url, timeout_s, proc)
     except BaseException:
         stop_server(proc)
         raise
-    return proc, url
+    return proc, launch.url
 
 
 def stop_server(proc: subprocess.Popen, timeout_s: float = 15.0) -> None:
-    """Terminate a server started by `start_server` (its whole process group)."""
-    if proc.poll() is not None:
-        return
+    """Terminate a server started by `start_server` (its whole process group) and remove
+    its private auth folder."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout_s)
-    except ProcessLookupError:
-        pass
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=timeout_s)
+            except ProcessLookupError:
+                pass
+    finally:
+        launch = getattr(proc, "bertflow_launch", None)
+        if launch is not None:
+            discard(launch)
 
 
 def serve(cfg: ServerConfig, timeout_s: float = 120.0) -> int:
     """`bertflow server`: start the server, print where it answers, run until Ctrl-C."""
     proc, url = start_server(cfg, timeout_s)
-    cmd = proc.args
+    launch: ServerLaunch = proc.bertflow_launch  # type: ignore[attr-defined]
     print(f"MLflow UI and tracking server: {url}  (Ctrl-C stops it)", flush=True)
-    print(f"  store:     {cmd[cmd.index('--backend-store-uri') + 1]}")
-    print(f"  artifacts: {cmd[cmd.index('--artifacts-destination') + 1]}", flush=True)
+    print(f"  store:     {launch.store}")
+    print(f"  artifacts: {launch.artifacts} (served: clients need no storage credentials)")
+    for note in launch.notes:
+        print(f"  {note}")
+    sys.stdout.flush()
     try:
         return proc.wait()
     except KeyboardInterrupt:
