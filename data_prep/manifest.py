@@ -146,6 +146,27 @@ def is_dataset_folder(directory: str | Path | Location) -> bool:
     return True
 
 
+def open_dataset(location: str | Path, what: str = "--data") -> tuple[Location, Manifest]:
+    """(location, manifest) of a prepared dataset that readers may trust: the location is
+    usable (scheme, bucket, credentials: a LocationError otherwise) and its manifest loads.
+    A folder or prefix without one (a build that did not finish, or not a dataset) is
+    refused with a ManifestError naming the location and what to do."""
+    from data_prep.storage import check_location
+
+    loc = check_location(location, what, must_exist=True)
+    try:
+        return loc, Manifest.load(loc)
+    except ManifestError as exc:
+        if loc.join(MANIFEST_NAME).exists():
+            raise ManifestError(f"{what} {loc.uri}: {exc}") from None
+        unfinished = (" It holds files but no manifest: a build that did not finish (a "
+                      "dataset is published by writing its manifest last)."
+                      if loc.has_content() else "")
+        raise ManifestError(f"{what} {loc.uri}: not a prepared dataset (no manifest.json)."
+                            f"{unfinished} Build it with `bertflow prep --output "
+                            f"{loc.uri} ...`.") from None
+
+
 def fingerprint_file(path: str | Path, chunk_size: int = 1 << 20) -> dict[str, Any]:
     """{path (absolute, or the URI without query string), size, sha256} of a file, read in
     chunks (any size)."""

@@ -1,4 +1,11 @@
-"""Finding prepared datasets (folders with a manifest.json) and summarising them."""
+"""Finding prepared datasets (folders with a manifest.json) and summarising them.
+
+ROOT may be a local folder or a URI (`s3://bucket/datasets/`): an object store is listed
+once, recursively, through `pyarrow.fs`. Only a folder or prefix with a `manifest.json` is
+a dataset: one whose build did not finish (files, no manifest, as a build on an object
+store leaves it until it publishes by writing its manifest last) is never listed, and
+nothing under a builder's `_staging-*` prefix or a hidden folder is searched.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +19,20 @@ from typing import Any
 SKIP_DIRS = {".git", ".venv", "venv", "node_modules", "mlartifacts", "__pycache__", "runs"}
 
 
-def find_datasets(root: str | Path, max_depth: int = 6) -> list[Path]:
-    """Folders under `root` (itself included) holding a manifest.json, sorted by path.
+def find_datasets(root: str | Path, max_depth: int = 6) -> list[Path] | list[str]:
+    """Folders under `root` (itself included) holding a manifest.json, sorted by path:
+    Paths for a local root, URIs for a remote one.
 
     A dataset's own subfolders (its splits) are not searched.
     """
+    from data_prep.storage import is_local, is_uri
+
+    if is_uri(root) and not is_local(root):
+        return _find_remote(str(root), max_depth)
+    if is_uri(root):
+        from data_prep.storage import open_location
+
+        root = open_location(root).path
     root = Path(root)
     found: list[Path] = []
     base_depth = len(root.resolve().parts)
@@ -32,7 +48,31 @@ def find_datasets(root: str | Path, max_depth: int = 6) -> list[Path]:
     return sorted(found)
 
 
-def summarize(dataset_dir: Path, check_inputs: bool = True) -> dict[str, Any]:
+def _find_remote(root: str, max_depth: int) -> list[str]:
+    """find_datasets on an object store: one recursive listing, then the same rules."""
+    from data_prep.manifest import MANIFEST_NAME
+    from data_prep.storage import open_location
+
+    loc = open_location(root)
+    base = loc.path.rstrip("/")
+    found: list[tuple[str, ...]] = []
+    for f in loc.list_files():
+        rel = tuple(p for p in f.path[len(base):].split("/") if p)
+        if not rel or rel[-1] != MANIFEST_NAME:
+            continue
+        folders = rel[:-1]
+        if len(folders) > max_depth or any(
+                d in SKIP_DIRS or d.startswith((".", "_")) for d in folders):
+            continue
+        found.append(folders)
+    datasets: list[tuple[str, ...]] = []
+    for folders in sorted(found, key=len):  # a dataset's own subfolders are not searched
+        if not any(folders[:len(d)] == d for d in datasets):
+            datasets.append(folders)
+    return sorted(loc.join(*d).uri if d else loc.uri for d in datasets)
+
+
+def summarize(dataset_dir: Path | str, check_inputs: bool = True) -> dict[str, Any]:
     """One dataset's manifest summary: kind, objective, instances, tokens, created, and
     whether it is up to date with its inputs (this rehashes the inputs when asked)."""
     from data_prep.manifest import Manifest, ManifestError, is_up_to_date
@@ -78,7 +118,7 @@ def _rows(split: Any) -> str:
 
 def list_datasets(root: str | Path = ".", check_inputs: bool = True) -> list[dict[str, Any]]:
     """Summaries of every prepared dataset under `root`."""
-    return [summarize(d, check_inputs) for d in find_datasets(root)]
+    return [summarize(d, check_inputs) for d in find_datasets(root)]  # type: ignore[arg-type]
 
 
 def to_json(rows: list[dict[str, Any]]) -> str:

@@ -12,6 +12,10 @@ before that one and hands out no row before that position.
 Every rank decodes every part it passes (one part, at most ~64 MB, in memory at a time)
 and keeps its stripe: the I/O of the split is `world` times the split, cheap next to the
 model step for token-id rows.
+
+The split may be a local folder or a URI (`s3://bucket/ds/train`): parts are opened through
+`data_prep.storage.open_location`, the one resolver of data locations, so a worker on any
+node reads them with the credential variables its runtime environment carries.
 """
 
 from __future__ import annotations
@@ -33,31 +37,18 @@ class Part:
     rows: int
 
 
-def open_location(location: str):
-    """(pyarrow filesystem, path) of a local path or a URI (s3://, gs://, ...)."""
-    import pyarrow.fs as pafs
-
-    if "://" in location:
-        return pafs.FileSystem.from_uri(location)
-    from pathlib import Path
-
-    return pafs.LocalFileSystem(), str(Path(location).expanduser().resolve())
-
-
 def list_parts(location: str) -> list[Part]:
-    """The split's Parquet files, sorted by path, with their row counts (from the footers)."""
-    import pyarrow.fs as pafs
+    """The split's Parquet files (a local folder or a URI), sorted by path, with their row
+    counts (from the footers). Each Part's path is a location any worker can open."""
     import pyarrow.parquet as pq
 
-    fs, root = open_location(location)
-    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    paths = sorted(i.path for i in infos if i.type == pafs.FileType.File
-                   and i.path.endswith(".parquet"))
-    scheme = location.split("://", 1)[0] + "://" if "://" in location else ""
+    from data_prep.storage import open_location
+
     parts = []
-    for path in paths:
-        with fs.open_input_file(path) as f:
-            parts.append(Part(scheme + path, pq.ParquetFile(f).metadata.num_rows))
+    for f in open_location(location).list_files():
+        if f.path.endswith(".parquet"):
+            with f.open_input_file() as fh:
+                parts.append(Part(f.uri, pq.ParquetFile(fh).metadata.num_rows))
     return parts
 
 
@@ -106,6 +97,7 @@ def rank_batches(parts: list[Part], *, batch_size: int, rank: int, world: int, s
 def _read_part(part: Part) -> pa.Table:
     import pyarrow.parquet as pq
 
-    fs, path = open_location(part.path)
-    with fs.open_input_file(path) as f:
+    from data_prep.storage import open_location
+
+    with open_location(part.path).open_input_file() as f:
         return pq.read_table(f)

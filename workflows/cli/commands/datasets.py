@@ -11,6 +11,7 @@ DESCRIPTION = "list prepared datasets and whether each is up to date with its in
 EPILOG = """examples:
   bertflow datasets list                 # every dataset under the current folder
   bertflow datasets list data/ --no-check
+  bertflow datasets list s3://bucket/datasets/   # credentials from AWS_* variables
 
 A STALE dataset is rebuilt from its manifest with `bertflow prep rerun DIR`."""
 
@@ -25,15 +26,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """List datasets; exit code 0 even when some are stale (it is a report)."""
-    from pathlib import Path
-
     from bert_core.config_io import BertflowError
+    from data_prep.storage import check_location
     from workflows.cli.table import format_table
     from workflows.ops.datasets import list_datasets, to_json
 
     cfg = config_from_args(DatasetsConfig, args)
-    if not Path(cfg.root).is_dir():
-        raise BertflowError(f"{cfg.root}: no such folder")
+    if not check_location(cfg.root, "ROOT", must_exist=False).is_dir():
+        raise BertflowError(f"{cfg.root}: no such folder (or prefix holding files)")
     rows = list_datasets(cfg.root, check_inputs=cfg.check)
     if cfg.json:
         print(to_json(rows))

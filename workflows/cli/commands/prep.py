@@ -12,7 +12,13 @@ EPILOG = """examples:
   bertflow prep --input corpus/ --output data/wiki128 --vocab vocab.txt
   bertflow prep --input 'shards/*.jsonl.gz' --output data/zh --train-vocab 21128 --objective sop
   bertflow prep rerun data/wiki128            # "up to date", or rebuilds if inputs changed
-  bertflow prep rerun data/wiki128 --force    # rebuild anyway"""
+  bertflow prep rerun data/wiki128 --force    # rebuild anyway
+  bertflow prep --input s3://corpora/wiki/ --output s3://datasets/wiki128 --vocab vocab.txt
+
+--input, --output, --vocab and DIR may be URIs (s3://, gs://, ... anything pyarrow.fs
+resolves); credentials and endpoints come from the store's standard variables
+(AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, ...). On an
+object store the dataset is published by writing its manifest.json last."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", metavar="rerun DIR")
     rerun = new_parser("rerun", "rebuild a dataset from the config stored in DIR/manifest.json",
                        parent=sub)
-    rerun.add_argument("dir", metavar="DIR", help="a dataset folder written by bertflow prep")
+    rerun.add_argument("dir", metavar="DIR", help="a dataset folder (or URI) written by "
+                       "bertflow prep")
     rerun.add_argument("--force", action="store_true", help="rebuild even if up to date")
     rerun.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
     rerun.add_argument("--num-workers", type=int, help="parallel workers (output unchanged)")
@@ -44,9 +51,9 @@ def run(args: argparse.Namespace) -> int:
     from data_prep.config import PrepConfig
 
     if getattr(args, "action", None) == "rerun":
-        from data_prep.manifest import Manifest
+        from data_prep.manifest import open_dataset
 
-        stored = Manifest.load(args.dir).config
+        stored = open_dataset(args.dir, "DIR")[1].config
         stored.update(output=args.dir, force=args.force)
         if args.address is not None:
             stored["address"] = args.address
