@@ -86,6 +86,21 @@ def test_runtime_env_passes_tracking_and_keeps_mlflow_safe(tmp_path):
     assert env["env_vars"]["DO_NOT_TRACK"] == "true"
 
 
+def test_the_job_gets_the_submitters_credentials_by_name_only(tmp_path):
+    """Train workers and Ray Data tasks of the job need the object store's and MLflow's
+    credentials; the job gets them through its runtime env, and only names are reported."""
+    environ = {"AWS_ACCESS_KEY_ID": "AKIA-test", "AWS_SECRET_ACCESS_KEY": "s3cret-key",
+               "AWS_ENDPOINT_URL": "http://10.0.0.9:9000", "MLFLOW_TRACKING_USERNAME": "ana",
+               "MLFLOW_TRACKING_PASSWORD": "pw-not-shown", "HOME": "/home/ana"}
+    env = jobs.build_runtime_env("http://10.0.0.5:5000", tmp_path, environ=environ)
+    assert {k: env["env_vars"][k] for k in environ if k != "HOME"} == {
+        k: v for k, v in environ.items() if k != "HOME"}
+    assert "HOME" not in env["env_vars"]  # only credential variables, not the whole env
+    names = jobs.passed_variables(env)
+    assert names == ["AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_SECRET_ACCESS_KEY",
+                     "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_USERNAME"]
+
+
 def test_a_folder_that_is_not_the_project_is_refused(tmp_path):
     with pytest.raises(jobs.JobError, match="not a bertflow project"):
         jobs.stage_project(tmp_path, tmp_path / "staged")

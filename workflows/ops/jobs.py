@@ -3,8 +3,10 @@
 `submit_verb` ships an allowlist of the project (the packages, `configs/`,
 `pyproject.toml`, `constraints.txt`: `SHIPPED`), copied into a temporary folder without
 following links, as the job's `working_dir`; runs `python -m workflows.cli VERB ARGS...`
-as the job's entrypoint, and passes the MLflow tracking URI through the environment, so
-a job logs and registers into the same store as a local run would. `connect` refuses a
+as the job's entrypoint, and passes the MLflow tracking URI and the submitter's credential
+variables (object store, MLflow user/password/token; names printed, values never) through
+the job's runtime environment, so a job reads and writes the same stores and logs and
+registers into the same MLflow as a local run would. `connect` refuses a
 dashboard that is reached in cleartext off this machine unless told `insecure`: Ray's
 auth token and the shipped code would cross the network readable by anyone on the path.
 
@@ -184,11 +186,27 @@ def _ship_file(src: Path, dest: Path, shipment: Shipment) -> None:
 
 
 def build_runtime_env(tracking_uri: str, working_dir: Path,
-                      env_vars: dict[str, str] | None = None) -> dict[str, Any]:
+                      env_vars: dict[str, str] | None = None,
+                      environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Ray runtime_env shipping `working_dir` (a `stage_project` folder) and passing the
-    tracking URI to the job."""
-    env = {**JOB_ENV, "MLFLOW_TRACKING_URI": tracking_uri, **(env_vars or {})}
+    tracking URI and the submitter's credential variables (`environ`, default this
+    process: the object store's AWS_* and MLflow's MLFLOW_TRACKING_USERNAME / PASSWORD /
+    TOKEN, see data_prep.ray_env.worker_env_vars) to the job. The job's own `init_ray`
+    hands them on to its Ray workers. Log only the names (`passed_variables`)."""
+    from data_prep.ray_env import worker_env_vars
+
+    env = {**JOB_ENV, **worker_env_vars(environ), "MLFLOW_TRACKING_URI": tracking_uri,
+           **(env_vars or {})}
     return {"working_dir": str(working_dir), "env_vars": env}
+
+
+def passed_variables(runtime_env: dict[str, Any]) -> list[str]:
+    """Names of the credential variables a runtime env carries (never their values)."""
+    from data_prep.ray_env import MLFLOW_CREDENTIAL_ENV_VARS
+    from data_prep.storage import CREDENTIAL_ENV_VARS
+
+    names = set(CREDENTIAL_ENV_VARS) | set(MLFLOW_CREDENTIAL_ENV_VARS)
+    return sorted(k for k in runtime_env.get("env_vars", {}) if k in names)
 
 
 def is_loopback(host: str | None) -> bool:
@@ -259,6 +277,7 @@ class SubmittedJob:
     entrypoint: str
     tracking_uri: str
     shipped: str = ""          # Shipment.describe(): what went to the cluster
+    credentials: list[str] = field(default_factory=list)  # variable names passed, no values
 
 
 def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
@@ -290,8 +309,10 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
         except RuntimeError as exc:  # the SDK reports HTTP errors (e.g. a reused id) so
             raise JobError(f"the cluster at {address} refused the job: {exc}") from None
         shipped = shipment.describe()
-    log.info("submitted %s as job %s to %s", verb, job_id, address)
-    return SubmittedJob(job_id, address, entrypoint, tracking_uri, shipped)
+    credentials = passed_variables(runtime_env)
+    log.info("submitted %s as job %s to %s (credential variables passed: %s)", verb, job_id,
+             address, ", ".join(credentials) or "none")
+    return SubmittedJob(job_id, address, entrypoint, tracking_uri, shipped, credentials)
 
 
 def log_tail(client: "JobSubmissionClient", job_id: str, lines: int = 20) -> str:

@@ -23,7 +23,9 @@ EPILOG = """examples:
 
 Only bert_core/, data_prep/, workflows/, configs/, pyproject.toml and constraints.txt are
 shipped as the job's working_dir (symbolic links are not followed); the tracking URI
-reaches the job as MLFLOW_TRACKING_URI. A cleartext http:// address off this machine is
+reaches the job as MLFLOW_TRACKING_URI, and the credential variables set here (AWS_*,
+MLFLOW_TRACKING_USERNAME / PASSWORD / TOKEN) through its runtime environment (names
+printed, never values). A cleartext http:// address off this machine is
 refused (the Ray auth token would cross the network): tunnel it, or --insecure."""
 
 
@@ -53,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"submitted job {job.submission_id}: {job.entrypoint}")
     print(f"  shipped: {job.shipped}")
     print(f"  tracking URI: {job.tracking_uri}")
+    if job.credentials:
+        print(f"  passed to the job (values not shown): {', '.join(job.credentials)}")
     if not cfg.wait:
         print(f"  follow it with: bertflow jobs logs {job.submission_id} --follow "
               f"--address {address}")
