@@ -203,7 +203,7 @@ def bertflow_tags() -> dict[str, str]:
 class DatasetInput:
     """A prepared dataset recorded as a run input: its folder, manifest and role."""
 
-    path: Path
+    path: Path | str              # a local folder, or a URI (s3://...)
     manifest: Any                 # data_prep.manifest.Manifest
     context: str                  # "train" or "eval"
     manifest_artifact: str        # where its manifest.json is logged in the run
@@ -234,7 +234,7 @@ def open_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str],
                            for k, v in params.items()})
         for ds in inputs:
             source = _dataset_source(ds.path)
-            mlflow.log_input(MetaDataset(source, name=ds.path.name,
+            mlflow.log_input(MetaDataset(source, name=Path(str(ds.path)).name,
                                          digest=ds.manifest.fingerprint[:32]),
                              context=ds.context)
             mlflow.log_dict(ds.manifest.to_dict(), ds.manifest_artifact)

@@ -160,7 +160,7 @@ def _model_config(cfg: PretrainConfig, tokenizer: Any, manifest: Any,
     from bert_core import BertConfig
     from data_prep.tokenizer import WordPieceTokenizer
 
-    data_tok = f"the dataset's tokenizer ({Path(cfg.data) / 'tokenizer'})"
+    data_tok = f"the dataset's tokenizer ({str(cfg.data).rstrip('/')}/tokenizer)"
     if init_dir is not None:
         source = f"--init {cfg.init} ({init_dir / 'config.json'})"
         config = BertConfig.from_hf_dict(json.loads((init_dir / "config.json").read_text()),
@@ -217,16 +217,16 @@ def _masking(manifest: Any, tokenizer: Any) -> Any:
 
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as described in the module docstring; returns the run and model."""
-    from data_prep.manifest import Manifest
-    from data_prep.ray_env import init_ray
+    from data_prep.manifest import open_dataset
+    from data_prep.ray_env import init_ray, worker_runtime_env
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
     from workflows.training.engine import RunTracking, finished_run, run_dir_for, run_training
 
     cfg = config
     cfg.validate_for_run()
-    data_dir = Path(cfg.data).expanduser().resolve()
-    manifest = Manifest.load(data_dir)
+    data, manifest = open_dataset(cfg.data, "--data")  # a path or URI with a manifest
+    data_dir = data.uri
     if manifest.kind != "pretraining":
         raise PretrainError(f"{data_dir}: a {manifest.kind!r} dataset, not a pretraining one; "
                             f"prepare it with `bertflow prep`")
@@ -255,17 +255,19 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         inputs=[T.DatasetInput(data_dir, manifest, "train", "dataset/manifest.json")])
 
     ray = init_ray(cfg.address)
-    splits = {s: data_dir / s for s in ("train", "val")
+    splits = {s: data.join(s).uri for s in ("train", "val")
               if int(manifest.splits.get(s, {}).get("instances", 0)) > 0}
     if "train" not in splits:
         raise PretrainError(f"{data_dir}: the train split is empty; prepare more text")
     # Workers read `train` themselves (reshuffled per epoch, seekable on resume).
-    datasets = {s: ray.data.read_parquet(str(p)) for s, p in splits.items() if s != "train"}
+    env = worker_runtime_env()  # also when joining a Ray started without the credentials
+    datasets = {s: ray.data.read_parquet(p, ray_remote_args={"runtime_env": env} if env else None)
+                for s, p in splits.items() if s != "train"}
     task = PretrainTask(
         model_config=model_config, init_dir=str(init_dir) if init_dir else None,
         tokenizer_dir=str(data_dir / "tokenizer"), pad_id=tokenizer.pad_id,
         masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
-        train_location=str(splits["train"]),
+        train_location=splits["train"],
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
               "dataset_fingerprint": manifest.fingerprint, "base_model": cfg.init})
