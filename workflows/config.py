@@ -65,7 +65,9 @@ class LoopSettings:
     log_every: int = field(10, help="optimizer steps between metric logs")
     seed: int = field(42, help="seed of initialisation, dropout and dynamic masking")
     storage_path: str | None = field(
-        None, help="folder of Ray Train run folders (checkpoints); default ./runs")
+        None, help="where Ray Train run folders (checkpoints) go: a folder or a URI such as "
+                   "s3://BUCKET/runs (any pyarrow.fs URI); default ./runs, refused on a "
+                   "cluster of several nodes (each would have its own ./runs)")
 
     def __post_init__(self) -> None:
         check(self.num_workers >= 1, "num_workers", "must be at least 1")
@@ -228,8 +230,10 @@ class FinetuneConfig:
                         "token-cls (CoNLL, BIO tags) or qa (SQuAD v1.1/v2.0 JSON)")
     base: str = field("", help="model to start from: models:/NAME@ALIAS, models:/NAME/VERSION, "
                                "a checkpoint folder or a Hugging Face-format BERT folder")
-    train: str = field("", help="training file (CSV/TSV/JSONL, CoNLL, or SQuAD JSON)")
-    eval: str | None = field(None, help="evaluation file in the same format (metrics each epoch)")
+    train: str = field("", help="training file (CSV/TSV/JSONL, CoNLL, or SQuAD JSON): a path "
+                                "or a URI (s3://BUCKET/train.csv)")
+    eval: str | None = field(None, help="evaluation file in the same format, path or URI "
+                                        "(metrics each epoch)")
     labels: list[str] | None = field(
         None, help="label names in id order; default: sorted labels of the training file")
     freeze_encoder: bool = field(
@@ -362,8 +366,10 @@ class FileInference:
 
     model: str = field("", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a "
                                 "model folder")
-    input: str = field("", help="CSV, TSV or JSONL file (or folder of them)")
-    output: str = field("", help="the file to write")
+    input: str = field("", help="CSV, TSV or JSONL file (or a local folder of them); a URI "
+                                "such as s3://BUCKET/in.csv is fetched")
+    output: str = field("", help="the file to write: a path or a URI (s3://BUCKET/out.csv), "
+                                 "appearing only when complete")
     batch_size: int = field(64, help="rows per batch")
     concurrency: int = field(1, help="model replicas (Ray actors) working in parallel")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")

@@ -11,6 +11,18 @@
 - Model references: `parse_model_ref`, `get_model_version`, `model_lineage`,
   `base_lineage`, and `resolve_model(ref) -> Path` for `models:/NAME@ALIAS`,
   `models:/NAME/VERSION`, checkpoints, run folders and model folders.
+- Models Ray workers open: `ship_model(ref) -> workflows.transfer.ShippedFolder`. The
+  driver resolves the reference (for a registered version: downloaded from MLflow and
+  checked against its sha256 manifest, `verify_model_version`) into a temporary folder,
+  puts the folder's bytes into the Ray object store and deletes its copy; each worker
+  materialises the folder on its own node (once per node, checked against the sha256 the
+  driver computed). So a worker never opens a driver-local path and needs no MLflow
+  access to get its model; see workflows/transfer.py.
+- Server and credentials: `check_tracking_store(uri)` probes an MLflow server at start (a
+  short timeout) so a server that is down is an error before any Ray work; `redact(text)`
+  removes `user:password@` from URIs before they become params, tags or log lines. (The
+  MLflow credential variables reach Ray workers through the runtime environment:
+  data_prep.ray_env.worker_env_vars, workflows.training.engine.)
 - Integrity: `register_model_version` records a sha256 manifest of every file of the
   version (the artifact `bertflow.sha256`, see workflows.integrity) and the manifest's own
   sha256 as the version tag `TAG_MANIFEST`; `verify_model_version` checks both, and
@@ -28,12 +40,14 @@ at parse time).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,6 +85,7 @@ MLFLOW_SAFE_ENV = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 
 
 class TrackingError(BertflowError):
@@ -127,6 +142,38 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         if not path.is_absolute():
             return f"sqlite:///{path.resolve()}"
     return uri
+
+
+def redact(text: str) -> str:
+    """`text` with the `user:password@` of every URI in it replaced by `***@`."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail now, not after the workers started, when the tracking store cannot answer:
+    an http(s) server is probed at /health with a short timeout."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    shown = redact(uri)
+    url = _USERINFO.sub(r"\g<scheme>", uri).rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # it answers; credentials are checked on first use
+            return
+        raise TrackingError(f"MLflow server at {shown} answered {exc.code} on /health: is "
+                            f"this an MLflow server? Set MLFLOW_TRACKING_URI (or "
+                            f"--tracking-uri) to one") from None
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(
+            f"MLflow server at {shown} is not reachable ({reason}): start it (`bertflow "
+            f"server`) or set MLFLOW_TRACKING_URI (or --tracking-uri) to a server that "
+            f"runs") from None
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -228,9 +275,10 @@ def open_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str],
         return run.info.run_id
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name,
-                          tags={**bertflow_tags(), **tags, TAG_RUN_NAME: run_name},
+                          tags={k: redact(str(v)) for k, v in
+                                {**bertflow_tags(), **tags, TAG_RUN_NAME: run_name}.items()},
                           log_system_metrics=False) as run:
-        mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v
+        mlflow.log_params({k: redact(json.dumps(v) if isinstance(v, (list, dict)) else str(v))
                            for k, v in params.items()})
         for ds in inputs:
             source = _dataset_source(ds.path)
@@ -267,12 +315,14 @@ def log_and_register(model_dir: str | Path, *, run_id: str, uri: str, task: str,
     `version_tags`, the run id and task, and one `metric.NAME` tag per numeric metric.
     Returns (model URI, version or None).
     """
+    tags = {k: redact(str(v)) for k, v in tags.items()}
+    version_tags = {k: redact(str(v)) for k, v in (version_tags or {}).items()}
     model_uri = log_bert_model(model_dir, run_id=run_id, tracking_uri=uri, task=task,
                                extra_tags=tags)
     client(uri).set_tag(run_id, TAG_MODEL_URI, model_uri)
     if not register_as:
         return model_uri, None
-    mv_tags = {**tags, **(version_tags or {}), TAG_RUN_ID: run_id, TAG_TASK: task,
+    mv_tags = {**tags, **version_tags, TAG_RUN_ID: run_id, TAG_TASK: task,
                **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()
                   if isinstance(v, (int, float))}}
     mv = register_model_version(model_uri, register_as, mv_tags, tracking_uri=uri)
@@ -500,3 +550,27 @@ def verify_model_version(mv: Any, tracking_uri: str, dest: str | Path | None = N
     manifest = manifest_path.read_text(encoding="utf-8", errors="replace")
     first = FileCheck(MANIFEST_FILE, "OK" if text_sha256(manifest) == expected else "MISMATCH")
     return local, [first, *check_files(local, manifest, f"{mv.name}/{mv.version}:{MANIFEST_FILE}")]
+
+
+@contextlib.contextmanager
+def resolved_model(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
+    """`resolve_model(ref)` for the length of a block: a registered version is downloaded
+    into a temporary folder that is deleted at the end (ship it to workers meanwhile)."""
+    import tempfile
+
+    if parse_model_ref(ref) is None:
+        yield resolve_model(ref)
+        return
+    with tempfile.TemporaryDirectory(prefix="bertflow-model-") as tmp:
+        yield resolve_model(ref, dest=tmp, tracking_uri=tracking_uri)
+
+
+def ship_model(ref: str, tracking_uri: str | None = None) -> Any:
+    """Resolve `ref` on the driver (registered versions are verified against their
+    manifest), put the model folder into the Ray object store and delete the driver's
+    download; returns a workflows.transfer.ShippedFolder that workers materialise on
+    their own node. Ray must be initialised."""
+    from workflows.transfer import ship_folder
+
+    with resolved_model(ref, tracking_uri) as folder:
+        return ship_folder(folder, origin=ref)

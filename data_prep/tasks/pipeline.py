@@ -3,8 +3,10 @@
 `build_task_dataset` reads one task file on the driver (validation is sequential and
 cheap next to tokenization: every record is either used or skipped with a reason), fixes
 the label ids, then tokenizes the records on Ray Data (a callable class holds the
-tokenizer per worker) and writes Parquet into a hidden folder renamed into place with
-its manifest. The folder name carries the fingerprint of (task settings, labels, input
+tokenizer per worker; the tokenizer travels pickled, so no worker opens a driver path)
+and the driver writes the features as Parquet into a hidden folder renamed into place
+with its manifest (the folder is the driver's cache; training reads it back on the driver
+and hands the rows to Ray through the object store). The folder name carries the fingerprint of (task settings, labels, input
 file, tokenizer), so the same inputs reuse the same folder ("up to date") and anything
 that changes the features gets a new one.
 
@@ -110,10 +112,8 @@ def featurize(records: list[dict], tokenizer: Any, spec: TaskFeatures,
 class Featurizer:
     """Ray Data callable class: one tokenizer per worker, records in, feature rows out."""
 
-    def __init__(self, tokenizer_dir: str, spec: TaskFeatures, labels: list[str]) -> None:
-        from data_prep.tokenizer import WordPieceTokenizer
-
-        self.tokenizer = WordPieceTokenizer.from_dir(tokenizer_dir)
+    def __init__(self, tokenizer: Any, spec: TaskFeatures, labels: list[str]) -> None:
+        self.tokenizer = tokenizer  # a WordPieceTokenizer (pickled from the driver)
         self.spec = spec
         self.label_ids = {name: i for i, name in enumerate(labels)}
 
@@ -129,8 +129,12 @@ class Featurizer:
 
 def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str | Path,
                        out_root: str | Path, *, split: str, labels: list[str] | None = None,
-                       seed: int = 0, address: str | None = None) -> TaskDataset:
+                       seed: int = 0, address: str | None = None,
+                       source: str | None = None) -> TaskDataset:
     """Read, validate and tokenize one task file into `out_root/<task>-<split>-<hash>/`.
+
+    `path` is a local file; `source` (e.g. the s3:// URI `path` was fetched from) is the
+    name recorded in the manifest and the fingerprint instead of that local copy.
 
     `labels` (the training labels, or a user-given list) maps names to ids; without it
     the file's own sorted labels are used. Returns the dataset with the records actually
@@ -155,6 +159,10 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
                     dict(report.counts), report.messages[0])
     tokenizer = WordPieceTokenizer.from_dir(tokenizer_dir)
     inputs = [fingerprint_file(path)]
+    if source is not None:
+        from data_prep.storage import open_location
+
+        inputs[0]["path"] = open_location(source).uri
     config = {**dataclasses.asdict(spec), "labels": labels, "split": split, "seed": seed}
     fp = build_fingerprint(config, inputs, tokenizer.fingerprint(), kind=f"task-{spec.task}")
     final = Path(out_root).absolute() / f"{spec.task}-{split}-{fp[:12]}"
@@ -172,12 +180,19 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     with atomic_output_dir(final, force=True) as tmp:
         # Few blocks: per-row blocks would cost more scheduling than tokenizing.
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
-        ds = ds.map_batches(Featurizer, fn_constructor_args=(str(tokenizer_dir), spec, labels),
+        ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
                             batch_format="pyarrow", batch_size=256,
                             compute=ray.data.ActorPoolStrategy(size=1))
-        ds.write_parquet(str(tmp / "data"))
-        files = sorted((tmp / "data").glob("*.parquet"))
+        import pyarrow as pa
         import pyarrow.parquet as pq
+
+        # Written here, on the driver: a Ray Data write would put the files on whichever
+        # node ran the write task.
+        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        (tmp / "data").mkdir(parents=True, exist_ok=True)
+        if tables:
+            pq.write_table(pa.concat_tables(tables), tmp / "data" / "part-00000.parquet")
+        files = sorted((tmp / "data").glob("*.parquet"))
 
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         schema = {f.name: str(f.type) for f in pq.read_schema(files[0])} if files else {}

@@ -7,13 +7,22 @@ columns and `error` (why a row got no prediction). `embed_file(EmbedConfig)` add
 `embedding` column (list<float32>): the [CLS] vector, the mean of the real tokens'
 vectors, or the pooler output, of the last layer or of `hidden_states[layer]`, and writes
 one Parquet file. Output files appear only when complete.
+
+Locations: `--input` and `--output` may be URIs (s3://..., anything pyarrow.fs resolves):
+the input is fetched to the driver, which reads it (bad rows counted) and hands the rows
+to Ray through the object store; the output is written on the driver and published whole
+(workflows.transfer.staged_output: a temporary object, then a move onto the name). The
+model is resolved on the driver and shipped to the actors through the object store
+(workflows.tracking.resolved_model + workflows.transfer.ship_folder): an actor on another
+node never opens a driver path and needs no MLflow access.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +50,11 @@ class BatchPredictor:
     """Ray Data callable class: one Predictor per actor, DataFrame batches in and out
     (input columns kept, prediction columns appended, `error` always present)."""
 
-    def __init__(self, model_dir: str, device: str | None = None, batch_size: int = 32) -> None:
-        self.predictor = Predictor.from_dir(model_dir, device=device, batch_size=batch_size)
+    def __init__(self, model_dir: Any, device: str | None = None, batch_size: int = 32) -> None:
+        from workflows.transfer import local_folder
+
+        self.predictor = Predictor.from_dir(local_folder(model_dir), device=device,
+                                            batch_size=batch_size)
 
     def __call__(self, df: Any) -> Any:
         import pandas as pd
@@ -53,19 +65,22 @@ class BatchPredictor:
         return pd.concat([df.reset_index(drop=True), out.reset_index(drop=True)], axis=1)
 
 
-def write_frames(frames: Any, output: str | Path) -> int:
-    """Stream DataFrames into one CSV or JSONL file that appears only when complete
-    (written to a hidden temporary file, then renamed). List cells become JSON in CSV."""
-    import os
-
-    out = Path(output)
-    fmt = out.suffix.lower()
+def output_format(output: str | Path) -> str:
+    """The format of an output file by its suffix (.csv, .tsv, .jsonl/.json)."""
+    fmt = Path(str(output)).suffix.lower()
     if fmt not in (".csv", ".tsv", ".jsonl", ".json"):
-        raise PredictError(f"{out}: unknown output format {fmt!r}; use .csv, .tsv or .jsonl")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        raise PredictError(f"{output}: unknown output format {fmt!r}; use .csv, .tsv or .jsonl")
+    return fmt
+
+
+def write_frames(frames: Any, output: str | Path) -> int:
+    """Stream DataFrames into one CSV or JSONL file (a path or a URI) that appears only
+    when complete (workflows.transfer.staged_output). List cells become JSON in CSV."""
+    from workflows.transfer import staged_output
+
+    fmt = output_format(output)
     rows = 0
-    try:
+    with staged_output(output) as tmp:
         with tmp.open("w", encoding="utf-8", newline="") as f:
             for i, df in enumerate(frames):
                 if fmt in (".jsonl", ".json"):
@@ -79,10 +94,6 @@ def write_frames(frames: Any, output: str | Path) -> int:
                                                                    default=float))
                     df.to_csv(f, index=False, header=i == 0, sep="\t" if fmt == ".tsv" else ",")
                 rows += len(df)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return rows
 
 
@@ -95,15 +106,19 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
     """
     from data_prep.ray_env import init_ray
     from workflows.model_folder import read_task_meta
-    from workflows.tracking import resolve_model
+    from workflows.transfer import local_file, ship_folder
 
-    model_dir = resolve_model(cfg.model, tracking_uri=cfg.tracking_uri)
-    task = read_task_meta(model_dir)["task"]
+    output_format(cfg.output)
+    check_locations(cfg)
     ray = init_ray(cfg.address)
+    with _resolved(cfg) as model_dir:
+        task = read_task_meta(model_dir)["task"]
+        model = ship_folder(model_dir, origin=cfg.model)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output rows in input order
-    ds = read_table_dataset(ray, cfg.input)
-    ds = ds.map_batches(BatchPredictor, fn_constructor_args=(str(model_dir),),
+    with local_file(cfg.input, "--input") as path:
+        ds = read_table_dataset(ray, path)
+    ds = ds.map_batches(BatchPredictor, fn_constructor_args=(model,),
                         fn_constructor_kwargs={"batch_size": 32}, batch_format="pandas",
                         batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -127,9 +142,11 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
 class BatchEmbedder:
     """Ray Data callable class: DataFrame batches of texts in, `embedding` column added."""
 
-    def __init__(self, model_dir: str, pooling: str, layer: int | None, text_column: str,
+    def __init__(self, model_dir: Any, pooling: str, layer: int | None, text_column: str,
                  normalize: bool = False, max_seq_len: int | None = None) -> None:
-        self.predictor = Predictor.from_dir(model_dir)
+        from workflows.transfer import local_folder
+
+        self.predictor = Predictor.from_dir(local_folder(model_dir))
         self.pooling, self.layer, self.text_column = pooling, layer, text_column
         self.normalize, self.max_seq_len = normalize, max_seq_len
 
@@ -151,46 +168,67 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from data_prep.ray_env import init_ray
-    from workflows.tracking import resolve_model
+    from workflows.transfer import local_file, ship_folder, staged_output
 
-    out = Path(cfg.output)
-    model_dir = resolve_model(cfg.model, tracking_uri=cfg.tracking_uri)
-    pooling, max_seq_len, normalize = embed_settings(cfg, model_dir)
+    out = cfg.output
+    check_locations(cfg)
     ray = init_ray(cfg.address)
+    with _resolved(cfg) as model_dir:
+        pooling, max_seq_len, normalize = embed_settings(cfg, model_dir)
+        model = ship_folder(model_dir, origin=cfg.model)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = read_table_dataset(ray, cfg.input).map_batches(
+    with local_file(cfg.input, "--input") as path:
+        ds = read_table_dataset(ray, path)
+    ds = ds.map_batches(
         BatchEmbedder,
-        fn_constructor_args=(str(model_dir), pooling, cfg.layer, cfg.text_column, normalize,
+        fn_constructor_args=(model, pooling, cfg.layer, cfg.text_column, normalize,
                              max_seq_len),
         batch_format="pandas", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     rows, dim, writer = 0, 0, None
-    try:
-        for df in ds.iter_batches(batch_format="pandas", batch_size=None):
-            vecs = df.pop("embedding")
-            dim = len(vecs.iloc[0]) if len(vecs) else dim
-            table = pa.Table.from_pandas(df, preserve_index=False).append_column(
-                "embedding", pa.array([list(v) for v in vecs], type=pa.list_(pa.float32())))
-            if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            rows += len(df)
-        if writer is not None:
-            writer.close()
-            writer = None
-        else:  # empty input: still an (empty) file with the embedding column
+    with staged_output(out) as tmp:
+        try:
+            for df in ds.iter_batches(batch_format="pandas", batch_size=None):
+                vecs = df.pop("embedding")
+                dim = len(vecs.iloc[0]) if len(vecs) else dim
+                table = pa.Table.from_pandas(df, preserve_index=False).append_column(
+                    "embedding", pa.array([list(v) for v in vecs], type=pa.list_(pa.float32())))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, table.schema)
+                writer.write_table(table.cast(writer.schema))
+                rows += len(df)
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:  # empty input: still an (empty) file with the embedding column
             pq.write_table(pa.table({"embedding": pa.array([], pa.list_(pa.float32()))}), tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
     log.info("wrote %d embeddings of dimension %d to %s", rows, dim, out)
     return {"rows": rows, "dim": dim, "output": str(out), "pooling": pooling,
             "layer": cfg.layer, "max_seq_len": max_seq_len, "normalize": normalize}
+
+
+def check_locations(cfg: Any) -> None:
+    """Before any Ray work: the MLflow server answers (for a models:/ reference), the
+    input exists and the output's store is usable, each error naming its location."""
+    from workflows import tracking as T
+    from workflows.transfer import open_checked
+
+    if T.parse_model_ref(cfg.model) is not None:
+        uri = T.resolve_tracking_uri(cfg.tracking_uri)
+        T.check_tracking_store(uri)
+        T.get_model_version(cfg.model, uri)
+    if "://" in cfg.input:  # local files keep the readers' own messages
+        open_checked(cfg.input, "--input", must_exist=True)
+    if "://" in cfg.output:
+        open_checked(cfg.output, "--output", writable=True)
+
+
+@contextlib.contextmanager
+def _resolved(cfg: Any) -> Iterator[Path]:
+    from workflows.tracking import resolved_model
+
+    with resolved_model(cfg.model, cfg.tracking_uri) as model_dir:
+        yield model_dir
 
 
 def embed_settings(cfg: EmbedConfig, model_dir: Path) -> tuple[str, int | None, bool]:

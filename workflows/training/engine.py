@@ -11,14 +11,32 @@ resume (workflows.training.checkpoint).
 result is saved in the run folder, and `finished_run` is the one place that says whether
 a run already finished (and with what result). Rerunning a run name after the driver died
 resumes from the latest checkpoint.
+
+Storage: the run folder is `<storage_path>/<run name>`, where `storage_path` is a local
+folder (default `./runs`) or any URI pyarrow.fs resolves (`s3://bucket/runs`, `gs://...`).
+It goes to Ray Train as given (`RunConfig(storage_path=URI, name=...)`: Ray's storage layer
+uploads each checkpoint from the worker that reports it), and everything bertflow reads
+there (the result file, Ray's checkpoint snapshot, completion markers) is read through
+pyarrow.fs. `check_storage` runs before any worker starts: a scheme pyarrow cannot resolve
+or a missing bucket is an error, and so is a Ray cluster of several nodes without
+`--storage-path` (./runs would be a different folder on every node: the final model could
+land on another machine and a restart after a node failure could not find the
+checkpoints); an explicit local path there is taken to be a shared mount, with a warning.
+
+Credentials: Ray Train V2 starts its workers with only its own variables added to the
+job's runtime environment, so `worker_env_vars()` (the MLflow and object-store credential
+variables of the driver, plus MLflow's safety switches) are given to the worker group
+explicitly (`RunConfig.worker_runtime_env`). They are never logged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -81,12 +99,13 @@ class RunTracking:
 
 @dataclass
 class TrainResult:
-    """What a finished `run_training` returns."""
+    """What a finished `run_training` returns. The folders are Paths for local storage and
+    URIs for remote storage (`local_model_dir` gives a local copy of the model folder)."""
 
     run_name: str
-    run_dir: Path
-    checkpoint_dir: Path            # the final checkpoint
-    model_dir: Path                 # its HF-format model folder
+    run_dir: Path | str
+    checkpoint_dir: Path | str      # the final checkpoint
+    model_dir: Path | str           # its HF-format model folder
     step: int
     metrics: dict[str, Any] = field(default_factory=dict)  # final metrics of rank 0
     start_step: int = 0             # step the last worker group started from (>0: resumed)
@@ -110,23 +129,100 @@ def default_cpus_per_worker(loop: LoopSettings) -> float:
     return round(max(0.1, min(1.0, share)), 2)
 
 
-def run_dir_for(loop: LoopSettings, run_name: str) -> Path:
-    """The Ray Train run folder: <storage_path or ./runs>/<run_name>."""
-    root = Path(loop.storage_path) if loop.storage_path else Path.cwd() / "runs"
-    return root.resolve() / run_name
+def run_location(loop: LoopSettings, run_name: str) -> Any:
+    """The Ray Train run folder <storage_path or ./runs>/<run_name> as a
+    data_prep.storage.Location (a local folder or a URI)."""
+    from data_prep.storage import LocationError, open_location
+
+    try:
+        root = open_location(loop.storage_path or Path.cwd() / "runs")
+    except LocationError as exc:
+        raise TrainingError(f"--storage-path: {exc}") from None
+    return root.join(run_name)
+
+
+def run_dir_for(loop: LoopSettings, run_name: str) -> Path | str:
+    """The run folder: a resolved Path for local storage, the URI for remote storage."""
+    from data_prep.storage import is_local
+
+    loc = run_location(loop, run_name)
+    return Path(loc.path).resolve() if is_local(loc.uri) else loc.uri
+
+
+def _as_location(where: Path | str) -> Any:
+    from data_prep.storage import open_location
+
+    return open_location(where)
+
+
+def worker_env_vars() -> dict[str, str]:
+    """The variables every Train worker gets from the driver: MLflow's safety switches,
+    the MLflow server credentials and the object-store credentials set here."""
+    from data_prep.ray_env import worker_env_vars as credentials
+    from workflows import tracking as T
+
+    return {**T.MLFLOW_SAFE_ENV, **credentials()}
+
+
+def check_storage(loop: LoopSettings) -> None:
+    """Refuse storage the run cannot use, before any worker starts (see the module doc).
+    Ray must be initialised (the node count decides whether ./runs is usable)."""
+    import ray
+
+    from data_prep.storage import LocationError, check_location, is_local
+
+    if loop.storage_path:
+        try:
+            check_location(loop.storage_path, "--storage-path", must_exist=False,
+                           writable=True)
+        except LocationError as exc:
+            raise TrainingError(str(exc)) from None
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if nodes <= 1:
+        return
+    if not loop.storage_path:
+        raise TrainingError(
+            f"this Ray cluster has {nodes} nodes and no --storage-path was given: ./runs "
+            f"would be a different folder on each node, so the final model could land on "
+            f"another machine and a restart after a node failure could not find the "
+            f"checkpoints. Set --storage-path s3://BUCKET/runs (or any pyarrow.fs URI, or "
+            f"a folder that every node mounts at the same path)")
+    if is_local(loop.storage_path):
+        log.warning("--storage-path %s is a local path on a %d-node cluster: it must be a "
+                    "filesystem every node mounts at that path (NFS), else use "
+                    "s3://BUCKET/runs", loop.storage_path, nodes)
 
 
 def finished_run(loop: LoopSettings, run_name: str) -> TrainResult | None:
     """The result of run `run_name` if it already finished, else None (never trained, or
     stopped before its end: rerunning resumes it)."""
-    path = run_dir_for(loop, run_name) / RESULT_FILE
-    if not path.is_file():
+    from data_prep.storage import is_local
+
+    marker = run_location(loop, run_name).join(RESULT_FILE)
+    try:
+        saved = json.loads(marker.read_text())
+    except (FileNotFoundError, OSError, ValueError):
         return None
-    saved = json.loads(path.read_text())
     result = TrainResult(**{f.name: saved[f.name] for f in dataclasses.fields(TrainResult)})
     for name in ("run_dir", "checkpoint_dir", "model_dir"):
-        setattr(result, name, Path(getattr(result, name)))
+        value = getattr(result, name)
+        if is_local(value):
+            setattr(result, name, Path(value))
     return result
+
+
+@contextlib.contextmanager
+def local_model_dir(model_dir: Path | str) -> Iterator[Path]:
+    """The model folder of a result as a local folder: itself when local, else a
+    temporary download (removed on exit), e.g. to log it to MLflow."""
+    from data_prep.storage import is_local
+    from workflows.transfer import download_dir
+
+    if is_local(model_dir):
+        yield Path(model_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="bertflow-final-model-") as tmp:
+        yield download_dir(_as_location(model_dir), Path(tmp) / "model")
 
 
 def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any],
@@ -149,6 +245,10 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     if "train" not in datasets and not getattr(task, "train_location", None):
         raise TrainingError("run_training needs a 'train' dataset (or a task that reads "
                             "its train_location)")
+    from data_prep.storage import is_local
+
+    check_storage(loop)
+    run_loc = run_location(loop, run_name)
     run_dir = run_dir_for(loop, run_name)
     if (done := finished_run(loop, run_name)) is not None:
         raise TrainingError(
@@ -156,7 +256,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
             f"choose a new --run-name, or delete that folder to train it again")
     cpus = default_cpus_per_worker(loop)
     log.info("training %s: %d worker(s), %.2f CPU each, GPU=%s, run folder %s",
-             run_name, loop.num_workers, cpus, loop.use_gpu, run_dir)
+             run_name, loop.num_workers, cpus, loop.use_gpu, run_loc.uri)
     from ray.data import ExecutionOptions
 
     from workflows.training.loop import worker_loop
@@ -169,7 +269,10 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run_name, storage_path=str(run_dir.parent),
+            # A URI stays a URI (as given): Ray resolves it with pyarrow.fs in every process.
+            name=run_name, storage_path=str(Path(run_dir).parent) if is_local(run_loc.uri)
+            else str(loop.storage_path).rstrip("/"),
+            worker_runtime_env={"env_vars": worker_env_vars()},
             checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),
             failure_config=FailureConfig(max_failures=loop.max_failures),
             callbacks=callbacks),
@@ -189,15 +292,25 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                 break
         raise
     if result.checkpoint is None:
-        raise TrainingError(f"run {run_name!r} ended without a checkpoint ({run_dir})")
-    ckpt_dir = Path(result.checkpoint.path)
+        raise TrainingError(f"run {run_name!r} ended without a checkpoint ({run_loc.uri})")
+    ckpt = run_loc.join(result.checkpoint.path.rstrip("/").rsplit("/", 1)[-1])
+    model = ckpt.join("model")
+    local = is_local(run_loc.uri)
     metrics = dict(result.metrics or {})
-    out = TrainResult(run_name=run_name, run_dir=run_dir, checkpoint_dir=ckpt_dir,
-                      model_dir=ckpt_dir / "model", step=int(metrics.get("step", 0)),
+    out = TrainResult(run_name=run_name, run_dir=run_dir,
+                      checkpoint_dir=Path(ckpt.path) if local else ckpt.uri,
+                      model_dir=Path(model.path) if local else model.uri,
+                      step=int(metrics.get("step", 0)),
                       metrics=metrics, start_step=int(metrics.get("start_step", 0)),
                       attempt=int(metrics.get("attempt", 0)))
-    tmp = run_dir / (RESULT_FILE + ".tmp")
-    tmp.write_text(json.dumps({**dataclasses.asdict(out), "loop": to_dict(loop)},
-                              indent=2, default=str))
-    tmp.replace(run_dir / RESULT_FILE)
+    from workflows.tracking import redact
+
+    text = redact(json.dumps({**dataclasses.asdict(out), "loop": to_dict(loop)}, indent=2,
+                             default=str))
+    if local:  # written whole, then renamed: a reader never sees half a file
+        tmp = Path(run_dir) / (RESULT_FILE + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(Path(run_dir) / RESULT_FILE)
+    else:  # one PUT: an object store shows all of it or nothing
+        run_loc.join(RESULT_FILE).write_text(text)
     return out

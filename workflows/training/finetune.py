@@ -4,11 +4,17 @@ evaluated, registered, servable task model, on the one training loop
 
     run_finetune(FinetuneConfig) -> FinetuneResult
 
-1. Resolve `base` to a local model folder (workflows.tracking.resolve_model) and note its
-   lineage (workflows.tracking.base_lineage: name/version, its pretraining run and dataset).
+1. Check what can be checked before Ray starts: the MLflow server answers, `base` exists
+   (workflows.tracking.base_lineage: name/version, its pretraining run and dataset), the
+   `--storage-path` is usable (engine.check_storage). Resolve `base` on the driver into a
+   temporary folder and ship it through the Ray object store (workflows.tracking.ship_model,
+   workflows/transfer.py): the workers materialise it on their node, and the driver's
+   download is deleted before training starts.
 2. Read, validate and tokenize the train/eval files with data_prep.tasks (Ray Data,
-   Parquet + manifest, reused when up to date). Labels come from the training file
-   (sorted) or `labels`; eval rows with unknown labels are skipped and counted.
+   Parquet + manifest in the driver's cache, reused when up to date). `--train`/`--eval`
+   may be URIs (fetched through pyarrow.fs). Labels come from the training file (sorted)
+   or `labels`; eval rows with unknown labels are skipped and counted. The tokenized rows
+   reach the Train workers through the object store (`ray_datasets`), never as a path.
 3. Turn epochs into optimizer steps, evaluate and checkpoint at each epoch's end, and
    train through `run_training` with a `FinetuneTask`; rank 0 logs metrics to the MLflow
    run created here (params = the whole config, dataset inputs, trivial baseline).
@@ -24,6 +30,7 @@ import json
 import logging
 import os
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +50,7 @@ class FinetuneError(BertflowError):
 class FinetuneResult:
     """What `run_finetune` returns."""
 
-    model_dir: Path                      # the final HF-format folder (with bertflow.json)
+    model_dir: Path | str                # the final HF-format folder (a URI on remote storage)
     run_id: str                          # MLflow run
     model_uri: str                       # runs:/... pyfunc
     metrics: dict[str, float]            # final eval metrics (val_*)
@@ -100,7 +107,7 @@ class PreparedFinetune:
     sweep prepares once and trains many runs from it."""
 
     uri: str                             # resolved tracking URI
-    base_dir: Path
+    base: Any                            # the base model folder (transfer.ShippedFolder)
     lineage: dict[str, str]              # base-model tags (tracking.base_lineage)
     train: Any                           # data_prep.tasks TaskDataset
     evalset: Any | None
@@ -109,6 +116,7 @@ class PreparedFinetune:
     qa_golds: dict[int, tuple[str, list[str]]]
     pad_id: int
     baseline: dict[str, float]
+    tables: dict[str, Any] = field(default_factory=dict)  # split -> ObjectRef of its rows
 
     @property
     def train_rows(self) -> int:
@@ -118,8 +126,8 @@ class PreparedFinetune:
         """The FinetuneTask of a run with settings `cfg` (frozen encoder, pooling)."""
         from workflows.training.finetune_task import FinetuneTask
 
-        return FinetuneTask(task=cfg.task, base_dir=str(self.base_dir),
-                            tokenizer_dir=str(self.base_dir), labels=self.labels,
+        return FinetuneTask(task=cfg.task, base_dir=self.base,
+                            tokenizer_dir=self.base, labels=self.labels,
                             pad_id=self.pad_id, meta=self.meta,
                             freeze_encoder=cfg.freeze_encoder,
                             pooling=cfg.classifier_pooling, qa_golds=self.qa_golds)
@@ -154,39 +162,56 @@ class PreparedFinetune:
         return extra
 
     def ray_datasets(self, address: str | None) -> dict[str, Any]:
-        """Ray Datasets `train` (and `val`) read from the tokenized Parquet."""
+        """Ray Datasets `train` (and `val`) over the tokenized rows the driver put into
+        the object store (`prepare_finetune`): no worker reads the driver's cache."""
         from data_prep.ray_env import init_ray
 
         ray = init_ray(address)
-        datasets = {"train": ray.data.read_parquet(str(self.train.parquet_dir))}
-        if self.evalset is not None:
-            datasets["val"] = ray.data.read_parquet(str(self.evalset.parquet_dir))
-        return datasets
+        return {split: ray.data.from_arrow_refs([ref]) for split, ref in self.tables.items()}
 
 
 def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     """Steps 1-2 of the module doc: resolve the base, tokenize the train/eval files (reused
     when up to date), labels, bertflow.json and the trivial baseline."""
+    import pyarrow.parquet as pq
+
     from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
     from workflows.training.finetune_task import majority_baseline
 
+    from data_prep.ray_env import init_ray
+    from workflows.training.engine import check_storage
+    from workflows.transfer import local_file, open_checked, ship_folder
+
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    base_dir = T.resolve_model(cfg.base, tracking_uri=uri)
-    if not (base_dir / "vocab.txt").is_file():
-        raise FinetuneError(f"base model {cfg.base!r} ({base_dir}) has no vocab.txt: a "
-                            "model folder must carry its tokenizer")
-    lineage = T.base_lineage(cfg.base, uri)
-    tokenizer = WordPieceTokenizer.from_dir(base_dir)
+    T.check_tracking_store(uri)
+    lineage = T.base_lineage(cfg.base, uri)  # a missing base fails here, before Ray
+    for what, where in (("--train", cfg.train), ("--eval", cfg.eval)):
+        if where and "://" in where:
+            open_checked(where, what, must_exist=True)
+    ray = init_ray(cfg.address)
+    check_storage(cfg.loop)
     spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     data_root = Path(cfg.data_dir) if cfg.data_dir else user_cache_dir() / "finetune"
-    train = build_task_dataset(cfg.train, spec, base_dir, data_root, split="train",
-                               labels=cfg.labels, seed=cfg.loop.seed, address=cfg.address)
-    labels = train.labels
-    evalset = (build_task_dataset(cfg.eval, spec, base_dir, data_root, split="eval",
-                                  labels=labels if cfg.task != "qa" else None,
-                                  seed=cfg.loop.seed, address=cfg.address) if cfg.eval else None)
+
+    def build(where: str, split: str, labels: list[str] | None) -> Any:
+        with local_file(where, f"--{split}") as path:
+            return build_task_dataset(path, spec, base_dir, data_root, split=split,
+                                      labels=labels, seed=cfg.loop.seed, address=cfg.address,
+                                      source=where if "://" in where else None)
+
+    with tempfile.TemporaryDirectory(prefix="bertflow-base-") as tmp:
+        base_dir = T.resolve_model(cfg.base, dest=tmp, tracking_uri=uri)
+        if not (base_dir / "vocab.txt").is_file():
+            raise FinetuneError(f"base model {cfg.base!r} has no vocab.txt: a model folder "
+                                "must carry its tokenizer")
+        tokenizer = WordPieceTokenizer.from_dir(base_dir)
+        train = build(cfg.train, "train", cfg.labels)
+        labels = train.labels
+        evalset = (build(cfg.eval, "eval", labels if cfg.task != "qa" else None)
+                   if cfg.eval else None)
+        base = ship_folder(base_dir, origin=cfg.base)  # the driver's copy goes with tmp
     version_2 = any(r["is_impossible"] for r in train.records) if cfg.task == "qa" else False
     meta = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
             "doc_stride": cfg.doc_stride, "max_query_len": cfg.max_query_len,
@@ -200,9 +225,12 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
                                          [a["text"] for a in r["answers"]])
                     for r in evalset.records}
     baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
-    return PreparedFinetune(uri=uri, base_dir=base_dir, lineage=lineage, train=train,
+    tables = {"train": ray.put(pq.read_table(train.parquet_dir))}
+    if evalset is not None:
+        tables["val"] = ray.put(pq.read_table(evalset.parquet_dir))
+    return PreparedFinetune(uri=uri, base=base, lineage=lineage, train=train,
                             evalset=evalset, labels=labels, meta=meta, qa_golds=qa_golds,
-                            pad_id=tokenizer.pad_id, baseline=baseline)
+                            pad_id=tokenizer.pad_id, baseline=baseline, tables=tables)
 
 
 def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
@@ -219,7 +247,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
     from workflows import tracking as T
     from workflows.metrics import format_table
-    from workflows.training.engine import RunTracking, run_training
+    from workflows.training.engine import RunTracking, local_model_dir, run_training
 
     cfg = config
     prep = prepare_finetune(cfg)
@@ -251,14 +279,15 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     print(f"\n{cfg.task} evaluation on {cfg.eval}:\n{table}\n", flush=True)
 
     extra = prep.model_tags()
-    model_uri, version = T.log_and_register(
-        result.model_dir, run_id=run_id, uri=uri, task=cfg.task, tags=extra,
-        register_as=cfg.tracking.register_as,
-        version_tags={T.TAG_DATASET_PATH: str(train.path)}, metrics=final)
+    with local_model_dir(result.model_dir) as model_dir:  # downloaded from remote storage
+        model_uri, version = T.log_and_register(
+            model_dir, run_id=run_id, uri=uri, task=cfg.task, tags=extra,
+            register_as=cfg.tracking.register_as,
+            version_tags={T.TAG_DATASET_PATH: str(train.path)}, metrics=final)
     skipped = {"train": train.report.to_dict()}
     if evalset is not None:
         skipped["eval"] = evalset.report.to_dict()
-    return FinetuneResult(model_dir=Path(result.model_dir), run_id=run_id, model_uri=model_uri,
+    return FinetuneResult(model_dir=result.model_dir, run_id=run_id, model_uri=model_uri,
                           metrics=final, baseline=baseline, history=history,
                           model_version=version, labels=labels, steps=result.step,
                           skipped=skipped, table=table)

@@ -1,7 +1,8 @@
 """The fine-tuning `TrainTask` for the engine: one class, four BERT uses.
 
 `FinetuneTask` is what `workflows.training.engine.run_training` ships to each Ray Train
-worker: it builds the head model from the base folder, pads batches of task rows,
+worker: it builds the head model from the base folder (shipped through the object store
+and materialised on the worker's node, workflows/transfer.py), pads batches of task rows,
 computes the loss, evaluates with the field's metrics (`workflows.metrics`), and saves a
 self-contained model folder (`workflows.model_folder`). Predictions are decoded by
 `workflows.decoding`, the same code that serves the model.
@@ -22,6 +23,7 @@ from data_prep.tasks.features import IGNORE, pad_batch
 from workflows import metrics as M
 from workflows.decoding import decode_answer, window_candidates
 from workflows.model_folder import load_task_model, save_model_folder
+from workflows.transfer import local_folder
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TARGETS = {"seq-cls": ("labels",), "pair-cls": ("labels",), "token-cls": ("labels",),
@@ -40,8 +42,8 @@ class FinetuneTask:
     """
 
     task: str
-    base_dir: str
-    tokenizer_dir: str
+    base_dir: Any        # the base model folder: a transfer.ShippedFolder (what the driver
+    tokenizer_dir: Any   # ships, materialised on each worker's node) or a local path
     labels: list[str]
     pad_id: int
     meta: dict[str, Any]
@@ -63,7 +65,7 @@ class FinetuneTask:
     def build_model(self) -> nn.Module:
         """The head model on the base encoder (a new head, unless the base already has
         one of this shape)."""
-        model = load_task_model(self.base_dir, self.task, **self._overrides())
+        model = load_task_model(local_folder(self.base_dir), self.task, **self._overrides())
         if self.freeze_encoder:
             model.freeze_encoder()
         return model
@@ -76,7 +78,7 @@ class FinetuneTask:
 
     def save_model(self, model: nn.Module, model_dir: Path) -> None:
         """HF folder + tokenizer + bertflow.json: everything serving needs."""
-        save_model_folder(model, model_dir, self.tokenizer_dir, self.meta)
+        save_model_folder(model, model_dir, local_folder(self.tokenizer_dir), self.meta)
 
     # ---- data ---------------------------------------------------------------------
     def collate(self, batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    _record_pid(Path(config["run_dir"], "workers"), rank)
+    _record_pid(config["run_dir"], rank)
 
     torch.manual_seed(loop.seed)
     start = restore(ray.train.get_checkpoint(), task, rank)
@@ -275,8 +275,12 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _record_pid(pid_dir: Path, rank: int) -> None:
-    """Which processes train this run (for operators, and the test that kills one)."""
-    with contextlib.suppress(OSError):  # the run folder may be remote storage
+def _record_pid(run_dir: str, rank: int) -> None:
+    """Which processes train this run (for operators, and the test that kills one); only
+    in a local run folder (a pid means nothing on object storage)."""
+    if "://" in run_dir:
+        return
+    pid_dir = Path(run_dir, "workers")
+    with contextlib.suppress(OSError):
         pid_dir.mkdir(parents=True, exist_ok=True)
         (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))

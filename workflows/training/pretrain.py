@@ -4,14 +4,19 @@
 1. Read the dataset's manifest and tokenizer; build or resolve the model (`--model-size`,
    `--model-config` or `--init`) and check it fits the data before anything starts: the
    vocabulary (size, and the exact tokenizer when the init model carries one), the
-   position table against the dataset's sequence length, segment ids for pairs.
+   position table against the dataset's sequence length, segment ids for pairs. Also
+   checked first: the MLflow server answers, `--init models:/...` exists, the
+   `--storage-path` is usable (engine.check_storage). The init model and the tokenizer
+   reach the workers through the Ray object store (workflows/transfer.py); the driver's
+   download of a registered init model is deleted before training starts.
 2. Open the MLflow run: a new one, or, when the run folder already holds checkpoints
    (the driver died, the same command runs again), the run of that name, reopened, so
    the curves continue. Params (the whole config), tags (bertflow version, git commit),
    the dataset as a run input (manifest fingerprint and path).
 3. Train with `workflows.training.engine.run_training` (rank 0 logs metrics every
    `log_every`).
-4. Log the final model (HF folder + tokenizer + bertflow.json) as an MLflow pyfunc and,
+4. Log the final model (HF folder + tokenizer + bertflow.json; downloaded first when the
+   run folder is on object storage) as an MLflow pyfunc and,
    with `register_as`, register it as a new version whose tags name the run, the dataset
    fingerprint and the base model.
 """
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,8 +58,10 @@ class PretrainTask:
     """
 
     model_config: dict[str, Any]          # HF config.json of a fresh model
-    init_dir: str | None                  # or start from this HF folder
-    tokenizer_dir: str                    # the dataset's tokenizer (saved with the model)
+    init_dir: Any                         # or start from this HF folder (a ShippedFolder
+                                          # from the driver, or a local path in tests)
+    tokenizer_dir: Any                    # the dataset's tokenizer (saved with the model;
+                                          # a ShippedFolder or a local path)
     pad_id: int
     masking: Any = None                   # data_prep MaskingSpec for dynamic masking
     meta: dict[str, Any] = field(default_factory=dict)  # bertflow.json of the saved model
@@ -70,8 +78,10 @@ class PretrainTask:
     def build_model(self) -> nn.Module:
         from bert_core import BertConfig
 
+        from workflows.transfer import local_folder
+
         if self.init_dir:
-            return self.head.from_pretrained(self.init_dir)
+            return self.head.from_pretrained(local_folder(self.init_dir))
         return self.head(BertConfig.from_hf_dict(self.model_config))
 
     def load_model(self, model_dir: Path) -> nn.Module:
@@ -136,7 +146,9 @@ class PretrainTask:
 
     def save_model(self, model: nn.Module, model_dir: Path) -> None:
         """HF folder + tokenizer + bertflow.json: everything serving needs."""
-        save_model_folder(model, model_dir, self.tokenizer_dir, self.meta)
+        from workflows.transfer import local_folder
+
+        save_model_folder(model, model_dir, local_folder(self.tokenizer_dir), self.meta)
 
 
 @dataclass
@@ -144,14 +156,14 @@ class PretrainResult:
     """What `run_pretrain` returns."""
 
     run_id: str
-    model_dir: Path                # HF folder of the final checkpoint
+    model_dir: Path | str          # HF folder of the final checkpoint (a URI on remote storage)
     model_uri: str                 # the logged MLflow model
     model_version: str | None      # registered version (with register_as)
     step: int
     start_step: int                # > 0 when the last worker group resumed
     metrics: dict[str, Any]
-    checkpoint_dir: Path
-    run_dir: Path
+    checkpoint_dir: Path | str     # Paths on local storage, URIs on remote storage
+    run_dir: Path | str
 
 
 def _model_config(cfg: PretrainConfig, tokenizer: Any, manifest: Any,
@@ -221,7 +233,9 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from data_prep.ray_env import init_ray, worker_runtime_env
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.training.engine import RunTracking, finished_run, run_dir_for, run_training
+    from workflows.training.engine import (RunTracking, check_storage, finished_run,
+                                           local_model_dir, run_dir_for, run_training)
+    from workflows.transfer import ship_folder
 
     cfg = config
     cfg.validate_for_run()
@@ -232,9 +246,20 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
                             f"prepare it with `bertflow prep`")
     tokenizer = WordPieceTokenizer.from_dir(data_dir)
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
-    init_dir = T.resolve_model(cfg.init, tracking_uri=uri) if cfg.init else None
-    model_config = _model_config(cfg, tokenizer, manifest, init_dir)
+    T.check_tracking_store(uri)
+    if cfg.init and T.parse_model_ref(cfg.init):
+        T.get_model_version(cfg.init, uri)  # a missing version fails before Ray starts
     loop = cfg.loop
+    init_ray(cfg.address)
+    check_storage(loop)
+    # What the workers open travels through the object store (workflows/transfer.py):
+    # the init model (its driver download is deleted at once) and the tokenizer.
+    with tempfile.TemporaryDirectory(prefix="bertflow-init-") as tmp:
+        init_dir = T.resolve_model(cfg.init, dest=tmp, tracking_uri=uri) if cfg.init else None
+        model_config = _model_config(cfg, tokenizer, manifest, init_dir)
+        init = ship_folder(init_dir, origin=cfg.init) if init_dir else None
+        shipped_tokenizer = ship_folder(tokenizer.save(Path(tmp) / "tokenizer"),
+                                        origin=f"{cfg.data} tokenizer")
 
     run_dir = run_dir_for(loop, cfg.run_name)
     trained = finished_run(loop, cfg.run_name)
@@ -264,8 +289,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     datasets = {s: ray.data.read_parquet(p, ray_remote_args={"runtime_env": env} if env else None)
                 for s, p in splits.items() if s != "train"}
     task = PretrainTask(
-        model_config=model_config, init_dir=str(init_dir) if init_dir else None,
-        tokenizer_dir=str(data_dir / "tokenizer"), pad_id=tokenizer.pad_id,
+        model_config=model_config, init_dir=init,
+        tokenizer_dir=shipped_tokenizer, pad_id=tokenizer.pad_id,
         masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
         train_location=splits["train"],
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
@@ -283,10 +308,11 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
             T.fail_run(run_id, uri)  # rerunning the command resumes it from its checkpoint
             raise
 
-    model_uri, version = T.log_and_register(
-        result.model_dir, run_id=run_id, uri=uri, task="pretraining", tags=lineage,
-        register_as=cfg.tracking.register_as, version_tags={T.TAG_RUN_NAME: cfg.run_name},
-        metrics={k: v for k, v in result.metrics.items() if k.startswith("val_")})
+    with local_model_dir(result.model_dir) as model_dir:  # downloaded from remote storage
+        model_uri, version = T.log_and_register(
+            model_dir, run_id=run_id, uri=uri, task="pretraining", tags=lineage,
+            register_as=cfg.tracking.register_as, version_tags={T.TAG_RUN_NAME: cfg.run_name},
+            metrics={k: v for k, v in result.metrics.items() if k.startswith("val_")})
     return PretrainResult(run_id=run_id, model_dir=result.model_dir, model_uri=model_uri,
                           model_version=version, step=result.step, start_step=result.start_step,
                           metrics=result.metrics, checkpoint_dir=result.checkpoint_dir,

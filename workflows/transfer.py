@@ -1,0 +1,220 @@
+"""Files between the driver, the Ray workers and object storage: nothing a worker opens
+lives only on the driver.
+
+On a cluster the nodes share no disk. Three rules follow, and this module is their home:
+
+- Folders a worker must open as files (the `--init`/`--base` model, a tokenizer, the
+  model `predict`/`embed` serve) are *shipped*: the driver reads the folder once (for a
+  registered model, after downloading it from MLflow and checking it against the version's
+  sha256 manifest, workflows.tracking.verify_model_version), puts its bytes into the Ray
+  object store (`ship_folder` -> `ShippedFolder`) and may delete its own copy at once.
+  A worker calls `ShippedFolder.materialize()`: the bytes are pulled to its node by Ray
+  (once per node: the node's object store keeps the copy), checked against the sha256 the
+  driver computed, and written to a node-local cache folder named by that sha256 (written
+  once per node, atomically, shared by the workers of the node). Workers therefore need no
+  MLflow access and no credentials for it, and a driver-local path never reaches them.
+- A location the driver reads as a file (`--train`, `--eval`, `--input`) may be a URI:
+  `local_file` fetches it through `pyarrow.fs` into a temporary file on the driver.
+- A file the driver writes (`--output`) may be a URI: `staged_output` gives a local file
+  to write, then `publish_file` writes a temporary object beside the target and moves it
+  into place (on object stores a server-side copy:
+  readers see the old object or the whole new one, never a partial file).
+- A remote folder the driver must open as files (a checkpoint's model folder on S3, to
+  register it) is fetched with `download_dir`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bert_core.config_io import BertflowError
+
+SHIPPED_CACHE = "bertflow-shipped"  # under the node's temp folder
+_DONE = ".bertflow-complete"
+
+
+class TransferError(BertflowError):
+    """A location cannot be read or written; the message names it and what to check."""
+
+
+# ---------------------------------------------------------------- shipped folders
+
+
+def folder_digest(files: dict[str, Any]) -> str:
+    """sha256 over the sorted (relative path, bytes) pairs of a folder."""
+    h = hashlib.sha256()
+    for rel in sorted(files):
+        data = memoryview(files[rel]).cast("B")
+        h.update(rel.encode("utf-8") + b"\0" + str(len(data)).encode() + b"\0")
+        h.update(data)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShippedFolder:
+    """A folder's files in the Ray object store (`ship_folder`); picklable, so it travels
+    inside a TrainTask or a Ray Data actor's arguments. `origin` names where it came from
+    (for messages and lineage), never a path a worker opens."""
+
+    ref: Any        # ray.ObjectRef of {relative path: numpy uint8 array}
+    digest: str     # folder_digest of the files
+    origin: str
+
+    def materialize(self, cache_root: str | Path | None = None) -> Path:
+        """The folder on this node: <temp>/bertflow-shipped/<digest>/, written once per
+        node (atomically; concurrent workers of a node agree on one copy)."""
+        root = Path(cache_root or Path(tempfile.gettempdir()) / SHIPPED_CACHE)
+        final = root / self.digest[:32]
+        if (final / _DONE).is_file():
+            return final
+        import ray
+
+        files = ray.get(self.ref)
+        if folder_digest(files) != self.digest:
+            raise TransferError(f"{self.origin}: the shipped files do not match the "
+                                f"sha256 the driver computed; the transfer was corrupted")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            for rel, data in files.items():
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with dest.open("wb") as f:
+                    f.write(memoryview(data).cast("B"))
+            (tmp / _DONE).write_text(self.digest)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another worker of this node was first
+                if not (final / _DONE).is_file():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+
+def ship_folder(folder: str | Path, origin: str | None = None) -> ShippedFolder:
+    """Put every file under local `folder` into the Ray object store (Ray initialised)."""
+    import numpy as np
+    import ray
+
+    folder = Path(folder)
+    files = {p.relative_to(folder).as_posix(): np.frombuffer(p.read_bytes(), dtype=np.uint8)
+             for p in sorted(folder.rglob("*")) if p.is_file()}
+    if not files:
+        raise TransferError(f"{origin or folder}: the folder {folder} holds no files")
+    return ShippedFolder(ray.put(files), folder_digest(files), origin or str(folder))
+
+
+def local_folder(folder: str | Path | ShippedFolder) -> Path:
+    """A folder a task can open: a local path as is, a shipped folder materialised."""
+    return folder.materialize() if isinstance(folder, ShippedFolder) else Path(folder)
+
+
+# ---------------------------------------------------------------- URIs on the driver
+
+
+def open_checked(location: str | Path, what: str, *, must_exist: bool = False,
+                 writable: bool = False) -> Any:
+    """data_prep.storage.check_location, with its error as a TransferError (exit 2)."""
+    from data_prep.storage import LocationError, check_location
+
+    try:
+        return check_location(location, what, must_exist=must_exist, writable=writable)
+    except LocationError as exc:
+        raise TransferError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def local_file(location: str | Path, what: str) -> Iterator[Path]:
+    """A local file with the contents of `location`: the path itself when local, else a
+    temporary copy fetched through pyarrow.fs (removed on exit). Keeps the name's suffix
+    (readers pick the format by it)."""
+    from data_prep.storage import is_local
+
+    if is_local(location):
+        text = str(location)
+        yield Path(text[len("file://"):] if text.startswith("file://") else text)
+        return
+    loc = open_checked(location, what, must_exist=True)
+    if not loc.is_file():
+        raise TransferError(f"{what} {loc.uri}: not a file (a folder of files must be local)")
+    with tempfile.TemporaryDirectory(prefix="bertflow-fetch-") as tmp:
+        dest = Path(tmp) / posixpath.basename(loc.path)
+        with loc.fs.open_input_stream(loc.path) as src, dest.open("wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        yield dest
+
+
+def publish_file(local: str | Path, location: str | Path, what: str = "--output") -> str:
+    """Move finished local file `local` to `location` so that it appears whole: a rename
+    locally, else an upload to a hidden temporary object beside the target and a move
+    (server-side copy) onto it. Returns the location as printed."""
+    from data_prep.storage import is_local
+
+    local = Path(local)
+    if is_local(location):
+        text = str(location)
+        dest = Path(text[len("file://"):] if text.startswith("file://") else text)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(local), dest)
+        return str(dest)
+    loc = open_checked(location, what, writable=True)
+    tmp = posixpath.join(posixpath.dirname(loc.path),
+                         f".{posixpath.basename(loc.path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with local.open("rb") as src, loc.fs.open_output_stream(tmp) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        loc.fs.move(tmp, loc.path)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            loc.fs.delete_file(tmp)
+        raise
+    finally:
+        local.unlink(missing_ok=True)
+    return loc.uri
+
+
+@contextlib.contextmanager
+def staged_output(location: str | Path, what: str = "--output") -> Iterator[Path]:
+    """A local file to write `location`'s contents into; it appears at `location` (a path
+    or a URI) only when the block ends without an error, whole (`publish_file`)."""
+    from data_prep.storage import is_local
+
+    if is_local(location):
+        text = str(location)
+        out = Path(text[len("file://"):] if text.startswith("file://") else text)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        try:
+            yield tmp
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return
+    loc = open_checked(location, what, writable=True)
+    with tempfile.TemporaryDirectory(prefix="bertflow-out-") as tmp_dir:
+        tmp = Path(tmp_dir) / posixpath.basename(loc.path)
+        yield tmp
+        publish_file(tmp, loc.uri, what)
+
+
+def download_dir(location: Any, dest: str | Path) -> Path:
+    """Copy the folder at `location` (a data_prep.storage.Location) into local `dest`."""
+    import pyarrow.fs as pafs
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(location.path, str(dest), source_filesystem=location.fs,
+                    destination_filesystem=pafs.LocalFileSystem())
+    return dest
