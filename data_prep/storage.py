@@ -14,8 +14,8 @@ what to set, before any Ray work starts.
 Ray workers open locations themselves (nothing a worker reads may exist only on the
 driver); they get the driver's credential variables through the runtime environment
 (`data_prep.ray_env`). A location is printed and stored (manifests, tags) as
-`Location.uri`, which never carries a query string or `user:password@` part
-(`public_uri`).
+`Location.uri`, which never carries a `user:password@` part (`public_uri`); a URI with a
+query string is refused, since options and credentials come from the environment only.
 """
 
 from __future__ import annotations
@@ -211,6 +211,12 @@ def open_location(location: str | Path) -> Location:
                                 "(file:///ABSOLUTE/PATH)")
         path = str(Path(path).absolute())
         return Location(pafs.LocalFileSystem(), path, path)
+    if "?" in text.split("://", 1)[1]:
+        raise LocationError(
+            f"{public_uri(text)}: a query string (?...) is not accepted in a location: it "
+            f"would end up in manifests and logs, and Ray workers would not get it. Set the "
+            f"store's options and credentials through its environment variables instead "
+            f"({_env_hint(text)}).")
     try:
         fs, path = _from_uri(text)
     except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError
