@@ -200,6 +200,9 @@ RAY_FAST_FAILURE_ENV = {"RAY_health_check_period_ms": "1000",
                         "RAY_health_check_failure_threshold": "3"}
 
 
+CREDENTIAL_PREFIXES = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_AUTH_", "PG", "GOOGLE_", "AZURE_")
+
+
 def jobs_api_installed() -> bool:
     """The Jobs API lives in Ray's dashboard, which needs the `ray[default]` extras."""
     import importlib.util
@@ -209,10 +212,13 @@ def jobs_api_installed() -> bool:
 
 def ray_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a `ray start`: the venv first on PATH, no
-    RAY_ADDRESS, no usage stats."""
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})}
-    env.pop("RAY_ADDRESS", None)
+    RAY_ADDRESS, no usage stats, and no credentials (AWS_*, MLFLOW_TRACKING_*, PG*): a
+    node's workers inherit its environment, and jobs must get theirs from their runtime
+    environment, as on a cluster whose nodes hold no keys."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(CREDENTIAL_PREFIXES) and k != "RAY_ADDRESS"}
+    env.update({"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+                "RAY_USAGE_STATS_ENABLED": "0", **(extra or {})})
     return env
 
 

@@ -59,3 +59,45 @@ def test_dashboard_is_not_exposed_publicly(raw):
     start = " ".join(raw["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in start
     assert "0.0.0.0" not in start
+
+
+def _server_start(raw) -> str:
+    starts = [c for c in raw["head_start_ray_commands"] if "bertflow server" in c]
+    assert len(starts) == 1, "the head must start exactly one `bertflow server`"
+    return starts[0]
+
+
+def test_head_runs_the_mlflow_server_on_postgresql_with_s3_artifacts_and_auth(raw):
+    import re
+    import shlex
+
+    from workflows.cli.commands.server import build_parser
+    from workflows.config import ServerConfig
+    from workflows.cli.args import config_from_args
+
+    start = _server_start(raw)
+    assert "mlflow server" not in " ".join(raw["head_start_ray_commands"])  # one launcher
+    # Secrets come from the private env file, never from the command line.
+    assert ". ~/.bertflow/server.env" in start
+    assert not re.search(r"postgresql://[^:@/\s]+:[^@\s]+@", start)
+    assert "PASSWORD=" not in start
+    command = start.split("bertflow server", 1)[1].split(" > ", 1)[0]
+    argv = shlex.split(re.sub(r"\$\([^)]*\)", "10.0.0.5", command))
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(ServerConfig, args)
+    assert cfg.auth and not cfg.insecure
+    assert cfg.backend_store_uri.startswith("postgresql://")
+    assert cfg.artifacts_destination.startswith("s3://")
+    assert cfg.host not in ("0.0.0.0", "::")  # the private address only
+    setup = " ".join(raw["head_setup_commands"])
+    assert "postgresql" in setup and "[server]" in setup  # psycopg2, mlflow[auth], boto3
+
+
+def test_training_checkpoints_go_to_shared_object_storage(raw):
+    from workflows.ops.jobs import STORAGE_PATH_ENV
+
+    head_start = " ".join(raw["head_start_ray_commands"])
+    assert f"{STORAGE_PATH_ENV}=s3://" in head_start
+    head = raw["available_node_types"][raw["head_node_type"]]
+    assert head["resources"]["CPU"] == 0  # no training (and no Ray Data tasks) on the head
+    assert "server.env" not in str(raw["file_mounts"])  # secrets are not synced to workers

@@ -17,6 +17,26 @@ def test_entrypoint_runs_the_projects_cli_with_the_args_quoted():
                                 "--input", "my corpus/a b.txt", "--output", "x"]
 
 
+def test_the_heads_storage_path_is_the_default_of_training_jobs():
+    """cluster.yaml sets BERTFLOW_STORAGE_PATH on the head: a training job given no
+    --storage-path gets it (expanded by the job's shell there); an explicit one wins."""
+    import subprocess
+
+    def argv(verb, args, head_env):
+        cmd = jobs.build_entrypoint(verb, args).replace("python -m workflows.cli",
+                                                         "printf '%s\\n'", 1)
+        out = subprocess.run(["sh", "-c", cmd], env=head_env, capture_output=True, text=True)
+        return out.stdout.split()
+
+    head = {"BERTFLOW_STORAGE_PATH": "s3://team/runs", "PATH": "/usr/bin:/bin"}
+    assert argv("pretrain", ["--data", "s3://d"], head)[-2:] == ["--storage-path", "s3://team/runs"]
+    assert argv("pretrain", ["--data", "s3://d"], {"PATH": "/usr/bin:/bin"}) == [
+        "pretrain", "--data", "s3://d"]
+    assert argv("finetune", ["--storage-path", "s3://mine"], head) == [
+        "finetune", "--storage-path", "s3://mine"]
+    assert "--storage-path" not in argv("prep", ["--input", "x"], head)
+
+
 def test_only_workflow_verbs_can_be_submitted():
     with pytest.raises(jobs.JobError, match="prep, pretrain, finetune, sweep, predict, embed"):
         jobs.build_entrypoint("server", [])

@@ -93,11 +93,22 @@ def check_tracking_uri_for_cluster(uri: str, address: str) -> list[str]:
     return warnings
 
 
+# Set on the cluster's head (cluster.yaml), it is the --storage-path of every submitted job
+# that names none: checkpoints of every run go to the cluster's shared storage.
+STORAGE_PATH_ENV = "BERTFLOW_STORAGE_PATH"
+
+
 def build_entrypoint(verb: str, args: list[str]) -> str:
-    """The job's shell command: run the verb with the project's own CLI module."""
+    """The job's shell command: run the verb with the project's own CLI module. A verb
+    that takes --storage-path and was given none gets the head's $BERTFLOW_STORAGE_PATH
+    when that is set (expanded by the job's shell, on the head)."""
     if verb not in SUBMITTABLE_VERBS:
         raise JobError(f"cannot submit {verb!r}: choose one of {', '.join(SUBMITTABLE_VERBS)}")
-    return shlex.join(["python", "-m", "workflows.cli", verb, *args])
+    command = shlex.join(["python", "-m", "workflows.cli", verb, *args])
+    given = any(a == "--storage-path" or a.startswith("--storage-path=") for a in args)
+    if not given and verb_takes_option(verb, "--storage-path"):
+        command += f' ${{{STORAGE_PATH_ENV}:+--storage-path "${STORAGE_PATH_ENV}"}}'
+    return command
 
 
 def verb_takes_option(verb: str, option: str) -> bool:
