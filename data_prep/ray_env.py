@@ -36,10 +36,28 @@ def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def job_env_var_names() -> set[str]:
+    """Variables the Ray job this driver runs in already sets for all its workers (a job
+    submitted with `bertflow submit` carries the credentials in its runtime env). Ray
+    refuses a ray.init runtime env that names any of them again, even with equal values,
+    and its error message prints every value."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError):
+        return set()
+
+
 def worker_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """`runtime_env` (or a new one) with `worker_env_vars()` added to its env_vars
-    (variables the caller set explicitly win); None when there is nothing to add."""
-    env = worker_env_vars()
+    (variables the caller set explicitly win; those the job's own runtime env already
+    sets are left to it); None when there is nothing to add."""
+    inherited = job_env_var_names()
+    env = {k: v for k, v in worker_env_vars().items() if k not in inherited}
     if not env and not runtime_env:
         return None
     merged = dict(runtime_env or {})
