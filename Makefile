@@ -14,7 +14,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test quickstart bench clean help
+.PHONY: setup postgres test quickstart bench clean help
 
 help:
 	@echo "make quickstart  set up .venv, then run prep -> pretrain -> register -> fine-tune -> predict"
@@ -30,7 +30,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+# The cluster test (tests/test_cluster_e2e.py) runs PostgreSQL's initdb and pg_ctl: install
+# Debian's postgresql when they are missing (as root; otherwise that test is skipped).
+postgres:
+	@if ! { command -v pg_ctl && command -v initdb; } >/dev/null 2>&1 && \
+	    ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing PostgreSQL (apt-get install postgresql) for the cluster test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "PostgreSQL's server programs are missing: the cluster test will be skipped (apt-get install postgresql)"; \
+	  fi; \
+	fi
+
+test: $(STAMP) postgres
 	$(PY) -m pytest -q --durations=20 tests
 
 quickstart: $(STAMP)
