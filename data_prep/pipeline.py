@@ -40,8 +40,10 @@ bytes, the config and the seed: a build to s3:// and a local build give byte-ide
 parts. The store's credentials come from its standard variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, ...); the driver checks every location before any Ray work starts
 (`storage.check_location`) and hands the variables to the Ray Data tasks through their
-runtime environment (`ray_env.worker_runtime_env`). A manifest stores locations without
-query strings or user info (`storage.public_uri`), and no credential is ever logged.
+runtime environment (`ray_env.init_ray`; on a Ray started without them, as an object the
+tasks apply, `ray_env.env_for_tasks`; never as task options, which Ray Data logs). A
+manifest stores locations without user info (`storage.public_uri`; a URI with a query
+string is refused), and no credential is ever logged.
 """
 
 from __future__ import annotations
@@ -333,9 +335,13 @@ def _pool(path: str) -> SplitPool:
 
 
 def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[str, Any],
-             out_dir: str, staging: str) -> dict[str, Any]:
+             out_dir: str, staging: str, env: Any = None) -> dict[str, Any]:
     """Ray Data task: one item of pass `step` (tokenize, instances or merge). Every
-    location it gets is a path or URI on the output's filesystem."""
+    location it gets is a path or URI on the output's filesystem; `env` carries the
+    driver's credential variables when the Ray job does not (`ray_env.env_for_tasks`)."""
+    from data_prep.ray_env import apply_worker_env
+
+    apply_worker_env(env)
     cfg, tok, spec = _worker_state(tokenizer_dir, config)
     results = []
     for item in batch["item"]:
@@ -353,11 +359,12 @@ def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[
 def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
               config: PrepConfig, out_dir: str, staging: str) -> list[dict[str, Any]]:
     """Run one pass over `items` on Ray Data (at most `num_workers` tasks at a time);
-    results come back in item order. The tasks get the driver's store credentials in
-    their runtime environment (also when this process joined a Ray started without them)."""
+    results come back in item order. The tasks see the driver's store credentials: from
+    the job's runtime environment (`init_ray`), or, on a Ray started without them, as an
+    object they apply themselves."""
     from tqdm import tqdm
 
-    from data_prep.ray_env import init_ray, worker_runtime_env
+    from data_prep.ray_env import env_for_tasks, init_ray
 
     if not items:
         return []
@@ -376,10 +383,9 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
                               for k, it in enumerate(items)], override_num_blocks=len(items))
     ds = ds.map_batches(run_pass, batch_size=1, num_cpus=cpus,
                         compute=ray.data.TaskPoolStrategy(size=workers),
-                        runtime_env=worker_runtime_env(),
                         fn_kwargs={"step": step, "tokenizer_dir": tokenizer_dir,
                                    "config": to_dict(config), "out_dir": out_dir,
-                                   "staging": staging})
+                                   "staging": staging, "env": env_for_tasks()})
     results = []
     started = time.perf_counter()
     try:

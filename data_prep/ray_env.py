@@ -5,9 +5,11 @@ Ray workers (Ray Data tasks, Ray Train workers) open data locations and the MLfl
 server themselves, possibly on other nodes. They get the driver's credential variables
 (`worker_env_vars`: the store variables of `data_prep.storage.CREDENTIAL_ENV_VARS` and
 MLflow's `MLFLOW_TRACKING_*` credentials) through the Ray runtime environment: `init_ray`
-sets them for the whole job, and code that may run on a Ray started elsewhere (a shared
-test Ray, a Ray started before the variables were set) passes `worker_runtime_env()` to
-its tasks as well. Only variable names are ever logged, never values.
+sets them for the whole job. Code that may run on a Ray started elsewhere (a shared test
+Ray, a Ray started before the variables were set) asks `missing_worker_env()` for the
+variables the job lacks and hands them over itself: prep's tasks get them as an object
+in the object store (`env_for_tasks` / `apply_worker_env`), never as task options, which
+Ray Data writes into its logs. Only variable names are ever logged, never values.
 """
 
 from __future__ import annotations
@@ -63,6 +65,39 @@ def worker_runtime_env(runtime_env: dict[str, Any] | None = None) -> dict[str, A
     merged = dict(runtime_env or {})
     merged["env_vars"] = {**env, **dict(merged.get("env_vars") or {})}
     return merged
+
+
+def missing_worker_env() -> dict[str, str]:
+    """The `worker_env_vars()` that the current Ray job's runtime environment does not
+    already carry with the same value ({} when `init_ray` started or joined Ray with
+    them; everything when Ray was initialised elsewhere without them)."""
+    import ray
+
+    env = worker_env_vars()
+    try:
+        job_env = dict(ray.get_runtime_context().runtime_env.get("env_vars") or {})
+    except Exception:  # not initialised, or an old runtime context
+        job_env = {}
+    return {k: v for k, v in env.items() if job_env.get(k) != v}
+
+
+def env_for_tasks() -> Any:
+    """An object ref of `missing_worker_env()` for tasks to `apply_worker_env`, or None
+    when the job already carries every variable. Values travel through the object store,
+    not through task options (which Ray Data logs)."""
+    import ray
+
+    missing = missing_worker_env()
+    return ray.put(missing) if missing else None
+
+
+def apply_worker_env(env_ref: Any) -> None:
+    """In a task: set the variables `env_for_tasks` shipped (no-op for None)."""
+    if env_ref is None:
+        return
+    import ray
+
+    os.environ.update(ray.get(env_ref))
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:
