@@ -230,7 +230,7 @@ def _masking(manifest: Any, tokenizer: Any) -> Any:
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as described in the module docstring; returns the run and model."""
     from data_prep.manifest import open_dataset
-    from data_prep.ray_env import init_ray, worker_runtime_env
+    from data_prep.ray_env import init_ray, missing_worker_env
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
     from workflows.training.engine import (RunTracking, check_storage, finished_run,
@@ -285,8 +285,10 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     if "train" not in splits:
         raise PretrainError(f"{data_dir}: the train split is empty; prepare more text")
     # Workers read `train` themselves (reshuffled per epoch, seekable on resume).
-    env = worker_runtime_env()  # also when joining a Ray started without the credentials
-    datasets = {s: ray.data.read_parquet(p, ray_remote_args={"runtime_env": env} if env else None)
+    # init_ray gave the job the credential variables; a Ray started elsewhere lacks them
+    missing = missing_worker_env()
+    remote_args = {"runtime_env": {"env_vars": missing}} if missing else None
+    datasets = {s: ray.data.read_parquet(p, ray_remote_args=remote_args)
                 for s, p in splits.items() if s != "train"}
     task = PretrainTask(
         model_config=model_config, init_dir=init,
