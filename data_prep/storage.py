@@ -285,7 +285,11 @@ def check_location(location: str | Path, what: str, *, must_exist: bool,
     except LocationError:
         raise
     except OSError as e:
-        raise LocationError(f"{what} {loc.uri}: the store refused access ({_short(e)}). "
+        text = str(e)
+        unreachable = any(m in text for m in ("NETWORK_CONNECTION", "Could not connect",
+                                               "Couldn't resolve", "Timeout", "timed out"))
+        problem = "the store cannot be reached" if unreachable else "the store refused access"
+        raise LocationError(f"{what} {loc.uri}: {problem} ({_short(e)}). "
                             f"Check {_env_hint(loc.uri)}.") from e
     if must_exist and info.type == pafs.FileType.NotFound:
         raise LocationError(f"{what} {loc.uri}: not found.")

@@ -118,6 +118,18 @@ def test_bad_locations_fail_before_any_work_naming_the_location(s3_bucket, tmp_p
         assert not ray.is_initialized()  # every check ran before Ray started
 
 
+def test_an_unreachable_store_is_named_with_the_variable_to_check(s3_bucket, monkeypatch,
+                                                                  tmp_path, minilm_dir, capsys):
+    from tests.services import free_ports
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_ports(1)[0]}")
+    assert cli(["prep", "--input", str(write_corpus(tmp_path / "c")), "--output",
+                f"{s3_bucket}/ds", "--vocab", str(minilm_dir / "vocab.txt")]) == 2
+    err = capsys.readouterr().err
+    assert f"--output {s3_bucket}/ds: the store cannot be reached" in err
+    assert "AWS_ENDPOINT_URL" in err and "bertflow-test-secret" not in err
+
+
 def test_half_published_dataset_is_not_listed_and_not_read(s3_bucket, capsys):
     from workflows.ops.datasets import find_datasets
 
