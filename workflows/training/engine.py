@@ -193,6 +193,34 @@ def check_storage(loop: LoopSettings) -> None:
                     "s3://BUCKET/runs", loop.storage_path, nodes)
 
 
+def ray_storage(loop: LoopSettings, run_dir: Path | str) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig. Local: the folder,
+    None. A URI: the filesystem resolved here, on the driver, and the path inside it.
+
+    Ray Train's controller (which writes the checkpoint snapshot) runs with the job's
+    runtime environment only; on a Ray started without the store's variables it could
+    not resolve the URI itself. The resolved filesystem carries the endpoint and region,
+    and for S3 the driver's keys when they come from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY (inside Ray's pickled arguments, never in a log)."""
+    import pyarrow.fs as pafs
+
+    from data_prep.storage import credential_env, is_local
+
+    if is_local(str(run_dir)):
+        return str(Path(run_dir).parent), None
+    fs, path = pafs.FileSystem.from_uri(str(loop.storage_path).rstrip("/"))
+    env = credential_env()
+    if isinstance(fs, pafs.S3FileSystem) and env.get("AWS_ACCESS_KEY_ID") \
+            and env.get("AWS_SECRET_ACCESS_KEY"):
+        options = dict(fs.__reduce__()[1][0])
+        options.update(access_key=env["AWS_ACCESS_KEY_ID"],
+                       secret_key=env["AWS_SECRET_ACCESS_KEY"],
+                       session_token=env.get("AWS_SESSION_TOKEN"),
+                       region=fs.region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION"))
+        fs = pafs.S3FileSystem(**{k: v for k, v in options.items() if v is not None})
+    return path.rstrip("/"), fs
+
+
 def finished_run(loop: LoopSettings, run_name: str) -> TrainResult | None:
     """The result of run `run_name` if it already finished, else None (never trained, or
     stopped before its end: rerunning resumes it)."""
@@ -254,6 +282,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
         raise TrainingError(
             f"run {run_name!r} already finished at step {done.step} ({run_dir}); "
             f"choose a new --run-name, or delete that folder to train it again")
+    storage_path, storage_fs = ray_storage(loop, run_dir)
     cpus = default_cpus_per_worker(loop)
     log.info("training %s: %d worker(s), %.2f CPU each, GPU=%s, run folder %s",
              run_name, loop.num_workers, cpus, loop.use_gpu, run_loc.uri)
@@ -269,9 +298,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),
         run_config=RunConfig(
-            # A URI stays a URI (as given): Ray resolves it with pyarrow.fs in every process.
-            name=run_name, storage_path=str(Path(run_dir).parent) if is_local(run_loc.uri)
-            else str(loop.storage_path).rstrip("/"),
+            name=run_name, storage_path=storage_path, storage_filesystem=storage_fs,
             worker_runtime_env={"env_vars": worker_env_vars()},
             checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),
             failure_config=FailureConfig(max_failures=loop.max_failures),
