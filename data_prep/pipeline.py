@@ -1,11 +1,11 @@
 """`build_pretraining_dataset(config)`: raw corpora -> Parquet instances + manifest.
 
 How the work is cut, and why (the only module that touches Ray Data):
-1. The driver checks every input path (a missing one fails before any work), hashes the
-   files, and compares the build fingerprint with DIR's manifest: equal means "up to
-   date" and nothing is written.
-2. Inside a hidden temp folder (renamed into place at the end, so no partial DIR is ever
-   visible), the driver streams each file once through `readers` and stages its
+1. The driver checks the output and every input location (a missing, unreachable or
+   occupied one fails before any work), hashes the files, and compares the build
+   fingerprint with DIR's manifest: equal means "up to date" and nothing is written.
+2. In the staging area (below: a temp folder renamed into place, or a prefix published
+   by its manifest, so no partial DIR is ever read), the driver streams each file once through `readers` and stages its
    documents in work units of at most `docs_per_unit` documents of one file and one split
    (a document goes to val when a hash of its text falls under `val_fraction`). Only one
    unit is in memory at a time. Units only cut the work: rows do not depend on them.
@@ -34,7 +34,11 @@ filesystem, opened through `pyarrow.fs` (`data_prep.storage`), never only on the
   marker, the old manifest deleted first, units/tokens/instances under
   `DIR/_staging-<token>/`, parts and tokenizer under DIR, the staging prefix deleted,
   `manifest.json` written last in one PUT. Readers trust only a DIR whose manifest loads.
-  The NSP pool reads the staged tokens through a block cache (`corpus.SplitPool`).
+  The NSP pool reads the staged tokens through a block cache (`corpus.SplitPool`). Unlike
+  a local rebuild, which keeps the old DIR until the new one is renamed over it, a
+  rebuild on an object store unpublishes the old dataset first: if it fails, DIR holds no
+  dataset until a build succeeds (do not rebuild a dataset a training is reading).
+  Object-store inputs are read twice (hashed, then read), as local ones are.
 Inputs may be URIs too (`readers.expand_locations`). Rows depend only on the inputs'
 bytes, the config and the seed: a build to s3:// and a local build give byte-identical
 parts. The store's credentials come from its standard variables (AWS_ENDPOINT_URL,
