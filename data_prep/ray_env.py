@@ -95,9 +95,11 @@ def apply_worker_env(env_ref: Any) -> None:
     """In a task: set the variables `env_for_tasks` shipped (no-op for None)."""
     if env_ref is None:
         return
-    import ray
+    if not isinstance(env_ref, dict):  # Ray resolves a ref passed as a top-level argument
+        import ray
 
-    os.environ.update(ray.get(env_ref))
+        env_ref = ray.get(env_ref)
+    os.environ.update(env_ref)
 
 
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:

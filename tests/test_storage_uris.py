@@ -217,6 +217,26 @@ def test_worker_env_carries_credentials_by_name(monkeypatch, s3_server):
     assert merged["env_vars"]["AWS_ACCESS_KEY_ID"] == s3_server.env["AWS_ACCESS_KEY_ID"]
 
 
+@pytest.mark.ray
+def test_tasks_on_a_ray_started_without_the_variables_get_them(ray_local, monkeypatch):
+    from data_prep.ray_env import apply_worker_env, env_for_tasks, missing_worker_env
+
+    # set after this Ray started: its workers did not inherit it
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "token-set-after-ray-started")
+    assert missing_worker_env()["MLFLOW_TRACKING_TOKEN"] == "token-set-after-ray-started"
+
+    @ray_local.remote(num_cpus=0.1)
+    def seen(env_ref):
+        import os
+
+        before = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        apply_worker_env(env_ref[0])  # in a list: the ref itself, as prep's tasks get it
+        return before, os.environ.get("MLFLOW_TRACKING_TOKEN")
+
+    before, after = ray_local.get(seen.remote([env_for_tasks()]), timeout=300)
+    assert before is None and after == "token-set-after-ray-started"
+
+
 # ------------------------------------------------------------------ prep to s3 on Ray
 
 
