@@ -325,9 +325,16 @@ def output_location(final: str | Path, force: bool = False) -> Iterator[Location
     if loc.has_content() and not (force or leftovers):
         raise ManifestError(f"{loc.uri} already exists; pass --force to replace it")
     marker = loc.join(BUILDING_MARKER)
-    marker.write_text(json.dumps({"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                              time.gmtime()),
-                                  "pid": os.getpid()}) + "\n")
+    try:  # the first write: a store that refuses writes fails here, before any work
+        marker.write_text(json.dumps({"started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime()),
+                                      "pid": os.getpid()}) + "\n")
+    except OSError as exc:
+        from data_prep.storage import LocationError, env_hint
+
+        raise LocationError(f"{loc.uri}: cannot write there ({str(exc).splitlines()[0][:300]})."
+                            f" Check that these credentials may write to it "
+                            f"({env_hint(loc.uri)}).") from None
     loc.join(MANIFEST_NAME).delete()  # unpublish first: readers stop trusting the old files
     _delete_except(loc, marker)
     try:

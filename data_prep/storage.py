@@ -304,6 +304,11 @@ def check_location(location: str | Path, what: str, *, must_exist: bool,
     return loc
 
 
+def env_hint(uri: str) -> str:
+    """The environment variables that configure the store of `uri` (for messages)."""
+    return _env_hint(uri)
+
+
 def _env_hint(uri: str) -> str:
     scheme = scheme_of(uri)
     if scheme in ("s3", "s3a"):
