@@ -194,10 +194,12 @@ def stop_postgres(pg: Postgres) -> None:
 
 # ---------------------------------------------------------------- Ray nodes
 
-# Nodes notice a dead peer in ~3 s instead of Ray's default ~15-30 s.
+# The head notices a dead node in ~5 s instead of Ray's default ~15-30 s (a killed raylet
+# refuses connections at once); the timeout stays generous so a node that is only slow on
+# a loaded machine is not declared dead.
 RAY_FAST_FAILURE_ENV = {"RAY_health_check_period_ms": "1000",
-                        "RAY_health_check_timeout_ms": "1000",
-                        "RAY_health_check_failure_threshold": "3"}
+                        "RAY_health_check_timeout_ms": "5000",
+                        "RAY_health_check_failure_threshold": "5"}
 
 
 CREDENTIAL_PREFIXES = ("AWS_", "MLFLOW_TRACKING_", "MLFLOW_AUTH_", "PG", "GOOGLE_", "AZURE_")
@@ -277,9 +279,61 @@ def start_ray_node_private(gcs_address: str, hidden: list[Path], num_cpus: int, 
     script = " && ".join([*mounts, "mkdir -p /tmp/home /tmp/ray",
                           "cd /tmp/home", "exec " + shlex.join(ray_cmd)])
     node_env = ray_env({**(env or {}), "HOME": "/tmp/home", "TMPDIR": "/tmp"})
-    return subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=node_env,
                             start_new_session=True)
+    # Remember the node's mount namespace while its first process lives: `kill_node` finds
+    # every process of the node by it, even after that first process is gone.
+    ours, deadline = os.readlink("/proc/self/ns/mnt"), time.monotonic() + 10
+    proc.mount_namespace = None  # type: ignore[attr-defined]
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            namespace = os.readlink(f"/proc/{proc.pid}/ns/mnt")
+        except OSError:
+            break
+        if namespace != ours:
+            proc.mount_namespace = namespace  # type: ignore[attr-defined]
+            break
+        time.sleep(0.05)
+    return proc
+
+
+def alive_node_ids(dashboard: str, headers: dict[str, str] | None = None,
+                   workers_only: bool = False) -> set[str]:
+    """Ids of the nodes the cluster counts alive now (without the head: `workers_only`)."""
+    return {n["node_id"] for n in ray_nodes_alive(dashboard, headers)
+            if not (workers_only and n.get("is_head_node"))}
+
+
+def wait_for_new_node(dashboard: str, known: set[str], proc: subprocess.Popen, log: Path,
+                      headers: dict[str, str] | None = None, timeout_s: float = 120) -> str:
+    """Wait until a worker node not in `known` is alive (the one `proc` starts) and return
+    its id; fail with the node's log if `proc` dies first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"Ray node exited ({proc.returncode}):\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        try:
+            new = alive_node_ids(dashboard, headers, workers_only=True) - known
+            if new:
+                return new.pop()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no new Ray node alive in {timeout_s:.0f} s:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(1)
+
+
+def wait_until_dead(dashboard: str, node_id: str, headers: dict[str, str] | None = None,
+                    timeout_s: float = 60) -> None:
+    """Wait until the cluster no longer counts `node_id` alive."""
+    deadline = time.monotonic() + timeout_s
+    while node_id in alive_node_ids(dashboard, headers):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {node_id} still counted alive after {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def ray_nodes_alive(dashboard: str, headers: dict[str, str] | None = None) -> list[dict]:
@@ -290,25 +344,6 @@ def ray_nodes_alive(dashboard: str, headers: dict[str, str] | None = None) -> li
     with urllib.request.urlopen(req, timeout=10) as resp:
         rows = json.load(resp)["data"]["result"]["result"]
     return [r for r in rows if r.get("state") == "ALIVE"]
-
-
-def wait_for_nodes(dashboard: str, count: int, proc: subprocess.Popen, log: Path,
-                   headers: dict[str, str] | None = None, timeout_s: float = 120) -> None:
-    """Wait until `count` nodes are alive; fail with the node's log if `proc` dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Ray node exited ({proc.returncode}):\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        try:
-            if len(ray_nodes_alive(dashboard, headers)) >= count:
-                return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{count} Ray nodes not alive in {timeout_s:.0f} s:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(1)
 
 
 def kill_group(proc: subprocess.Popen, timeout_s: float = 30) -> None:
@@ -325,10 +360,7 @@ def kill_node(proc: subprocess.Popen, timeout_s: float = 30) -> int:
     namespace `proc` (from `start_ray_node_private`) runs in, its process group first
     (raylet, GCS client, agents), then the workers Ray started in sessions of their own.
     Returns how many processes were killed."""
-    try:
-        namespace = os.readlink(f"/proc/{proc.pid}/ns/mnt")
-    except OSError:
-        namespace = None
+    namespace = getattr(proc, "mount_namespace", None)
     members = []
     if namespace is not None and namespace != os.readlink("/proc/self/ns/mnt"):
         for entry in Path("/proc").iterdir():

@@ -42,18 +42,38 @@ class Cluster:
         self.headers = {"Authorization": f"Bearer {token}"}
         self.work, self.hidden, self.nodes = work, hidden, 0
         # As cluster.yaml does: the head names the shared storage of every training job.
+        self.node_id = ""
         self.head = services.start_ray_head(
             num_cpus=0, env={**self.auth_env, **services.RAY_FAST_FAILURE_ENV,
                              "BERTFLOW_STORAGE_PATH": storage_path})
         self.node: subprocess.Popen | None = None
 
-    def start_node(self) -> None:
-        self.nodes += 1
-        log = self.work / f"node{self.nodes}.log"
-        self.node = services.start_ray_node_private(
-            self.head.gcs_address, self.hidden, num_cpus=2, log=log,
-            env={**self.auth_env, **services.RAY_FAST_FAILURE_ENV})
-        services.wait_for_nodes(self.head.dashboard, 2, self.node, log, self.headers)
+    def start_node(self, attempts: int = 3) -> None:
+        """Start a worker node in a fresh namespace and wait until the cluster counts it
+        alive. On a loaded machine `ray start` may time out registering with the GCS
+        (30 s, fixed in Ray): its leftovers are killed and it is started again."""
+        known = services.alive_node_ids(self.head.dashboard, self.headers)
+        for attempt in range(1, attempts + 1):
+            self.nodes += 1
+            log = self.work / f"node{self.nodes}.log"
+            self.node = services.start_ray_node_private(
+                self.head.gcs_address, self.hidden, num_cpus=2, log=log,
+                env={**self.auth_env, **services.RAY_FAST_FAILURE_ENV})
+            try:
+                self.node_id = services.wait_for_new_node(
+                    self.head.dashboard, known, self.node, log, self.headers)
+                return
+            except RuntimeError:
+                services.kill_node(self.node)
+                if attempt == attempts:
+                    raise
+
+    def kill_node(self) -> int:
+        """SIGKILL every process of the worker node; returns once the cluster counts it
+        dead. Returns how many processes were killed."""
+        killed = services.kill_node(self.node)
+        services.wait_until_dead(self.head.dashboard, self.node_id, self.headers)
+        return killed
 
     def node_sees(self, path: Path) -> bool:
         """Whether `path` exists inside the worker node's mount namespace."""
@@ -194,7 +214,7 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
         assert time.monotonic() < deadline, "no checkpoint on S3 in time"
         time.sleep(0.5)
     assert jobs.job_status(client, job_id) == "RUNNING"
-    killed = services.kill_node(cluster.node)
+    killed = cluster.kill_node()
     assert killed >= 3  # raylet, its agents and the Train worker(s)
     cluster.start_node()  # a fresh machine: new namespace, empty /tmp and HOME
     status = jobs.wait_for_job(client, job_id, stream=False, timeout_s=JOB_TIMEOUT_S)
