@@ -124,7 +124,7 @@ class Location:
 
         try:
             infos = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=True))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
         return [self.with_path(i.path) for i in sorted(infos, key=lambda i: i.path)
                 if i.type == pafs.FileType.File]
