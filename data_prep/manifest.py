@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_core.config_io import BertflowError
-from data_prep.storage import Location, is_local, is_uri, open_location, public_uri
+from data_prep.storage import Location, is_local, is_uri, open_location
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from bert_core.config_io import BertflowError
 from data_prep.storage import Location, check_location, is_uri, open_location, public_uri
