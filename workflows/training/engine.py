@@ -21,7 +21,8 @@ pyarrow.fs. `check_storage` runs before any worker starts: a scheme pyarrow cann
 or a missing bucket is an error, and so is a Ray cluster of several nodes without
 `--storage-path` (./runs would be a different folder on every node: the final model could
 land on another machine and a restart after a node failure could not find the
-checkpoints); an explicit local path there is taken to be a shared mount, with a warning.
+checkpoints); an explicit local path there is taken to be a shared mount, with a warning;
+a sqlite MLflow store is refused there too (rank 0 logs from whichever node it runs on).
 
 Credentials: Ray Train V2 starts its workers with only its own variables added to the
 job's runtime environment, so `worker_env_vars()` (the MLflow and object-store credential
@@ -164,9 +165,11 @@ def worker_env_vars() -> dict[str, str]:
     return {**T.MLFLOW_SAFE_ENV, **credentials()}
 
 
-def check_storage(loop: LoopSettings) -> None:
+def check_storage(loop: LoopSettings, tracking_uri: str | None = None) -> None:
     """Refuse storage the run cannot use, before any worker starts (see the module doc).
-    Ray must be initialised (the node count decides whether ./runs is usable)."""
+    Ray must be initialised (the node count decides whether ./runs is usable). On several
+    nodes a sqlite `tracking_uri` is refused too: rank 0, which logs the metrics, may run
+    on a node where that file is another (empty) store."""
     import ray
 
     from data_prep.storage import LocationError, check_location, is_local
@@ -187,6 +190,11 @@ def check_storage(loop: LoopSettings) -> None:
             f"another machine and a restart after a node failure could not find the "
             f"checkpoints. Set --storage-path s3://BUCKET/runs (or any pyarrow.fs URI, or "
             f"a folder that every node mounts at the same path)")
+    if tracking_uri and tracking_uri.startswith("sqlite:"):
+        raise TrainingError(
+            f"this Ray cluster has {nodes} nodes and the MLflow store {tracking_uri} is a "
+            f"file on this machine: rank 0 may log from another node. Run an MLflow server "
+            f"(`bertflow server` on the head) and set MLFLOW_TRACKING_URI=http://HEAD:5000")
     if is_local(loop.storage_path):
         log.warning("--storage-path %s is a local path on a %d-node cluster: it must be a "
                     "filesystem every node mounts at that path (NFS), else use "
@@ -275,7 +283,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                             "its train_location)")
     from data_prep.storage import is_local
 
-    check_storage(loop)
+    check_storage(loop, tracking.tracking_uri if tracking else None)
     run_loc = run_location(loop, run_name)
     run_dir = run_dir_for(loop, run_name)
     if (done := finished_run(loop, run_name)) is not None:

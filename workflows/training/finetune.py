@@ -191,7 +191,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
         if where and "://" in where:
             open_checked(where, what, must_exist=True)
     ray = init_ray(cfg.address)
-    check_storage(cfg.loop)
+    check_storage(cfg.loop, uri)
     spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     data_root = Path(cfg.data_dir) if cfg.data_dir else user_cache_dir() / "finetune"
 

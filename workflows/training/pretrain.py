@@ -251,7 +251,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         T.get_model_version(cfg.init, uri)  # a missing version fails before Ray starts
     loop = cfg.loop
     init_ray(cfg.address)
-    check_storage(loop)
+    check_storage(loop, uri)
     # What the workers open travels through the object store (workflows/transfer.py):
     # the init model (its driver download is deleted at once) and the tokenizer.
     with tempfile.TemporaryDirectory(prefix="bertflow-init-") as tmp:
