@@ -112,6 +112,24 @@ def test_files_move_through_object_storage_whole(s3_bucket, tmp_path):
     assert latest_checkpoint(run) == f"{run}/checkpoint_00000030"
 
 
+def test_a_cluster_of_several_nodes_needs_shared_storage_and_an_mlflow_server(caplog):
+    """./runs and a sqlite store are node-local: refused as soon as a second node is alive
+    (the two-node cluster test runs the accepted setup end to end)."""
+    from workflows.config import LoopSettings
+    from workflows.training.engine import TrainingError, check_cluster_storage
+
+    server = "http://head:5000"
+    check_cluster_storage(LoopSettings(), "sqlite:////x/mlruns.db", nodes=1)  # one machine
+    with pytest.raises(TrainingError, match="2 nodes and no --storage-path.*s3://BUCKET/runs"):
+        check_cluster_storage(LoopSettings(), server, nodes=2)
+    with pytest.raises(TrainingError, match="sqlite:////x/mlruns.db is a file.*bertflow server"):
+        check_cluster_storage(LoopSettings(storage_path="s3://b/runs"),
+                              "sqlite:////x/mlruns.db", nodes=2)
+    check_cluster_storage(LoopSettings(storage_path="s3://b/runs"), server, nodes=3)
+    check_cluster_storage(LoopSettings(storage_path="/mnt/nfs/runs"), server, nodes=2)
+    assert "every node mounts" in caplog.text
+
+
 def test_bad_locations_and_a_dead_server_are_refused_before_ray(s3_server, tmp_path,
                                                                 tracking_uri, minilm_dir):
     """Exit 2 with the location and what to set, before any Ray worker starts."""

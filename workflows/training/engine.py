@@ -172,7 +172,7 @@ def check_storage(loop: LoopSettings, tracking_uri: str | None = None) -> None:
     on a node where that file is another (empty) store."""
     import ray
 
-    from data_prep.storage import LocationError, check_location, is_local
+    from data_prep.storage import LocationError, check_location
 
     if loop.storage_path:
         try:
@@ -181,6 +181,13 @@ def check_storage(loop: LoopSettings, tracking_uri: str | None = None) -> None:
         except LocationError as exc:
             raise TrainingError(str(exc)) from None
     nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    check_cluster_storage(loop, tracking_uri, nodes)
+
+
+def check_cluster_storage(loop: LoopSettings, tracking_uri: str | None, nodes: int) -> None:
+    """The part of `check_storage` that depends on the number of alive nodes."""
+    from data_prep.storage import is_local
+
     if nodes <= 1:
         return
     if not loop.storage_path:
