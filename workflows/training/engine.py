@@ -14,7 +14,8 @@ resumes from the latest checkpoint.
 
 Storage: the run folder is `<storage_path>/<run name>`, where `storage_path` is a local
 folder (default `./runs`) or any URI pyarrow.fs resolves (`s3://bucket/runs`, `gs://...`).
-It goes to Ray Train as given (`RunConfig(storage_path=URI, name=...)`: Ray's storage layer
+A URI stays a URI: Ray Train gets the filesystem it names, resolved on the driver, and the
+path in it (`RunConfig(storage_path, storage_filesystem, name)`: Ray's storage layer
 uploads each checkpoint from the worker that reports it), and everything bertflow reads
 there (the result file, Ray's checkpoint snapshot, completion markers) is read through
 pyarrow.fs. `check_storage` runs before any worker starts: a scheme pyarrow cannot resolve
@@ -24,10 +25,18 @@ land on another machine and a restart after a node failure could not find the
 checkpoints); an explicit local path there is taken to be a shared mount, with a warning;
 a sqlite MLflow store is refused there too (rank 0 logs from whichever node it runs on).
 
-Credentials: Ray Train V2 starts its workers with only its own variables added to the
-job's runtime environment, so `worker_env_vars()` (the MLflow and object-store credential
-variables of the driver, plus MLflow's safety switches) are given to the worker group
-explicitly (`RunConfig.worker_runtime_env`). They are never logged.
+Credentials: in Ray 2.60, Train V2 creates its controller with Ray Train's own variables
+over the job's runtime environment, and the workers with `RunConfig.worker_runtime_env`
+over the controller's: variables the job's runtime env carries (data_prep.ray_env.init_ray
+and `bertflow submit` put the credentials there) reach the workers, but on a Ray started
+another way (a notebook, a shared test Ray) they would not, and the driver's os.environ
+never does. So `worker_env_vars()` (the driver's MLflow and object-store credential
+variables plus MLflow's safety switches) are given to the worker group explicitly
+(`RunConfig.worker_runtime_env`), and the controller, which writes the checkpoint
+snapshot, gets the storage filesystem resolved on the driver (`ray_storage`).
+They are never in bertflow's logs, MLflow params or tags. Ray itself keeps runtime
+environments in its job and Train run state: whoever reaches the Ray dashboard can read
+them (cluster.yaml binds it to the head's loopback).
 """
 
 from __future__ import annotations
