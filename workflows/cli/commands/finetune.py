@@ -15,6 +15,8 @@ EPILOG = """examples:
   bertflow finetune --task qa --base models:/bert-mini/3 --train train-v2.0.json \\
       --eval dev-v2.0.json --max-seq-len 384 --doc-stride 128 --register-as bert-mini-squad
   bertflow finetune --config configs/finetune_seq_cls.yaml --freeze-encoder
+  bertflow finetune --task seq-cls --base models:/bert-tiny@latest --train s3://bucket/train.jsonl \\
+      --eval s3://bucket/dev.jsonl --storage-path s3://bucket/runs --address auto
 
 data: seq-cls CSV/TSV/JSONL with text,label; pair-cls text_a,text_b,label; token-cls CoNLL
 (tag in the last column, BIO); qa SQuAD v1.1/v2.0 JSON. Bad rows are reported with file and

@@ -12,6 +12,8 @@ EPILOG = """examples:
   bertflow predict --model models:/sentiment@champion --input reviews.csv --output scored.csv
   bertflow predict --model runs/finetune-qa/checkpoint_00000100 --input questions.jsonl \\
       --output answers.jsonl --concurrency 2
+  bertflow predict --model models:/sentiment@champion --input s3://bucket/in.csv \\
+      --output s3://bucket/scored.csv
 
 input columns: text (seq-cls), text_a + text_b (pair-cls), tokens (token-cls: a list in
 JSONL, or words separated by spaces), question + context (qa). The output keeps the input

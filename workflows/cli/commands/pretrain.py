@@ -16,6 +16,9 @@ EPILOG = """examples:
       --num-workers 8 --precision bf16 --optimizer lamb --batch-size 64 --max-failures 3
   # BERT's phase 2 (length 512) continues from phase 1's registered model:
   bertflow pretrain --data data/wiki512 --run-name base-p2 --init models:/bert-base@latest ...
+  # On a cluster: checkpoints on object storage (required with several nodes), MLflow server:
+  MLFLOW_TRACKING_URI=http://head:5000 bertflow pretrain --address auto \\
+      --data s3://bucket/data/wiki128 --storage-path s3://bucket/runs --run-name tiny-c ...
 
 Rerunning a command with the same --run-name (and --storage-path) resumes it from its
 latest checkpoint in the same MLflow run; a finished run is not trained again."""
