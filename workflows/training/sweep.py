@@ -21,6 +21,17 @@ Train run in `<storage_path>/<sweep name>/trials/<sweep name>-<trial id>`; rerun
 same sweep name restores the experiment (`Tuner.restore(..., resume_unfinished=True)`),
 and an unfinished trial continues from its last epoch checkpoint.
 
+Stopped trials give their CPUs back: when Tune stops a trial (ASHA), it kills the trial's
+actor, and with it the Ray Train controller, whose worker placement group then outlives it
+(Ray removes a placement group by itself only once its creator's job has ended too). Ray
+Train's own detached `PlacementGroupCleaner` is meant to notice, but it asks the Ray state
+API (the dashboard's HTTP server) with an address found by scanning the machine's
+processes: on a Ray started without the dashboard (bertflow's local Ray) it can never
+answer, and with several Ray instances on one machine the scan fails with "Found multiple
+active Ray instances" and the cleaner's thread dies. Either way the next trials wait for
+CPUs that never come back. So each trial reports its worker group's placement group to
+Tune with its metrics, and the sweep removes it when the trial ends.
+
 The trial seed sets initialisation, dropout and masking; the order of the training rows
 is the sweep's own `seed` for every trial (the data are tokenized and shuffled once).
 """
@@ -62,6 +73,7 @@ TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
 TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the child runs
 TAG_TRIAL = "bertflow.sweep_trial"
 TAG_WINNER = "bertflow.sweep_winner_run_id"  # set on the parent once the winner is logged
+PLACEMENT_GROUP_KEY = "train_placement_group"  # reported to Tune: the trial's workers' group
 
 
 class SweepError(BertflowError):
@@ -113,6 +125,7 @@ def check_space(space: dict[str, Any], cfg: SweepConfig, source: str) -> dict[st
                                   f"{', '.join(DISTRIBUTIONS)} with [LOW, HIGH], e.g. "
                                   f"{{loguniform: [1e-5, 1e-4]}}")
             (dist, bounds), = value.items()
+            bounds = [_number(b) for b in bounds] if isinstance(bounds, list) else bounds
             if (not isinstance(bounds, list) or len(bounds) != 2
                     or not all(isinstance(b, (int, float)) for b in bounds)
                     or not bounds[0] < bounds[1] or (dist == "loguniform" and bounds[0] <= 0)):
@@ -128,13 +141,24 @@ def check_space(space: dict[str, Any], cfg: SweepConfig, source: str) -> dict[st
         values = value if isinstance(value, list) else [value]
         if not values:
             raise ConfigError(f"{source}: {key}: give at least one value")
+        typed = []
         for v in values:
-            try:
-                trial_config(cfg, {key: v})
+            try:  # the field's own type: YAML reads 5e-5 (no dot) as a string
+                typed.append(flat_dict(trial_config(cfg, {key: v}))[key])
             except ConfigError as exc:
                 raise ConfigError(f"{source}: {key}={v!r}: {exc}") from None
-        out[key] = values
+        out[key] = typed
     return out
+
+
+def _number(value: Any) -> Any:
+    """A numeric string as a float (YAML 1.1 reads 1e-5, without a dot, as a string)."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def expand_points(space: dict[str, Any], search: str, num_samples: int,
@@ -247,15 +271,66 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
 def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
     """The Tune function trainable: one trial, its epochs reported to Tune by the engine."""
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     point, seed = trial_params(config)
     run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
-    train_trial(plan, point, seed, run_name, callbacks=[TuneReportCallback()])
+    train_trial(plan, point, seed, run_name, callbacks=trial_callbacks())
+
+
+def trial_callbacks() -> list[Any]:
+    """The Ray Train callbacks of a trial (made in its Tune session): Tune's report
+    callback, which hands each epoch's metrics to Tune, with the id of the worker group's
+    placement group added (`PLACEMENT_GROUP_KEY`, see the module doc), and the worker-group
+    hook that records that id in the Train controller."""
+    from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ReportToTune(TuneReportCallback):
+        placement_group: str | None = None
+
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]],
+                         checkpoint: Any) -> None:
+            if self.placement_group and metrics:
+                metrics = [{**metrics[0], PLACEMENT_GROUP_KEY: self.placement_group},
+                           *metrics[1:]]
+            super().after_report(run_context, metrics, checkpoint)
+
+    class RecordPlacementGroup(WorkerGroupCallback):
+        # An internal Train hook (the one Ray's own cleaner uses); Ray Train runs the
+        # non-user callbacks of RunConfig.callbacks as such. Both objects are pickled
+        # together to the controller, so `report` is the controller's ReportToTune.
+        def __init__(self, report: ReportToTune) -> None:
+            self.report = report
+
+        def after_worker_group_start(self, worker_group: Any) -> None:
+            handle = worker_group.get_worker_group_state().placement_group_handle
+            self.report.placement_group = handle.placement_group.id.hex()
+
+    report = ReportToTune()
+    return [report, RecordPlacementGroup(report)]
+
+
+def release_placement_group(result: dict[str, Any] | None) -> bool:
+    """Remove the trial's worker placement group named in its last `result` if it still
+    holds resources (its Train controller was killed with the trial); True if removed."""
+    from ray import PlacementGroupID
+    from ray.util.placement_group import (PlacementGroup, placement_group_table,
+                                          remove_placement_group)
+
+    pg_id = (result or {}).get(PLACEMENT_GROUP_KEY)
+    if not pg_id:
+        return False
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
+    if placement_group_table(group).get("state", "REMOVED") == "REMOVED":
+        return False  # the Train run ended and removed it itself
+    remove_placement_group(group)
+    log.info("released the placement group %s of a stopped trial", pg_id)
+    return True
 
 
 def _tune_callback_class() -> type:
-    """A Tune callback printing one line per finished trial (built lazily: imports ray)."""
+    """A Tune callback printing one line per finished trial and releasing a stopped
+    trial's worker placement group (built lazily: imports ray)."""
     from ray import tune
 
     class TrialLines(tune.Callback):
@@ -277,9 +352,11 @@ def _tune_callback_class() -> type:
                   f"{r.get('time_total_s', 0.0):.0f}s", flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            release_placement_group(trial.last_result)
             self._line(trial, "ended")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            release_placement_group(trial.last_result)
             self._line(trial, "FAILED")
 
     return TrialLines
@@ -422,8 +499,12 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     init_ray(cfg.address)
     at_once, cpus = _resources(cfg)
     resumed = tune.Tuner.can_restore(str(exp_path))
+    # A parent run of this name without a winner is this sweep's, even when the driver died
+    # before Tune saved its first state: reuse it rather than open a second parent.
+    earlier = T.find_run(T.ensure_experiment(cfg.tracking.experiment, prep.uri), name, prep.uri)
+    reuse = resumed or (earlier is not None and TAG_WINNER not in earlier.data.tags)
     parent = T.open_run(prep.uri, cfg.tracking.experiment, name, inputs=prep.inputs(),
-                        resume=resumed, tags={**prep.run_tags(cfg.task), "bertflow.kind": "sweep"},
+                        resume=reuse, tags={**prep.run_tags(cfg.task), "bertflow.kind": "sweep"},
                         params={**flat_dict(cfg), "space": space, "metric": metric},
                         metrics={f"baseline_{k}": v for k, v in prep.baseline.items()})
     client = T.client(prep.uri)
