@@ -28,7 +28,9 @@ from workflows.cli import main as cli
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(2400)]
 
 JOB_TIMEOUT_S = 600  # per job; minutes on an idle 2-core box, far more under load
-MAX_STEPS, CHECKPOINT_EVERY = 100, 10
+# The tiny model takes tens of milliseconds a step: the run must go on long enough after
+# its first checkpoint for the test to see that checkpoint and kill the node mid-run.
+MAX_STEPS, CHECKPOINT_EVERY = 300, 20
 
 
 class Cluster:
@@ -216,12 +218,16 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
         time.sleep(0.5)
     assert jobs.job_status(client, job_id) == "RUNNING"
     killed = cluster.kill_node()
+    mlflow = MlflowClient(team_mlflow.url)
+    logged = mlflow.search_runs([e.experiment_id for e in mlflow.search_experiments()],
+                                filter_string="attributes.run_name = 'e2e-pretrain'")
+    step_at_kill = max((m.step for r in logged for m in
+                        mlflow.get_metric_history(r.info.run_id, "train_loss")), default=-1)
     assert killed >= 3  # raylet, its agents and the Train worker(s)
     cluster.start_node()  # a fresh machine: new namespace, empty /tmp and HOME
     status = jobs.wait_for_job(client, job_id, stream=False, timeout_s=JOB_TIMEOUT_S)
     assert status == "SUCCEEDED", jobs.log_tail(client, job_id, 80)
 
-    mlflow = MlflowClient(team_mlflow.url)
     pre_runs = mlflow.search_runs(
         [e.experiment_id for e in mlflow.search_experiments()],
         filter_string="attributes.run_name = 'e2e-pretrain'")
@@ -229,7 +235,9 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     run = pre_runs[0]
     assert run.info.status == "FINISHED" and run.data.params["max_steps"] == str(MAX_STEPS)
     attempts = mlflow.get_metric_history(run.info.run_id, "attempt")
-    assert max(m.value for m in attempts) >= 1, "the run never restarted"
+    assert max(m.value for m in attempts) >= 1, (
+        f"the run never restarted: training had reached step {step_at_kill} of {MAX_STEPS} "
+        f"when the node was killed")
     resumed_at = max(m.step for m in attempts)
     assert resumed_at > 0 and resumed_at % CHECKPOINT_EVERY == 0  # from a checkpoint
     losses = mlflow.get_metric_history(run.info.run_id, "train_loss")
