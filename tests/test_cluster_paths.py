@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workflows.config import FinetuneConfig, PredictConfig, PretrainConfig, config_from_mapping
+from workflows.config import (EmbedConfig, FinetuneConfig, PredictConfig, PretrainConfig,
+                              config_from_mapping)
 
 ADJ = "red green blue small large old new quiet loud bright".split()
 NOUN = "cat dog bird river city garden teacher farmer engine violin".split()
@@ -207,7 +208,7 @@ def test_pretrain_finetune_predict_with_everything_on_s3(store_ray, s3_bucket, t
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
     from workflows import tracking as T
-    from workflows.serving.batch import predict_file
+    from workflows.serving.batch import embed_file, predict_file
     from workflows.training.engine import RESULT_FILE
     from workflows.training.finetune import run_finetune
     from workflows.training.pretrain import PretrainError, run_pretrain
@@ -292,6 +293,12 @@ def test_pretrain_finetune_predict_with_everything_on_s3(store_ray, s3_bucket, t
     assert _keys(bucket, "out/") == ["out/preds.csv"]
     body = s3.get_object(Bucket=bucket, Key="out/preds.csv")["Body"].read().decode()
     assert body.splitlines()[0].startswith("text,") and len(body.splitlines()) == 3
+    embedded = embed_file(EmbedConfig(model="models:/ft-s3@latest",
+                                      input=f"s3://{bucket}/in/texts.csv",
+                                      output=f"s3://{bucket}/out/vectors.parquet",
+                                      tracking_uri=tracking_uri))
+    assert (embedded["rows"], embedded["dim"]) == (2, 128)  # the tiny preset's width
+    assert _keys(bucket, "out/") == ["out/preds.csv", "out/vectors.parquet"]
 
     # No secret in any param or tag of the runs or the registered versions.
     client = T.client(tracking_uri)
