@@ -210,7 +210,11 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     job_id = out.split("submitted job ", 1)[1].split(":", 1)[0]
     client = jobs.connect(cluster.head.dashboard)
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not any("checkpoint" in k for k in s3_objects(f"{runs}/e2e-pretrain")):
+    # Kill once Ray Train has committed a checkpoint (uploaded and recorded in its snapshot
+    # on S3); an object that merely appeared may belong to an upload still in flight.
+    from workflows.training.checkpoint import committed_by_ray
+
+    while not committed_by_ray(f"{runs}/e2e-pretrain"):
         status = jobs.job_status(client, job_id)
         assert status not in jobs.TERMINAL, (
             f"pretrain job {status} before its first checkpoint:\n{jobs.log_tail(client, job_id, 60)}")
