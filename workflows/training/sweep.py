@@ -383,7 +383,7 @@ class TrialRecord:
     epochs: int                    # epochs reported to Tune
     time_s: float
     run_id: str | None = None      # its MLflow child run
-    model_dir: Path | None = None  # done trials: the final model folder
+    model_dir: Path | str | None = None  # done trials: the final model folder (or URI)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -445,7 +445,7 @@ class SweepResult:
     winner: TrialRecord                  # the best seed of the best point
     model_uri: str
     model_version: str | None
-    experiment_path: Path
+    experiment_path: str           # the Tune experiment folder: a local path or a URI
     resumed: bool = False
 
     @property
@@ -487,14 +487,14 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
     from data_prep.ray_env import init_ray
     from workflows import tracking as T
-    from workflows.training.engine import run_dir_for
+    from workflows.training.engine import local_model_dir, run_location
     from workflows.training.finetune import prepare_finetune
 
     cfg = config
     space = check_space(load_space(cfg.grid), cfg, f"--grid {cfg.grid}")
     metric = selection_metric(cfg)
     name = cfg.run_name or f"sweep-{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp_path = run_dir_for(cfg.loop, name)
+    exp_path = run_location(cfg.loop, name).uri  # a local folder or a URI (--storage-path)
     prep = prepare_finetune(cfg)
     init_ray(cfg.address)
     at_once, cpus = _resources(cfg)
@@ -512,7 +512,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         raise SweepError(f"sweep {name!r} already finished (winner run {done}); choose a "
                          f"new --run-name, or delete {exp_path} to run it again")
     plan = SweepPlan(cfg=cfg, name=name, prep=prep, parent_run_id=parent,
-                     trials_dir=str(exp_path / "trials"), cpus_per_worker=cpus)
+                     trials_dir=f"{exp_path}/trials", cpus_per_worker=cpus)
     trainable = tune.with_resources(tune.with_parameters(sweep_trainable, plan=plan),
                                     TRIAL_DRIVER_RESOURCES)
     if resumed:
@@ -540,12 +540,14 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     pick = max if cfg.mode == "max" else min
     winner = pick((t for t in best.trials if t.value is not None), key=lambda t: t.value)
     _log_parent(client, parent, trials, ranking, metric, winner)
-    model_uri, version = T.log_and_register(
-        winner.model_dir, run_id=winner.run_id, uri=prep.uri, task=cfg.task,
-        tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
-        register_as=cfg.tracking.register_as,
-        version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
-        metrics={**winner.metrics, f"{metric}_mean": best.mean, f"{metric}_std": best.std})
+    with local_model_dir(winner.model_dir) as winner_dir:  # downloaded from object storage
+        model_uri, version = T.log_and_register(
+            winner_dir, run_id=winner.run_id, uri=prep.uri, task=cfg.task,
+            tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
+            register_as=cfg.tracking.register_as,
+            version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
+            metrics={**winner.metrics, f"{metric}_mean": best.mean,
+                     f"{metric}_std": best.std})
     client.set_tag(parent, TAG_WINNER, winner.run_id)
     return SweepResult(name=name, run_id=parent, metric=metric, trials=trials,
                        ranking=ranking, winner=winner, model_uri=model_uri,
@@ -553,7 +555,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
 
 def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,
-               exp_path: Path, trainable: Any, at_once: int, train_rows: int) -> Any:
+               exp_path: str, trainable: Any, at_once: int, train_rows: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -589,7 +591,7 @@ def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,
         tune_config=tune.TuneConfig(metric=metric, mode=cfg.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=at_once),
-        run_config=tune.RunConfig(name=name, storage_path=str(exp_path.parent), verbose=0,
+        run_config=tune.RunConfig(name=name, storage_path=exp_path.rsplit("/", 1)[0], verbose=0,
                                   callbacks=[_tune_callback_class()(metric, cfg, train_rows)]))
 
 
@@ -620,7 +622,8 @@ def _collect(grid: Any, plan: SweepPlan, metric: str, client: Any) -> list[Trial
             r.update(done.metrics)
             model_dir = done.model_dir
         elif r.get("step", 0) >= loop.max_steps and r.get("checkpoint_path"):
-            model_dir = Path(r["checkpoint_path"]) / "model"
+            ckpt = str(r["checkpoint_path"])
+            model_dir = f"{ckpt}/model" if "://" in ckpt else Path(ckpt) / "model"
         status = "done" if model_dir is not None else ("failed" if result.error else "stopped")
         run = T.find_run(experiment_id, run_name, plan.prep.uri)
         if run is not None and run.info.status in ("RUNNING", "SCHEDULED"):
