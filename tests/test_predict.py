@@ -36,6 +36,20 @@ def test_embeddings_match_transformers_for_each_pooling_and_layer(minilm, minilm
         minilm.embed(TEXTS, "mean", layer=7)
 
 
+def test_prediction_columns_keep_their_names_beside_clashing_input_columns(minilm):
+    from workflows.serving.batch import BatchPredictor
+
+    batch = BatchPredictor.__new__(BatchPredictor)  # what each Ray Data actor holds
+    batch.predictor = minilm
+    df = pd.DataFrame({"text": ["a good day", "rain"], "embedding": ["gold", "x"],
+                       "error": ["old", None]})
+    joined = batch(df)
+    assert list(joined.columns) == ["text", "input_embedding", "input_error", "embedding",
+                                    "error"]
+    assert joined["input_embedding"].tolist() == ["gold", "x"]
+    assert len(joined["embedding"][0]) == 384 and joined["error"].tolist() == [None, None]
+
+
 def test_model_without_task_predicts_embeddings(minilm):
     out = minilm.predict(pd.DataFrame({"text": ["a good day", None]}))
     assert len(out["embedding"][0]) == 384

@@ -48,7 +48,9 @@ def read_table_dataset(ray: Any, path: str | Path) -> Any:
 
 class BatchPredictor:
     """Ray Data callable class: one Predictor per actor, DataFrame batches in and out
-    (input columns kept, prediction columns appended, `error` always present)."""
+    (input columns kept, prediction columns appended, `error` always present). An input
+    column named like a prediction column (a gold `label`, an earlier `score`) is kept as
+    `input_<name>`, so both survive and the prediction keeps its documented name."""
 
     def __init__(self, model_dir: Any, device: str | None = None, batch_size: int = 32) -> None:
         from workflows.transfer import local_folder
@@ -62,7 +64,16 @@ class BatchPredictor:
         out = self.predictor.predict(df)
         if "error" not in out.columns:
             out["error"] = pd.Series([None] * len(out), dtype=object)
-        return pd.concat([df.reset_index(drop=True), out.reset_index(drop=True)], axis=1)
+        return join_predictions(df, out)
+
+
+def join_predictions(df: Any, out: Any) -> Any:
+    """Input columns then prediction columns; clashing input names become `input_<name>`."""
+    import pandas as pd
+
+    clash = {c: f"input_{c}" for c in df.columns if c in out.columns}
+    return pd.concat([df.rename(columns=clash).reset_index(drop=True),
+                      out.reset_index(drop=True)], axis=1)
 
 
 def output_format(output: str | Path) -> str:
