@@ -44,7 +44,7 @@ postgres:
 	fi
 
 test: $(STAMP) postgres
-	$(PY) -m pytest -q --durations=20 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 quickstart: $(STAMP)
 	$(VENV)/bin/bertflow quickstart

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_ports(n: int = 1) -> list[int]:
@@ -269,7 +270,16 @@ def start_ray_node_private(gcs_address: str, hidden: list[Path], num_cpus: int, 
     SIGKILL that group and the node dies with everything it started."""
     import shlex
 
-    mounts = ["mount -t tmpfs -o size=4g bertflow-node-tmp /tmp"]
+    # The venv and the repository must stay visible even when they live under /tmp (a CI
+    # checkout there): bind them aside on a private tmpfs, cover /tmp, bind them back.
+    keep = sorted({str(p) for p in (REPO_ROOT, Path(sys.prefix).resolve(), VENV_BIN.parent)
+                   if str(p).startswith("/tmp/")})
+    mounts = ["mount -t tmpfs -o size=1m bertflow-keep /mnt"] if keep else []
+    for i, path in enumerate(keep):
+        mounts += [f"mkdir -p /mnt/k{i}", f"mount --bind {shlex.quote(path)} /mnt/k{i}"]
+    mounts.append("mount -t tmpfs -o size=4g bertflow-node-tmp /tmp")
+    for i, path in enumerate(keep):
+        mounts += [f"mkdir -p {shlex.quote(path)}", f"mount --bind /mnt/k{i} {shlex.quote(path)}"]
     for path in hidden:
         if not str(path).startswith("/tmp/"):
             mounts.append(f"mount -t tmpfs -o size=1m bertflow-hidden {shlex.quote(str(path))}")
