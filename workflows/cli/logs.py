@@ -126,12 +126,12 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
 
 
 def _adopt_imported_ray_loggers() -> None:
-    """When Ray is already imported in this process (a caller of `main()`), its loggers
-    have their own stderr handlers and do not propagate: hand them to ours (Ray Data keeps
-    its session log file)."""
+    """When Ray or MLflow is already imported in this process (a caller of `main()`),
+    their loggers have their own stderr handlers and do not propagate: hand them to ours
+    (Ray Data keeps its session log file)."""
     import sys
 
-    for name, keep in (("ray", ()), ("ray.data", ("SessionFileHandler",))):
+    for name, keep in (("ray", ()), ("ray.data", ("SessionFileHandler",)), ("mlflow", ())):
         if name not in sys.modules:
             continue
         logger = logging.getLogger(name)

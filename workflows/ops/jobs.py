@@ -269,7 +269,17 @@ def connect(address: str, insecure: bool = False) -> "JobSubmissionClient":
 def _use_ray_auth_token_if_present() -> None:
     """Send Ray's auth token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) when
     one exists, as `ray start` does: clusters started by Ray >= 2.52 require it by default,
-    and the Jobs client only sends it in token mode. RAY_AUTH_MODE, when set, wins."""
+    and the Jobs client only sends it in token mode. RAY_AUTH_MODE, when set, wins.
+
+    Ray caches the token it loaded once per process; the cache is dropped first so the
+    token of this call's environment is the one sent (a process that talks to two
+    clusters, one after the other, would otherwise send the first one's token)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # a Ray without token authentication
+        pass
     if os.environ.get("RAY_AUTH_MODE"):
         return
     try:
