@@ -135,7 +135,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
         log.info("Ray workers get the credential variables %s",
                  ", ".join(sorted(runtime_env.get("env_vars", {}))) or "(none)")
     if address is None:
-        ray.init(address="local", **options)
+        _start_local(ray, options)
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     else:
         options.pop("include_dashboard", None)  # only valid when starting a new cluster
@@ -143,3 +143,18 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
         ray.init(address=address, **options)
         log.info("connected to Ray at %s", address)
     return ray
+
+
+def _start_local(ray: Any, options: dict[str, Any], attempts: int = 3) -> None:
+    """`ray.init(address="local")`, started again when its node times out during startup:
+    Ray waits a fixed time for its raylet, which a busy machine can overrun."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **options)
+            return
+        except Exception as exc:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == attempts:
+                raise
+            log.warning("the local Ray timed out starting (busy machine?); starting it again "
+                        "(%d of %d)", attempt + 1, attempts)
+            ray.shutdown()

@@ -29,9 +29,11 @@ def ray_local():
     """One real local Ray for the whole session (2 CPUs; Train workers use fractions)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False)
+    from data_prep.ray_env import _start_local
+
+    if not ray.is_initialized():  # started again if it times out on a busy machine
+        _start_local(ray, dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                               configure_logging=False))
     yield ray
     ray.shutdown()
 
