@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -216,7 +217,7 @@ def open_location(location: str | Path) -> Location:
             f"{public_uri(text)}: a query string (?...) is not accepted in a location: it "
             f"would end up in manifests and logs, and Ray workers would not get it. Set the "
             f"store's options and credentials through its environment variables instead "
-            f"({_env_hint(text)}).")
+            f"({env_hint(text)}).")
     try:
         fs, path = _from_uri(text)
     except Exception as e:  # pyarrow raises ArrowInvalid / ArrowNotImplementedError
@@ -229,6 +230,25 @@ def open_location(location: str | Path) -> Location:
     path = path.rstrip("/") or path
     uri = f"{scheme}://{path.lstrip('/')}" if scheme != "hdfs" else public_uri(text)
     return Location(fs, path, uri.rstrip("/"))
+
+
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)"
+                       r"(?P<password>:[^/@\s]*)?@")
+
+
+def redact(text: str) -> str:
+    """`text` with the secret of every URI in it hidden (what may be printed, logged, or
+    stored as an MLflow param or tag): `user:password@` becomes `user:***@`; a bare
+    `TOKEN@` of an http(s) URI becomes `***@` (elsewhere a bare name is a user or an
+    abfs container, kept)."""
+    def hide(m: re.Match) -> str:
+        if m["password"]:
+            return f"{m['scheme']}{m['user']}:***@"
+        if m["scheme"].lower() in ("http://", "https://"):
+            return f"{m['scheme']}***@"
+        return m[0]
+
+    return _USERINFO.sub(hide, text)
 
 
 def public_uri(location: str | Path) -> str:
@@ -281,7 +301,7 @@ def check_location(location: str | Path, what: str, *, must_exist: bool,
             if loc.fs.get_file_info(bucket).type == pafs.FileType.NotFound:
                 raise LocationError(
                     f"{what} {loc.uri}: bucket {bucket!r} does not exist (or these "
-                    f"credentials cannot see it). Create it, or check {_env_hint(loc.uri)}.")
+                    f"credentials cannot see it). Create it, or check {env_hint(loc.uri)}.")
     except LocationError:
         raise
     except OSError as e:
@@ -290,7 +310,7 @@ def check_location(location: str | Path, what: str, *, must_exist: bool,
                                                "Couldn't resolve", "Timeout", "timed out"))
         problem = "the store cannot be reached" if unreachable else "the store refused access"
         raise LocationError(f"{what} {loc.uri}: {problem} ({_short(e)}). "
-                            f"Check {_env_hint(loc.uri)}.") from e
+                            f"Check {env_hint(loc.uri)}.") from e
     if must_exist and info.type == pafs.FileType.NotFound:
         raise LocationError(f"{what} {loc.uri}: not found.")
     if writable and is_local(loc.uri):
@@ -306,10 +326,6 @@ def check_location(location: str | Path, what: str, *, must_exist: bool,
 
 def env_hint(uri: str) -> str:
     """The environment variables that configure the store of `uri` (for messages)."""
-    return _env_hint(uri)
-
-
-def _env_hint(uri: str) -> str:
     scheme = scheme_of(uri)
     if scheme in ("s3", "s3a"):
         return ("AWS_ENDPOINT_URL (for a non-AWS store), AWS_ACCESS_KEY_ID / "

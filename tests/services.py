@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 VENV_BIN = Path(sys.executable).parent
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -32,23 +33,37 @@ def free_ports(n: int = 1) -> list[int]:
     return ports
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
-    """Wait until `url` answers (any HTTP status); fail with the log's tail if `proc` dies."""
+def wait_until(ready: Callable[[], Any], proc: subprocess.Popen, log: Path, what: str,
+               timeout_s: float, interval_s: float = 0.2) -> Any:
+    """Poll `ready()` until it returns something truthy (returned; an OSError counts as
+    not yet); fail with `log`'s tail if `proc` dies first or `timeout_s` passes."""
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the server exited ({proc.returncode}):\n"
+            raise RuntimeError(f"{what}: the process exited ({proc.returncode}):\n"
                                f"{log.read_text(errors='replace')[-3000:]}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return
+            if value := ready():
+                return value
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not answer in {timeout_s:.0f} s:\n"
-                                   f"{log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready in {timeout_s:.0f} s:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(interval_s)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2):
+            return True
+    except urllib.error.HTTPError:  # any HTTP status: the server is up
+        return True
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
+    """Wait until `url` answers (any HTTP status); fail with the log's tail if `proc` dies."""
+    wait_until(lambda: _answers(url), proc, log, url, timeout_s)
 
 
 def stop(proc: subprocess.Popen, timeout_s: float = 15) -> None:
@@ -319,21 +334,9 @@ def wait_for_new_node(dashboard: str, known: set[str], proc: subprocess.Popen, l
                       headers: dict[str, str] | None = None, timeout_s: float = 120) -> str:
     """Wait until a worker node not in `known` is alive (the one `proc` starts) and return
     its id; fail with the node's log if `proc` dies first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"Ray node exited ({proc.returncode}):\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        try:
-            new = alive_node_ids(dashboard, headers, workers_only=True) - known
-            if new:
-                return new.pop()
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"no new Ray node alive in {timeout_s:.0f} s:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(1)
+    new = wait_until(lambda: alive_node_ids(dashboard, headers, workers_only=True) - known,
+                     proc, log, "a new Ray node", timeout_s, interval_s=1)
+    return new.pop()
 
 
 def wait_until_dead(dashboard: str, node_id: str, headers: dict[str, str] | None = None,

@@ -149,7 +149,7 @@ def test_bad_locations_and_a_dead_server_are_refused_before_ray(s3_server, tmp_p
          "--train", str(tmp_path / "train.jsonl"), "--tracking-uri", dead],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
-    assert "MLflow server at http://***@127.0.0.1:" in proc.stderr
+    assert "MLflow server at http://alice:***@127.0.0.1:" in proc.stderr
     assert "is not reachable" in proc.stderr and "bertflow server" in proc.stderr
     assert "MLFLOW_TRACKING_URI" in proc.stderr and "s3cret" not in proc.stderr
 
@@ -159,7 +159,7 @@ def test_bad_locations_and_a_dead_server_are_refused_before_ray(s3_server, tmp_p
     run_id = T.open_run(tracking_uri, "secrets", "r", tags={"source": dead},
                         params={"tracking_uri": dead, "nested": {"uri": dead}})
     run = T.client(tracking_uri).get_run(run_id)
-    assert run.data.params["tracking_uri"] == dead.replace("alice:s3cret", "***")
+    assert run.data.params["tracking_uri"] == dead.replace("alice:s3cret", "alice:***")
     assert "s3cret" not in json.dumps([run.data.params, run.data.tags])
 
     # A registered base that does not exist.

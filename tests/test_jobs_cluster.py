@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.services import free_ports
 from workflows.ops import jobs
 from workflows.cli import main as cli
 
@@ -29,16 +29,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 VENV_BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 420
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def jobs_api_installed() -> bool:

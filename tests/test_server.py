@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from data_prep.storage import redact
+
 from workflows.config import ServerConfig
 from workflows.ops import registry, server
 
@@ -39,8 +41,11 @@ def test_the_local_default_serves_the_sqlite_store_on_loopback(tmp_path):
 
 def test_a_database_needs_an_artifact_destination_and_passwords_are_redacted(tmp_path):
     uri = "postgresql://mlflow:s3cr3t-pw@db.internal:5432/mlflow"
-    assert server.redact_uri(uri) == "postgresql://mlflow:***@db.internal:5432/mlflow"
-    assert server.redact_uri("postgresql://mlflow@db:5432/m") == "postgresql://mlflow@db:5432/m"
+    assert redact(uri) == "postgresql://mlflow:***@db.internal:5432/mlflow"
+    assert redact("postgresql://mlflow@db:5432/m") == "postgresql://mlflow@db:5432/m"
+    # The one redaction of logs, params and tags: a bare http(s) userinfo is a token.
+    assert (redact("at http://tok3n@h:5000 and https://u:p@h/x; abfs://box@acct.dfs/d")
+            == "at http://***@h:5000 and https://u:***@h/x; abfs://box@acct.dfs/d")
     with pytest.raises(server.ServerError, match="--artifacts-destination") as err:
         server.plan_server(ServerConfig(backend_store_uri=uri), environ={})
     assert "s3cr3t-pw" not in str(err.value)
@@ -52,7 +57,7 @@ def test_a_database_needs_an_artifact_destination_and_passwords_are_redacted(tmp
     driver = "psycopg" if importlib.util.find_spec("psycopg") else "psycopg2"
     installed = uri.replace("postgresql://", f"postgresql+{driver}://")
     assert launch.env["MLFLOW_BACKEND_STORE_URI"] == installed
-    assert launch.store == server.redact_uri(installed) and "***" in launch.store
+    assert launch.store == redact(installed) and "***" in launch.store
     assert not any("s3cr3t-pw" in part for part in launch.command)
 
 

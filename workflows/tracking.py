@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_core.config_io import BertflowError
+from data_prep.storage import public_uri, redact
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,6 @@ MLFLOW_SAFE_ENV = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
 
 LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 
 
 class TrackingError(BertflowError):
@@ -144,11 +144,6 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return uri
 
 
-def redact(text: str) -> str:
-    """`text` with the `user:password@` of every URI in it replaced by `***@`."""
-    return _USERINFO.sub(r"\g<scheme>***@", text)
-
-
 def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
     """Fail now, not after the workers started, when the tracking store cannot answer:
     an http(s) server is probed at /health with a short timeout."""
@@ -158,7 +153,7 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
     if not uri.startswith(("http://", "https://")):
         return
     shown = redact(uri)
-    url = _USERINFO.sub(r"\g<scheme>", uri).rstrip("/") + "/health"
+    url = public_uri(uri).rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=timeout_s):
             return

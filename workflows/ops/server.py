@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bert_core.config_io import BertflowError
+from data_prep.storage import redact
 from workflows.config import ServerConfig
 
 log = logging.getLogger(__name__)
@@ -49,11 +49,6 @@ DEFAULT_ADMIN = "admin"
 
 class ServerError(BertflowError):
     """The tracking server cannot start on this store or port; the message says why."""
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with the password of its `user:password@` part replaced by ***."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/@:]*):[^@/]*@", r"\1:***@", uri)
 
 
 @dataclass
@@ -83,7 +78,7 @@ def with_installed_driver(uri: str) -> str:
     for module, driver in (("psycopg", "psycopg"), ("psycopg2", "psycopg2")):
         if importlib.util.find_spec(module):
             return f"postgresql+{driver}://{rest}"
-    raise ServerError(f"{redact_uri(uri)}: no PostgreSQL driver is installed; "
+    raise ServerError(f"{redact(uri)}: no PostgreSQL driver is installed; "
                       "pip install 'bertflow[server]' (psycopg2-binary)")
 
 
@@ -96,13 +91,13 @@ def backend_store_uri(cfg: ServerConfig, environ: dict[str, str] | None = None) 
     uri = cfg.backend_store_uri or environ.get("MLFLOW_BACKEND_STORE_URI")
     if uri:
         if uri.startswith(("http://", "https://")):
-            raise ServerError(f"--backend-store-uri {redact_uri(uri)} is a server, not a "
+            raise ServerError(f"--backend-store-uri {redact(uri)} is a server, not a "
                               "database: give postgresql://USER@HOST:PORT/DB (or mysql://, "
                               "sqlite:///ABSOLUTE/PATH)")
         return with_installed_driver(uri)
     uri = resolve_tracking_uri(cfg.tracking_uri)
     if not uri.startswith("sqlite:///"):
-        raise ServerError(f"tracking URI {redact_uri(uri)}: `bertflow server` serves a "
+        raise ServerError(f"tracking URI {redact(uri)}: `bertflow server` serves a "
                           "database; an http:// URI is already a server. Give "
                           "--backend-store-uri postgresql://... (or a sqlite:/// store)")
     return uri
@@ -126,7 +121,7 @@ def artifacts_destination(cfg: ServerConfig, store: str) -> str:
         return dest
     if store.startswith("sqlite:///"):
         return str((Path(store[len("sqlite:///"):]).parent / "mlartifacts").resolve())
-    raise ServerError(f"backend store {redact_uri(store)}: give --artifacts-destination "
+    raise ServerError(f"backend store {redact(store)}: give --artifacts-destination "
                       "(e.g. s3://BUCKET/mlartifacts, storage every client reaches through "
                       "this server)")
 
@@ -174,7 +169,7 @@ def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> Ser
                str(cfg.port), "--artifacts-destination", artifacts, "--serve-artifacts",
                "--workers", "1"]
     env = {"MLFLOW_BACKEND_STORE_URI": store}
-    launch = ServerLaunch(command, env, server_url(cfg.host, cfg.port), redact_uri(store),
+    launch = ServerLaunch(command, env, server_url(cfg.host, cfg.port), redact(store),
                           artifacts)
     if cfg.auth:
         admin = environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or DEFAULT_ADMIN

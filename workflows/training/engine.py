@@ -354,7 +354,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                       step=int(metrics.get("step", 0)),
                       metrics=metrics, start_step=int(metrics.get("start_step", 0)),
                       attempt=int(metrics.get("attempt", 0)))
-    from workflows.tracking import redact
+    from data_prep.storage import redact
 
     text = redact(json.dumps({**dataclasses.asdict(out), "loop": to_dict(loop)}, indent=2,
                              default=str))
