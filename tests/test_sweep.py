@@ -88,6 +88,20 @@ def test_winner_is_the_best_mean_over_restarts_not_the_luckiest_seed():
     assert [p.point["lr"] for p in rank_points(ranking[0].trials + ranking[1].trials, "min")] == [1, 2]
 
 
+def test_reported_checkpoint_paths_become_uris_of_the_trials_store():
+    """Ray Train reports a checkpoint by its path on the storage filesystem: on S3 that is
+    `bucket/key`, which read as a local path would name a folder that does not exist."""
+    from workflows.training.sweep import checkpoint_uri, reuse_trial_actors
+
+    assert checkpoint_uri("bkt/runs/s/trials/t1/checkpoint_000001",
+                          "s3://bkt/runs/s/trials") == "s3://bkt/runs/s/trials/t1/checkpoint_000001"
+    assert checkpoint_uri("/tmp/runs/s/trials/t1/c", "/tmp/runs/s/trials") == "/tmp/runs/s/trials/t1/c"
+    assert checkpoint_uri("gs://b/c", "gs://b") == "gs://b/c"
+    # An ASHA-stopped trial's thread is still in its Train run: its actor cannot be reused.
+    assert not reuse_trial_actors(_sweep_config(Path("/tmp"), scheduler="asha"))
+    assert reuse_trial_actors(_sweep_config(Path("/tmp"), scheduler="none"))
+
+
 # ---------------------------------------------------------------- real Ray Tune + MLflow
 
 TRAIN_ROWS = 96

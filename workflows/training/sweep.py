@@ -590,9 +590,22 @@ def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=metric, mode=cfg.mode, search_alg=search_alg,
                                     scheduler=scheduler, num_samples=num_samples,
-                                    max_concurrent_trials=at_once),
+                                    max_concurrent_trials=at_once,
+                                    reuse_actors=reuse_trial_actors(cfg)),
         run_config=tune.RunConfig(name=name, storage_path=exp_path.rsplit("/", 1)[0], verbose=0,
                                   callbacks=[_tune_callback_class()(metric, cfg, train_rows)]))
+
+
+def reuse_trial_actors(cfg: SweepConfig) -> bool:
+    """Whether a finished trial's actor runs the next trial (Tune's `reuse_actors`).
+
+    A trial actor spends seconds importing torch, MLflow and bertflow before its Ray Train
+    run starts; reused, only the first trial pays that. Tune reuses an actor once the
+    trial's function has returned, which is always so without a scheduler. ASHA stops a
+    trial in the middle of its Ray Train run: the function's thread cannot be interrupted,
+    Tune's reset would fail and the next trial would error, so an ASHA sweep gives each
+    trial a fresh actor (and the stopped one is killed, with its Train run)."""
+    return cfg.scheduler != "asha"
 
 
 def _bounds(value: Any) -> list[float]:
@@ -622,7 +635,7 @@ def _collect(grid: Any, plan: SweepPlan, metric: str, client: Any) -> list[Trial
             r.update(done.metrics)
             model_dir = done.model_dir
         elif r.get("step", 0) >= loop.max_steps and r.get("checkpoint_path"):
-            ckpt = str(r["checkpoint_path"])
+            ckpt = checkpoint_uri(str(r["checkpoint_path"]), plan.trials_dir)
             model_dir = f"{ckpt}/model" if "://" in ckpt else Path(ckpt) / "model"
         status = "done" if model_dir is not None else ("failed" if result.error else "stopped")
         run = T.find_run(experiment_id, run_name, plan.prep.uri)
@@ -638,6 +651,14 @@ def _collect(grid: Any, plan: SweepPlan, metric: str, client: Any) -> list[Trial
             metrics={k: float(v) for k, v in r.items()
                      if k.startswith("val_") and isinstance(v, (int, float))}))
     return sorted(trials, key=lambda t: t.trial_id)
+
+
+def checkpoint_uri(path: str, trials_dir: str) -> str:
+    """The URI of a checkpoint Tune reported: Ray gives its path on the storage filesystem,
+    without the scheme (`bucket/key` for `s3://bucket/key`); the trials' folder has it."""
+    if "://" in path or "://" not in trials_dir:
+        return path
+    return f"{trials_dir.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
 def _log_parent(client: Any, parent: str, trials: list[TrialRecord],
