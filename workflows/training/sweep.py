@@ -274,7 +274,28 @@ def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
 
     point, seed = trial_params(config)
     run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
+    _share_report_queue()
     train_trial(plan, point, seed, run_name, callbacks=trial_callbacks())
+
+
+_REPORT_QUEUE: list[Any] = []  # this trial actor's queue actor, once it has one
+
+
+def _share_report_queue() -> None:
+    """Give this trial the report queue of the actor's earlier trials.
+
+    Tune's report callback hands metrics from the Train controller to the trial through a
+    queue actor, and each trial's session makes a new one: a Python process started (and
+    importing Ray) just as the trial's Train controller and worker start on the same CPUs.
+    A reused trial actor (see `reuse_trial_actors`) keeps its first queue instead; it is
+    empty between trials, as Tune takes a trial's last report before the trial ends."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if _REPORT_QUEUE:
+        session._inter_actor_queue = _REPORT_QUEUE[0]
+    else:
+        _REPORT_QUEUE.append(session._get_or_create_inter_actor_queue())
 
 
 def trial_callbacks() -> list[Any]:
