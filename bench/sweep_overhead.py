@@ -3,8 +3,9 @@ run one after another, at equal concurrency (one at a time), in one process.
 
 Both sides do the same work: the data are tokenized once beforehand (both reuse them),
 each fine-tune is the same `train_trial` (an MLflow child run + `run_training` with one
-worker), and one model is logged at the end. The sweep adds Tune: its controller, a trial
-actor per fine-tune, the per-epoch reports, the experiment state on disk and the ranking.
+worker), and one model is logged at the end. The sweep adds Tune: its controller, the
+trial actor (one for the whole sweep: without ASHA, Tune reuses it), the per-epoch reports
+through a queue actor, the experiment state on disk and the ranking.
 Printed: both wall times, the ratio (goal: sweep / sequential < 1.10) and the load
 average before and after (the machine may be shared: a ratio taken under load is noisy).
 `--sweep-first` swaps the order, to see what running second (warm caches) is worth.
