@@ -8,7 +8,10 @@ trial actor (one for the whole sweep: without ASHA, Tune reuses it), the per-epo
 through a queue actor, the experiment state on disk and the ranking.
 Printed: both wall times, the ratio (goal: sweep / sequential < 1.10) and the load
 average before and after (the machine may be shared: a ratio taken under load is noisy).
-`--sweep-first` swaps the order, to see what running second (warm caches) is worth.
+An untimed fine-tune runs before both sides: the first Train run of a fresh Ray and
+MLflow's first open of its store cost 10-15 s more on the 2-core machine, which would
+otherwise land on whichever side runs first (`--no-warm-up` to see it). `--sweep-first`
+swaps the order.
 
     python bench/sweep_overhead.py [--trials 4] [--train-size 320] [--epochs 2] [--sweep-first]
 """
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=2)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the local Ray")
     parser.add_argument("--sweep-first", action="store_true", help="run the sweep first")
+    parser.add_argument("--no-warm-up", action="store_true",
+                        help="skip the untimed fine-tune that first warms Ray and MLflow")
     args = parser.parse_args()
     load_before = os.getloadavg()
 
@@ -72,6 +77,18 @@ def main() -> None:
     prep = prepare_finetune(cfg)  # tokenize once: both sides reuse the datasets
     _, cpus = _resources(cfg)
 
+    def warm_up() -> float:
+        # One untimed fine-tune first: the first Train run of a fresh Ray (worker pool,
+        # cold page cache of torch's libraries) and MLflow's first open of its store
+        # (creating the tables) are slower, and would land on whichever side runs first.
+        start = time.perf_counter()
+        parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-warm-up",
+                            tags=prep.run_tags(cfg.task), params={"trials": 1})
+        plan = SweepPlan(cfg=cfg, name="bench-warm-up", prep=prep, parent_run_id=parent,
+                         trials_dir=str(tmp / "runs" / "warm-up"), cpus_per_worker=cpus)
+        train_trial(plan, {"lr": lrs[0]}, cfg.loop.seed, "bench-warm-up-0")
+        return time.perf_counter() - start
+
     def sequential_side() -> float:
         start = time.perf_counter()
         parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-sequential",
@@ -92,6 +109,7 @@ def main() -> None:
         result = run_sweep(cfg)
         return time.perf_counter() - start, result
 
+    warm = None if args.no_warm_up else warm_up()
     if args.sweep_first:
         sweep, result = sweep_side()
         sequential = sequential_side()
@@ -106,6 +124,8 @@ def main() -> None:
           f"(winner lr={result.winner.point['lr']:g}, {result.metric}={result.winner.value:.3f})")
     print(f"  ratio sweep / sequential:     {sweep / sequential:8.3f}   "
           f"(Tune overhead {100 * (sweep / sequential - 1):+.1f}%; goal < +10%)")
+    print(f"  warm-up fine-tune before both sides (untimed): "
+          f"{'none' if warm is None else f'{warm:.1f} s'}")
     print(f"  order: {'sweep first' if args.sweep_first else 'sequential first'}; load "
           f"average (1/5/15 min) before {' '.join(f'{x:.1f}' for x in load_before)}, after "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
