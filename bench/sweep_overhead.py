@@ -77,24 +77,25 @@ def main() -> None:
     prep = prepare_finetune(cfg)  # tokenize once: both sides reuse the datasets
     _, cpus = _resources(cfg)
 
+    def by_hand_plan(name: str, trials: int) -> SweepPlan:
+        """A parent run and the plan its fine-tunes share (what run_sweep sets up)."""
+        parent = T.open_run(prep.uri, cfg.tracking.experiment, name,
+                            tags=prep.run_tags(cfg.task), params={"trials": trials})
+        return SweepPlan(cfg=cfg, name=name, prep=prep, parent_run_id=parent,
+                         trials_dir=str(tmp / "runs" / name), cpus_per_worker=cpus)
+
     def warm_up() -> float:
         # One untimed fine-tune first: the first Train run of a fresh Ray (worker pool,
         # cold page cache of torch's libraries) and MLflow's first open of its store
         # (creating the tables) are slower, and would land on whichever side runs first.
         start = time.perf_counter()
-        parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-warm-up",
-                            tags=prep.run_tags(cfg.task), params={"trials": 1})
-        plan = SweepPlan(cfg=cfg, name="bench-warm-up", prep=prep, parent_run_id=parent,
-                         trials_dir=str(tmp / "runs" / "warm-up"), cpus_per_worker=cpus)
-        train_trial(plan, {"lr": lrs[0]}, cfg.loop.seed, "bench-warm-up-0")
+        train_trial(by_hand_plan("bench-warm-up", 1), {"lr": lrs[0]}, cfg.loop.seed,
+                    "bench-warm-up-0")
         return time.perf_counter() - start
 
     def sequential_side() -> float:
         start = time.perf_counter()
-        parent = T.open_run(prep.uri, cfg.tracking.experiment, "bench-sequential",
-                            tags=prep.run_tags(cfg.task), params={"trials": args.trials})
-        plan = SweepPlan(cfg=cfg, name="bench-sequential", prep=prep, parent_run_id=parent,
-                         trials_dir=str(tmp / "runs" / "sequential"), cpus_per_worker=cpus)
+        plan = by_hand_plan("bench-sequential", args.trials)
         last = None
         for i, lr in enumerate(lrs):
             last = train_trial(plan, {"lr": lr}, cfg.loop.seed, f"bench-sequential-{i}")
