@@ -135,7 +135,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
         log.info("Ray workers get the credential variables %s",
                  ", ".join(sorted(runtime_env.get("env_vars", {}))) or "(none)")
     if address is None:
-        _start_local(ray, options)
+        start_local_ray(ray, options)
         log.info("started a local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
     else:
         options.pop("include_dashboard", None)  # only valid when starting a new cluster
@@ -145,7 +145,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     return ray
 
 
-def _start_local(ray: Any, options: dict[str, Any], attempts: int = 3) -> None:
+def start_local_ray(ray: Any, options: dict[str, Any], attempts: int = 3) -> None:
     """`ray.init(address="local")`, started again when its node times out during startup:
     Ray waits a fixed time for its raylet, which a busy machine can overrun."""
     for attempt in range(1, attempts + 1):

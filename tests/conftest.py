@@ -29,10 +29,10 @@ def ray_local():
     """One real local Ray for the whole session (2 CPUs; Train workers use fractions)."""
     import ray
 
-    from data_prep.ray_env import _start_local
+    from data_prep.ray_env import start_local_ray
 
     if not ray.is_initialized():  # started again if it times out on a busy machine
-        _start_local(ray, dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
+        start_local_ray(ray, dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
                                configure_logging=False))
     yield ray
     ray.shutdown()

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from data_prep.storage import redact
-
 from workflows.config import ServerConfig
 from workflows.ops import registry, server
 

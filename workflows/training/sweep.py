@@ -274,7 +274,6 @@ def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
 
     point, seed = trial_params(config)
     run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
-    _share_report_queue()
     train_trial(plan, point, seed, run_name, callbacks=trial_callbacks())
 
 
@@ -327,6 +326,7 @@ def trial_callbacks() -> list[Any]:
             handle = worker_group.get_worker_group_state().placement_group_handle
             self.report.placement_group = handle.placement_group.id.hex()
 
+    _share_report_queue()  # before ReportToTune() takes the session's queue
     report = ReportToTune()
     return [report, RecordPlacementGroup(report)]
 
