@@ -217,3 +217,26 @@ def test_train_batches_from_parts_resume_with_the_batches_and_masks_of_the_full_
     assert [(e, p) for e, p, _ in full][5:8] == [(0, 6), (1, 1), (1, 2)]
     assert [(e, p) for e, p, _ in resumed] == [(e, p) for e, p, _ in full[8:12]]
     assert all(np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(resumed, full[8:12]))
+
+
+def test_rank_zero_opens_the_run_it_logs_into_and_a_restart_finds_it_again(tmp_path):
+    """A sweep trial's RunTracking names no run: rank 0 opens it (tags, params), logs into
+    it, and a restarted worker group (a second RunLogger) logs into the same run."""
+    from workflows import tracking as T
+    from workflows.training.engine import RunTracking, TrainingError
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    opening = dict(experiment="sweeps", run_name="s-0001", tags={"bertflow.sweep_trial": "s"},
+                   params={"lr": 3e-5})
+    for step in (1, 2):  # the first attempt, then the restarted worker group
+        logger = L.RunLogger(RunTracking(uri, None, False, opening=opening))
+        logger.log({"loss": 1.0 / step}, step)
+        logger.close()
+    c = T.client(uri)
+    runs = c.search_runs([c.get_experiment_by_name("sweeps").experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.tags["bertflow.sweep_trial"] == "s" and run.data.params["lr"] == "3e-05"
+    assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    with pytest.raises(TrainingError, match="run_id or an opening"):
+        RunTracking(uri, None).resolve()

@@ -100,11 +100,26 @@ class TrainTask(Protocol):
 
 @dataclass
 class RunTracking:
-    """The MLflow run (created by the driver) that rank 0 logs into."""
+    """The MLflow run that rank 0 logs into: `run_id`, created by the driver, or (with
+    `run_id` None) the run rank 0 opens itself as `tracking.open_run(tracking_uri,
+    **opening)` with `resume=True`, so a restarted worker group finds it again. A sweep
+    trial takes the second way: its Tune actor then never imports MLflow nor opens the store
+    (seconds per trial actor), which rank 0 does anyway to log."""
 
     tracking_uri: str
-    run_id: str
+    run_id: str | None
     log_system_metrics: bool = True
+    opening: dict[str, Any] | None = None
+
+    def resolve(self) -> str:
+        """The run's id, opening the run first when the driver did not."""
+        if self.run_id is None:
+            from workflows import tracking as T
+
+            if self.opening is None:
+                raise TrainingError("RunTracking needs a run_id or an opening")
+            self.run_id = T.open_run(self.tracking_uri, **{**self.opening, "resume": True})
+        return self.run_id
 
 
 @dataclass

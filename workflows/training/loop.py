@@ -236,8 +236,8 @@ def train_summary(window: MetricWindow, world: int, n_params: int,
 
 
 class RunLogger:
-    """Logs metrics into the MLflow run the driver created; a no-op without one (every rank
-    but 0 gets none)."""
+    """Logs metrics into the run's MLflow run (opening it first if the driver did not, see
+    engine.RunTracking); a no-op without one (every rank but 0 gets none)."""
 
     def __init__(self, tracking: RunTracking | None) -> None:
         self.active = tracking is not None
@@ -245,7 +245,7 @@ class RunLogger:
             import mlflow
 
             mlflow.set_tracking_uri(tracking.tracking_uri)
-            mlflow.start_run(run_id=tracking.run_id,
+            mlflow.start_run(run_id=tracking.resolve(),
                              log_system_metrics=tracking.log_system_metrics)
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -10,7 +10,8 @@ over `FinetuneConfig` fields), each trial one fine-tuning run of the one trainin
    worker and a fraction of a CPU; the engine's `TuneReportCallback` hands each epoch's
    eval metrics to Tune, so ASHA can stop a trial that trails the others at an epoch.
    Each trial is an MLflow child run (`mlflow.parentRunId`) of the sweep's parent run,
-   with its params and per-epoch metrics (logged by rank 0 as in any fine-tuning).
+   with its params and per-epoch metrics; rank 0 opens it and logs into it (the trial's
+   actor, which only waits on its Train run, never imports MLflow).
 4. Rank the points by the mean of the metric over their restarts (only points whose
    trials all ran to their end can win), log the trials table to the parent run, log the
    winning trial's model (no other model is logged) and register it with the sweep's run
@@ -256,16 +257,17 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     if (done := finished_run(loop, run_name)) is not None:  # the driver died after it ended
         return done
     prep = plan.prep
-    run_id = T.open_run(
-        prep.uri, cfg.tracking.experiment, run_name, inputs=prep.inputs(), resume=True,
+    # Rank 0 opens the child run (see RunTracking): the trial's actor stays free of MLflow.
+    opening = dict(
+        experiment=cfg.tracking.experiment, run_name=run_name, inputs=prep.inputs(),
         tags={**prep.run_tags(cfg.task), TAG_PARENT_RUN: plan.parent_run_id,
               T.TAG_SWEEP_RUN: plan.parent_run_id, T.TAG_SWEEP_NAME: plan.name,
               TAG_TRIAL: run_name},
         params={**run_params(cfg, prep, loop, steps_per_epoch),
                 **{f"sweep.{k}": v for k, v in point.items()}, "sweep.seed": seed})
     return run_training(prep.task_for(cfg), loop, datasets=prep.ray_datasets(cfg.address),
-                        run_name=run_name, tracking=RunTracking(prep.uri, run_id, False),
-                        callbacks=callbacks)
+                        run_name=run_name, callbacks=callbacks,
+                        tracking=RunTracking(prep.uri, None, False, opening=opening))
 
 
 def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
