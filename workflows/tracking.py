@@ -254,7 +254,8 @@ class DatasetInput:
 def open_run(uri: str, experiment: str, run_name: str, *, tags: dict[str, str],
              params: dict[str, Any], inputs: list[DatasetInput] = (),
              metrics: dict[str, float] | None = None, resume: bool = False) -> str:
-    """The id of a stage's MLflow run, which the driver creates and rank 0 logs into.
+    """The id of a stage's MLflow run, which the driver creates and rank 0 logs into (a
+    sweep trial's rank 0 opens its own: engine.RunTracking).
 
     With `resume`, the newest run named `run_name` is reopened (the curves continue);
     otherwise a new run gets bertflow's tags plus `tags`, the params (lists and dicts as
