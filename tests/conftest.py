@@ -33,7 +33,7 @@ def ray_local():
 
     if not ray.is_initialized():  # started again if it times out on a busy machine
         start_local_ray(ray, dict(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                               configure_logging=False))
+                                  configure_logging=False))
     yield ray
     ray.shutdown()
 

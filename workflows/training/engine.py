@@ -4,9 +4,8 @@ its interface and its driver side.
 A `TrainTask` (picklable, shipped to every worker) says what to train; the engine owns
 how: DDP (gloo on CPUs, NCCL on GPUs), precision, gradient accumulation, clipping,
 AdamW/LAMB, linear warmup + decay (workflows.training.step), validation and rank-0
-MLflow logging into a run the driver created (or, for a sweep trial, that rank 0 opens:
-`RunTracking`) (workflows.training.loop), checkpoints and
-resume (workflows.training.checkpoint).
+MLflow logging (workflows.training.loop) into the run named by `RunTracking`, checkpoints
+and resume (workflows.training.checkpoint).
 
 `run_training` starts the workers and returns a `TrainResult`; when a run completes, its
 result is saved in the run folder, and `finished_run` is the one place that says whether
