@@ -57,10 +57,11 @@ import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from bert_core.config_io import BertflowError
-from data_prep.storage import Location, check_location, is_uri, open_location, public_uri
+from data_prep.storage import (Location, NotRegularFile, check_location, is_uri, open_location,
+                              open_regular, public_uri)
 
 log = logging.getLogger(__name__)
 
@@ -132,8 +133,8 @@ def _expand_local(pattern: str, skipped: Counter, missing: list[str]) -> list[Pa
         for m in matches:
             if m.is_dir() and not m.is_symlink():
                 found += _walk(m, skipped)
-            elif _usable(m, base, skipped):
-                found.append(m)
+            elif (usable := _usable(m, base, skipped)) is not None:
+                found.append(usable)
         if not found:
             missing.append(f"{pattern} (glob matches no file)")
         return found
@@ -144,8 +145,8 @@ def _expand_local(pattern: str, skipped: Counter, missing: list[str]) -> list[Pa
         return found
     if p.exists() and not p.is_file():
         missing.append(f"{pattern} (not a regular file: a FIFO, socket or device)")
-    elif p.is_file():
-        return [p]
+    elif p.is_file():  # a link the user named: its target, resolved once
+        return [p.resolve() if p.is_symlink() else p]
     else:
         missing.append(pattern)
     return []
@@ -198,24 +199,27 @@ def _glob_base(pattern: Path) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
-def _usable(path: Path, root: Path, skipped: Counter) -> bool:
-    """True for a regular file that is not a symlink leading outside `root`; otherwise
-    count and log why it is left out."""
+def _usable(path: Path, root: Path, skipped: Counter) -> Path | None:
+    """The file to read for `path`: itself when a regular file, its target (resolved now,
+    once) when a symlink to a regular file inside `root`; None (counted and logged) for
+    anything else. Readers open the returned path without following links
+    (storage.open_regular), so a link swapped in later is never followed."""
     reason = None
+    target = path
     try:
         if path.is_symlink():
             target = path.resolve()
             if root.resolve() != target and root.resolve() not in target.parents:
                 reason = "symlink_outside_input"
-        if reason is None and not stat.S_ISREG(os.stat(path).st_mode):
+        if reason is None and not stat.S_ISREG(os.stat(target).st_mode):
             reason = "not_regular_file"
     except (OSError, RuntimeError):  # dangling link, loop, no permission
         reason = "not_regular_file"
     if reason is None:
-        return True
+        return target
     skipped[f"files_skipped.{reason}"] += 1
     log.warning("%s: skipped (%s)", path, reason.replace("_", " "))
-    return False
+    return None
 
 
 def _walk(folder: Path, skipped: Counter) -> list[Path]:
@@ -225,8 +229,8 @@ def _walk(folder: Path, skipped: Counter) -> list[Path]:
         for d in [d for d in dirs if os.path.islink(os.path.join(root, d))]:
             skipped["files_skipped.symlinked_folder"] += 1  # os.walk does not follow them
             log.warning("%s: symlinked folder not followed", Path(root) / d)
-        out += [Path(root) / n for n in sorted(names) if not n.startswith(".")
-                and _usable(Path(root) / n, folder, skipped)]
+        out += [usable for n in sorted(names) if not n.startswith(".")
+                and (usable := _usable(Path(root) / n, folder, skipped)) is not None]
     return out
 
 
@@ -286,7 +290,8 @@ def _open_binary(source: Source, gz: bool, cap: int = MAX_DECOMPRESSED_BYTES) ->
     if isinstance(source, Location):  # a buffered stream: readline on the raw one is slow
         raw: IO[bytes] = io.BufferedReader(source.open_input_stream(), 1 << 20)
         return _CappedGzipFile(raw, cap) if gz else raw
-    return _CappedGzipFile(source, cap) if gz else open(source, "rb")
+    raw = open_regular(source)  # no link followed, no FIFO opened: checked on the descriptor
+    return _CappedGzipFile(raw, cap) if gz else raw
 
 
 def _size(source: Source) -> int:
@@ -361,14 +366,18 @@ def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text"
     else:
         p = Path(open_location(path).path if is_uri(path) else path)
         fmt, gz = file_format(p)
-        try:
-            regular = stat.S_ISREG(os.stat(p).st_mode)
+        try:  # the reader opens it again, without following a link (open_regular)
+            regular = stat.S_ISREG(os.lstat(p).st_mode)
         except OSError:
             regular = False
         if not regular:  # never open a FIFO or device: it may block forever
             stats["files_skipped.not_regular_file"] += 1
             return
-    reason = sniff_file(p)
+    try:
+        reason = sniff_file(p)
+    except NotRegularFile:  # swapped for a link or a FIFO since the listing
+        stats["files_skipped.not_regular_file"] += 1
+        return
     if reason:
         stats[f"files_skipped.{reason}"] += 1
         return
@@ -377,6 +386,8 @@ def iter_documents(path: str | Path, stats: Counter, *, text_field: str = "text"
         yield from reader(p, gz, stats, text_field, max_line_bytes, max_decompressed_bytes)
     except (EOFError, zlib.error, gzip.BadGzipFile):
         stats["files_skipped.corrupt_compressed_file"] += 1
+    except NotRegularFile:
+        stats["files_skipped.not_regular_file"] += 1
     except DecompressedTooLarge as exc:
         log.warning("%s: %s; the documents before that point are kept (raise "
                     "--max-decompressed-bytes to read it all)", p, exc)
@@ -477,11 +488,19 @@ def _parquet_docs(path: Source, _gz: bool, stats: Counter, field: str,
                   _max_line_bytes: int, _cap: int) -> Iterator[list[str]]:
     import pyarrow.parquet as pq
 
+    source = path.open_input_file() if isinstance(path, Location) else open_regular(path)
     try:
-        pf = pq.ParquetFile(path.open_input_file() if isinstance(path, Location) else path)
+        pf = pq.ParquetFile(source)
     except Exception:  # pyarrow raises several types for a non-Parquet file
+        source.close()
         stats["files_skipped.unreadable_parquet"] += 1
         return
+    with source:
+        yield from _parquet_batches(path, pf, stats, field)
+
+
+def _parquet_batches(path: Source, pf: Any, stats: Counter, field: str
+                     ) -> Iterator[list[str]]:
     names = pf.schema_arrow.names
     if field not in names:
         raise PrepInputError(f"{path}: no column {field!r} (columns: {', '.join(names)}); "

@@ -20,10 +20,12 @@ query string is refused, since options and credentials come from the environment
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import posixpath
 import re
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +64,38 @@ def scheme_of(location: str | Path) -> str:
 def is_local(location: str | Path) -> bool:
     """A plain path or a file:// URI: the local filesystem of whichever node opens it."""
     return scheme_of(location) in ("", "file")
+
+
+class NotRegularFile(LocationError):
+    """A local path that is a symbolic link, a folder, a FIFO or a device where a regular
+    file is read (`open_regular`)."""
+
+
+def open_regular(path: str | Path) -> Any:
+    """A local regular file opened for reading in one step: the last component is not
+    followed if it is a link (O_NOFOLLOW), a FIFO cannot block the open (O_NONBLOCK), and
+    the descriptor itself is checked (fstat) -- so a link or FIFO swapped in after a
+    listing checked the path is refused, never read. NotRegularFile otherwise."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise NotRegularFile(f"{path}: a symbolic link; only regular files are read "
+                                 "(pass the file it points to)") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(f"{path}: not a regular file (a folder, FIFO or device)")
+        if flags & getattr(os, "O_NONBLOCK", 0):  # reads of the regular file may block
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 _FILESYSTEMS: dict[tuple[str, ...], Any] = {}
@@ -232,23 +266,69 @@ def open_location(location: str | Path) -> Location:
     return Location(fs, path, uri.rstrip("/"))
 
 
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s]*)"
-                       r"(?P<password>:[^/@\s]*)?@")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# Query parameters whose value is a secret (password=, token=, api_key=, X-Amz-Signature=...).
+_SECRET_QUERY = re.compile(
+    r"(?P<name>[?&;][^=&#\s]*(?:pass|pwd|token|secret|key|sig|credential|auth)[^=&#\s]*=)"
+    r"(?P<value>[^&#\s]+)", re.IGNORECASE)
+_PORT = re.compile(r"\d*")
+
+
+def _userinfo_end(text: str, start: int) -> int:
+    """Index of the `@` that ends the userinfo of the URI whose authority starts at
+    `start`, or -1. Everything up to the LAST `@` of the authority is userinfo (a password
+    may hold `@`, `/` or a space): `u:p@ss@db`, `user@corp:pw@db`, `u:pa/ss@db` and
+    `u:pa ss@db` all end at the `@` before `db`."""
+    line_end = min((i for i in (text.find("\n", start), len(text)) if i >= 0))
+    nxt = _SCHEME.search(text, start, line_end)
+    limit = nxt.start() if nxt else line_end
+    word_end = start
+    while word_end < limit and not text[word_end].isspace():
+        word_end += 1
+    word = text[start:word_end]
+    authority = re.split(r"[/?#]", word, maxsplit=1)[0]
+    if "@" in authority:
+        return start + authority.rindex("@")
+    user, colon, password = authority.partition(":")
+    if not colon or (_PORT.fullmatch(password) and "@" not in word):
+        return -1  # host or host:port, no userinfo
+    # `user:pa` then `/` or a space: a password with a `/` or a space ends at the first
+    # `@` after it (on this line, before the next URI), or the last `@` of that host part.
+    at = text.find("@", start + len(authority), limit)
+    if at < 0:
+        return -1
+    stop = at
+    while stop < limit and not text[stop].isspace() and text[stop] not in "/?#":
+        stop += 1
+    return text.rindex("@", at, stop)
 
 
 def redact(text: str) -> str:
-    """`text` with the secret of every URI in it hidden (what may be printed, logged, or
-    stored as an MLflow param or tag): `user:password@` becomes `user:***@`; a bare
-    `TOKEN@` of an http(s) URI becomes `***@` (elsewhere a bare name is a user or an
-    abfs container, kept)."""
-    def hide(m: re.Match) -> str:
-        if m["password"]:
-            return f"{m['scheme']}{m['user']}:***@"
-        if m["scheme"].lower() in ("http://", "https://"):
-            return f"{m['scheme']}***@"
-        return m[0]
-
-    return _USERINFO.sub(hide, text)
+    """`text` with the secrets of every URI in it hidden (what may be printed, logged, or
+    stored as an MLflow param or tag). Everything up to the last `@` of an authority is
+    userinfo: `user:password@` becomes `user:***@` (the user is what comes before the
+    first `:`); a bare `TOKEN@` of an http(s) URI becomes `***@` (elsewhere a bare name is
+    a user or an abfs container, kept). Query values that look secret (`password=`,
+    `token=`, `secret=`, `key=`, `sig=`, ...) become `***`."""
+    out, pos = [], 0
+    for m in _SCHEME.finditer(text):
+        if m.start() < pos:
+            continue  # inside the userinfo of the previous URI
+        at = _userinfo_end(text, m.end())
+        if at < 0:
+            continue
+        userinfo = text[m.end():at]
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            shown = f"{user}:***"
+        elif m[0].lower() in ("http://", "https://"):
+            shown = "***"
+        else:
+            continue
+        out.append(text[pos:m.end()] + shown)
+        pos = at
+    text = "".join(out) + text[pos:]
+    return _SECRET_QUERY.sub(lambda q: f"{q['name']}***", text)
 
 
 def public_uri(location: str | Path) -> str:
@@ -258,11 +338,11 @@ def public_uri(location: str | Path) -> str:
     if not is_uri(text):
         return text
     scheme, rest = text.split("://", 1)
+    at = _userinfo_end(text, len(scheme) + 3)
+    if at >= 0 and scheme_of(text) not in ("abfs", "abfss", "az"):
+        rest = text[at + 1:]  # abfs://CONTAINER@ACCOUNT is a name, not a secret
     rest = rest.split("?", 1)[0].split("#", 1)[0]
-    host, sep, tail = rest.partition("/")
-    if "@" in host and scheme_of(text) not in ("abfs", "abfss", "az"):
-        host = host.rsplit("@", 1)[1]  # abfs://CONTAINER@ACCOUNT is a name, not a secret
-    return f"{scheme}://{host}{sep}{tail}"
+    return f"{scheme}://{rest}"
 
 
 def _from_uri(text: str) -> tuple[Any, str]:

@@ -52,6 +52,39 @@ def test_symlinks_leading_outside_the_input_folder_are_refused(tmp_path):
     assert expand_inputs([str(corpus / "leak.txt")]) == [secret]  # named explicitly: allowed
 
 
+@pytest.mark.timeout(30)
+def test_a_link_or_fifo_swapped_in_after_expansion_is_not_followed(tmp_path):
+    """Expansion checks the files; the reader opens each one again later. A file replaced
+    by a link to a secret (or by a FIFO) in between is refused on the descriptor
+    (O_NOFOLLOW, O_NONBLOCK, fstat), never read."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("The private key is here.\n")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("a.txt", "b.txt", "c.parquet"):
+        (corpus / name).write_text("Public text.\n")
+    files = expand_inputs([str(corpus)])
+    assert [f.name for f in files] == ["a.txt", "b.txt", "c.parquet"]
+    for f in (files[0], files[2]):
+        f.unlink()
+        f.symlink_to(secret)
+    files[1].unlink()
+    os.mkfifo(files[1])
+    for f in files:
+        stats: Counter = Counter()
+        assert list(iter_documents(f, stats)) == []
+        assert stats == {"files_skipped.not_regular_file": 1}
+    # A link inside the folder is read as its target, resolved at expansion: swapping the
+    # link afterwards changes nothing.
+    (corpus / "real.txt").write_text("Inside text.\n")
+    (corpus / "alias.txt").symlink_to(corpus / "real.txt")
+    listed = expand_inputs([str(corpus / "alias.txt")])
+    assert listed == [corpus / "real.txt"]
+    (corpus / "alias.txt").unlink()
+    (corpus / "alias.txt").symlink_to(secret)
+    assert list(iter_documents(listed[0], Counter())) == [["Inside text."]]
+
+
 def test_decompressed_size_of_a_gz_is_capped_and_counted(tmp_path):
     bomb = tmp_path / "bomb.txt.gz"
     doc = "A sentence that repeats. " * 40 + "\n\n"

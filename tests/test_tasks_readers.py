@@ -27,6 +27,23 @@ def test_classification_csv_counts_bad_rows_with_file_and_line(tmp_path):
     assert any(m.startswith(f"{p}:5: unknown label 'meh'") for m in report.messages)
 
 
+def test_a_task_file_swapped_for_a_link_after_the_check_is_not_followed(tmp_path):
+    from data_prep.tasks.readers import iter_table
+
+    secret = tmp_path / "secret.jsonl"
+    secret.write_text('{"text": "the private key", "label": "pos"}\n')
+    p = tmp_path / "train.jsonl"
+    p.write_text('{"text": "public", "label": "pos"}\n')
+    _, rows = iter_table(p)  # checked now, opened when the rows are read
+    p.unlink()
+    p.symlink_to(secret)
+    with pytest.raises(TaskDataError, match="symbolic link"):
+        list(rows)
+    # A link the user names is read as its target, resolved when the file is checked.
+    _, rows = iter_table(p)
+    assert [row["text"] for _, row in rows] == ["the private key"]
+
+
 def test_pair_jsonl_and_tsv_are_read_and_header_errors_are_clear(tmp_path):
     j = tmp_path / "dev.jsonl"
     j.write_text('{"text_a": "x", "text_b": "y", "label": 1}\n\n{"text_a": "z"}\nnot json\n')

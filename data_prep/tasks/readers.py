@@ -77,6 +77,8 @@ class SkipRow(NamedTuple):
 
 
 def _require_file(path: str | Path) -> Path:
+    """The file to read: `path`, or, when `path` is a symbolic link the user named, its
+    target resolved now, once (`_open_file` then never follows a link)."""
     p = Path(path)
     if p.exists() and not p.is_file():
         raise TaskDataError(f"{p}: not a regular file (a folder, FIFO or device); pass a "
@@ -84,7 +86,20 @@ def _require_file(path: str | Path) -> Path:
     if not p.is_file():
         raise TaskDataError(f"{p}: data file not found; pass an existing CSV, TSV, JSONL, "
                             "CoNLL or SQuAD JSON file")
-    return p
+    return p.resolve() if p.is_symlink() else p
+
+
+def _open_file(path: Path) -> Any:
+    """`path` opened in one step, not following a link swapped in since `_require_file`
+    (data_prep.storage.open_regular); a TaskDataError when it is no longer a file."""
+    from data_prep.storage import NotRegularFile, open_regular
+
+    try:
+        return open_regular(path)
+    except NotRegularFile as exc:
+        raise TaskDataError(f"{exc}; it changed since it was checked") from None
+    except FileNotFoundError:
+        raise TaskDataError(f"{path}: removed since it was checked") from None
 
 
 def _has_surrogate(*texts: object) -> bool:
@@ -95,7 +110,7 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | SkipRow]]:
     """(line number, text with its newline) per physical line, or a `SkipRow` for a line
     that is not UTF-8 or is longer than MAX_LINE_BYTES (read in chunks, never held).
     A UTF-8 byte-order mark at the start of the file is dropped."""
-    with path.open("rb") as fh:
+    with _open_file(path) as fh:
         lineno = 0
         while raw := fh.readline(MAX_LINE_BYTES + 1):
             lineno += 1
@@ -294,21 +309,28 @@ def _text_value(row: dict, key: str) -> str | SkipRow | None:
 def read_classification(path: str | Path, text_fields: tuple[str, ...],
                         label_field: str = "label",
                         labels: list[str] | None = None,
-                        require_label: bool = True) -> tuple[list[dict], SkipReport]:
+                        require_label: bool = True,
+                        columns: dict[str, str] | None = None) -> tuple[list[dict], SkipReport]:
     """Read `text_fields` + `label_field` records from a CSV, TSV or JSONL file.
 
-    Each record is `{field: str, ..., "label": str, "line": int}`. Rows with a missing or
-    empty field are skipped ("missing field"); with `labels` given, rows whose label is
+    Each record is `{field: str, ..., "label": str, "line": int}`. `columns` maps a field
+    to the file's column holding it (`--text-column review` reads `text` from `review`);
+    fields it leaves out are read from the column of their own name. Rows with a missing
+    or empty field are skipped ("missing field"); with `labels` given, rows whose label is
     not in it are skipped ("unknown label"). Labels are strings (JSON numbers too).
     Unreadable rows (bad bytes, broken quoting, huge fields) are skipped by reason.
     """
     p = Path(path)
     header, rows = iter_table(p)
-    wanted = list(text_fields) + ([label_field] if require_label else [])
+    fields = list(text_fields) + ([label_field] if require_label else [])
+    column = {f: (columns or {}).get(f, f) for f in fields}
+    wanted = [column[f] for f in fields]
     if header and not set(wanted) <= set(header):
         missing = [w for w in wanted if w not in header]
         raise TaskDataError(f"{p}:1: header has no column(s) {', '.join(missing)} "
-                            f"(found {', '.join(header)}); expected columns {', '.join(wanted)}")
+                            f"(found {', '.join(header)}); expected columns {', '.join(wanted)}"
+                            " (name yours with --text-column, --text-pair-column, "
+                            "--label-column)")
     known = set(labels) if labels is not None else None
     report = SkipReport()
     out: list[dict] = []
@@ -326,9 +348,9 @@ def read_classification(path: str | Path, text_fields: tuple[str, ...],
         if missing:
             report.skip("missing field", where, f"missing field {missing[0]!r}")
             continue
-        rec = {k: values[k] for k in text_fields}
+        rec = {k: values[column[k]] for k in text_fields}
         if require_label:
-            label = values[label_field].strip()
+            label = values[column[label_field]].strip()
             if known is not None and label not in known:
                 report.skip("unknown label", where,
                             f"unknown label {label!r} (known: {', '.join(sorted(known))})")
@@ -349,8 +371,8 @@ def read_table_frame(path: str | Path) -> tuple[Any, SkipReport]:
 
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".")
-                       and f.suffix.lower() in TABLE_SUFFIXES)
+        files = [_require_file(f) for f in sorted(p.iterdir()) if f.is_file()
+                 and not f.name.startswith(".") and f.suffix.lower() in TABLE_SUFFIXES]
         if not files:
             raise TaskDataError(f"{p}: folder holds no .csv, .tsv or .jsonl file")
     elif p.exists() and not p.is_file():
@@ -528,7 +550,8 @@ def read_squad(path: str | Path, require_answers: bool = True) -> tuple[list[dic
         raise TaskDataError(f"{p}: {p.stat().st_size} bytes is over the {MAX_JSON_BYTES}-byte "
                             "limit for a SQuAD file; split it into several files")
     # Bad bytes become lone surrogates, so one broken context costs its questions only.
-    raw = p.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    with _open_file(p) as fh:
+        raw = fh.read(MAX_JSON_BYTES + 1).decode("utf-8-sig", errors="surrogateescape")
     try:
         doc = json.loads(raw)
     except json.JSONDecodeError as exc:
