@@ -135,7 +135,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
         return f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}"
     if uri.startswith("file:") or (("://" not in uri) and not uri.startswith("databricks")):
         raise TrackingError(
-            f"tracking URI {uri!r}: MLflow 3 does not accept plain file stores; use "
+            f"tracking URI {redact(uri)!r}: MLflow 3 does not accept plain file stores; use "
             f"sqlite:///PATH/mlruns.db or a server such as http://127.0.0.1:5000")
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         path = Path(uri[len("sqlite:///"):])
@@ -152,6 +152,8 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
 
     if not uri.startswith(("http://", "https://")):
         return
+    if warning := cleartext_password_warning(uri):
+        log.warning(warning)
     shown = redact(uri)
     url = public_uri(uri).rstrip("/") + "/health"
     try:
@@ -169,6 +171,31 @@ def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
             f"MLflow server at {shown} is not reachable ({reason}): start it (`bertflow "
             f"server`) or set MLFLOW_TRACKING_URI (or --tracking-uri) to a server that "
             f"runs") from None
+
+
+def cleartext_password_warning(uri: str, environ: dict[str, str] | None = None) -> str | None:
+    """What to tell the user when a password or token would cross the network in
+    cleartext: an `http://` tracking URI to another machine with MLFLOW_TRACKING_PASSWORD
+    / MLFLOW_TRACKING_TOKEN set (or a `user:password@` in the URI). None otherwise."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    environ = os.environ if environ is None else environ
+    if not uri.lower().startswith("http://"):
+        return None
+    host = urlsplit(public_uri(uri)).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    sent = [k for k in ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN") if environ.get(k)]
+    if redact(uri) != uri:
+        sent.append("the password in the tracking URI")
+    if loopback or not sent:
+        return None
+    return (f"tracking URI {redact(uri)} is cleartext http:// to another machine: "
+            f"{' and '.join(sent)} cross the network readable by anyone on the path. Put "
+            f"the MLflow server behind a TLS reverse proxy and use https:// (docs/security.md)")
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -197,7 +224,7 @@ def ensure_experiment(name: str, tracking_uri: str | None = None) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
-            raise TrackingError(f"experiment {name!r} is deleted in {uri}; restore it "
+            raise TrackingError(f"experiment {name!r} is deleted in {redact(uri)}; restore it "
                                 f"(mlflow experiments restore) or choose another --experiment")
         return exp.experiment_id
     root = default_artifact_root(uri)
@@ -441,10 +468,12 @@ def get_model_version(ref: str, tracking_uri: str | None = None) -> Any:
             return c.get_model_version(name, version)
         versions = c.search_model_versions(name_filter(name))
     except MlflowException as exc:
-        raise ModelNotFound(f"model {ref!r} is not in the registry at {uri}: {exc.message}. "
+        raise ModelNotFound(f"model {ref!r} is not in the registry at {redact(uri)}: "
+                            f"{redact(exc.message)}. "
                             "See `bertflow registry list`.") from None
     if not versions:
-        raise ModelNotFound(f"model {ref!r}: no registered model of that name in {uri}. "
+        raise ModelNotFound(f"model {ref!r}: no registered model of that name in "
+                            f"{redact(uri)}. "
                             "See `bertflow registry list`.")
     return max(versions, key=lambda v: int(v.version))
 

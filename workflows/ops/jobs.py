@@ -70,7 +70,10 @@ def check_tracking_uri_for_cluster(uri: str, address: str) -> list[str]:
     path would land in the job's temporary working_dir (and vanish with it), and a local
     absolute path is only the same store if the cluster shares that filesystem.
     """
+    from data_prep.storage import public_uri, redact
+
     warnings = []
+    shown = redact(uri)
     local_cluster = any(h in address for h in ("127.0.0.1", "localhost"))
     if uri.startswith("sqlite:///"):
         path = uri[len("sqlite:///"):]
@@ -86,9 +89,10 @@ def check_tracking_uri_for_cluster(uri: str, address: str) -> list[str]:
                 "cluster's nodes, which is the same store only on a shared filesystem. "
                 "Otherwise pass --tracking-uri http://HOST:5000 (an MLflow server the "
                 "cluster can reach).")
-    elif uri.startswith(("http://127.0.0.1", "http://localhost")) and not local_cluster:
+    elif public_uri(uri).startswith(("http://127.0.0.1", "http://localhost")) \
+            and not local_cluster:
         warnings.append(
-            f"tracking URI {uri} points at loopback, which on the cluster's nodes is the "
+            f"tracking URI {shown} points at loopback, which on the cluster's nodes is the "
             "node itself, not this machine. Use an address the cluster can reach.")
     return warnings
 
@@ -167,7 +171,7 @@ def stage_project(project_dir: Path, dest: Path) -> Shipment:
             shipment.skipped_links.append(name)
             continue
         if src.is_file():
-            _ship_file(src, dest / name, shipment)
+            _ship_file(src, dest / name, shipment, name)
         elif src.is_dir():
             for root, dirs, files in os.walk(src):  # followlinks=False: links not entered
                 rel = Path(root).relative_to(project_dir)
@@ -177,10 +181,8 @@ def stage_project(project_dir: Path, dest: Path) -> Shipment:
                         shipment.skipped_links.append(str(rel / d))
                 for f in sorted(files):
                     path = Path(root) / f
-                    if path.is_symlink():
-                        shipment.skipped_links.append(str(rel / f))
-                    elif path.is_file() and not f.endswith(SKIPPED_SUFFIXES):
-                        _ship_file(path, dest / rel / f, shipment)
+                    if not f.endswith(SKIPPED_SUFFIXES):
+                        _ship_file(path, dest / rel / f, shipment, str(rel / f))
         else:
             continue
         shipment.entries.append(name)
@@ -189,11 +191,25 @@ def stage_project(project_dir: Path, dest: Path) -> Shipment:
     return shipment
 
 
-def _ship_file(src: Path, dest: Path, shipment: Shipment) -> None:
+def _ship_file(src: Path, dest: Path, shipment: Shipment, rel: str) -> None:
+    """Copy `src` if it is a regular file, checked and read through one descriptor
+    (storage.open_regular): a link swapped in after the listing is skipped and listed, a
+    FIFO or socket skipped, never followed nor waited on."""
+    from data_prep.storage import NotRegularFile, open_regular
+
+    try:
+        src_file = open_regular(src)
+    except NotRegularFile:
+        if src.is_symlink():
+            shipment.skipped_links.append(rel)
+        return
+    except FileNotFoundError:  # removed since the listing
+        return
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dest, follow_symlinks=False)
+    with src_file, open(dest, "xb") as out:
+        shutil.copyfileobj(src_file, out, 1 << 20)
+        shipment.size += out.tell()
     shipment.files += 1
-    shipment.size += dest.stat().st_size
 
 
 def build_runtime_env(tracking_uri: str, working_dir: Path,
@@ -296,7 +312,7 @@ class SubmittedJob:
     submission_id: str
     address: str
     entrypoint: str
-    tracking_uri: str
+    tracking_uri: str          # as it may be printed: redacted
     shipped: str = ""          # Shipment.describe(): what went to the cluster
     credentials: list[str] = field(default_factory=list)  # variable names passed, no values
 
@@ -312,7 +328,12 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
     uploads during the submission; it is removed afterwards."""
     import tempfile
 
-    for warning in check_tracking_uri_for_cluster(tracking_uri, address):
+    from data_prep.storage import redact
+    from workflows.tracking import cleartext_password_warning
+
+    warnings = check_tracking_uri_for_cluster(tracking_uri, address)
+    warnings.append(cleartext_password_warning(tracking_uri, {**os.environ, **(env_vars or {})}))
+    for warning in filter(None, warnings):
         log.warning(warning)
     entrypoint = build_entrypoint(verb, attach_to_cluster(verb, args))
     client = client or connect(address, insecure)
@@ -333,7 +354,8 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
     credentials = passed_variables(runtime_env)
     log.info("submitted %s as job %s to %s (credential variables passed: %s)", verb, job_id,
              address, ", ".join(credentials) or "none")
-    return SubmittedJob(job_id, address, entrypoint, tracking_uri, shipped, credentials)
+    return SubmittedJob(job_id, address, entrypoint, redact(tracking_uri), shipped,
+                        credentials)
 
 
 def log_tail(client: "JobSubmissionClient", job_id: str, lines: int = 20) -> str:

@@ -11,6 +11,7 @@ where before submitting the real job.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from typing import TYPE_CHECKING, Any
@@ -75,14 +76,32 @@ def explain(address: str, status: str, report: dict[str, Any] | None, logs: str)
     return None
 
 
+_SECRET_NAME = re.compile(r"PASS|TOKEN|SECRET|KEY|CREDENTIAL|AUTH|^AWS_|^AZURE_|^GOOGLE_")
+
+
+def probe_runtime_env(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """The probe's runtime env: the job's variables without any credential (store keys,
+    MLflow user, password and token, the tracking URI, which may hold a password). The
+    probe only imports modules; it needs none of them."""
+    from data_prep.ray_env import MLFLOW_CREDENTIAL_ENV_VARS
+    from data_prep.storage import CREDENTIAL_ENV_VARS
+
+    drop = {*CREDENTIAL_ENV_VARS, *MLFLOW_CREDENTIAL_ENV_VARS, "MLFLOW_TRACKING_URI"}
+    env = {k: v for k, v in runtime_env.get("env_vars", {}).items()
+           if k not in drop and not _SECRET_NAME.search(k.upper())}
+    return {**{k: v for k, v in runtime_env.items() if k != "env_vars"}, "env_vars": env}
+
+
 def check_cluster_python(client: JobSubmissionClient, address: str,
                          runtime_env: dict[str, Any], timeout_s: float = 120.0,
                          poll_s: float = 0.5) -> dict[str, Any]:
-    """Run the probe job; return its report, or raise ClusterPythonError saying what to fix."""
+    """Run the probe job (without credentials: `probe_runtime_env`); return its report, or
+    raise ClusterPythonError saying what to fix."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            job_id = client.submit_job(entrypoint=probe_entrypoint(), runtime_env=runtime_env,
+            job_id = client.submit_job(entrypoint=probe_entrypoint(),
+                                       runtime_env=probe_runtime_env(runtime_env),
                                        metadata={"bertflow_verb": "probe"})
             break
         except RuntimeError as exc:  # a head that has just started has no job agent yet
