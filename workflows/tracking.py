@@ -79,6 +79,11 @@ TAG_SOURCE_PATH = "bertflow.source_path"  # an imported Hugging Face folder
 TAG_CONFIG_HASH = "bertflow.config_sha256"
 TAG_SWEEP_RUN = "bertflow.sweep_run_id"  # the parent run of the sweep a model won
 TAG_SWEEP_NAME = "bertflow.sweep_name"
+TAG_SWEEP_TRIAL = "bertflow.sweep_trial"  # a trial's child run: its run name
+TAG_SWEEP_WINNER = "bertflow.sweep_winner_run_id"  # set on the parent once the winner is logged
+TAG_SWEEP_WINNER_PARAMS = "bertflow.sweep_winner_params"  # the winning point, as JSON
+TAG_KIND = "bertflow.kind"  # "sweep" on a sweep's parent run
+TAG_PARENT_RUN = "mlflow.parentRunId"  # MLflow's own tag: the UI nests child runs under it
 TAG_MANIFEST = "bertflow.manifest_sha256"  # sha256 of the version's bertflow.sha256 artifact
 # Set in every process bertflow starts (the CLI itself, Ray jobs, the MLflow server):
 # MLflow may not unpickle model files, and sends no telemetry (on by default in MLflow 3).

@@ -25,6 +25,9 @@ from pathlib import Path
 OWN_LOGGERS = ("workflows", "data_prep", "bert_core", "bertflow")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
+# Ray Data's session log handler is a private Ray class: named here by its dotted path (the
+# CLI does not import Ray), it is `workflows.ray_internals.RAY_DATA_FILE_HANDLER`, and
+# tests/test_ray_internals.py checks that this config names it.
 _RAY_DATA_CONFIG = """\
 version: 1
 disable_existing_loggers: false

@@ -289,21 +289,14 @@ def _use_ray_auth_token_if_present() -> None:
 
     Ray caches the token it loaded once per process; the cache is dropped first so the
     token of this call's environment is the one sent (a process that talks to two
-    clusters, one after the other, would otherwise send the first one's token)."""
-    try:
-        from ray._raylet import AuthenticationTokenLoader
+    clusters, one after the other, would otherwise send the first one's token). Both steps
+    are private Ray functions (`workflows.ray_internals`)."""
+    from workflows import ray_internals
 
-        AuthenticationTokenLoader.instance().reset_cache()
-    except (ImportError, AttributeError):  # a Ray without token authentication
-        pass
+    ray_internals.reset_auth_token_cache()
     if os.environ.get("RAY_AUTH_MODE"):
         return
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    ray_internals.enable_token_auth_if_token_available()
 
 
 @dataclass

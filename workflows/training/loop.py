@@ -57,6 +57,7 @@ from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
 
 Batch = dict[str, torch.Tensor]
 EVAL_EPOCH = 1_000_003  # the `epoch` of validation masks, apart from any training epoch
+PLACEMENT_GROUP_KEY = "train_placement_group"  # reported: the id of the workers' group
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -213,14 +214,19 @@ def report_checkpoint(*, task: TrainTask, model: nn.Module, runner: StepRunner, 
                       attempt: int, start_step: int, epoch: int, position: int,
                       metrics: dict[str, Any]) -> None:
     """Write this rank's part of a checkpoint at the runner's step and report it (with
-    `metrics`) to Ray Train, which keeps the latest ones in the run folder."""
+    `metrics`) to Ray Train, which keeps the latest ones in the run folder.
+
+    The report names the worker group's placement group (`PLACEMENT_GROUP_KEY`): a sweep
+    removes it when Tune stops the trial (see `training/sweep_trials.py`)."""
+    import ray
     import ray.train
 
+    group = ray.get_runtime_context().get_placement_group_id()
     with tempfile.TemporaryDirectory(prefix="bertflow-ckpt-") as tmp:
         save_checkpoint(Path(tmp), task=task, raw_model=model, runner=runner, rank=rank,
                         epoch=epoch, batches_in_epoch=position, attempt=attempt)
         ray.train.report({**metrics, "step": runner.step, "start_step": start_step,
-                          "attempt": attempt},
+                          "attempt": attempt, **({PLACEMENT_GROUP_KEY: group} if group else {})},
                          checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{runner.step:08d}")
 

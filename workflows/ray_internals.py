@@ -1,0 +1,79 @@
+"""Every reach into Ray's private names, behind one door.
+
+Ray's public API cannot do these jobs (as of Ray 2.60, the only version they are proven
+on; pyproject.toml pins `ray>=2.60,<2.61` for that reason). Each private name is imported
+here when this module loads, so a Ray that moves one fails at the first import, and
+`tests/test_ray_internals.py` checks the attributes used here exist on the real classes
+(an assignment to a renamed attribute would otherwise be silent).
+
+This module imports Ray: import it inside the function that needs it, never at the top of
+a module that `bertflow --help` or inference loads.
+
+- The report queue of a Tune trial's session (`ray.train._internal.session`): Tune's
+  `TuneReportCallback` hands a trial's metrics from its Ray Train controller to the trial
+  through a queue actor that the session creates once per session; a reused trial actor
+  gives its later trials the first queue (see `workflows.training.sweep.trials`). No public
+  API shares or names that queue (Ray 2.60).
+- Ray's auth token (`ray._raylet`, `ray._private.authentication`): clusters started by
+  Ray >= 2.52 require it by default, the Jobs client sends it only in token mode, and Ray
+  caches the token it loaded once per process; `ray start` turns token mode on with the
+  same private function, and no public API finds the token or drops the cache
+  (`workflows/ops/jobs.py`).
+- Ray Data's session log file handler (`ray.data._internal.logging`): Ray Data reads its
+  logging config from a YAML file that names the handler class by its dotted path;
+  `workflows/cli/logs.py` writes that file without importing Ray (the CLI starts light),
+  so it spells `RAY_DATA_FILE_HANDLER` out and the test checks the two agree.
+
+Where a public API does the job it is used instead: a trial's Train worker group's
+placement group comes from `ray.get_runtime_context().get_placement_group_id()` in the
+worker (`workflows/training/loop.py`), not from Ray Train's internal worker-group hooks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray._private.authentication.authentication_token_setup import (
+    maybe_enable_token_auth_if_token_available)
+from ray._raylet import AuthenticationTokenLoader
+from ray.data._internal.logging import SessionFileHandler
+from ray.train._internal.session import _TrainSession, get_session
+
+# The dotted name of Ray Data's session log handler, as its logging config names it.
+RAY_DATA_FILE_HANDLER = f"{SessionFileHandler.__module__}.{SessionFileHandler.__qualname__}"
+# The attribute of a Tune session that holds its report queue (read by the session when
+# it fetches results, set by `_get_or_create_inter_actor_queue`).
+REPORT_QUEUE_ATTRIBUTE = "_inter_actor_queue"
+
+
+def _tune_session() -> _TrainSession:
+    session = get_session()
+    if session is None:
+        raise RuntimeError("not in a Ray Tune trial: there is no session report queue")
+    return session
+
+
+def session_report_queue() -> Any:
+    """The report queue of this Tune trial's session, created if it has none yet."""
+    return _tune_session()._get_or_create_inter_actor_queue()
+
+
+def adopt_report_queue(queue: Any) -> None:
+    """Make `queue` (an earlier trial's, on this actor) the report queue of this trial's
+    session, so Tune's report callback takes it instead of starting a new queue actor."""
+    session = _tune_session()
+    if not hasattr(session, REPORT_QUEUE_ATTRIBUTE):  # a Ray that renamed it: say so
+        raise RuntimeError(f"Ray's Tune session has no {REPORT_QUEUE_ATTRIBUTE!r}: "
+                           f"workflows/ray_internals.py needs updating for this Ray")
+    setattr(session, REPORT_QUEUE_ATTRIBUTE, queue)
+
+
+def reset_auth_token_cache() -> None:
+    """Forget the auth token Ray loaded in this process (the next call loads it again)."""
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def enable_token_auth_if_token_available() -> bool:
+    """Token mode when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
+    ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does; True if on."""
+    return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
