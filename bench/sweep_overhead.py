@@ -62,8 +62,10 @@ def main() -> None:
 
     from workflows import tracking as T
     from workflows.config import SweepConfig, config_from_mapping
+    from workflows.run_folder import RunFolder
     from workflows.training.finetune import prepare_finetune
-    from workflows.training.sweep import SweepPlan, _resources, run_sweep, train_trial
+    from workflows.training.sweep import _resources, run_sweep
+    from workflows.training.sweep_trials import SweepPlan, train_trial
 
     D = _test_data_module()
     tmp = Path(tempfile.mkdtemp(prefix="bertflow-sweep-bench-"))
@@ -89,7 +91,7 @@ def main() -> None:
         parent = T.open_run(prep.uri, cfg.tracking.experiment, name,
                             tags=prep.run_tags(cfg.task), params={"trials": trials})
         return SweepPlan(cfg=cfg, name=name, prep=prep, parent_run_id=parent,
-                         trials_dir=str(tmp / "runs" / name), cpus_per_worker=cpus)
+                         experiment=RunFolder.of(tmp / "runs", name), cpus_per_worker=cpus)
 
     def warm_up() -> float:
         # One untimed fine-tune first: the first Train run of a fresh Ray (worker pool,

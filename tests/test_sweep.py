@@ -40,7 +40,7 @@ def _sweep_config(tmp: Path, **kw):
 
 
 def test_paper_grid_is_the_18_points_of_the_bert_paper(tmp_path):
-    from workflows.training.sweep import check_space, expand_points, load_space
+    from workflows.training.sweep_space import check_space, expand_points, load_space
 
     cfg = _sweep_config(tmp_path)
     points = expand_points(check_space(load_space("paper"), cfg, "paper"), "grid", 0, 0)
@@ -50,7 +50,7 @@ def test_paper_grid_is_the_18_points_of_the_bert_paper(tmp_path):
 
 
 def test_space_file_is_checked_against_the_finetune_fields(tmp_path):
-    from workflows.training.sweep import check_space, expand_points, load_space
+    from workflows.training.sweep_space import check_space, expand_points, load_space
 
     cfg = _sweep_config(tmp_path, search="random", num_samples=5)
     space_file = tmp_path / "space.yaml"
@@ -75,7 +75,7 @@ def test_space_file_is_checked_against_the_finetune_fields(tmp_path):
 
 
 def test_winner_is_the_best_mean_over_restarts_not_the_luckiest_seed():
-    from workflows.training.sweep import TrialRecord, rank_points
+    from workflows.training.sweep_ranking import TrialRecord, rank_points
 
     def trial(lr, seed, value, status="done"):
         return TrialRecord(f"t{lr}{seed}", "", {"lr": lr}, seed, status, value, 2, 10.0)
@@ -91,12 +91,15 @@ def test_winner_is_the_best_mean_over_restarts_not_the_luckiest_seed():
 def test_reported_checkpoint_paths_become_uris_of_the_trials_store():
     """Ray Train reports a checkpoint by its path on the storage filesystem: on S3 that is
     `bucket/key`, which read as a local path would name a folder that does not exist."""
-    from workflows.training.sweep import checkpoint_uri, reuse_trial_actors
+    from workflows.run_folder import RunFolder
+    from workflows.training.sweep_trials import reuse_trial_actors
 
-    assert checkpoint_uri("bkt/runs/s/trials/t1/checkpoint_000001",
-                          "s3://bkt/runs/s/trials") == "s3://bkt/runs/s/trials/t1/checkpoint_000001"
-    assert checkpoint_uri("/tmp/runs/s/trials/t1/c", "/tmp/runs/s/trials") == "/tmp/runs/s/trials/t1/c"
-    assert checkpoint_uri("gs://b/c", "gs://b") == "gs://b/c"
+    s3 = RunFolder.of("s3://bkt/runs", "s")
+    assert s3.where_of(s3.location.with_path("bkt/runs/s/trials/t1/checkpoint_000001")) \
+        == "s3://bkt/runs/s/trials/t1/checkpoint_000001"
+    local = RunFolder.of("/tmp/runs", "s")
+    assert local.where_of(local.location.with_path("/tmp/runs/s/trials/t1/c")) \
+        == Path("/tmp/runs/s/trials/t1/c")
     # An ASHA-stopped trial's thread is still in its Train run: its actor cannot be reused.
     assert not reuse_trial_actors(_sweep_config(Path("/tmp"), scheduler="asha"))
     assert reuse_trial_actors(_sweep_config(Path("/tmp"), scheduler="none"))

@@ -12,7 +12,7 @@ a module that `bertflow --help` or inference loads.
 - The report queue of a Tune trial's session (`ray.train._internal.session`): Tune's
   `TuneReportCallback` hands a trial's metrics from its Ray Train controller to the trial
   through a queue actor that the session creates once per session; a reused trial actor
-  gives its later trials the first queue (see `workflows.training.sweep.trials`). No public
+  gives its later trials the first queue (see `workflows.training.sweep_trials`). No public
   API shares or names that queue (Ray 2.60).
 - Ray's auth token (`ray._raylet`, `ray._private.authentication`): clusters started by
   Ray >= 2.52 require it by default, the Jobs client sends it only in token mode, and Ray

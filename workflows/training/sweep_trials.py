@@ -1,0 +1,220 @@
+"""The trials of a sweep: what each Ray Tune trial runs and the callbacks around it.
+
+    sweep_trainable(config, plan)   the Tune function trainable: one (point, seed)
+    train_trial(plan, point, ...)   one fine-tuning run, an MLflow child run of the sweep
+    trial_callbacks()               the Ray Train callbacks of a trial (Tune's report)
+    tune_callback_class()           the driver's Tune callback: a line per trial, cleanup
+
+Each trial calls `run_training` with one worker and a fraction of a CPU; Tune's
+`TuneReportCallback` hands each epoch's eval metrics to Tune, so ASHA can stop a trial
+that trails the others at an epoch. Each trial is an MLflow child run
+(`tracking.TAG_PARENT_RUN`) of the sweep's parent run, with its params and per-epoch
+metrics; rank 0 opens it and logs into it (the trial's actor, which only waits on its
+Train run, never imports MLflow).
+
+Stopped trials give their CPUs back: when Tune stops a trial (ASHA), it kills the trial's
+actor, and with it the Ray Train controller, whose worker placement group then outlives it
+(Ray removes a placement group by itself only once its creator's job has ended too). Ray
+Train's own detached `PlacementGroupCleaner` is meant to notice, but it asks the Ray state
+API (the dashboard's HTTP server) with an address found by scanning the machine's
+processes: on a Ray started without the dashboard (bertflow's local Ray) it can never
+answer, and with several Ray instances on one machine the scan fails with "Found multiple
+active Ray instances" and the cleaner's thread dies. Either way the next trials wait for
+CPUs that never come back. So every checkpoint report of a Train worker names its worker
+group's placement group (`loop.PLACEMENT_GROUP_KEY`, from the public
+`ray.get_runtime_context().get_placement_group_id()`), Tune's report callback passes it on
+with the metrics, and the sweep removes the group when the trial ends.
+
+The one private Ray name a trial needs (the report queue of its Tune session, shared by a
+reused trial actor's trials) is reached through `workflows.ray_internals`.
+
+The trial seed sets initialisation, dropout and masking; the order of the training rows
+is the sweep's own `seed` for every trial (the data are tokenized and shuffled once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from workflows.config import FinetuneConfig, LoopSettings, SweepConfig
+from workflows.training.sweep_space import trial_config
+
+log = logging.getLogger(__name__)
+
+# A trial's own actor only waits on its Ray Train run: it reserves no CPU (the CPUs go to
+# the Train worker and Ray Data), only a token of memory, as Tune refuses an empty request.
+TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 2**20}
+
+
+@dataclass
+class SweepPlan:
+    """What every trial needs (shipped once to the object store by tune.with_parameters)."""
+
+    cfg: SweepConfig
+    name: str
+    prep: Any                      # finetune.PreparedFinetune
+    parent_run_id: str
+    experiment: Any                # run_folder.RunFolder: Tune's folder of the sweep
+    cpus_per_worker: float
+
+    @property
+    def trials_dir(self) -> str:
+        """Where the trials' Ray Train run folders go (a local folder or a URI)."""
+        return self.experiment.join("trials").uri
+
+    def trial_loop(self, cfg: FinetuneConfig) -> tuple[LoopSettings, int]:
+        """The trial's loop settings (epochs as steps, its CPUs, its folder)."""
+        from workflows.training.finetune import loop_for_epochs
+
+        loop, steps_per_epoch = loop_for_epochs(cfg, self.prep.train_rows)
+        return dataclasses.replace(loop, storage_path=self.trials_dir,
+                                   cpus_per_worker=self.cpus_per_worker), steps_per_epoch
+
+
+def trial_params(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """(point, seed) of a Tune trial config (grid/random nest the point, optuna does not)."""
+    point = config["point"] if "point" in config else {k: v for k, v in config.items()
+                                                       if k != "seed"}
+    return dict(point), int(config["seed"])
+
+
+def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str,
+                callbacks: list[Any] | None = None) -> Any:
+    """One trial: a fine-tuning run of `point` with `seed` as an MLflow child run of the
+    sweep; returns the engine's TrainResult (an earlier attempt's if it had finished)."""
+    from workflows import tracking as T
+    from workflows.training.contracts import RunTracking
+    from workflows.training.engine import run_folder, run_training
+    from workflows.training.finetune import run_params
+
+    cfg = trial_config(plan.cfg, point, seed, run_name)
+    loop, steps_per_epoch = plan.trial_loop(cfg)
+    run = run_folder(loop, run_name)
+    if (done := run.result()) is not None:  # the driver died after it ended
+        return done
+    prep = plan.prep
+    # Rank 0 opens the child run (see RunTracking): the trial's actor stays free of MLflow.
+    opening = dict(
+        experiment=cfg.tracking.experiment, run_name=run_name, inputs=prep.inputs(),
+        tags={**prep.run_tags(cfg.task), T.TAG_PARENT_RUN: plan.parent_run_id,
+              T.TAG_SWEEP_RUN: plan.parent_run_id, T.TAG_SWEEP_NAME: plan.name,
+              T.TAG_SWEEP_TRIAL: run_name},
+        params={**run_params(cfg, prep, loop, steps_per_epoch),
+                **{f"sweep.{k}": v for k, v in point.items()}, "sweep.seed": seed})
+    return run_training(prep.task_for(cfg), loop, datasets=prep.ray_datasets(cfg.address),
+                        run=run, callbacks=callbacks,
+                        tracking=RunTracking(prep.uri, None, False, opening=opening))
+
+
+def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
+    """The Tune function trainable: one trial, its epochs reported to Tune by the engine."""
+    from ray import tune
+
+    point, seed = trial_params(config)
+    run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
+    train_trial(plan, point, seed, run_name, callbacks=trial_callbacks())
+
+
+_REPORT_QUEUE: list[Any] = []  # this trial actor's queue actor, once it has one
+
+
+def _share_report_queue() -> None:
+    """Give this trial the report queue of the actor's earlier trials.
+
+    Tune's report callback hands metrics from the Train controller to the trial through a
+    queue actor, and each trial's session makes a new one: a Python process started (and
+    importing Ray) just as the trial's Train controller and worker start on the same CPUs.
+    A reused trial actor (see `reuse_trial_actors`) keeps its first queue instead; it is
+    empty between trials, as Tune takes a trial's last report before the trial ends.
+    No public Ray API shares it: `workflows.ray_internals` reaches the session's."""
+    from workflows import ray_internals
+
+    if _REPORT_QUEUE:
+        ray_internals.adopt_report_queue(_REPORT_QUEUE[0])
+    else:
+        _REPORT_QUEUE.append(ray_internals.session_report_queue())
+
+
+def trial_callbacks() -> list[Any]:
+    """The Ray Train callbacks of a trial (made in its Tune session): Tune's report
+    callback, which hands each epoch's metrics to Tune. Those of rank 0 name the worker
+    group's placement group (`loop.PLACEMENT_GROUP_KEY`, see the module doc), so Tune's
+    last result of a trial says which group to release."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    _share_report_queue()  # before TuneReportCallback() takes the session's queue
+    return [TuneReportCallback()]
+
+
+def reuse_trial_actors(cfg: SweepConfig) -> bool:
+    """Whether a finished trial's actor runs the next trial (Tune's `reuse_actors`).
+
+    A trial actor spends seconds importing torch, MLflow and bertflow before its Ray Train
+    run starts; reused, only the first trial pays that. Tune reuses an actor once the
+    trial's function has returned, which is always so without a scheduler. ASHA stops a
+    trial in the middle of its Ray Train run: the function's thread cannot be interrupted,
+    Tune's reset would fail and the next trial would error, so an ASHA sweep gives each
+    trial a fresh actor (and the stopped one is killed, with its Train run)."""
+    return cfg.scheduler != "asha"
+
+
+def release_placement_group(result: dict[str, Any] | None) -> bool:
+    """Remove the trial's worker placement group named in its last `result` if it still
+    holds resources (its Train controller was killed with the trial); True if removed."""
+    from ray import PlacementGroupID
+    from ray.util.placement_group import (PlacementGroup, placement_group_table,
+                                          remove_placement_group)
+
+    from workflows.training.loop import PLACEMENT_GROUP_KEY
+
+    pg_id = (result or {}).get(PLACEMENT_GROUP_KEY)
+    if not pg_id:
+        return False
+    group = PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
+    if placement_group_table(group).get("state", "REMOVED") == "REMOVED":
+        return False  # the Train run ended and removed it itself
+    remove_placement_group(group)
+    log.info("released the placement group %s of a stopped trial", pg_id)
+    return True
+
+
+def tune_callback_class() -> type:
+    """A Tune callback printing one line per finished trial and releasing a stopped
+    trial's worker placement group (built lazily: imports ray)."""
+    from ray import tune
+
+    class TrialLines(tune.Callback):
+        def __init__(self, metric: str, cfg: SweepConfig, train_rows: int) -> None:
+            self.metric, self.cfg, self.train_rows = metric, cfg, train_rows
+
+        def _line(self, trial: Any, how: str) -> None:
+            from workflows.training.finetune import loop_for_epochs
+
+            r = trial.last_result or {}
+            point, seed = trial_params(trial.config)
+            planned = loop_for_epochs(trial_config(self.cfg, point, seed), self.train_rows)[0]
+            if how == "ended" and r.get("step", 0) < planned.max_steps:
+                how = "stopped"
+            value = r.get(self.metric)
+            shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+            print(f"trial {trial.trial_id} {how:<8} {_point_text(point)} seed={seed}  "
+                  f"{self.metric}={shown}  epochs={r.get('training_iteration', 0)}  "
+                  f"{r.get('time_total_s', 0.0):.0f}s", flush=True)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            release_placement_group(trial.last_result)
+            self._line(trial, "ended")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            release_placement_group(trial.last_result)
+            self._line(trial, "FAILED")
+
+    return TrialLines
+
+
+def _point_text(point: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in sorted(point.items()))
