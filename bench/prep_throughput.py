@@ -81,7 +81,7 @@ def main() -> None:
         init_ray(None)  # startup is not part of the throughput
         config = PrepConfig(input=[str(corpus)], output=str(work / "out"), vocab=str(vocab),
                             objective=args.objective, masking=args.masking,
-                            dupe_factor=args.dupe_factor, num_workers=args.workers)
+                            dupe_factor=args.dupe_factor, tokenize_workers=args.workers)
         t0 = time.perf_counter()
         manifest = build_pretraining_dataset(config)
         pipeline_s = time.perf_counter() - t0

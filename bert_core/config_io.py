@@ -10,12 +10,16 @@ Field conventions, read by `workflows.cli` to build command-line options:
 - "help": shown by `--help` (required for every field that reaches the CLI).
 - "cli": False keeps a field out of the command line (YAML/Python only).
 - "flag": overrides the option name (default: --field-name).
+- "renamed_from": earlier names of the field; a mapping key or a `--old-name` flag under
+  one still works for one release, with a deprecation line (`deprecated`).
+- "value_aliases": {old value: new value} of a field whose choices were renamed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from pathlib import Path
@@ -34,14 +38,58 @@ class ConfigError(BertflowError, ValueError):
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, cli: bool = True,
-          flag: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with the metadata the CLI and docs use."""
-    meta = {"help": help, "cli": cli}
+          flag: str | None = None, default_factory: Any = dataclasses.MISSING,
+          renamed_from: tuple[str, ...] = (),
+          value_aliases: dict[str, str] | None = None) -> Any:
+    """A dataclass field with the metadata the CLI and docs use (see the module doc)."""
+    meta: dict[str, Any] = {"help": help, "cli": cli}
     if flag:
         meta["flag"] = flag
+    if renamed_from:
+        meta["renamed_from"] = tuple(renamed_from)
+    if value_aliases:
+        meta["value_aliases"] = dict(value_aliases)
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+_warned: set[str] = set()
+
+
+def deprecated(message: str) -> None:
+    """One deprecation line per process and message (logger `bertflow.config`, which the
+    CLI shows on the terminal): an old spelling that still works for one release."""
+    if message not in _warned:
+        _warned.add(message)
+        logging.getLogger("bertflow.config").warning("deprecated: %s", message)
+
+
+def renamed_keys(cls: type) -> dict[str, str]:
+    """{old key: field name} for every field of dataclass `cls` that was renamed."""
+    return {old: f.name for f in dataclasses.fields(cls)
+            for old in f.metadata.get("renamed_from", ())}
+
+
+def apply_renames(cls: type, data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`data` with old keys and old values of `cls`'s fields under their new names, each
+    use announced by `deprecated` (both spellings of one field: the new one wins)."""
+    renames = renamed_keys(cls)
+    out = dict(data)
+    for old, new in renames.items():
+        if old in out:
+            value = out.pop(old)
+            deprecated(f"{source}: {old!r} is now {new!r} (--{old.replace('_', '-')} is "
+                       f"--{new.replace('_', '-')}); the old name goes in the next release")
+            out.setdefault(new, value)
+    for f in dataclasses.fields(cls):
+        aliases = f.metadata.get("value_aliases")
+        if aliases and isinstance(out.get(f.name), str) and out[f.name] in aliases:
+            old, new = out[f.name], aliases[out[f.name]]
+            deprecated(f"{source}: {f.name} {old!r} is now {new!r}; the old value goes in "
+                       "the next release")
+            out[f.name] = new
+    return out
 
 
 def field_types(cls: type) -> dict[str, Any]:
@@ -123,6 +171,7 @@ def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of {cls.__name__} fields, "
                           f"got {type(data).__name__}")
+    data = apply_renames(cls, data, source)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:

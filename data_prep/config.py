@@ -41,13 +41,15 @@ class PrepConfig:
                         "replace a folder that is not a bertflow dataset")
     address: str | None = field(None, help="Ray cluster address (default: a private local "
                                 "Ray)")
-    num_workers: int = field(0, help="parallel tokenizing workers (0: one per CPU of the "
-                             "Ray cluster); never changes the output")
+    tokenize_workers: int = field(0, help="parallel tokenizing tasks (0: one per CPU of "
+                                  "the Ray cluster); never changes the output",
+                                  renamed_from=("num_workers",))
     docs_per_unit: int = field(1000, help="documents per work unit (a unit of tasks and of "
                                "worker memory); never changes the output")
     max_line_bytes: int = field(1_000_000, help="lines longer than this are not read; "
                                 "their document is skipped and counted (line_too_long)")
-    text_field: str = field("text", help="field/column holding the text in .jsonl/.parquet")
+    text_column: str = field("text", help="field/column holding the text in .jsonl/.parquet",
+                             renamed_from=("text_field",))
     max_decompressed_bytes: int = field(8 << 30, help="a .gz input is read up to this many "
                                         "decompressed bytes (gzip bombs); the rest is "
                                         "dropped and counted (decompressed_too_large)")
@@ -64,7 +66,7 @@ class PrepConfig:
               "must be 0 (off) or a vocabulary size of at least 100")
         check(not (self.vocab and self.train_vocab), "vocab",
               "give either --vocab or --train-vocab, not both")
-        check(self.num_workers >= 0, "num_workers", "must be >= 0")
+        check(self.tokenize_workers >= 0, "tokenize_workers", "must be >= 0")
         check(self.docs_per_unit >= 1, "docs_per_unit", "must be >= 1")
         check(self.max_line_bytes >= 1024, "max_line_bytes", "must be at least 1024")
         check(self.max_decompressed_bytes >= 1 << 20, "max_decompressed_bytes",
@@ -80,4 +82,7 @@ class PrepConfig:
 
 
 # Fields that change nothing in the output; they stay out of the build fingerprint.
-RUNTIME_ONLY = ("force", "address", "num_workers", "output", "docs_per_unit")
+RUNTIME_ONLY = ("force", "address", "tokenize_workers", "output", "docs_per_unit")
+# Fields renamed since datasets were first fingerprinted: the fingerprint keeps the name it
+# was computed under, so a rename never makes an existing dataset STALE.
+FINGERPRINT_NAMES = {"text_column": "text_field"}

@@ -64,7 +64,7 @@ from typing import Any
 import numpy as np
 
 from bert_core.config_io import to_dict
-from data_prep.config import RUNTIME_ONLY, PrepConfig
+from data_prep.config import FINGERPRINT_NAMES, RUNTIME_ONLY, PrepConfig
 from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, Manifest,
                                 ManifestError, build_fingerprint, fingerprint_file,
                                 is_dataset_folder, is_up_to_date, output_location)
@@ -126,7 +126,8 @@ def split_of(sentences: list[str], val_fraction: float) -> str:
 
 def _key_config(config: PrepConfig) -> dict[str, Any]:
     # the inputs enter the fingerprint by content; runtime knobs do not change rows
-    return {k: v for k, v in to_dict(config).items() if k not in RUNTIME_ONLY + ("input",)}
+    return {FINGERPRINT_NAMES.get(k, k): v for k, v in to_dict(config).items()
+            if k not in RUNTIME_ONLY + ("input",)}
 
 
 def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
@@ -155,7 +156,7 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
             numbers[split] += 1
             buffers[split], sizes[split] = [], 0
 
-        for doc in iter_documents(file, stats, text_field=config.text_field,
+        for doc in iter_documents(file, stats, text_field=config.text_column,
                                   max_line_bytes=config.max_line_bytes,
                                   max_decompressed_bytes=config.max_decompressed_bytes):
             split = split_of(doc, config.val_fraction)
@@ -362,7 +363,7 @@ def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[
 
 def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
               config: PrepConfig, out_dir: str, staging: str) -> list[dict[str, Any]]:
-    """Run one pass over `items` on Ray Data (at most `num_workers` tasks at a time);
+    """Run one pass over `items` on Ray Data (at most `tokenize_workers` tasks at a time);
     results come back in item order. The tasks see the driver's store credentials: from
     the job's runtime environment (`init_ray`), or, on a Ray started without them, as an
     object they apply themselves."""
@@ -379,7 +380,7 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     bars = ctx.enable_progress_bars
     ctx.enable_progress_bars = False  # one tqdm bar per pass is clearer
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
-    workers = config.num_workers or max(1, int(total_cpus))
+    workers = config.tokenize_workers or max(1, int(total_cpus))
     workers = min(workers, len(items))
     # Fractions so a small (2-core) cluster can also run Ray Data's own tasks.
     cpus = min(1.0, max(0.1, total_cpus / (workers + 1)))

@@ -111,9 +111,9 @@ def cluster(tmp_path, s3_bucket, team_mlflow, monkeypatch):
 
 def submit(cluster: Cluster, verb: str, *args: str, wait: bool = True, probe: bool = False,
            capsys=None) -> str:
-    """`bertflow submit VERB ARGS --address DASHBOARD [--wait]`; returns its output and
+    """`bertflow submit VERB ARGS --dashboard-url DASHBOARD [--wait]`; returns its output and
     fails with the job's log tail unless it exits 0."""
-    flags = ["--address", cluster.head.dashboard, "--submission-id",
+    flags = ["--dashboard-url", cluster.head.dashboard, "--submission-id",
              f"e2e-{verb}-{secrets.token_hex(3)}"]
     flags += ["--wait", "--timeout", str(JOB_TIMEOUT_S)] if wait else []
     flags += [] if probe else ["--no-probe"]

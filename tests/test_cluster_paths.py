@@ -225,7 +225,7 @@ def test_pretrain_finetune_predict_with_everything_on_s3(store_ray, s3_bucket, t
     build_pretraining_dataset(PrepConfig(
         input=[str(_corpus(tmp_path / "corpus.txt", 200))], output=str(tmp_path / "ds"),
         train_vocab=120, max_seq_len=32, objective="mlm", masking="dynamic", dupe_factor=1,
-        val_fraction=0.1, num_workers=1))
+        val_fraction=0.1, tokenize_workers=1))
     settings = dict(data=str(tmp_path / "ds"), run_name="s3-run", model_size="tiny",
                     num_workers=1, cpus_per_worker=0.5, batch_size=8, lr=1e-3,
                     warmup_steps=1, max_steps=2, checkpoint_every=2, eval_every=0,

@@ -183,8 +183,9 @@ def test_exit_code_follows_job_status():
 def test_submit_options_anywhere_and_the_rest_goes_to_the_verb():
     parser = submit.build_parser()
     args, rest = parser.parse_known_args(
-        ["pretrain", "--data", "d", "--address", "http://h:8265", "--wait", "--max-steps", "5"])
-    assert (args.verb, args.address, args.wait) == ("pretrain", "http://h:8265", True)
+        ["pretrain", "--data", "d", "--dashboard-url", "http://h:8265", "--wait",
+         "--max-steps", "5"])
+    assert (args.verb, args.dashboard_url, args.wait) == ("pretrain", "http://h:8265", True)
     assert rest == ["--data", "d", "--max-steps", "5"]
 
 
@@ -193,7 +194,7 @@ def test_submit_without_address_is_a_usage_error(monkeypatch, capsys):
     from workflows.cli import main
 
     assert main(["submit", "prep", "--input", "x"]) == 2
-    assert "--address is required" in capsys.readouterr().err
+    assert "--dashboard-url is required" in capsys.readouterr().err
 
 
 def test_jobs_that_start_ray_are_told_to_join_the_cluster():

@@ -97,7 +97,7 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     data = tmp_path / "data" / "pydoc128"
     # submit --wait streams the job's logs and exits with its status.
-    code = cli(["submit", "prep", "--address", ray_head, "--wait", "--timeout",
+    code = cli(["submit", "prep", "--dashboard-url", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
                 "bertflow-test-prep", "--input", str(corpus(tmp_path / "corpus.txt")),
                 "--output", str(data), "--vocab", str(minilm_dir / "vocab.txt"),
@@ -109,15 +109,15 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
     assert manifest["counts"]["train"]["instances"] > 0
 
     # The job is visible to `bertflow jobs`.
-    assert cli(["jobs", "status", "bertflow-test-prep", "--address", ray_head]) == 0
+    assert cli(["jobs", "status", "bertflow-test-prep", "--dashboard-url", ray_head]) == 0
     assert "SUCCEEDED" in capsys.readouterr().out
-    assert cli(["jobs", "list", "--address", ray_head]) == 0
+    assert cli(["jobs", "list", "--dashboard-url", ray_head]) == 0
     listing = capsys.readouterr().out
     assert "bertflow-test-prep" in listing and "prep" in listing
 
     if not (Path(jobs.project_root()) / "workflows" / "cli" / "commands" / "pretrain.py").is_file():
         pytest.skip("bertflow pretrain is not available yet")
-    code = cli(["submit", "pretrain", "--address", ray_head, "--wait", "--timeout",
+    code = cli(["submit", "pretrain", "--dashboard-url", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
                 "bertflow-test-pretrain", "--data", str(data), "--run-name", "job-tiny",
                 "--model-size", "tiny", "--max-steps", "8", "--warmup-steps", "2",
@@ -134,10 +134,10 @@ def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir
 
 
 def test_unknown_job_and_unreachable_cluster_are_clear_errors(ray_head, capsys):
-    assert cli(["jobs", "status", "no-such-job", "--address", ray_head]) == 2
+    assert cli(["jobs", "status", "no-such-job", "--dashboard-url", ray_head]) == 2
     assert "no-such-job" in capsys.readouterr().err
     port = free_ports(1)[0]
-    assert cli(["jobs", "list", "--address", f"http://127.0.0.1:{port}"]) == 2
+    assert cli(["jobs", "list", "--dashboard-url", f"http://127.0.0.1:{port}"]) == 2
     assert "cannot reach the Ray dashboard" in capsys.readouterr().err
 
 
@@ -161,7 +161,7 @@ def test_cluster_python_without_bertflow_is_caught_before_submitting(ray_head, t
         check_cluster_python(client, ray_head, {"env_vars": {
             "PATH": f"{bare}{os.pathsep}/usr/bin{os.pathsep}/bin"}})
 
-    code = cli(["submit", "prep", "--address", ray_head, "--wait", "--timeout",
+    code = cli(["submit", "prep", "--dashboard-url", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--submission-id", "bertflow-test-fails",
                 "--tracking-uri", f"sqlite:///{tmp_path / 'mlruns.db'}",
                 "--input", str(tmp_path / "no-such-corpus.txt"), "--output",
@@ -170,4 +170,4 @@ def test_cluster_python_without_bertflow_is_caught_before_submitting(ray_head, t
     assert code == 1 and "job bertflow-test-fails FAILED" in out
     assert "last lines of its log" in err and "no-such-corpus" in err.split(
         "last lines of its log", 1)[1]
-    assert f"bertflow jobs logs bertflow-test-fails --address {ray_head}" in err
+    assert f"bertflow jobs logs bertflow-test-fails --dashboard-url {ray_head}" in err

@@ -40,7 +40,7 @@ def test_prediction_columns_keep_their_names_beside_clashing_input_columns(minil
     from workflows.serving.batch import BatchPredictor
 
     batch = BatchPredictor.__new__(BatchPredictor)  # what each Ray Data actor holds
-    batch.predictor = minilm
+    batch.predictor, batch.columns = minilm, {}
     df = pd.DataFrame({"text": ["a good day", "rain"], "embedding": ["gold", "x"],
                        "error": ["old", None]})
     joined = batch(df)
@@ -48,6 +48,20 @@ def test_prediction_columns_keep_their_names_beside_clashing_input_columns(minil
                                     "error"]
     assert joined["input_embedding"].tolist() == ["gold", "x"]
     assert len(joined["embedding"][0]) == 384 and joined["error"].tolist() == [None, None]
+
+
+def test_predict_reads_the_text_column_the_user_names(minilm):
+    """--text-column review: the model reads `review`; the output keeps the input's names."""
+    from workflows.serving.batch import BatchPredictor
+
+    batch = BatchPredictor.__new__(BatchPredictor)
+    batch.predictor, batch.columns = minilm, {"text": "review"}
+    joined = batch(pd.DataFrame({"review": ["a good day", "rain"]}))
+    assert list(joined.columns) == ["review", "embedding", "error"]
+    assert joined["error"].tolist() == [None, None]
+    batch.columns = {"text": "body"}
+    with pytest.raises(PredictError, match="no column 'body'"):
+        batch(pd.DataFrame({"review": ["x"]}))
 
 
 def test_model_without_task_predicts_embeddings(minilm):

@@ -52,7 +52,7 @@ def write_corpus(root: Path, n_docs: int, seed: int = 0, bad: bool = True) -> Pa
 def config(tmp_path, minilm_dir, corpus, **kw):
     base = dict(input=[str(corpus)], output=str(tmp_path / "ds"), vocab=str(minilm_dir),
                 max_seq_len=64, dupe_factor=2, docs_per_unit=25, val_fraction=0.1,
-                max_line_bytes=2048, num_workers=1)
+                max_line_bytes=2048, tokenize_workers=1)
     base.update(kw)
     return PrepConfig(**base)
 
@@ -110,7 +110,7 @@ def test_build_schema_counts_rerun_and_determinism(ray_local, tmp_path, minilm_d
     assert {p: p.stat().st_mtime_ns for p in ds.rglob("*")} == mtimes
 
     # same seed, two workers and another run: identical rows
-    cfg2 = config(tmp_path, minilm_dir, corpus, output=str(tmp_path / "ds2"), num_workers=2)
+    cfg2 = config(tmp_path, minilm_dir, corpus, output=str(tmp_path / "ds2"), tokenize_workers=2)
     build_pretraining_dataset(cfg2)
     assert rows(ds) == rows(tmp_path / "ds2")
 
@@ -241,7 +241,7 @@ def test_one_document_files_nsp_pool_and_global_shuffle(ray_local, tmp_path, min
     ds = Path(cfg.output)
     again = config(tmp_path, minilm_dir, corpus, output=str(tmp_path / "ds2"),
                    docs_per_unit=7, dupe_factor=3, val_fraction=0.2, max_seq_len=48,
-                   num_workers=2)
+                   tokenize_workers=2)
     build_pretraining_dataset(again)
     assert rows(ds) == rows(tmp_path / "ds2")  # unit size and workers change nothing
 

@@ -112,7 +112,7 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         masking="dynamic", dupe_factor=2, val_fraction=0.05, docs_per_unit=400,
-        num_workers=1))
+        tokenize_workers=1))
     cfg = config_from_mapping(PretrainConfig, dict(
         data=str(tmp_path / "ds"), run_name="tiny-kill", model_size="tiny", num_workers=2,
         cpus_per_worker=0.5, batch_size=16, lr=1e-3, warmup_steps=20, max_steps=120,
@@ -212,7 +212,7 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         objective="mlm", masking="dynamic", dupe_factor=1, val_fraction=0.1,
-        num_workers=1))
+        tokenize_workers=1))
     cfg = config_from_mapping(PretrainConfig, dict(
         data=str(tmp_path / "ds"), run_name="tiny-mlm", model_size="tiny", num_workers=2,
         cpus_per_worker=0.5, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2,

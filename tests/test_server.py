@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,44 @@ def test_binding_beyond_loopback_needs_auth_or_insecure(tmp_path):
     finally:
         server.discard(launch)
     assert not ini.parent.exists()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_the_environment_cannot_widen_the_server(tmp_path, monkeypatch):
+    """MLFLOW_GUNICORN_OPTS="-b 0.0.0.0:PORT" gave a second listener without auth beside
+    the loopback one: now `bertflow server` refuses to start, naming the variable, and
+    neither port answers."""
+    port, extra = free_port(), free_port()
+    monkeypatch.setenv("MLFLOW_GUNICORN_OPTS", f"-b 0.0.0.0:{extra}")
+    cfg = ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", port=port)
+    try:
+        proc, _ = server.start_server(cfg, timeout_s=120, stdout=open(tmp_path / "log", "wb"),
+                                      stderr=subprocess.STDOUT)
+    except server.ServerError as exc:
+        assert "MLFLOW_GUNICORN_OPTS" in str(exc) and "listener" in str(exc)
+    else:
+        server.stop_server(proc)
+        pytest.fail("the server started with MLFLOW_GUNICORN_OPTS set")
+    assert not _listening(extra) and not _listening(port)
+    monkeypatch.delenv("MLFLOW_GUNICORN_OPTS")
+    for name, value in [("GUNICORN_CMD_ARGS", "--bind 0.0.0.0:1"),
+                        ("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS", "*"),
+                        ("MLFLOW_SERVER_ALLOWED_HOSTS", "*"),
+                        ("MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE", "true"),
+                        ("MLFLOW_UVICORN_OPTS", "--uds /tmp/x.sock"), ("UVICORN_FD", "3"),
+                        ("MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH", "false")]:
+        with pytest.raises(server.ServerError, match=name):
+            server.plan_server(cfg, environ={name: value})
+    # MLflow's defaults spelled out change nothing; the server's env never carries them.
+    harmless = {"MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": "false",
+                "MLFLOW_SERVER_X_FRAME_OPTIONS": "DENY"}
+    server.plan_server(cfg, environ=harmless)
+    assert not set(harmless) & set(server.server_env({**harmless, "PATH": "/bin"}))
 
 
 @pytest.fixture()

@@ -56,7 +56,7 @@ def listing(uri: str) -> dict[str, int]:
 def prep_config(inputs: list[str], output: str, minilm_dir: Path, **kw) -> PrepConfig:
     base = dict(input=inputs, output=output, vocab=str(minilm_dir / "vocab.txt"),
                 max_seq_len=32, dupe_factor=1, docs_per_unit=15, val_fraction=0.2,
-                num_workers=1)
+                tokenize_workers=1)
     base.update(kw)
     return PrepConfig(**base)
 

@@ -133,3 +133,15 @@ def test_prediction_input_keeps_numeric_csv_columns_numeric(tmp_path):
     jsonl = tmp_path / "in.jsonl"
     jsonl.write_text('{"id": "007", "text": "a"}\n')
     assert read_table_frame(jsonl)[0]["id"].tolist() == ["007"]  # JSON types are kept
+
+
+def test_classification_columns_are_named_by_the_user(tmp_path):
+    """--text-column review --label-column stars: records keep bertflow's keys."""
+    p = tmp_path / "mine.csv"
+    p.write_text('id,review,stars\n1,"great",5\n2,"awful",1\n3,,4\n')
+    rows, report = read_classification(p, ("text",), labels=None,
+                                       columns={"text": "review", "label": "stars"})
+    assert [(r["text"], r["label"]) for r in rows] == [("great", "5"), ("awful", "1")]
+    assert report.counts == {"missing field": 1}
+    with pytest.raises(TaskDataError, match="no column.*text.*--text-column"):
+        read_classification(p, ("text",))

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from bert_core.config_io import ConfigError, check, field, from_dict
+from bert_core.config_io import ConfigError, apply_renames, check, field, from_dict
 
 T = TypeVar("T")
 
@@ -143,6 +143,9 @@ def config_from_mapping(cls: type[T], data: dict[str, Any], source: str = "confi
     groups = group_fields(cls)
     if not groups:
         return from_dict(cls, data, source)
+    data = apply_renames(cls, data, source)
+    for f in groups.values():  # a group's fields given flat, under an old name
+        data = apply_renames(f.default_factory.func, data, source)  # type: ignore[union-attr]
     own = {f.name for f in dataclasses.fields(cls)} - set(groups)
     member = {name: {g.name for g in dataclasses.fields(f.default_factory.func)}  # type: ignore[union-attr]
               for name, f in groups.items()}
@@ -217,9 +220,6 @@ class PretrainConfig:
               "give the run a name (--run-name NAME); the same name resumes the run")
 
 
-FINETUNE_TASKS = ("seq-cls", "pair-cls", "token-cls", "qa")
-
-
 @dataclass(kw_only=True)
 class FinetuneConfig:
     """`bertflow finetune`: train a task head (and the encoder unless frozen) from a BERT,
@@ -239,22 +239,34 @@ class FinetuneConfig:
     freeze_encoder: bool = field(
         False, help="train only the task head on the frozen encoder (the feature-based use; "
                     "a new head wants a larger --lr, e.g. 1e-3)")
-    pooling: Literal["auto", "cls", "mean", "mean_last4"] = field(
-        "auto", help="seq-cls/pair-cls sentence vector: cls (BERT's tanh pooler over [CLS]), "
-                     "mean (last layer averaged over real tokens), mean_last4 (last four "
-                     "layers concatenated, averaged); auto = mean with --freeze-encoder (a "
-                     "frozen [CLS] pooler was trained for NSP, not for your labels), else cls")
+    pooling: Literal["auto", "pooler", "mean", "mean_last4"] = field(
+        "auto", help="seq-cls/pair-cls sentence vector: pooler (BERT's tanh pooler over "
+                     "[CLS]), mean (last layer averaged over real tokens), mean_last4 (last "
+                     "four layers concatenated, averaged); auto = mean with "
+                     "--freeze-encoder (a frozen pooler was trained for NSP, not for your "
+                     "labels), else pooler. The same names as `bertflow embed --pooling`",
+        value_aliases={"cls": "pooler"})
+    text_column: str | None = field(
+        None, help="seq-cls/pair-cls: the column (CSV/TSV header or JSONL key) holding the "
+                   "text (default: text; pair-cls: text_a)")
+    text_pair_column: str | None = field(
+        None, help="pair-cls: the column holding the second text (default: text_b)")
+    label_column: str = field("label", help="seq-cls/pair-cls: the column holding the label")
     epochs: float = field(3.0, help="passes over the training set (sets the number of steps)")
     max_seq_len: int = field(128, help="word pieces per example, specials included")
     doc_stride: int = field(128, help="qa: context pieces between the starts of two windows")
     max_query_len: int = field(64, help="qa: question pieces kept")
-    max_answer_length: int = field(30, help="qa: longest answer in word pieces")
+    max_answer_len: int = field(30, help="qa: longest answer in word pieces",
+                                renamed_from=("max_answer_length",))
     n_best: int = field(20, help="qa: start and end candidates considered per window")
     null_score_threshold: float = field(
         0.0, help="qa v2.0: answer nothing when the null score beats the best span by more")
     warmup_ratio: float = field(0.1, help="fraction of the steps spent warming up "
                                           "(used when --warmup-steps is 0)")
-    run_name: str | None = field(None, help="MLflow run name (default: finetune-TASK)")
+    run_name: str | None = field(
+        None, help="name of the MLflow run and of its Ray Train folder under --storage-path; "
+                   "rerunning the same name resumes it from its latest checkpoint (default: "
+                   "finetune-TASK-TIME, a new run each time)")
     data_dir: str | None = field(
         None, help="folder for the tokenized task datasets (default: the user cache, "
                    "$XDG_CACHE_HOME/bertflow/finetune or ~/.cache/bertflow/finetune)")
@@ -268,7 +280,9 @@ class FinetuneConfig:
                "batch_size": "examples per worker per micro-batch",
                "eval_every": "steps between evaluations (0: at the end of each epoch)",
                "checkpoint_every": "steps between checkpoints (0: each epoch)",
-               "eval_batches": "validation batches per evaluation (0: the whole eval file)"})
+               "eval_batches": "validation batches per evaluation (0: the whole eval file)",
+               "seed": "seed of the new head's initialisation, dropout and the order of the "
+                       "training examples"})
     tracking: TrackingSettings = group(TrackingSettings, help="MLflow run and registry")
 
     def __post_init__(self) -> None:
@@ -279,12 +293,12 @@ class FinetuneConfig:
         check(self.doc_stride >= 1, "doc_stride", "must be at least 1")
         # A longer question than fits is cut to leave room for the context (qa features).
         check(self.max_query_len >= 1, "max_query_len", "must be at least 1")
-        check(self.max_answer_length >= 1 and self.n_best >= 1, "max_answer_length/n_best",
+        check(self.max_answer_len >= 1 and self.n_best >= 1, "max_answer_len/n_best",
               "must be at least 1")
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "labels",
               "needs at least two distinct names")
-        check(self.pooling in ("auto", "cls") or self.task in ("seq-cls", "pair-cls"),
+        check(self.pooling in ("auto", "pooler") or self.task in ("seq-cls", "pair-cls"),
               "pooling", f"{self.pooling} applies to seq-cls and pair-cls only")
 
     @property
@@ -292,9 +306,20 @@ class FinetuneConfig:
         """The pooling the model is built with (None: the task has no sentence vector)."""
         if self.task not in ("seq-cls", "pair-cls"):
             return None
-        if self.pooling == "auto":
-            return "mean" if self.freeze_encoder else "cls"
-        return self.pooling
+        pooling = self.pooling
+        if pooling == "auto":
+            pooling = "mean" if self.freeze_encoder else "pooler"
+        return "cls" if pooling == "pooler" else pooling  # bert_core's name for the pooler
+
+    @property
+    def columns(self) -> dict[str, str]:
+        """{bertflow's record key: the task file's column} for seq-cls/pair-cls files."""
+        if self.task == "seq-cls":
+            return {"text": self.text_column or "text", "label": self.label_column}
+        if self.task == "pair-cls":
+            return {"text_a": self.text_column or "text_a",
+                    "text_b": self.text_pair_column or "text_b", "label": self.label_column}
+        return {}
 
 
 def finetune_loop(**changes: Any) -> LoopSettings:
@@ -370,8 +395,12 @@ class FileInference:
                                 "such as s3://BUCKET/in.csv is fetched")
     output: str = field("", help="the file to write: a path or a URI (s3://BUCKET/out.csv), "
                                  "appearing only when complete")
+    text_column: str | None = field(
+        None, help="the input column holding the text (default: text; pair-cls: text_a)")
     batch_size: int = field(64, help="rows per batch")
     concurrency: int = field(1, help="model replicas (Ray actors) working in parallel")
+    num_cpus: float = field(1.0, help="CPUs per replica")
+    use_gpu: bool = field(False, help="one GPU per replica")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
 
@@ -380,6 +409,7 @@ class FileInference:
             check(bool(getattr(self, name).strip()), name, f"give it (--{name} ...)")
         check(self.batch_size >= 1 and self.concurrency >= 1, "batch_size/concurrency",
               "must be at least 1")
+        check(self.num_cpus > 0, "num_cpus", "must be positive")
 
 
 @dataclass(kw_only=True)
@@ -387,12 +417,17 @@ class PredictConfig(FileInference):
     """`bertflow predict`: batch predictions of a fine-tuned model over a CSV/TSV/JSONL file
     (written as CSV, TSV or JSONL)."""
 
-    num_cpus: float = field(1.0, help="CPUs per replica")
-    use_gpu: bool = field(False, help="one GPU per replica")
+    text_pair_column: str | None = field(
+        None, help="pair-cls: the input column holding the second text (default: text_b)")
 
-    def __post_init__(self) -> None:
-        FileInference.__post_init__(self)
-        check(self.num_cpus > 0, "num_cpus", "must be positive")
+    def input_columns(self, task: str) -> dict[str, str]:
+        """{the predictor's column: the input file's column} for `task`'s text columns."""
+        if task == "seq-cls":
+            return {"text": self.text_column or "text"}
+        if task == "pair-cls":
+            return {"text_a": self.text_column or "text_a",
+                    "text_b": self.text_pair_column or "text_b"}
+        return {}
 
 
 POOLINGS = ("cls", "mean", "pooler")
@@ -403,11 +438,15 @@ class EmbedConfig(FileInference):
     """`bertflow embed`: embeddings of a text column (pooled vectors or a hidden layer),
     written to one Parquet file (`--output FILE.parquet`)."""
 
+    output: str = field("", help="the Parquet file to write (FILE.parquet): a path or a URI "
+                                 "(s3://BUCKET/vectors.parquet), appearing only when "
+                                 "complete")
     pooling: Literal["cls", "mean", "pooler"] | None = field(
-        None, help="how a text's token vectors become one vector (default: the folder's "
-                   "sentence-transformers pooling, else mean)")
+        None, help="how a text's token vectors become one vector: cls (the raw [CLS] "
+                   "vector), mean (real tokens averaged), pooler (BERT's tanh pooler over "
+                   "[CLS], as `finetune --pooling pooler`); default: the folder's "
+                   "sentence-transformers pooling, else mean")
     layer: int | None = field(None, help="hidden layer to read (0 = embeddings; default: the last)")
-    text_column: str = field("text", help="column holding the texts")
     max_seq_len: int | None = field(
         None, help="word pieces per text, specials included; longer texts are cut (default: "
                    "the folder's sentence-transformers max_seq_length, else its bertflow.json "
@@ -499,13 +538,13 @@ class JobsConfig:
 
     action: Literal["list", "status", "logs", "stop"] = field("list", help="what to do",
                                                              cli=False)
-    address: str | None = field(
+    dashboard_url: str | None = field(
         None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: "
-                   "$RAY_ADDRESS when it is an http URL)")
+                   "$RAY_ADDRESS when it is an http URL)", renamed_from=("address",))
     job_id: str = field("", flag="ID", help="the submission id")
     follow: bool = field(False, help="keep streaming the logs until the job ends")
-    insecure: bool = field(False, help="allow a cleartext http:// --address off this machine "
-                                       "(Ray's auth token is sent unencrypted)")
+    insecure: bool = field(False, help="allow a cleartext http:// --dashboard-url off this "
+                                       "machine (Ray's auth token is sent unencrypted)")
 
 
 SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "sweep", "predict", "embed")
@@ -517,15 +556,15 @@ class SubmitConfig:
 
     verb: Literal["prep", "pretrain", "finetune", "sweep", "predict", "embed"] = field(
         "pretrain", flag="VERB", help="the bertflow verb to run as a job")
-    address: str | None = field(
-        None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
-                   "(default: $RAY_ADDRESS when it is an http URL)")
+    dashboard_url: str | None = field(
+        None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: "
+                   "$RAY_ADDRESS when it is an http URL)", renamed_from=("address",))
     tracking_uri: str | None = field(
         None, help="MLflow store the job logs to (default: $MLFLOW_TRACKING_URI, else the "
                    "project default); must be reachable from the cluster")
     submission_id: str | None = field(None, help="job id (default: generated by Ray)")
-    insecure: bool = field(False, help="allow a cleartext http:// --address off this machine "
-                                       "(Ray's auth token is sent unencrypted)")
+    insecure: bool = field(False, help="allow a cleartext http:// --dashboard-url off this "
+                                       "machine (Ray's auth token is sent unencrypted)")
     wait: bool = field(False, help="stream the job's logs and exit with its status "
                                    "(0 = SUCCEEDED)")
     timeout: float | None = field(

@@ -58,11 +58,12 @@ class TaskDataset:
         return self.path / "data"
 
 
-def read_task_file(path: str | Path, task: str, labels: list[str] | None = None
-                   ) -> tuple[list[dict], SkipReport]:
-    """Read a task file; with `labels`, records whose label is unknown are skipped."""
+def read_task_file(path: str | Path, task: str, labels: list[str] | None = None,
+                   columns: dict[str, str] | None = None) -> tuple[list[dict], SkipReport]:
+    """Read a task file; with `labels`, records whose label is unknown are skipped.
+    `columns` ({"text": "review", "label": "stars"}) names a classification file's columns."""
     if task in TEXT_FIELDS:
-        return read_classification(path, TEXT_FIELDS[task], labels=labels)
+        return read_classification(path, TEXT_FIELDS[task], labels=labels, columns=columns)
     if task == "token-cls":
         return read_conll(path, tags=labels)
     if task == "qa":
@@ -113,7 +114,11 @@ class Featurizer:
     """Ray Data callable class: one tokenizer per worker, records in, feature rows out."""
 
     def __init__(self, tokenizer: Any, spec: TaskFeatures, labels: list[str]) -> None:
-        self.tokenizer = tokenizer  # a WordPieceTokenizer (pickled from the driver)
+        if isinstance(tokenizer, tuple):  # (ObjectRef,) from build_task_dataset
+            import ray
+
+            tokenizer = ray.get(tokenizer[0])
+        self.tokenizer = tokenizer  # a WordPieceTokenizer
         self.spec = spec
         self.label_ids = {name: i for i, name in enumerate(labels)}
 
@@ -130,7 +135,8 @@ class Featurizer:
 def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str | Path,
                        out_root: str | Path, *, split: str, labels: list[str] | None = None,
                        seed: int = 0, address: str | None = None,
-                       source: str | None = None) -> TaskDataset:
+                       source: str | None = None,
+                       columns: dict[str, str] | None = None) -> TaskDataset:
     """Read, validate and tokenize one task file into `out_root/<task>-<split>-<hash>/`.
 
     `path` is a local file; `source` (e.g. the s3:// URI `path` was fetched from) is the
@@ -139,12 +145,13 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     `labels` (the training labels, or a user-given list) maps names to ids; without it
     the file's own sorted labels are used. Returns the dataset with the records actually
     used (each with `example_index`), which evaluation needs (gold answers, contexts).
+    `columns` names the file's columns of a classification task (`read_task_file`).
     """
     import numpy as np
 
     from data_prep.tokenizer import WordPieceTokenizer
 
-    records, report = read_task_file(path, spec.task, labels)
+    records, report = read_task_file(path, spec.task, labels, columns)
     if not records:
         raise TaskDataError(f"{path}: no usable {spec.task} records ({report.total} skipped: "
                             f"{'; '.join(report.messages[:3]) or 'empty file'})")
@@ -164,6 +171,9 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
 
         inputs[0]["path"] = open_location(source).uri
     config = {**dataclasses.asdict(spec), "labels": labels, "split": split, "seed": seed}
+    renamed = {k: v for k, v in (columns or {}).items() if k != v}
+    if renamed:  # only then: the datasets of default columns keep their fingerprints
+        config["columns"] = renamed
     fp = build_fingerprint(config, inputs, tokenizer.fingerprint(), kind=f"task-{spec.task}")
     final = Path(out_root).absolute() / f"{spec.task}-{split}-{fp[:12]}"
     ok, reason = is_up_to_date(final, fp)
@@ -180,7 +190,11 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     with atomic_output_dir(final, force=True) as tmp:
         # Few blocks: per-row blocks would cost more scheduling than tokenizing.
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
-        ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
+        # The tokenizer by reference, nested in a small tuple: a large constructor argument
+        # Ray would put in the object store itself, and then log an error per actor that a
+        # restarted actor might lose it (ray-project/ray#53727); this reference lives until
+        # the dataset is written.
+        ds = ds.map_batches(Featurizer, fn_constructor_args=((ray.put(tokenizer),), spec, labels),
                             batch_format="pyarrow", batch_size=256,
                             compute=ray.data.ActorPoolStrategy(size=1))
         import pyarrow as pa

@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     from workflows.cli.logs import setup_logging
 
     verbose = "-v" in rest or "--verbose" in rest
-    log_file = setup_logging(verb, verbose, to_file=verb in LOGGED_VERBS
+    # Every verb keeps a log file with -v (the help of -v promises one); the long ones always.
+    log_file = setup_logging(verb, verbose, to_file=(verb in LOGGED_VERBS or verbose)
                              and not any(h in rest for h in ("-h", "--help")))
     try:
         parser = module.build_parser()

@@ -5,6 +5,12 @@ list -> nargs +, Literal -> choices; a field whose `flag` has no leading dash is
 positional argument shown as that name, e.g. `flag="ID"`) plus `--config FILE`; fields of a settings group (`loop`,
 `tracking`) appear flat, with the stage's defaults. `config_from_args(Cls, args)` merges
 defaults <- YAML <- flags. Verb modules build their parser with `new_parser` and these two.
+
+Renames keep the old spelling for one release: a field declared with
+`renamed_from=("old_name",)` also answers to a hidden `--old-name` (and a YAML key
+`old_name`), and `value_aliases={"old": "new"}` maps an old choice; each use prints one
+`deprecated:` line (`bert_core.config_io.deprecated`). `add_renamed_option` does the same
+for the few options a verb adds by hand.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import dataclasses
 import typing
 from typing import Any, TypeVar
 
-from bert_core.config_io import field_types, read_mapping
+from bert_core.config_io import deprecated, field_types, read_mapping
 from workflows.config import config_from_mapping
 
 T = TypeVar("T")
@@ -31,8 +37,65 @@ def new_parser(verb: str, description: str, epilog: str | None = None,
         parser = parent.add_parser(verb, help=description, **kwargs)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show every library's log lines (Ray, Ray Data, MLflow) on the "
-                             "terminal; by default they go to the log file named at the end")
+                             "terminal as well as in the log file named at the end")
     return parser
+
+
+def _renamed(base: type[argparse.Action], new_flag: str) -> type[argparse.Action]:
+    """Action class `base` that first announces that its option is now `new_flag`."""
+
+    class Renamed(base):  # type: ignore[valid-type, misc]
+        def __call__(self, parser: Any, namespace: Any, values: Any,
+                     option_string: str | None = None) -> None:
+            new = new_flag
+            if option_string and option_string.startswith("--no-") and not new.startswith("--no-"):
+                new = "--no-" + new[2:]
+            deprecated(f"{option_string} is now {new}; the old spelling goes in the next "
+                       "release")
+            super().__call__(parser, namespace, values, option_string)
+
+    return Renamed
+
+
+class _Store(argparse.Action):
+    def __call__(self, parser: Any, namespace: Any, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+
+
+class _StoreTrue(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def add_renamed_option(parser: argparse.ArgumentParser, old_flag: str, new_flag: str,
+                       dest: str, action: Any = None, **kwargs: Any) -> None:
+    """A hidden `old_flag` that sets `dest` as `new_flag` does, with a deprecation line.
+
+    `action`: None (takes a value), "store_true" or argparse.BooleanOptionalAction."""
+    base = {None: _Store, "store_true": _StoreTrue}.get(action, action)
+    if base is argparse.BooleanOptionalAction:
+        kwargs.pop("metavar", None)
+    parser.add_argument(old_flag, dest=dest, action=_renamed(base, new_flag),
+                        help=argparse.SUPPRESS, **kwargs)
+
+
+def _aliased(convert: Any, aliases: dict[str, str], flag: str) -> Any:
+    """argparse `type` that maps an old choice to its new name (with a deprecation line)."""
+
+    def parse(text: str) -> Any:
+        if text in aliases:
+            deprecated(f"{flag} {text} is now {flag} {aliases[text]}; the old value goes "
+                       "in the next release")
+            text = aliases[text]
+        return convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
 
 
 def _type_for(tp: Any) -> tuple[Any, dict[str, Any]]:
@@ -94,18 +157,23 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type,
         arg_type, extra = _type_for(tp)
         if f.name in required:
             help_text += " (required)"
-        elif default not in (None, "", [], ()) and tp is not bool:
+        elif isinstance(default, bool):
+            help_text += f" (default: {'on' if default else 'off'})"
+        elif default not in (None, "", [], ()):
             help_text += f" (default: {default})"
-        elif tp is bool and default:
-            help_text += " (default: on)"
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": help_text, **extra}
         if arg_type is not None:
-            kwargs["type"] = arg_type
+            aliases = f.metadata.get("value_aliases")
+            kwargs["type"] = _aliased(arg_type, aliases, flag) if aliases else arg_type
             if "choices" not in extra:
                 kwargs["metavar"] = flag if positional else f.name.upper()
         if not positional:
             parser.add_argument(flag, dest=f.name, required=f.name in required and
                                 not config_file, **kwargs)
+            for old in f.metadata.get("renamed_from", ()):
+                old_kwargs = {k: v for k, v in kwargs.items() if k not in ("help", "action")}
+                add_renamed_option(parser, "--" + old.replace("_", "-"), flag, f.name,
+                                   action=kwargs.get("action"), **old_kwargs)
         else:
             parser.add_argument(f.name, **kwargs, **({} if f.name in required
                                                      else {"nargs": "?"}))

@@ -256,7 +256,7 @@ def check_address_is_private(address: str, insecure: bool = False) -> None:
     url = urlparse(address)
     if url.scheme not in ("http", "ray") or is_loopback(url.hostname):
         return
-    message = (f"--address {address} is {url.scheme}:// to another machine: Ray's auth "
+    message = (f"--dashboard-url {address} is {url.scheme}:// to another machine: Ray's auth "
                f"token, the shipped project and the job's environment would be sent in "
                f"cleartext. Tunnel the dashboard (`ray dashboard cluster.yaml`, or ssh -L "
                f"8265:localhost:8265 HEAD) and use http://127.0.0.1:8265, or use https://")
@@ -271,7 +271,7 @@ def connect(address: str, insecure: bool = False) -> "JobSubmissionClient":
     from ray.job_submission import JobSubmissionClient
 
     if not address.startswith(("http://", "https://")):
-        raise JobError(f"--address {address!r}: expected the dashboard URL, "
+        raise JobError(f"--dashboard-url {address!r}: expected the dashboard URL, "
                        "e.g. http://127.0.0.1:8265 (or via `ray dashboard cluster.yaml`)")
     check_address_is_private(address, insecure)
     _use_ray_auth_token_if_present()

@@ -60,7 +60,7 @@ class ServerLaunch:
     env: dict[str, str]
     url: str
     store: str                      # backend store URI, password redacted
-    artifacts: str                  # where served artifacts are stored
+    artifacts: str                  # where served artifacts are stored, redacted
     auth: bool = False
     private_dir: Path | None = None  # the auth config's folder, removed at stop
     notes: list[str] = field(default_factory=list)
@@ -138,6 +138,57 @@ def check_exposure(cfg: ServerConfig) -> None:
     log.warning("%s (--insecure)", message)
 
 
+# Variables `mlflow server` and the web servers under it read, each of which can widen
+# what `bertflow server` decided (--host, --port, --auth): gunicorn's and uvicorn's option
+# strings may add a listener (`-b 0.0.0.0:5001`, `--fd`, `--uds`) beside the loopback one,
+# and MLflow's security settings open CORS, the Host check, framing or GraphQL. Read in
+# mlflow/cli/__init__.py, mlflow/utils/cli_args.py, mlflow/environment_variables.py
+# (MLflow 3.x) and uvicorn (click's auto_envvar_prefix UVICORN, FORWARDED_ALLOW_IPS).
+WIDENING_ENV = {
+    "MLFLOW_GUNICORN_OPTS": "gunicorn options; a `-b` adds a listener beside --host",
+    "GUNICORN_CMD_ARGS": "gunicorn options; a `-b` adds a listener beside --host",
+    "MLFLOW_UVICORN_OPTS": "uvicorn options; `--fd`/`--uds` add listeners",
+    "MLFLOW_WAITRESS_OPTS": "waitress options; `--listen` adds a listener",
+    "FORWARDED_ALLOW_IPS": "trusts X-Forwarded-* headers from these clients",
+    "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "lets other web sites call the server from a browser",
+    "MLFLOW_SERVER_ALLOWED_HOSTS": "widens the Host-header check (DNS rebinding)",
+    "MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": "turns off CORS, Host and framing checks",
+    "MLFLOW_SERVER_X_FRAME_OPTIONS": "changes the clickjacking protection",
+    "MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH": "turns off authorization of GraphQL queries",
+    "MLFLOW_SERVER_ENABLE_CUSTOM_SCORERS": "lets clients run their own code in the server",
+}
+# Values of those variables that change nothing (MLflow's defaults).
+_HARMLESS = {"MLFLOW_SERVER_DISABLE_SECURITY_MIDDLEWARE": ("", "false", "0"),
+             "MLFLOW_SERVER_X_FRAME_OPTIONS": ("", "SAMEORIGIN", "DENY"),
+             "MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH": ("", "true", "1"),
+             "MLFLOW_SERVER_ENABLE_CUSTOM_SCORERS": ("", "false", "0")}
+
+
+def widening_variables(environ: dict[str, str]) -> list[str]:
+    """Names of the variables in `environ` that would widen the server (`WIDENING_ENV`,
+    any UVICORN_* option), set to a value that changes something."""
+    found = []
+    for name, value in sorted(environ.items()):
+        if name in WIDENING_ENV or name.startswith("UVICORN_"):
+            harmless = _HARMLESS.get(name, ("",))
+            if value.strip() not in harmless and value.strip().lower() not in harmless:
+                found.append(name)
+    return found
+
+
+def check_server_environment(environ: dict[str, str]) -> None:
+    """Refuse to start when the environment would widen the server beyond its flags: the
+    loopback guard and --auth must be what decides who reaches it."""
+    found = widening_variables(environ)
+    if not found:
+        return
+    why = "; ".join(f"{n} ({WIDENING_ENV.get(n, 'a uvicorn option: may add a listener')})"
+                    for n in found)
+    raise ServerError(f"the environment sets {why}. `bertflow server` decides where it "
+                      f"listens and who may call it from --host, --port and --auth only: "
+                      f"unset {' '.join(found)} (e.g. `env -u {found[0]} bertflow server ...`)")
+
+
 def write_auth_config(database_uri: str, admin: str) -> tuple[Path, Path]:
     """The basic-auth app's config (MLFLOW_AUTH_CONFIG_PATH) in a new private folder: its
     user database and the admin's name. The admin's password is not written; MLflow reads
@@ -162,6 +213,7 @@ def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> Ser
     """Check the settings and say how `mlflow server` is started (writes the auth config
     file when `cfg.auth`; `stop_server` or `discard` removes it)."""
     environ = dict(os.environ if environ is None else environ)
+    check_server_environment(environ)
     check_exposure(cfg)
     store = backend_store_uri(cfg, environ)
     artifacts = artifacts_destination(cfg, store)
@@ -170,7 +222,7 @@ def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> Ser
                "--workers", "1"]
     env = {"MLFLOW_BACKEND_STORE_URI": store}
     launch = ServerLaunch(command, env, server_url(cfg.host, cfg.port), redact(store),
-                          artifacts)
+                          redact(artifacts))
     if cfg.auth:
         admin = environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or DEFAULT_ADMIN
         auth_db = with_installed_driver(cfg.auth_db_uri) if cfg.auth_db_uri else store
@@ -195,10 +247,13 @@ def discard(launch: ServerLaunch) -> None:
 
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: `base` (default: this process's) with unpickling of model
-    files and MLflow's telemetry switched off."""
+    files and MLflow's telemetry switched off, and without the variables that would widen
+    it (`WIDENING_ENV`: `plan_server` refuses them when set; this drops harmless ones too)."""
     from workflows.tracking import MLFLOW_SAFE_ENV
 
-    return {**(os.environ if base is None else base), **MLFLOW_SAFE_ENV}
+    base = os.environ if base is None else base
+    kept = {k: v for k, v in base.items() if k not in WIDENING_ENV and not k.startswith("UVICORN_")}
+    return {**kept, **MLFLOW_SAFE_ENV}
 
 
 def server_url(host: str, port: int) -> str:

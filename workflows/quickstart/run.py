@@ -137,7 +137,8 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
             ft = run_finetune(ft_cfg)
         runs.append(TaskRun(mode=mode, model=f"models:/{CLASSIFIER}/{ft.model_version}",
                             version=str(ft.model_version), metrics=ft.metrics,
-                            pooling=ft_cfg.classifier_pooling or "cls",
+                            pooling=ft_cfg.pooling if ft_cfg.pooling != "auto" else
+                            "mean" if frozen else "pooler",
                             seconds=time.monotonic() - started,
                             examples=int(task.train_examples * cfg.finetune_epochs)))
         print(f"{mode}: registered {runs[-1].model}; eval {fmt_metrics(ft.metrics)}")

@@ -52,16 +52,27 @@ class BatchPredictor:
     column named like a prediction column (a gold `label`, an earlier `score`) is kept as
     `input_<name>`, so both survive and the prediction keeps its documented name."""
 
-    def __init__(self, model_dir: Any, device: str | None = None, batch_size: int = 32) -> None:
+    def __init__(self, model_dir: Any, device: str | None = None, batch_size: int = 32,
+                 columns: dict[str, str] | None = None) -> None:
         from workflows.transfer import local_folder
 
         self.predictor = Predictor.from_dir(local_folder(model_dir), device=device,
                                             batch_size=batch_size)
+        # {the predictor's column: the input's column} (--text-column, --text-pair-column)
+        self.columns = {k: v for k, v in (columns or {}).items() if k != v}
 
     def __call__(self, df: Any) -> Any:
         import pandas as pd
 
-        out = self.predictor.predict(df)
+        view = df
+        if self.columns:  # the predictor reads its own names; the output keeps the input's
+            view = df.copy()
+            for name, column in self.columns.items():
+                if column not in df.columns:
+                    raise PredictError(f"input has no column {column!r} (columns: "
+                                       f"{', '.join(map(str, df.columns))})")
+                view[name] = df[column]
+        out = self.predictor.predict(view)
         if "error" not in out.columns:
             out["error"] = pd.Series([None] * len(out), dtype=object)
         return join_predictions(df, out)
@@ -130,7 +141,9 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
     with local_file(cfg.input, "--input") as path:
         ds = read_table_dataset(ray, path)
     ds = ds.map_batches(BatchPredictor, fn_constructor_args=(model,),
-                        fn_constructor_kwargs={"batch_size": 32}, batch_format="pandas",
+                        fn_constructor_kwargs={"batch_size": 32,
+                                               "columns": cfg.input_columns(task)},
+                        batch_format="pandas",
                         batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
                         num_cpus=cfg.num_cpus if not cfg.use_gpu else None,
@@ -174,7 +187,7 @@ class BatchEmbedder:
 
 
 def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
-    """Embed every row's `cfg.text_column`; returns {"rows", "dim", "output"}."""
+    """Embed every row's `cfg.text_column` (default text); returns {"rows", "dim", "output"}."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -192,10 +205,12 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
         ds = read_table_dataset(ray, path)
     ds = ds.map_batches(
         BatchEmbedder,
-        fn_constructor_args=(model, pooling, cfg.layer, cfg.text_column, normalize,
+        fn_constructor_args=(model, pooling, cfg.layer, cfg.text_column or "text", normalize,
                              max_seq_len),
         batch_format="pandas", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency))
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        num_cpus=cfg.num_cpus if not cfg.use_gpu else None,
+        num_gpus=1 if cfg.use_gpu else None)
     rows, dim, writer = 0, 0, None
     with staged_output(out) as tmp:
         try:

@@ -199,7 +199,8 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
         with local_file(where, f"--{split}") as path:
             return build_task_dataset(path, spec, base_dir, data_root, split=split,
                                       labels=labels, seed=cfg.loop.seed, address=cfg.address,
-                                      source=where if "://" in where else None)
+                                      source=where if "://" in where else None,
+                                      columns=cfg.columns)
 
     with tempfile.TemporaryDirectory(prefix="bertflow-base-") as tmp:
         base_dir = T.resolve_model(cfg.base, dest=tmp, tracking_uri=uri)
@@ -215,7 +216,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     version_2 = any(r["is_impossible"] for r in train.records) if cfg.task == "qa" else False
     meta = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
             "doc_stride": cfg.doc_stride, "max_query_len": cfg.max_query_len,
-            "max_answer_length": cfg.max_answer_length, "n_best": cfg.n_best,
+            "max_answer_length": cfg.max_answer_len, "n_best": cfg.n_best,
             "null_score_threshold": cfg.null_score_threshold, "version_2": version_2,
             "base_model": lineage.get(T.TAG_BASE_MODEL, cfg.base),
             "dataset_fingerprint": train.manifest.fingerprint}

@@ -14,7 +14,10 @@ EPILOG = """examples:
       --pooling cls --layer 4
 
 --pooling mean averages the real tokens' vectors (the better sentence feature for a
-BERT that was not fine-tuned for it), cls takes the [CLS] vector, pooler the pooler output.
+BERT that was not fine-tuned for it), cls takes the raw [CLS] vector, pooler BERT's tanh
+pooler over it (what `finetune --pooling pooler` classifies from).
+--text-column names the input's text column (default text); --use-gpu and --num-cpus
+size each replica as in `bertflow predict`.
 --layer N reads hidden_states[N] (0 = embeddings, -1 = last) instead of the last layer.
 A sentence-transformers folder (modules.json, 1_Pooling, sentence_bert_config.json) is
 embedded as it says (its pooling, max_seq_length and normalisation), so the vectors equal

@@ -18,9 +18,10 @@ EPILOG = """examples:
   bertflow finetune --task seq-cls --base models:/bert-tiny@latest --train s3://bucket/train.jsonl \\
       --eval s3://bucket/dev.jsonl --storage-path s3://bucket/runs --address auto
 
-data: seq-cls CSV/TSV/JSONL with text,label; pair-cls text_a,text_b,label; token-cls CoNLL
-(tag in the last column, BIO); qa SQuAD v1.1/v2.0 JSON. Bad rows are reported with file and
-line, counted, and skipped."""
+data: seq-cls CSV/TSV/JSONL with text,label; pair-cls text_a,text_b,label (other column
+names: --text-column, --text-pair-column, --label-column); token-cls CoNLL (tag in the
+last column, BIO); qa SQuAD v1.1/v2.0 JSON. Bad rows are reported with file and line,
+counted, and skipped."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,13 @@ from workflows.config import JobsConfig
 
 DESCRIPTION = "list, inspect, follow or stop jobs on a Ray cluster"
 EPILOG = """examples:
-  bertflow jobs list --address http://127.0.0.1:8265
+  bertflow jobs list --dashboard-url http://127.0.0.1:8265
   bertflow jobs logs raysubmit_abc123 --follow
   bertflow jobs stop raysubmit_abc123
 
---address defaults to $RAY_ADDRESS when it is an http URL."""
+--dashboard-url defaults to $RAY_ADDRESS when it is an http URL."""
 
-# action -> (help, its fields of JobsConfig besides --address)
+# action -> (help, its fields of JobsConfig besides --dashboard-url)
 ACTIONS = {
     "list": ("jobs submitted to the cluster, newest first", ()),
     "status": ("a job's status (exit code 0 only if SUCCEEDED)", ("job_id",)),
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, (text, fields) in ACTIONS.items():
         sp = new_parser(action, text, parent=sub)
-        add_config_arguments(sp, JobsConfig, only=("address", *fields),
+        add_config_arguments(sp, JobsConfig, only=("dashboard_url", *fields),
                              required=tuple(f for f in fields if f == "job_id"),
                              config_file=False)
     return parser
@@ -44,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
                                     stop_job)
 
     cfg = config_from_args(JobsConfig, args)
-    address = cfg.address or default_address()
+    address = cfg.dashboard_url or default_address()
     if not address:
-        raise JobError("--address is required (or set RAY_ADDRESS=http://HOST:8265)")
+        raise JobError("--dashboard-url is required (or set RAY_ADDRESS=http://HOST:8265)")
     client = connect(address, cfg.insecure)
     if cfg.action == "list":
         rows = list_jobs(client)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             tail = log_tail(client, cfg.job_id)
             if tail:
                 print(f"--- last lines of its log:\n{tail}\nwhole log: bertflow jobs logs "
-                      f"{cfg.job_id} --address {address}", file=sys.stderr)
+                      f"{cfg.job_id} --dashboard-url {address}", file=sys.stderr)
         return exit_code_for(status) if status in ("SUCCEEDED", "FAILED", "STOPPED") else 0
     if cfg.action == "logs":
         job_status(client, cfg.job_id)  # a clear error for an unknown id

@@ -16,7 +16,8 @@ EPILOG = """examples:
       --output s3://bucket/scored.csv
 
 input columns: text (seq-cls), text_a + text_b (pair-cls), tokens (token-cls: a list in
-JSONL, or words separated by spaces), question + context (qa). The output keeps the input
+JSONL, or words separated by spaces), question + context (qa); --text-column and
+--text-pair-column name yours (`--text-column review`). The output keeps the input
 columns and adds the predictions and an `error` column for rows that could not be used."""
 
 

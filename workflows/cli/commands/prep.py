@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from workflows.cli.args import add_config_arguments, config_from_args, new_parser
+from workflows.cli.args import (add_config_arguments, add_renamed_option, config_from_args,
+                                new_parser)
 
 DESCRIPTION = ("prepare a pretraining dataset from raw text (Google's create_pretraining_data "
                "recipe on Ray Data); `bertflow prep rerun DIR` rebuilds one from its manifest")
@@ -33,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "bertflow prep")
     rerun.add_argument("--force", action="store_true", help="rebuild even if up to date")
     rerun.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
-    rerun.add_argument("--num-workers", type=int, help="parallel workers (output unchanged)")
+    rerun.add_argument("--tokenize-workers", type=int,
+                       help="parallel tokenizing tasks (output unchanged)")
+    add_renamed_option(rerun, "--num-workers", "--tokenize-workers", "tokenize_workers",
+                       type=int)
     return parser
 
 
@@ -47,18 +51,21 @@ def _report(manifest, out: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build (or with `rerun`, rebuild) the dataset and report its counts."""
-    from bert_core.config_io import from_dict
+    from bert_core.config_io import from_dict, renamed_keys
     from data_prep.config import PrepConfig
 
     if getattr(args, "action", None) == "rerun":
         from data_prep.manifest import open_dataset
 
-        stored = open_dataset(args.dir, "DIR")[1].config
+        # a manifest written before a rename: its keys, silently under today's names
+        renames = renamed_keys(PrepConfig)
+        stored = {renames.get(k, k): v
+                  for k, v in open_dataset(args.dir, "DIR")[1].config.items()}
         stored.update(output=args.dir, force=args.force)
         if args.address is not None:
             stored["address"] = args.address
-        if args.num_workers is not None:
-            stored["num_workers"] = args.num_workers
+        if args.tokenize_workers is not None:
+            stored["tokenize_workers"] = args.tokenize_workers
         config = from_dict(PrepConfig, stored, f"{args.dir}/manifest.json")
     else:
         config = config_from_args(PrepConfig, args)

@@ -1,4 +1,4 @@
-"""`bertflow submit VERB ARGS... --address http://HOST:8265 [--wait]`: run a verb as a Ray job.
+"""`bertflow submit VERB ARGS... --dashboard-url http://HOST:8265 [--wait]`: run a verb as a Ray job.
 
 Options of `submit` itself may appear anywhere; everything else is passed to the verb
 unchanged (put it after `--` if a verb option clashes with one below).
@@ -15,11 +15,15 @@ from workflows.config import SubmitConfig
 DESCRIPTION = "submit a bertflow job to a Ray cluster through the Jobs API"
 PASS_THROUGH = True  # everything that is not an option of submit goes to the verb
 EPILOG = """examples:
-  bertflow submit prep --address http://127.0.0.1:8265 --wait \\
+  bertflow submit prep --dashboard-url http://127.0.0.1:8265 --wait \\
       --input /data/corpus --output /data/wiki128 --vocab /data/vocab.txt
-  bertflow submit pretrain --address http://127.0.0.1:8265 \\
-      --tracking-uri http://10.0.0.5:5000 --data /data/wiki128 --use-gpu --num-workers 4
+  bertflow submit pretrain --dashboard-url http://127.0.0.1:8265 \\
+      --tracking-uri http://10.0.0.5:5000 --data /data/wiki128 --run-name base-1 \
+      --use-gpu --num-workers 4
   bertflow jobs logs bertflow-pretrain-1 --follow
+
+--dashboard-url is the Jobs API (http://HOST:8265); the job itself joins the cluster
+(the verb gets --address auto unless it is given one after `--`).
 
 Only bert_core/, data_prep/, workflows/, configs/, pyproject.toml and constraints.txt are
 shipped as the job's working_dir (symbolic links are not followed); the tracking URI
@@ -45,9 +49,9 @@ def run(args: argparse.Namespace) -> int:
     verb_args = list(getattr(args, "verb_args", []))
     if verb_args and verb_args[0] == "--":
         verb_args = verb_args[1:]
-    address = cfg.address or default_address()
+    address = cfg.dashboard_url or default_address()
     if not address:
-        raise JobError("--address is required (or set RAY_ADDRESS=http://HOST:8265)")
+        raise JobError("--dashboard-url is required (or set RAY_ADDRESS=http://HOST:8265)")
     tracking_uri = resolve_tracking_uri(cfg.tracking_uri)
     client = connect(address, cfg.insecure)
     job = submit_verb(address, cfg.verb, verb_args, tracking_uri,
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  passed to the job (values not shown): {', '.join(job.credentials)}")
     if not cfg.wait:
         print(f"  follow it with: bertflow jobs logs {job.submission_id} --follow "
-              f"--address {address}")
+              f"--dashboard-url {address}")
         return 0
     try:
         status = wait_for_job(client, job.submission_id, stream=True, timeout_s=cfg.timeout,
@@ -73,6 +77,6 @@ def run(args: argparse.Namespace) -> int:
         tail = log_tail(client, job.submission_id)
         if tail:
             print(f"--- last lines of its log:\n{tail}", file=sys.stderr)
-        print(f"whole log: bertflow jobs logs {job.submission_id} --address {address}",
+        print(f"whole log: bertflow jobs logs {job.submission_id} --dashboard-url {address}",
               file=sys.stderr)
     return exit_code_for(status)
