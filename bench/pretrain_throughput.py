@@ -96,7 +96,8 @@ def ray_loop(task, loop, rows: list[dict], warmup: int, tmp: Path) -> float:
 
     from data_prep.ray_env import init_ray
     from workflows import tracking as T
-    from workflows.training.engine import RunTracking, run_training
+    from workflows.training.contracts import RunTracking
+    from workflows.training.engine import run_folder, run_training
 
     ray = init_ray(None)
     uri = f"sqlite:///{tmp / 'mlruns.db'}"
@@ -105,7 +106,7 @@ def ray_loop(task, loop, rows: list[dict], warmup: int, tmp: Path) -> float:
     with mlflow.start_run(experiment_id=exp) as run:
         run_id = run.info.run_id
     run_training(task, loop, datasets={"train": ray.data.from_items(rows)},
-                 run_name="bench", tracking=RunTracking(uri, run_id, log_system_metrics=False))
+                 run=run_folder(loop, "bench"), tracking=RunTracking(uri, run_id, log_system_metrics=False))
     history = T.client(uri).get_metric_history(run_id, "tokens_per_s")
     rates = [m.value for m in sorted(history, key=lambda m: m.step) if m.step > warmup]
     # Windows are equal in steps, so the steady rate is the harmonic mean of the windows.

@@ -212,7 +212,7 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     deadline = time.monotonic() + JOB_TIMEOUT_S
     # Kill once Ray Train has committed a checkpoint (uploaded and recorded in its snapshot
     # on S3); an object that merely appeared may belong to an upload still in flight.
-    from workflows.training.checkpoint import committed_by_ray
+    from workflows.run_folder import committed_by_ray
 
     while not committed_by_ray(f"{runs}/e2e-pretrain"):
         status = jobs.job_status(client, job_id)

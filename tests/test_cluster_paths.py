@@ -77,8 +77,7 @@ def test_files_move_through_object_storage_whole(s3_bucket, tmp_path):
     """A published output appears whole under its name (no temporary object left), a
     URI input is fetched for the driver's readers, checkpoints on S3 are trusted by the
     same rules as local ones."""
-    from workflows.training.checkpoint import (COMPLETE_FILE, latest_checkpoint,
-                                               trusted_checkpoints)
+    from workflows.run_folder import COMPLETE_FILE, latest_checkpoint, trusted_checkpoints
     from workflows.transfer import TransferError, local_file, staged_output
 
     with staged_output(f"{s3_bucket}/out/preds.csv") as tmp:
@@ -117,7 +116,8 @@ def test_a_cluster_of_several_nodes_needs_shared_storage_and_an_mlflow_server(ca
     """./runs and a sqlite store are node-local: refused as soon as a second node is alive
     (the two-node cluster test runs the accepted setup end to end)."""
     from workflows.config import LoopSettings
-    from workflows.training.engine import TrainingError, check_cluster_storage
+    from workflows.training.contracts import TrainingError
+    from workflows.training.engine import check_cluster_storage
 
     server = "http://head:5000"
     check_cluster_storage(LoopSettings(), "sqlite:////x/mlruns.db", nodes=1)  # one machine
@@ -171,7 +171,7 @@ def test_bad_locations_and_a_dead_server_are_refused_before_ray(s3_server, tmp_p
 def test_bad_storage_and_output_locations_name_what_to_set(store_ray, s3_bucket, tmp_path,
                                                            tracking_uri, minilm_dir):
     from workflows.serving.batch import predict_file
-    from workflows.training.engine import TrainingError
+    from workflows.training.contracts import TrainingError
     from workflows.training.finetune import run_finetune
     from workflows.transfer import TransferError
 
@@ -209,7 +209,7 @@ def test_pretrain_finetune_predict_with_everything_on_s3(store_ray, s3_bucket, t
     from data_prep.pipeline import build_pretraining_dataset
     from workflows import tracking as T
     from workflows.serving.batch import embed_file, predict_file
-    from workflows.training.engine import RESULT_FILE
+    from workflows.run_folder import RESULT_FILE
     from workflows.training.finetune import run_finetune
     from workflows.training.pretrain import PretrainError, run_pretrain
 

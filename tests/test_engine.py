@@ -198,14 +198,14 @@ sys.path.insert(0, {tests!r})
 import ray
 import test_engine as te
 from workflows.config import LoopSettings
-from workflows.training.engine import run_training
+from workflows.training.engine import run_folder, run_training
 
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
 ray.cloudpickle.register_pickle_by_value(te)  # workers cannot import the tests folder
 loop = LoopSettings(num_workers=1, cpus_per_worker=0.5, batch_size=16, lr=0.1, warmup_steps=5,
                     max_steps=120, checkpoint_every=20, keep_checkpoints=2, eval_every=0,
                     log_every=10, storage_path={runs!r})
-r = run_training(te.RegressionTask(sleep_s=0.1), loop, run_name="drv",
+r = run_training(te.RegressionTask(sleep_s=0.1), loop, run=run_folder(loop, "drv"),
                  datasets={{"train": ray.data.from_items(te.make_rows(512, seed=3))}})
 print("RESULT", json.dumps({{"step": r.step, "start_step": r.start_step, "attempt": r.attempt}}))
 """

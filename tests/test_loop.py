@@ -223,7 +223,7 @@ def test_rank_zero_opens_the_run_it_logs_into_and_a_restart_finds_it_again(tmp_p
     """A sweep trial's RunTracking names no run: rank 0 opens it (tags, params), logs into
     it, and a restarted worker group (a second RunLogger) logs into the same run."""
     from workflows import tracking as T
-    from workflows.training.engine import RunTracking, TrainingError
+    from workflows.training.contracts import RunTracking, TrainingError
 
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     opening = dict(experiment="sweeps", run_name="s-0001", tags={"bertflow.sweep_trial": "s"},

@@ -91,11 +91,13 @@ def test_winner_is_the_best_mean_over_restarts_not_the_luckiest_seed():
 def test_reported_checkpoint_paths_become_uris_of_the_trials_store():
     """Ray Train reports a checkpoint by its path on the storage filesystem: on S3 that is
     `bucket/key`, which read as a local path would name a folder that does not exist."""
+    from data_prep.storage import Location
     from workflows.run_folder import RunFolder
     from workflows.training.sweep_trials import reuse_trial_actors
 
-    s3 = RunFolder.of("s3://bkt/runs", "s")
-    assert s3.where_of(s3.location.with_path("bkt/runs/s/trials/t1/checkpoint_000001")) \
+    s3 = RunFolder(storage_path="s3://bkt/runs", name="s", uri="s3://bkt/runs/s")
+    on_s3 = Location(None, "bkt/runs/s", s3.uri)  # what s3.location holds, without a client
+    assert s3.where_of(on_s3.with_path("bkt/runs/s/trials/t1/checkpoint_000001")) \
         == "s3://bkt/runs/s/trials/t1/checkpoint_000001"
     local = RunFolder.of("/tmp/runs", "s")
     assert local.where_of(local.location.with_path("/tmp/runs/s/trials/t1/c")) \

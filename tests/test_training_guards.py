@@ -11,10 +11,9 @@ import torch
 
 from tests.test_engine import RegressionTask, batch_of, make_rows
 from workflows.config import LoopSettings
-from workflows.model_folder import find_model_folder
-from workflows.training.checkpoint import (COMPLETE_FILE, RAY_SNAPSHOT, latest_checkpoint,
-                                           save_checkpoint)
-from workflows.training.engine import TrainingError
+from workflows.run_folder import COMPLETE_FILE, RAY_SNAPSHOT, find_model_folder, latest_checkpoint
+from workflows.training.checkpoint import save_checkpoint
+from workflows.training.contracts import TrainingError
 from workflows.training.step import StepRunner
 
 

@@ -6,9 +6,9 @@ the labels, the inference settings (max_seq_len, QA window and decoding settings
 lineage. Without `bertflow.json` the folder is a pretrained encoder.
 
 Training writes folders (`save_model_folder`) and serving reads them (`load_task_model`,
-`read_task_meta`); both import this module, never each other. `find_model_folder` finds
-the folder inside whatever a user points at: the folder itself, a bertflow checkpoint, a
-Ray Train run folder, or a downloaded MLflow model.
+`read_task_meta`); both import this module, never each other. Finding the folder inside
+whatever a user points at (a checkpoint, a run folder, a downloaded MLflow model) is
+`workflows.run_folder.find_model_folder`, which needs no torch.
 """
 
 from __future__ import annotations
@@ -22,10 +22,8 @@ from torch import nn
 from bert_core import (BertForPreTraining, BertForQuestionAnswering,
                        BertForSequenceClassification, BertForTokenClassification, BertModel)
 from bert_core.config_io import BertflowError
-from workflows.tracking import MODEL_ARTIFACT
 
 META_FILE = "bertflow.json"
-TASKS = ("seq-cls", "pair-cls", "token-cls", "qa")
 
 # The model class of each task; "pretraining" folders are used as encoders.
 TASK_HEADS: dict[str, type[nn.Module]] = {
@@ -86,25 +84,3 @@ def load_task_model(model_dir: str | Path, task: str, **overrides: Any) -> nn.Mo
 def encoder_of(model: nn.Module) -> nn.Module:
     """The BertModel inside a head model (or the model itself)."""
     return getattr(model, "bert", model)
-
-
-def is_model_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
-
-
-def find_model_folder(path: Path) -> Path | None:
-    """The model folder inside a local path: the folder itself, a bertflow checkpoint
-    (`model/`), a Ray Train run folder (its latest checkpoint) or a downloaded MLflow
-    model (`artifacts/model/`)."""
-    # The checkpoint layout, and which checkpoints are trusted, belong to training.
-    from workflows.training.checkpoint import latest_checkpoint
-
-    if is_model_folder(path):
-        return path
-    for sub in (path / "model", path / "artifacts" / MODEL_ARTIFACT):
-        if is_model_folder(sub):
-            return sub
-    ckpt = latest_checkpoint(path)
-    if ckpt is not None and is_model_folder(ckpt / "model"):
-        return ckpt / "model"
-    return None

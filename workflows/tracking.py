@@ -8,16 +8,18 @@
   final model folder as a pyfunc, then a new registered version whose tags carry the
   lineage and the `metric.*` values), `fail_run`.
 - Lineage lives in the tags named `TAG_*` below, on runs and on registered versions.
-- Model references: `parse_model_ref`, `get_model_version`, `model_lineage`,
-  `base_lineage`, and `resolve_model(ref) -> Path` for `models:/NAME@ALIAS`,
-  `models:/NAME/VERSION`, checkpoints, run folders and model folders.
-- Models Ray workers open: `ship_model(ref) -> workflows.transfer.ShippedFolder`. The
-  driver resolves the reference (for a registered version: downloaded from MLflow and
-  checked against its sha256 manifest, `verify_model_version`) into a temporary folder,
-  puts the folder's bytes into the Ray object store and deletes its copy; each worker
-  materialises the folder on its own node (once per node, checked against the sha256 the
-  driver computed). So a worker never opens a driver-local path and needs no MLflow
-  access to get its model; see workflows/transfer.py.
+- Model references: `parse_model_ref`, `get_model_version`, and `resolve_model(ref) ->
+  Path` for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, checkpoints, run folders and
+  model folders.
+- A model that training starts from (fine-tuning's base, pretraining's `--init`) is
+  pinned once: `pin_model(ref) -> PinnedModel`, the exact version (`models:/X/7`) or the
+  model folder and the sha256 of its files. Its `lineage` (TAG_BASE_*, the exact
+  reference and the one given) and `params` are what the run records, and its `fetch`
+  yields exactly those bytes (the pinned version, checked against its manifest; the
+  pinned folder, copied and checked against its sha256), so an alias promoted mid-run
+  cannot make the record disagree with what was trained. The driver ships the fetched
+  folder to the workers through the Ray object store (workflows/transfer.py) and deletes
+  its copy: a worker never opens a driver-local path and needs no MLflow access.
 - Server and credentials: `check_tracking_store(uri)` probes an MLflow server at start (a
   short timeout) so a server that is down is an error before any Ray work; `redact(text)`
   removes `user:password@` from URIs before they become params, tags or log lines. (The
@@ -26,8 +28,8 @@
 - Integrity: `register_model_version` records a sha256 manifest of every file of the
   version (the artifact `bertflow.sha256`, see workflows.integrity) and the manifest's own
   sha256 as the version tag `TAG_MANIFEST`; `verify_model_version` checks both, and
-  `resolve_model` refuses a version whose files differ. Registered names are checked by
-  `check_model_name`.
+  `resolve_model` / `PinnedModel.fetch` refuse a version whose files differ. Registered
+  names are checked by `check_model_name`.
 
 A bertflow model is logged as an MLflow pyfunc through models-from-code: the python model
 is the file `workflows/serving/pyfunc.py`, and the model folder is the artifact named
@@ -54,10 +56,10 @@ from typing import Any
 
 from bert_core.config_io import BertflowError
 from data_prep.storage import public_uri, redact
+from workflows.run_folder import MODEL_ARTIFACT, find_model_folder
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT = "model"  # key of the model folder in the pyfunc's artifacts (pyfunc.py reads it)
 SERVING_FILE = Path(__file__).parent / "serving" / "pyfunc.py"
 
 # Lineage and provenance, on runs and registered versions.
@@ -69,6 +71,8 @@ TAG_BASE_MODEL = "bertflow.base_model"
 TAG_BASE_VERSION = "bertflow.base_model_version"
 TAG_BASE_RUN = "bertflow.base_run_id"
 TAG_BASE_DATASET = "bertflow.base_dataset_fingerprint"
+TAG_BASE_REF = "bertflow.base_model_ref"  # as given (models:/X@champion); TAG_BASE_MODEL: pinned
+TAG_BASE_FINGERPRINT = "bertflow.base_model_sha256"  # sha256 of the base's file manifest
 TAG_TASK = "bertflow.task"
 TAG_LABELS = "bertflow.labels"
 TAG_VERSION = "bertflow.version"
@@ -89,8 +93,6 @@ TAG_MANIFEST = "bertflow.manifest_sha256"  # sha256 of the version's bertflow.sh
 # MLflow may not unpickle model files, and sends no telemetry (on by default in MLflow 3).
 MLFLOW_SAFE_ENV = {"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
                    "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
-
-LINEAGE_TAGS = (TAG_RUN_ID, TAG_DATASET_FINGERPRINT, TAG_DATASET_PATH, TAG_BASE_MODEL, TAG_TASK)
 
 
 class TrackingError(BertflowError):
@@ -483,27 +485,107 @@ def get_model_version(ref: str, tracking_uri: str | None = None) -> Any:
     return max(versions, key=lambda v: int(v.version))
 
 
-def model_lineage(name: str, version: str | int, tracking_uri: str | None = None) -> dict[str, str]:
-    """The lineage tags (run id, dataset fingerprint, base model, task) of a model version."""
-    mv = client(tracking_uri).get_model_version(name, str(version))
-    lineage = {k: v for k, v in mv.tags.items() if k in LINEAGE_TAGS}
-    lineage.setdefault(TAG_RUN_ID, mv.run_id or "")
-    return lineage
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model reference resolved once (`pin_model`): the exact registered version, or a
+    local model folder and the sha256 of its files.
+
+    A run records the model it starts from with `lineage` and `params`, and loads it with
+    `fetch`, which yields exactly the pinned bytes: an alias promoted, or a folder
+    rewritten, after the pin cannot change what is trained (fetch fails instead). Plain
+    values only, so it travels to Ray actors inside what they are given.
+    """
+
+    ref: str                        # as given: models:/X@champion, models:/X, a folder
+    uri: str                        # exact: models:/X/7, or the model folder's absolute path
+    fingerprint: str                # registered: its manifest's sha256 (TAG_MANIFEST); a
+                                    # folder: sha256 of integrity.folder_manifest
+    lineage: dict[str, str]         # the TAG_BASE_* tags of a model made from it
+    name: str | None = None         # a registered version's name and number
+    version: str | None = None
+    tracking_uri: str | None = None  # the registry the version is in
+
+    def params(self, key: str) -> dict[str, str]:
+        """Run params naming the pin: `key` the exact reference, `<key>_ref` the one given."""
+        return {key: self.uri, f"{key}_ref": self.ref}
+
+    def fetch(self, dest: str | Path | None = None) -> Path:
+        """The pinned model folder, a fresh copy under `dest` (default: a new temporary
+        folder): the pinned version downloaded and checked against the manifest hash the
+        pin holds, or the pinned folder copied and checked against its fingerprint."""
+        import shutil
+        import tempfile
+
+        from workflows.integrity import folder_manifest, text_sha256
+
+        dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="bertflow-model-"))
+        if self.version is None:
+            copy = dest / "model"
+            shutil.copytree(self.uri, copy)  # links followed: the copy holds plain files
+            if text_sha256(folder_manifest(copy)) != self.fingerprint:
+                raise IntegrityError(
+                    f"model {self.ref!r}: the files of {self.uri} changed after this run "
+                    f"pinned them (sha256 {self.fingerprint[:16]}...); refusing to train "
+                    f"from files other than those recorded. Run again once nothing writes "
+                    f"the folder.")
+            return copy
+        local, checks = _download_checked(self.name, self.version, self.fingerprint,
+                                          self.tracking_uri, dest)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            listed = ", ".join(f"{c.path} ({c.status})" for c in bad[:5])
+            more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+            raise IntegrityError(
+                f"model {self.ref!r} (version {self.version} of {self.name}) was changed in "
+                f"the artifact store since it was registered: {listed}{more}. Refusing to "
+                f"load it; `bertflow registry verify {self.name}/{self.version}` lists "
+                f"every file.")
+        found = find_model_folder(local)
+        if found is None:
+            raise TrackingError(f"model {self.ref!r} (version {self.version}) is not a "
+                                f"bertflow model: no Hugging Face-format folder in its "
+                                f"artifacts")
+        return found
 
 
-def base_lineage(ref: str, tracking_uri: str) -> dict[str, str]:
-    """Tags that tie a model to its base: the reference (a folder made absolute), and for
-    a registered base its name/version, version, pretraining run and dataset fingerprint."""
+def pin_model(ref: str, tracking_uri: str | None = None) -> PinnedModel:
+    """Resolve `ref` once: a `models:/` reference (alias, number, bare name = newest) to
+    its exact version, in one registry lookup (the version must carry its checksum
+    manifest); a path to the model folder it holds (a checkpoint's; a run folder's latest
+    checkpoint) and the sha256 of that folder's files. Nothing is downloaded yet: `fetch`."""
+    from workflows.integrity import folder_manifest, text_sha256
+
     if parse_model_ref(ref) is None:
-        return {TAG_BASE_MODEL: str(Path(ref).expanduser().resolve())}
-    mv = get_model_version(ref, tracking_uri)
-    tags = {TAG_BASE_MODEL: f"models:/{mv.name}/{mv.version}",
-            TAG_BASE_VERSION: str(mv.version)}
-    lineage = model_lineage(mv.name, mv.version, tracking_uri)
-    tags[TAG_BASE_RUN] = lineage.get(TAG_RUN_ID, "")
-    if lineage.get(TAG_DATASET_FINGERPRINT):
-        tags[TAG_BASE_DATASET] = lineage[TAG_DATASET_FINGERPRINT]
-    return tags
+        folder = str(_model_folder_at(ref).resolve())
+        fingerprint = text_sha256(folder_manifest(Path(folder)))
+        return PinnedModel(ref, folder, fingerprint, {
+            TAG_BASE_MODEL: folder, TAG_BASE_FINGERPRINT: fingerprint, TAG_BASE_REF: ref})
+    uri = resolve_tracking_uri(tracking_uri)
+    mv = get_model_version(ref, uri)
+    expected = _manifest_tag(mv)
+    exact = f"models:/{mv.name}/{mv.version}"
+    tags = mv.tags or {}
+    lineage = {TAG_BASE_MODEL: exact, TAG_BASE_VERSION: str(mv.version),
+               TAG_BASE_RUN: tags.get(TAG_RUN_ID) or mv.run_id or "",
+               TAG_BASE_FINGERPRINT: expected, TAG_BASE_REF: ref}
+    if tags.get(TAG_DATASET_FINGERPRINT):
+        lineage[TAG_BASE_DATASET] = tags[TAG_DATASET_FINGERPRINT]
+    return PinnedModel(ref, exact, expected, lineage, mv.name, str(mv.version), uri)
+
+
+def _model_folder_at(ref: str) -> Path:
+    """The model folder a local path holds, or a TrackingError saying what to give."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise TrackingError(
+            f"model {ref!r} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, "
+            f"a checkpoint folder or a Hugging Face-format folder (config.json + "
+            f"model.safetensors)")
+    found = find_model_folder(path)
+    if found is None:
+        raise TrackingError(f"model {ref!r}: {path} holds no config.json + "
+                            f"model.safetensors (nor a checkpoint with a model/ folder)")
+    return found
 
 
 def resolve_model(ref: str, dest: str | Path | None = None,
@@ -511,38 +593,13 @@ def resolve_model(ref: str, dest: str | Path | None = None,
     """A local model folder for `ref`: `models:/NAME@ALIAS` (`@latest` = newest
     version), `models:/NAME/VERSION`, a checkpoint or Ray run folder, or a model folder.
 
-    Registered models are downloaded into `dest` (default: a fresh temporary folder).
+    Registered models are downloaded into `dest` (default: a fresh temporary folder) and
+    checked against their manifest; a local folder is used where it is. What is recorded
+    as a run's starting point goes through `pin_model` instead.
     """
-    from workflows.model_folder import find_model_folder
-
     if parse_model_ref(ref) is None:
-        path = Path(ref).expanduser()
-        if not path.exists():
-            raise TrackingError(
-                f"model {ref!r} not found: give models:/NAME@ALIAS, models:/NAME/VERSION, "
-                f"a checkpoint folder or a Hugging Face-format folder (config.json + "
-                f"model.safetensors)")
-        found = find_model_folder(path)
-        if found is None:
-            raise TrackingError(f"model {ref!r}: {path} holds no config.json + "
-                                f"model.safetensors (nor a checkpoint with a model/ folder)")
-        return found
-    uri = resolve_tracking_uri(tracking_uri)
-    mv = get_model_version(ref, uri)
-    local, checks = verify_model_version(mv, uri, dest)
-    bad = [c for c in checks if not c.ok]
-    if bad:
-        listed = ", ".join(f"{c.path} ({c.status})" for c in bad[:5])
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise IntegrityError(
-            f"model {ref!r} (version {mv.version} of {mv.name}) was changed in the artifact "
-            f"store since it was registered: {listed}{more}. Refusing to load it; "
-            f"`bertflow registry verify {mv.name}/{mv.version}` lists every file.")
-    found = find_model_folder(local)
-    if found is None:
-        raise TrackingError(f"model {ref!r} (version {mv.version}) is not a bertflow model: "
-                            f"no Hugging Face-format folder in its artifacts")
-    return found
+        return _model_folder_at(ref)
+    return pin_model(ref, tracking_uri).fetch(dest)
 
 
 def verify_model_version(mv: Any, tracking_uri: str, dest: str | Path | None = None
@@ -555,12 +612,11 @@ def verify_model_version(mv: Any, tracking_uri: str, dest: str | Path | None = N
     registry's database, the manifest beside the files it describes). A version without
     the tag was not registered by bertflow (or predates manifests): IntegrityError.
     """
-    import tempfile
+    return _download_checked(mv.name, str(mv.version), _manifest_tag(mv), tracking_uri, dest)
 
-    import mlflow
 
-    from workflows.integrity import MANIFEST_FILE, FileCheck, check_files, text_sha256
-
+def _manifest_tag(mv: Any) -> str:
+    """The manifest sha256 a version was registered with (`TAG_MANIFEST`)."""
     expected = (mv.tags or {}).get(TAG_MANIFEST)
     if not expected:
         raise IntegrityError(
@@ -568,18 +624,31 @@ def verify_model_version(mv: Any, tracking_uri: str, dest: str | Path | None = N
             f"{TAG_MANIFEST}): it was not registered by this bertflow, so its files cannot "
             f"be verified. Register the model folder again (e.g. `bertflow registry "
             f"import-hf DIR --name NAME`).")
+    return expected
+
+
+def _download_checked(name: str, version: str, expected: str, tracking_uri: str,
+                      dest: str | Path | None) -> tuple[Path, list[Any]]:
+    """Download exactly `name` version `version` and check it against its manifest, which
+    must hash to `expected` (see verify_model_version)."""
+    import tempfile
+
+    import mlflow
+
+    from workflows.integrity import MANIFEST_FILE, FileCheck, check_files, text_sha256
+
     dest = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="bertflow-model-"))
     dest.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(dest)))
+        artifact_uri=f"models:/{name}/{version}", dst_path=str(dest)))
     manifest_path = local / MANIFEST_FILE
     if not manifest_path.is_file():
         return local, [FileCheck(MANIFEST_FILE, "MISSING")]
     manifest = manifest_path.read_text(encoding="utf-8", errors="replace")
     first = FileCheck(MANIFEST_FILE, "OK" if text_sha256(manifest) == expected else "MISMATCH")
-    return local, [first, *check_files(local, manifest, f"{mv.name}/{mv.version}:{MANIFEST_FILE}")]
+    return local, [first, *check_files(local, manifest, f"{name}/{version}:{MANIFEST_FILE}")]
 
 
 @contextlib.contextmanager
@@ -594,13 +663,3 @@ def resolved_model(ref: str, tracking_uri: str | None = None) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="bertflow-model-") as tmp:
         yield resolve_model(ref, dest=tmp, tracking_uri=tracking_uri)
 
-
-def ship_model(ref: str, tracking_uri: str | None = None) -> Any:
-    """Resolve `ref` on the driver (registered versions are verified against their
-    manifest), put the model folder into the Ray object store and delete the driver's
-    download; returns a workflows.transfer.ShippedFolder that workers materialise on
-    their own node. Ray must be initialised."""
-    from workflows.transfer import ship_folder
-
-    with resolved_model(ref, tracking_uri) as folder:
-        return ship_folder(folder, origin=ref)

@@ -9,13 +9,8 @@ A checkpoint is one folder (Ray Train keeps the latest `keep_checkpoints`):
     rank_<r>.pt          each worker's torch RNG state and data position
     bertflow_checkpoint.json   written last by rank 0: every file it wrote, with its size
 
-Which checkpoints are trusted (`trusted_checkpoints`, `latest_checkpoint`): those Ray
-Train committed (listed in the run folder's checkpoint_manager_snapshot.json) and those
-whose completion marker lists files that are all there at their size. A `checkpoint_*`
-folder left half-written by a crash, or dropped into the run folder by hand, is neither.
-These checks read the run folder through pyarrow.fs (data_prep.storage), so they work the
-same on a local folder and on object storage (`--storage-path s3://...`); they return
-Paths for a local run folder and URIs for a remote one.
+Which checkpoints are trusted, and the names of the files, are `workflows.run_folder`
+(read without torch: inference finds models in run folders too).
 
 Resume: the workers restart from the latest checkpoint with its model, optimizer,
 scheduler and scaler, at its step, and each worker continues after the micro-batches of
@@ -26,15 +21,17 @@ workflows.training.loop seeks there, see workflows.training.rows).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from workflows.training.step import StepRunner
+from workflows.run_folder import COMPLETE_FILE, MODEL_ARTIFACT
+
+if TYPE_CHECKING:
+    from workflows.training.step import StepRunner
 
 
 def save_checkpoint(dest: Path, *, task: Any, raw_model: nn.Module | None,
@@ -46,16 +43,12 @@ def save_checkpoint(dest: Path, *, task: Any, raw_model: nn.Module | None,
                 "batches_in_epoch": batches_in_epoch}, dest / f"rank_{rank}.pt")
     if rank == 0:
         assert task is not None and raw_model is not None and runner is not None
-        task.save_model(raw_model, dest / "model")
+        task.save_model(raw_model, dest / MODEL_ARTIFACT)
         torch.save(runner.state_dict(), dest / "trainer_state.pt")
         (dest / "trainer_state.json").write_text(json.dumps(
             {"step": runner.step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
              "attempt": attempt}, indent=2))
         write_completion_marker(dest)
-
-
-COMPLETE_FILE = "bertflow_checkpoint.json"
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def write_completion_marker(dest: Path) -> None:
@@ -66,88 +59,6 @@ def write_completion_marker(dest: Path) -> None:
     tmp = dest / (COMPLETE_FILE + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1))
     tmp.replace(dest / COMPLETE_FILE)
-
-
-Where = Any  # a local path (str | Path), a URI, or a data_prep.storage.Location
-
-
-def _loc(where: Where) -> Any:
-    from data_prep.storage import Location, open_location
-
-    return where if isinstance(where, Location) else open_location(where)
-
-
-def _same_kind(loc: Any, like: Where) -> Any:
-    """`loc` as the caller's kind of location: a Path for a local one, else its URI (or
-    the Location itself when one was given)."""
-    from data_prep.storage import Location, is_local
-
-    if isinstance(like, Location):
-        return loc
-    return Path(loc.path) if is_local(loc.uri) else loc.uri
-
-
-def is_complete(ckpt: Where) -> bool:
-    """Whether the completion marker of `ckpt` is there and every file it lists is too,
-    at the size it was written with (on any pyarrow filesystem)."""
-    import pyarrow.fs as pafs
-
-    try:
-        loc = _loc(ckpt)
-        files = json.loads(loc.join(COMPLETE_FILE).read_text())["files"]
-        if not files:
-            return False
-        infos = loc.fs.get_file_info([loc.join(rel).path for rel in files])
-        return all(i.type == pafs.FileType.File and i.size == size
-                   for i, size in zip(infos, files.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
-
-
-def committed_by_ray(run_dir: Where) -> set[str]:
-    """Names of the checkpoints Ray Train recorded as reported by every worker."""
-    try:
-        snapshot = json.loads(_loc(run_dir).join(RAY_SNAPSHOT).read_text())
-        return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-
-
-def _checkpoint_dirs(run: Any) -> list[Any]:
-    import pyarrow.fs as pafs
-
-    try:
-        infos = run.fs.get_file_info(pafs.FileSelector(run.path, allow_not_found=True))
-    except OSError:
-        return []
-    return [run.join(i.base_name) for i in sorted(infos, key=lambda i: i.base_name)
-            if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")]
-
-
-def trusted_checkpoints(run_dir: Where) -> list[Any]:
-    """The checkpoint folders of a run that Ray committed or that are complete (Paths for
-    a local run folder, URIs for a remote one)."""
-    run = _loc(run_dir)
-    committed = committed_by_ray(run)
-    return [_same_kind(c, run_dir) for c in _checkpoint_dirs(run)
-            if c.path.rsplit("/", 1)[-1] in committed or is_complete(c)]
-
-
-def checkpoint_step(ckpt: Where) -> int:
-    """The step of a checkpoint (its trainer_state.json, else the digits of its name)."""
-    loc = _loc(ckpt)
-    try:
-        return int(json.loads(loc.join("trainer_state.json").read_text()).get("step", -1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        digits = re.findall(r"\d+", loc.path.rsplit("/", 1)[-1])
-        return int(digits[-1]) if digits else -1
-
-
-def latest_checkpoint(run_dir: Where) -> Any:
-    """The trusted checkpoint with the highest step under a Ray Train run folder (a Path
-    for a local run folder, a URI for a remote one), or None."""
-    ckpts = [c for c in trusted_checkpoints(run_dir) if _loc(c).join("model").is_dir()]
-    return max(ckpts, key=checkpoint_step) if ckpts else None
 
 
 def load_checkpoint_state(src: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -187,7 +98,7 @@ def restore(checkpoint: Any, task: Any, rank: int) -> Resume:
         return Resume(task.build_model())
     with checkpoint.as_directory() as d:
         trainer_state, rank_state = load_checkpoint_state(Path(d), rank)
-        model = task.load_model(Path(d) / "model")
+        model = task.load_model(Path(d) / MODEL_ARTIFACT)
     torch.set_rng_state(rank_state["torch_rng"])
     return Resume(model, trainer_state, epoch=int(rank_state["epoch"]),
                   skip=int(rank_state["batches_in_epoch"]),

@@ -5,11 +5,12 @@ evaluated, registered, servable task model, on the one training loop
     run_finetune(FinetuneConfig) -> FinetuneResult
 
 1. Check what can be checked before Ray starts: the MLflow server answers, `base` exists
-   (workflows.tracking.base_lineage: name/version, its pretraining run and dataset), the
-   `--storage-path` is usable (engine.check_storage). Resolve `base` on the driver into a
-   temporary folder and ship it through the Ray object store (workflows.tracking.ship_model,
-   workflows/transfer.py): the workers materialise it on their node, and the driver's
-   download is deleted before training starts.
+   and is pinned once (workflows.tracking.pin_model: `models:/X@champion` becomes the
+   exact `models:/X/7`, a folder its path and sha256; the lineage tags and params name
+   the pin), the `--storage-path` is usable (engine.check_storage). Fetch exactly the
+   pinned base on the driver into a temporary folder (checked against its manifest) and
+   ship it through the Ray object store (workflows/transfer.py): the workers materialise
+   it on their node, and the driver's download is deleted before training starts.
 2. Read, validate and tokenize the train/eval files with data_prep.tasks (Ray Data,
    Parquet + manifest in the driver's cache, reused when up to date). `--train`/`--eval`
    may be URIs (fetched through pyarrow.fs). Labels come from the training file (sorted)
@@ -108,7 +109,7 @@ class PreparedFinetune:
 
     uri: str                             # resolved tracking URI
     base: Any                            # the base model folder (transfer.ShippedFolder)
-    lineage: dict[str, str]              # base-model tags (tracking.base_lineage)
+    base_pin: Any                        # tracking.PinnedModel: what `base` was fetched from
     train: Any                           # data_prep.tasks TaskDataset
     evalset: Any | None
     labels: list[str]
@@ -117,6 +118,11 @@ class PreparedFinetune:
     pad_id: int
     baseline: dict[str, float]
     tables: dict[str, Any] = field(default_factory=dict)  # split -> ObjectRef of its rows
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """The base model's tags (the exact version or folder sha256, the ref given)."""
+        return self.base_pin.lineage
 
     @property
     def train_rows(self) -> int:
@@ -186,7 +192,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
 
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
     T.check_tracking_store(uri)
-    lineage = T.base_lineage(cfg.base, uri)  # a missing base fails here, before Ray
+    pinned = T.pin_model(cfg.base, uri)  # once; a missing base fails here, before Ray
     for what, where in (("--train", cfg.train), ("--eval", cfg.eval)):
         if where and "://" in where:
             open_checked(where, what, must_exist=True)
@@ -203,7 +209,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
                                       columns=cfg.columns)
 
     with tempfile.TemporaryDirectory(prefix="bertflow-base-") as tmp:
-        base_dir = T.resolve_model(cfg.base, dest=tmp, tracking_uri=uri)
+        base_dir = pinned.fetch(tmp)  # exactly the pinned version's (or folder's) bytes
         if not (base_dir / "vocab.txt").is_file():
             raise FinetuneError(f"base model {cfg.base!r} has no vocab.txt: a model folder "
                                 "must carry its tokenizer")
@@ -212,13 +218,13 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
         labels = train.labels
         evalset = (build(cfg.eval, "eval", labels if cfg.task != "qa" else None)
                    if cfg.eval else None)
-        base = ship_folder(base_dir, origin=cfg.base)  # the driver's copy goes with tmp
+        base = ship_folder(base_dir, origin=pinned.uri)  # the driver's copy goes with tmp
     version_2 = any(r["is_impossible"] for r in train.records) if cfg.task == "qa" else False
     meta = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
             "doc_stride": cfg.doc_stride, "max_query_len": cfg.max_query_len,
             "max_answer_length": cfg.max_answer_len, "n_best": cfg.n_best,
             "null_score_threshold": cfg.null_score_threshold, "version_2": version_2,
-            "base_model": lineage.get(T.TAG_BASE_MODEL, cfg.base),
+            "base_model": pinned.uri,
             "dataset_fingerprint": train.manifest.fingerprint}
     qa_golds = {}
     if cfg.task == "qa" and evalset is not None:
@@ -229,7 +235,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     tables = {"train": ray.put(pq.read_table(train.parquet_dir))}
     if evalset is not None:
         tables["val"] = ray.put(pq.read_table(evalset.parquet_dir))
-    return PreparedFinetune(uri=uri, base=base, lineage=lineage, train=train,
+    return PreparedFinetune(uri=uri, base=base, base_pin=pinned, train=train,
                             evalset=evalset, labels=labels, meta=meta, qa_golds=qa_golds,
                             pad_id=tokenizer.pad_id, baseline=baseline, tables=tables)
 
@@ -237,8 +243,9 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
 def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
                steps_per_epoch: int) -> dict[str, Any]:
     """The params of a fine-tuning run: the whole config and the derived step counts."""
-    return {**flat_dict(cfg), "steps_per_epoch": steps_per_epoch,
-            "total_steps": loop.max_steps, "warmup_total": loop.warmup_steps,
+    return {**flat_dict(cfg), **prep.base_pin.params("base"),  # base: the exact version
+            "steps_per_epoch": steps_per_epoch, "total_steps": loop.max_steps,
+            "warmup_total": loop.warmup_steps,
             "train_examples": len(prep.train.records),
             "trainable_parameters_frozen": cfg.freeze_encoder,
             "classifier_pooling": cfg.classifier_pooling}
@@ -248,7 +255,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
     from workflows import tracking as T
     from workflows.metrics import format_table
-    from workflows.training.engine import RunTracking, local_model_dir, run_training
+    from workflows.run_folder import local_model_dir
+    from workflows.training.contracts import RunTracking
+    from workflows.training.engine import run_folder, run_training
 
     cfg = config
     prep = prepare_finetune(cfg)
@@ -264,9 +273,9 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         tags=prep.run_tags(cfg.task), params=run_params(cfg, prep, loop, steps_per_epoch),
         metrics={f"baseline_{k}": v for k, v in baseline.items()})
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
-             cfg.base, prep.train_rows, loop.max_steps, steps_per_epoch)
+             prep.base_pin.uri, prep.train_rows, loop.max_steps, steps_per_epoch)
     result = run_training(task, loop, datasets=prep.ray_datasets(cfg.address),
-                          run_name=run_name,
+                          run=run_folder(loop, run_name),
                           tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
 
     client = T.client(uri)

@@ -51,7 +51,8 @@ from torch import nn
 from data_prep.collate import batch_rng, iter_collated
 from workflows.config import LoopSettings
 from workflows.training.checkpoint import restore, save_checkpoint
-from workflows.training.engine import RunTracking, TrainingError, TrainTask
+from workflows.run_folder import RunFolder
+from workflows.training.contracts import RunTracking, TrainingError, TrainTask
 from workflows.training.rows import list_parts, rank_batches
 from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
 
@@ -70,7 +71,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    _record_pid(config["run_dir"], rank)
+    _record_pid(config["run"], rank)
 
     torch.manual_seed(loop.seed)
     start = restore(ray.train.get_checkpoint(), task, rank)
@@ -243,7 +244,7 @@ def train_summary(window: MetricWindow, world: int, n_params: int,
 
 class RunLogger:
     """Logs metrics into the run's MLflow run (opening it first if the driver did not, see
-    engine.RunTracking); a no-op without one (every rank but 0 gets none)."""
+    contracts.RunTracking); a no-op without one (every rank but 0 gets none)."""
 
     def __init__(self, tracking: RunTracking | None) -> None:
         self.active = tracking is not None
@@ -281,12 +282,12 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _record_pid(run_dir: str, rank: int) -> None:
+def _record_pid(run: RunFolder, rank: int) -> None:
     """Which processes train this run (for operators, and the test that kills one); only
     in a local run folder (a pid means nothing on object storage)."""
-    if "://" in run_dir:
+    if not run.local:
         return
-    pid_dir = Path(run_dir, "workers")
+    pid_dir = Path(run.uri, "workers")
     with contextlib.suppress(OSError):
         pid_dir.mkdir(parents=True, exist_ok=True)
         (pid_dir / f"rank{rank}.pid").write_text(str(os.getpid()))

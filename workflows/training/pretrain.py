@@ -5,20 +5,23 @@
    `--model-config` or `--init`) and check it fits the data before anything starts: the
    vocabulary (size, and the exact tokenizer when the init model carries one), the
    position table against the dataset's sequence length, segment ids for pairs. Also
-   checked first: the MLflow server answers, `--init models:/...` exists, the
-   `--storage-path` is usable (engine.check_storage). The init model and the tokenizer
-   reach the workers through the Ray object store (workflows/transfer.py); the driver's
-   download of a registered init model is deleted before training starts.
+   checked first: the MLflow server answers, `--init` exists and is pinned once
+   (workflows.tracking.pin_model: `models:/X@latest` becomes the exact `models:/X/7`, a
+   folder its path and sha256), the `--storage-path` is usable (engine.check_storage).
+   Exactly the pinned init model and the tokenizer reach the workers through the Ray
+   object store (workflows/transfer.py); the driver's download of a registered init
+   model is deleted before training starts.
 2. Open the MLflow run: a new one, or, when the run folder already holds checkpoints
    (the driver died, the same command runs again), the run of that name, reopened, so
-   the curves continue. Params (the whole config), tags (bertflow version, git commit),
-   the dataset as a run input (manifest fingerprint and path).
+   the curves continue. Params (the whole config; `init` the pinned reference), tags
+   (bertflow version, git commit, the init model's lineage), the dataset as a run input
+   (manifest fingerprint and path).
 3. Train with `workflows.training.engine.run_training` (rank 0 logs metrics every
    `log_every`).
 4. Log the final model (HF folder + tokenizer + bertflow.json; downloaded first when the
    run folder is on object storage) as an MLflow pyfunc and,
    with `register_as`, register it as a new version whose tags name the run, the dataset
-   fingerprint and the base model.
+   fingerprint and the exact base model (`models:/X/7`, and the reference given).
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ from torch import nn
 from bert_core.config_io import BertflowError
 from workflows.config import PretrainConfig, flat_dict
 from workflows.model_folder import PRETRAINING_HEAD, save_model_folder
-from workflows.training.checkpoint import latest_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -233,8 +235,9 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from data_prep.ray_env import init_ray, missing_worker_env
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.training.engine import (RunTracking, check_storage, finished_run,
-                                           local_model_dir, run_dir_for, run_training)
+    from workflows.run_folder import local_model_dir
+    from workflows.training.contracts import RunTracking
+    from workflows.training.engine import check_storage, run_folder, run_training
     from workflows.transfer import ship_folder
 
     cfg = config
@@ -247,36 +250,36 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     tokenizer = WordPieceTokenizer.from_dir(data_dir)
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
     T.check_tracking_store(uri)
-    if cfg.init and T.parse_model_ref(cfg.init):
-        T.get_model_version(cfg.init, uri)  # a missing version fails before Ray starts
+    pinned = T.pin_model(cfg.init, uri) if cfg.init else None  # once, before Ray starts
     loop = cfg.loop
     init_ray(cfg.address)
     check_storage(loop, uri)
     # What the workers open travels through the object store (workflows/transfer.py):
     # the init model (its driver download is deleted at once) and the tokenizer.
     with tempfile.TemporaryDirectory(prefix="bertflow-init-") as tmp:
-        init_dir = T.resolve_model(cfg.init, dest=tmp, tracking_uri=uri) if cfg.init else None
+        init_dir = pinned.fetch(tmp) if pinned else None  # exactly the pinned bytes
         model_config = _model_config(cfg, tokenizer, manifest, init_dir)
-        init = ship_folder(init_dir, origin=cfg.init) if init_dir else None
+        init = ship_folder(init_dir, origin=pinned.uri) if pinned else None
         shipped_tokenizer = ship_folder(tokenizer.save(Path(tmp) / "tokenizer"),
                                         origin=f"{cfg.data} tokenizer")
 
-    run_dir = run_dir_for(loop, cfg.run_name)
-    trained = finished_run(loop, cfg.run_name)
+    run = run_folder(loop, cfg.run_name)
+    trained = run.result()
     if trained is not None:
         # Finished training; only if the driver died before logging the model, do that now.
         found = T.find_run(T.ensure_experiment(cfg.tracking.experiment, uri), cfg.run_name, uri)
         if found is None or found.data.tags.get(T.TAG_MODEL_URI):
-            raise PretrainError(f"run {cfg.run_name!r} already finished ({run_dir}); choose "
+            raise PretrainError(f"run {cfg.run_name!r} already finished ({run.where}); choose "
                                 f"a new --run-name, or delete that folder to train it again")
-    resuming = latest_checkpoint(run_dir) is not None
+    resuming = run.latest_checkpoint() is not None
     lineage = {T.TAG_DATASET_FINGERPRINT: manifest.fingerprint,
                T.TAG_DATASET_PATH: str(data_dir)}
-    if cfg.init:
-        lineage[T.TAG_BASE_MODEL] = cfg.init
+    if pinned:
+        lineage.update(pinned.lineage)
     run_id = T.open_run(
         uri, cfg.tracking.experiment, cfg.run_name, tags={**lineage, T.TAG_TASK: "pretraining"},
-        params=flat_dict(cfg), resume=resuming,
+        params={**flat_dict(cfg), **(pinned.params("init") if pinned else {})},
+        resume=resuming,
         inputs=[T.DatasetInput(data_dir, manifest, "train", "dataset/manifest.json")])
 
     ray = init_ray(cfg.address)
@@ -297,14 +300,15 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         train_location=splits["train"],
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
-              "dataset_fingerprint": manifest.fingerprint, "base_model": cfg.init})
+              "dataset_fingerprint": manifest.fingerprint,
+              "base_model": pinned.uri if pinned else None})
     log.info("pretraining %s (%s) on %s: %d train instances, %d steps", cfg.run_name,
              "resuming" if resuming else "new", data_dir,
              manifest.splits["train"]["instances"], loop.max_steps)
     result = trained
     if result is None:
         try:
-            result = run_training(task, loop, datasets=datasets, run_name=cfg.run_name,
+            result = run_training(task, loop, datasets=datasets, run=run,
                                   tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
         except BaseException:
             T.fail_run(run_id, uri)  # rerunning the command resumes it from its checkpoint

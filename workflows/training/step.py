@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from workflows.config import LoopSettings
+from workflows.training.contracts import TrainingError
 from workflows.training.optim import build_optimizer, build_scheduler, global_grad_norm
 
 # Peak dense bf16/fp16 FLOP/s of common GPUs, for model FLOPs utilisation (MFU).
@@ -107,8 +108,6 @@ class StepRunner:
         self.nonfinite_run = 0 if self._cycle_finite else self.nonfinite_run + 1
         limit = self.loop.max_nonfinite_steps
         if limit and self.nonfinite_run >= limit:
-            from workflows.training.engine import TrainingError
-
             raise TrainingError(
                 f"fp16 run diverged: the loss was not finite for {self.nonfinite_run} "
                 f"optimizer steps in a row (up to step {self.step}; {self.skipped_steps} "
