@@ -58,6 +58,23 @@ def test_quiet_terminal_and_full_file(tmp_path, monkeypatch, capsys, restore_log
     assert os.environ["MLFLOW_CONFIGURE_LOGGING"] == "false"  # MLflow's records reach ours
 
 
+def test_the_log_file_is_private_and_holds_no_library_debug(tmp_path, monkeypatch,
+                                                             restore_logging):
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    path = setup_logging("finetune", verbose=False)
+    logging.captureWarnings(False)
+    logging.getLogger("botocore.endpoint").debug("Sending http request: Authorization: AWS4 k")
+    logging.getLogger("urllib3.connectionpool").debug("GET /api Authorization: Basic dTpw")
+    logging.getLogger("bert_core").debug("loading tensors")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = path.read_text()
+    assert "loading tensors" in text and "Authorization" not in text
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "logs").stat().st_mode & 0o077 == 0
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
+
+
 def test_quickstart_terminal_keeps_its_own_step_lines(tmp_path, monkeypatch, capsys,
                                                       restore_logging):
     """The quickstart prints one line per step itself: bertflow's INFO lines go to the

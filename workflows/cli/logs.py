@@ -85,7 +85,9 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(logging.DEBUG)
+    # Other libraries at INFO: their DEBUG lines (request headers with credentials, in some)
+    # are never made. bertflow's loggers are set to DEBUG below.
+    root.setLevel(logging.INFO)
     for name in OWN_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG)
     terminal = logging.StreamHandler(sys.stderr)
@@ -101,8 +103,11 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     if to_file:
         folder = log_dir()
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             path = folder / f"bertflow-{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+            # Readable by this user only (it holds locations, hosts, user names): created
+            # 0600, never through a link planted under its name.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
             handler = logging.FileHandler(path, encoding="utf-8")
         except OSError as exc:  # a read-only home must not stop the command
             logging.getLogger("bertflow").warning("no log file in %s (%s)", folder, exc)
@@ -114,9 +119,12 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
         if not verbose and "RAY_DATA_LOGGING_CONFIG" not in os.environ:
             config = folder / "ray-data-logging.yaml"
             if not config.is_file() or config.read_text() != _RAY_DATA_CONFIG:
-                tmp = config.with_name(f".{config.name}.{os.getpid()}")
-                tmp.write_text(_RAY_DATA_CONFIG)
-                tmp.replace(config)
+                import tempfile
+
+                fd, tmp = tempfile.mkstemp(prefix=f".{config.name}.", dir=folder)
+                with os.fdopen(fd, "w") as f:
+                    f.write(_RAY_DATA_CONFIG)
+                os.replace(tmp, config)
             os.environ["RAY_DATA_LOGGING_CONFIG"] = str(config)
     _adopt_imported_ray_loggers()
     # MLflow installs its own stderr handler on import unless told not to: let its records
