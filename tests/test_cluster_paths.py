@@ -274,8 +274,10 @@ def test_pretrain_finetune_predict_with_everything_on_s3(store_ray, s3_bucket, t
 
     # The workers built their model from their node's copy of the shipped base.
     ray = store_ray
-    worker_tmp = ray.get(ray.remote(num_cpus=0)(tempfile.gettempdir).remote())
-    shipped = [p for p in Path(worker_tmp, "bertflow-shipped").iterdir()
+    from workflows.transfer import shipped_cache_root
+
+    worker_cache = ray.get(ray.remote(num_cpus=0)(shipped_cache_root).remote())
+    shipped = [p for p in Path(worker_cache).iterdir()
                if (p / "model.safetensors").is_file()]
     registered = T.resolve_model("models:/tiny-s3/2", dest=tmp_path / "dl",
                                  tracking_uri=tracking_uri)

@@ -11,7 +11,9 @@ On a cluster the nodes share no disk. Three rules follow, and this module is the
   A worker calls `ShippedFolder.materialize()`: the bytes are pulled to its node by Ray
   (once per node: the node's object store keeps the copy), checked against the sha256 the
   driver computed, and written to a node-local cache folder named by that sha256 (written
-  once per node, atomically, shared by the workers of the node). Workers therefore need no
+  once per node, atomically, shared by the workers of the node). The cache is private to
+  the user (`<temp>/bertflow-shipped-<uid>`, mode 0700, owner and mode checked), and a
+  copy found there is used only after its files match the driver's per-file sha256s. Workers therefore need no
   MLflow access and no credentials for it, and a driver-local path never reaches them.
 - A location the driver reads as a file (`--train`, `--eval`, `--input`) may be a URI:
   `local_file` fetches it through `pyarrow.fs` into a temporary file on the driver.
@@ -27,9 +29,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -39,7 +43,9 @@ from typing import Any
 
 from bert_core.config_io import BertflowError
 
-SHIPPED_CACHE = "bertflow-shipped"  # under the node's temp folder
+log = logging.getLogger(__name__)
+
+SHIPPED_CACHE = "bertflow-shipped"  # <temp>/bertflow-shipped-<uid>: shipped_cache_root
 _DONE = ".bertflow-complete"
 
 
@@ -60,6 +66,34 @@ def folder_digest(files: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
+def shipped_cache_root(root: str | Path | None = None) -> Path:
+    """This user's cache of shipped folders on this node, `<temp>/bertflow-shipped-<uid>`
+    (or `root`): created with mode 0700, and refused unless it is a real folder (not a
+    link) owned by this user that nobody else may enter. In a shared /tmp a folder planted
+    under that name by another login is an error, never used."""
+    root = Path(root) if root is not None else \
+        Path(tempfile.gettempdir()) / f"{SHIPPED_CACHE}-{os.getuid()}"
+    try:
+        os.mkdir(root, 0o700)
+        os.chmod(root, 0o700)  # whatever the umask
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+            or st.st_mode & 0o077:
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else \
+            f"owner uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}"
+        raise TransferError(
+            f"{root}: the cache of shipped models must be a folder owned by uid "
+            f"{os.getuid()} with mode 0700, but it is {kind}; another user may have "
+            f"planted it. Remove it, or point TMPDIR at a private folder")
+    return root
+
+
+def _sha256(data: Any) -> str:
+    return hashlib.sha256(memoryview(data).cast("B")).hexdigest()
+
+
 @dataclass(frozen=True)
 class ShippedFolder:
     """A folder's files in the Ray object store (`ship_folder`); picklable, so it travels
@@ -69,27 +103,34 @@ class ShippedFolder:
     ref: Any        # ray.ObjectRef of {relative path: numpy uint8 array}
     digest: str     # folder_digest of the files
     origin: str
+    hashes: dict[str, str]  # relative path -> sha256 of its bytes (what a cache hit must hold)
 
     def materialize(self, cache_root: str | Path | None = None) -> Path:
-        """The folder on this node: <temp>/bertflow-shipped/<digest>/, written once per
-        node (atomically; concurrent workers of a node agree on one copy)."""
-        root = Path(cache_root or Path(tempfile.gettempdir()) / SHIPPED_CACHE)
+        """The folder on this node: <temp>/bertflow-shipped-<uid>/<digest>/ (private to
+        this user, `shipped_cache_root`), written once per node (atomically; concurrent
+        workers of a node agree on one copy). A copy already there is used only after
+        every file is checked against the driver's sha256s; a changed one is replaced."""
+        root = shipped_cache_root(cache_root)
         final = root / self.digest[:32]
         if (final / _DONE).is_file():
-            return final
+            problem = self.check_copy(final)
+            if problem is None:
+                return final
+            log.warning("%s: the cached copy of %s changed (%s); fetching it again",
+                        final, self.origin, problem)
+            shutil.rmtree(final, ignore_errors=True)
         import ray
 
         files = ray.get(self.ref)
         if folder_digest(files) != self.digest:
             raise TransferError(f"{self.origin}: the shipped files do not match the "
                                 f"sha256 the driver computed; the transfer was corrupted")
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             for rel, data in files.items():
                 dest = tmp / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                with dest.open("wb") as f:
+                with dest.open("xb") as f:
                     f.write(memoryview(data).cast("B"))
             (tmp / _DONE).write_text(self.digest)
             try:
@@ -99,7 +140,33 @@ class ShippedFolder:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        problem = self.check_copy(final)
+        if problem is not None:
+            raise TransferError(f"{final}: the copy of {self.origin} does not hold the "
+                                f"shipped files ({problem})")
         return final
+
+    def check_copy(self, folder: Path) -> str | None:
+        """None when `folder` holds exactly the shipped files (plain files, same sha256),
+        else what differs."""
+        from workflows.integrity import file_sha256
+
+        if folder.is_symlink() or not folder.is_dir():
+            return "not a folder"
+        found: dict[str, Path] = {}
+        for p in folder.rglob("*"):
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                return f"{rel} is a symbolic link"
+            if p.is_file() and rel != _DONE:
+                found[rel] = p
+        if set(found) != set(self.hashes):
+            diff = sorted(set(found) ^ set(self.hashes))
+            return f"files {', '.join(diff[:3])} added or missing"
+        for rel, path in sorted(found.items()):
+            if file_sha256(path) != self.hashes[rel]:
+                return f"{rel} has other bytes"
+        return None
 
 
 def ship_folder(folder: str | Path, origin: str | None = None) -> ShippedFolder:
@@ -112,7 +179,8 @@ def ship_folder(folder: str | Path, origin: str | None = None) -> ShippedFolder:
              for p in sorted(folder.rglob("*")) if p.is_file()}
     if not files:
         raise TransferError(f"{origin or folder}: the folder {folder} holds no files")
-    return ShippedFolder(ray.put(files), folder_digest(files), origin or str(folder))
+    return ShippedFolder(ray.put(files), folder_digest(files), origin or str(folder),
+                         {rel: _sha256(data) for rel, data in files.items()})
 
 
 def local_folder(folder: str | Path | ShippedFolder) -> Path:
@@ -194,9 +262,12 @@ def staged_output(location: str | Path, what: str = "--output") -> Iterator[Path
         text = str(location)
         out = Path(text[len("file://"):] if text.startswith("file://") else text)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
         try:
             yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would give
             os.replace(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -207,6 +278,12 @@ def staged_output(location: str | Path, what: str = "--output") -> Iterator[Path
         tmp = Path(tmp_dir) / posixpath.basename(loc.path)
         yield tmp
         publish_file(tmp, loc.uri, what)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def download_dir(location: Any, dest: str | Path) -> Path:
