@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -287,9 +288,13 @@ def atomic_output_dir(final_dir: str | Path, force: bool = False) -> Iterator[Pa
     clean_stale(final)
     if final.exists() and not force:
         raise ManifestError(f"{final} already exists; pass --force to replace it")
-    tmp = final.parent / f".{final.name}{_TMP_TAG}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # An unpredictable name (mkdtemp), ending in the pid that clean_stale reads; the mode
+    # a plain mkdir would give (mkdtemp's is 0700).
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}{_TMP_TAG}", suffix=f"-{os.getpid()}",
+                                dir=final.parent))
+    mask = os.umask(0o077)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         yield tmp
         _fsync_tree(tmp)

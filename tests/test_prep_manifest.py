@@ -24,6 +24,8 @@ def test_atomic_dir_appears_only_on_success(tmp_path):
         with atomic_output_dir(final) as tmp:
             (tmp / "part.parquet").write_text("half")
             assert tmp.parent == tmp_path and tmp.name.startswith(".ds.tmp-")
+            # not guessable from the pid (a planted folder or link cannot be waiting)
+            assert tmp.name != f".ds.tmp-{os.getpid()}" and tmp.name.endswith(f"-{os.getpid()}")
             raise RuntimeError("killed")
     assert not final.exists() and os.listdir(tmp_path) == []
     with atomic_output_dir(final) as tmp:
