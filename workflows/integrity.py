@@ -11,6 +11,7 @@ MLflow here.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -72,6 +73,17 @@ def _model_files(root: Path) -> list[str]:
 def build_manifest(root: Path) -> str:
     """The manifest of every file under `root` (the manifest file itself excluded)."""
     return "".join(f"{file_sha256(root / rel)}  {rel}\n" for rel in _model_files(root))
+
+
+def folder_manifest(root: Path) -> str:
+    """The manifest of every file under a local folder, links followed (what copying the
+    folder reads): the fingerprint of a model folder a run starts from
+    (workflows.tracking.pin_model). A registered version's files use `build_manifest`."""
+    files = []
+    for folder, _, names in os.walk(root, followlinks=True):
+        files += [Path(folder, n) for n in names if Path(folder, n).is_file()]
+    rels = sorted((p.relative_to(root).as_posix(), p) for p in files)
+    return "".join(f"{file_sha256(p)}  {rel}\n" for rel, p in rels)
 
 
 def parse_manifest(text: str, source: str) -> dict[str, str]:

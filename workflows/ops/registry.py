@@ -172,8 +172,9 @@ def render_model(info: dict[str, Any]) -> str:
     if info["tags"].get(t.TAG_SWEEP_RUN):  # the winner of a `bertflow sweep`
         lines.append(f"  sweep            {info['tags'].get(t.TAG_SWEEP_NAME, '-')}  "
                      f"(run {info['tags'][t.TAG_SWEEP_RUN]})")
-    extra = {k: v for k, v in info["tags"].items() if k in (t.TAG_SOURCE_PATH, t.TAG_CONFIG_HASH,
-                                                        t.TAG_MANIFEST)}
+    extra = {k: v for k, v in info["tags"].items() if k in (
+        t.TAG_SOURCE_PATH, t.TAG_CONFIG_HASH, t.TAG_MANIFEST, t.TAG_BASE_REF,
+        t.TAG_BASE_FINGERPRINT)}
     lines += [f"  {k.split('.', 1)[1]:<16} {v}" for k, v in sorted(extra.items())]
     if info["metrics"]:
         lines.append("  metrics")
