@@ -1,6 +1,7 @@
 """What the driver and the Ray Train workers agree on: the task a worker trains
-(`TrainTask`), the MLflow run rank 0 logs into (`RunTracking`), and the error either side
-raises (`TrainingError`). The result a run leaves, and the names of the files in its
+(`TrainTask`), the MLflow run rank 0 logs into (`RunTracking`), the error either side
+raises (`TrainingError`), and the key a worker's reports name its placement group by
+(`PLACEMENT_GROUP_KEY`). The result a run leaves, and the names of the files in its
 folder, are `workflows.run_folder` (inference reads them too).
 
 Both sides import this module at the top; it imports neither of them.
@@ -20,6 +21,10 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
     from torch import nn
+
+# In every checkpoint report of a worker: the id of its worker group's placement group
+# (`ray.get_runtime_context()`), which a sweep removes when Tune stops the trial.
+PLACEMENT_GROUP_KEY = "train_placement_group"
 
 
 class TrainingError(BertflowError):

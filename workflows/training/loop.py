@@ -50,15 +50,15 @@ from torch import nn
 
 from data_prep.collate import batch_rng, iter_collated
 from workflows.config import LoopSettings
-from workflows.training.checkpoint import restore, save_checkpoint
+from workflows.training.checkpoint import check_resume, restore, save_checkpoint
 from workflows.run_folder import RunFolder
-from workflows.training.contracts import RunTracking, TrainingError, TrainTask
-from workflows.training.rows import list_parts, rank_batches
+from workflows.training.contracts import (PLACEMENT_GROUP_KEY, RunTracking, TrainingError,
+                                          TrainTask)
+from workflows.training.rows import ORDER_VERSION, BatchPlan, RankReader, list_parts, rank_streams
 from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
 
 Batch = dict[str, torch.Tensor]
 EVAL_EPOCH = 1_000_003  # the `epoch` of validation masks, apart from any training epoch
-PLACEMENT_GROUP_KEY = "train_placement_group"  # reported: the id of the workers' group
 
 
 def worker_loop(config: dict[str, Any]) -> None:

@@ -21,7 +21,7 @@ processes: on a Ray started without the dashboard (bertflow's local Ray) it can 
 answer, and with several Ray instances on one machine the scan fails with "Found multiple
 active Ray instances" and the cleaner's thread dies. Either way the next trials wait for
 CPUs that never come back. So every checkpoint report of a Train worker names its worker
-group's placement group (`loop.PLACEMENT_GROUP_KEY`, from the public
+group's placement group (`contracts.PLACEMENT_GROUP_KEY`, from the public
 `ray.get_runtime_context().get_placement_group_id()`), Tune's report callback passes it on
 with the metrics, and the sweep removes the group when the trial ends.
 
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from workflows.config import FinetuneConfig, LoopSettings, SweepConfig
+from workflows.training.contracts import PLACEMENT_GROUP_KEY, RunTracking
 from workflows.training.sweep_space import trial_config
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,6 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     """One trial: a fine-tuning run of `point` with `seed` as an MLflow child run of the
     sweep; returns the engine's TrainResult (an earlier attempt's if it had finished)."""
     from workflows import tracking as T
-    from workflows.training.contracts import RunTracking
     from workflows.training.engine import run_folder, run_training
     from workflows.training.finetune import run_params
 
@@ -141,7 +141,7 @@ def _share_report_queue() -> None:
 def trial_callbacks() -> list[Any]:
     """The Ray Train callbacks of a trial (made in its Tune session): Tune's report
     callback, which hands each epoch's metrics to Tune. Those of rank 0 name the worker
-    group's placement group (`loop.PLACEMENT_GROUP_KEY`, see the module doc), so Tune's
+    group's placement group (`contracts.PLACEMENT_GROUP_KEY`, see the module doc), so Tune's
     last result of a trial says which group to release."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -167,8 +167,6 @@ def release_placement_group(result: dict[str, Any] | None) -> bool:
     from ray import PlacementGroupID
     from ray.util.placement_group import (PlacementGroup, placement_group_table,
                                           remove_placement_group)
-
-    from workflows.training.loop import PLACEMENT_GROUP_KEY
 
     pg_id = (result or {}).get(PLACEMENT_GROUP_KEY)
     if not pg_id:
