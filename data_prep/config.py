@@ -15,8 +15,13 @@ class PrepConfig:
     input: list[str] = field(default_factory=list, help="input files, folders or globs "
                              "(.txt BERT format, .jsonl/.parquet with a text field; .gz ok)")
     output: str = field("", help="dataset folder to write (appears atomically)")
-    vocab: str | None = field(None, help="WordPiece vocab.txt, or a model/dataset folder "
-                              "holding one")
+    vocab: str | None = field(None, help="WordPiece vocab.txt, a model/dataset folder "
+                              "holding one, or a registered model (models:/NAME@ALIAS, "
+                              "models:/NAME/VERSION: its vocabulary, recorded as the exact "
+                              "version)")
+    tracking_uri: str | None = field(
+        None, help="MLflow store of a --vocab models:/... (default: $MLFLOW_TRACKING_URI, "
+                   "else sqlite:///./mlruns.db)")
     train_vocab: int = field(0, help="train a WordPiece vocabulary of this size on the "
                              "corpus instead of --vocab (0: off)")
     lowercase: bool = field(True, help="lowercase and strip accents (uncased BERT); with "
@@ -82,7 +87,8 @@ class PrepConfig:
 
 
 # Fields that change nothing in the output; they stay out of the build fingerprint.
-RUNTIME_ONLY = ("force", "address", "tokenize_workers", "output", "docs_per_unit")
+RUNTIME_ONLY = ("force", "address", "tokenize_workers", "output", "docs_per_unit",
+                "tracking_uri")
 # Fields renamed since datasets were first fingerprinted: the fingerprint keeps the name it
 # was computed under, so a rename never makes an existing dataset STALE.
 FINGERPRINT_NAMES = {"text_column": "text_field"}

@@ -458,12 +458,15 @@ def _outside(files: list[str], out: Location) -> list[str]:
     return [f for f in files if not f.startswith(prefix)]
 
 
-def build_pretraining_dataset(config: PrepConfig) -> Manifest:
+def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) -> Manifest:
     """Build (or find up to date) the dataset described by `config`; returns its manifest.
 
     `config.input` and `config.output` may be URIs (module docstring). Every location is
     checked before any Ray work: a bad one raises a LocationError / PrepInputError /
-    ManifestError naming it (the CLI exits with 2)."""
+    ManifestError naming it (the CLI exits with 2). `vocab_dir` is a local folder holding
+    the vocabulary `config.vocab` names when that is not a location (a registered model,
+    `models:/NAME/VERSION`, that the caller downloaded): the tokenizer is read from it and
+    `config.vocab` is what the manifest records."""
     from tqdm import tqdm
 
     config.validate_for_run()
@@ -471,7 +474,8 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
     not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
     files = expand_locations(config.input, not_read)  # missing inputs fail here
     files = _outside(files, out)
-    tokenizer = load_tokenizer(config.vocab, config.lowercase) if config.vocab else None
+    tokenizer = (load_tokenizer(vocab_dir or config.vocab, config.lowercase)
+                 if config.vocab else None)
     inputs = [fingerprint_file(f) for f in tqdm(files, desc="hashing inputs", unit="file",
                                                  disable=len(files) < 20)]
     tok_key = tokenizer.fingerprint() if tokenizer else f"train-vocab:{config.train_vocab}"
@@ -490,6 +494,8 @@ def build_pretraining_dataset(config: PrepConfig) -> Manifest:
     stored["output"] = out.uri
     if stored.get("vocab"):
         stored["vocab"] = public_uri(stored["vocab"])
+    if stored.get("tracking_uri"):
+        stored["tracking_uri"] = public_uri(stored["tracking_uri"])
     with output_location(out.uri, force=occupied) as root:
         staging = root.join(STAGING_PREFIX if root.local
                             else f"{STAGING_PREFIX}-{uuid.uuid4().hex[:12]}")

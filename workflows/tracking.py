@@ -405,9 +405,12 @@ def register_model_version(model_uri: str, name: str, tags: dict[str, str] | Non
     manifest_sha = record_manifest(model_uri, uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    mv = mlflow.register_model(model_uri, name, await_registration_for=int(timeout_s),
-                               tags={**{k: str(v) for k, v in (tags or {}).items()},
-                                     TAG_MANIFEST: manifest_sha})
+    from workflows.mlflow_internals import prints_to_log
+
+    with prints_to_log():  # MLflow's "Successfully registered" lines: the log file only
+        mv = mlflow.register_model(model_uri, name, await_registration_for=int(timeout_s),
+                                   tags={**{k: str(v) for k, v in (tags or {}).items()},
+                                         TAG_MANIFEST: manifest_sha})
     c = client(tracking_uri)
     deadline = time.monotonic() + timeout_s
     while mv.status != "READY":

@@ -130,6 +130,10 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     # MLflow installs its own stderr handler on import unless told not to: let its records
     # reach ours (terminal filter + file) instead.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    if not verbose:
+        # MLflow draws a "Downloading artifacts" bar per download, straight to stderr and
+        # inside bertflow's own bars (the downloads are logged, so the file keeps them).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Libraries that chatter at INFO on every call.
     for name in ("urllib3", "alembic", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)

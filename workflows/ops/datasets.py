@@ -121,5 +121,30 @@ def list_datasets(root: str | Path = ".", check_inputs: bool = True) -> list[dic
     return [summarize(d, check_inputs) for d in find_datasets(root)]  # type: ignore[arg-type]
 
 
+def prepare_dataset(config: Any) -> Any:
+    """`bertflow prep`: data_prep's build, with `--vocab models:/NAME@ALIAS` taken from
+    the registry: the reference is pinned to its exact version (what the manifest records,
+    so `prep rerun` reads the same vocabulary), the version downloaded and checked, and its
+    vocab.txt / tokenizer_config.json used. Returns the manifest."""
+    import dataclasses
+    import logging
+    import tempfile
+
+    from data_prep.pipeline import build_pretraining_dataset
+    from workflows import tracking
+
+    if not config.vocab or tracking.parse_model_ref(config.vocab) is None:
+        return build_pretraining_dataset(config)
+    pin = tracking.pin_model(config.vocab, config.tracking_uri)
+    logging.getLogger(__name__).info("vocabulary of %s: %s", config.vocab, pin.uri)
+    with tempfile.TemporaryDirectory(prefix="bertflow-vocab-") as tmp:
+        folder = pin.fetch(tmp)
+        if not (folder / "vocab.txt").is_file():
+            raise tracking.TrackingError(f"{pin.uri} has no vocab.txt: a model folder must "
+                                         "carry its tokenizer")
+        return build_pretraining_dataset(dataclasses.replace(config, vocab=pin.uri),
+                                         vocab_dir=str(folder))
+
+
 def to_json(rows: list[dict[str, Any]]) -> str:
     return json.dumps(rows, indent=2)

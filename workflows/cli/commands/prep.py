@@ -12,6 +12,7 @@ DESCRIPTION = ("prepare a pretraining dataset from raw text (Google's create_pre
 EPILOG = """examples:
   bertflow prep --input corpus/ --output data/wiki128 --vocab vocab.txt
   bertflow prep --input 'shards/*.jsonl.gz' --output data/zh --train-vocab 21128 --objective sop
+  bertflow prep --input my_corpus/ --output data/mine --vocab models:/minilm@latest
   bertflow prep rerun data/wiki128            # "up to date", or rebuilds if inputs changed
   bertflow prep rerun data/wiki128 --force    # rebuild anyway
   bertflow prep --input s3://corpora/wiki/ --output s3://datasets/wiki128 --vocab vocab.txt
@@ -70,8 +71,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(PrepConfig, args)
 
-    from data_prep.pipeline import build_pretraining_dataset
+    from workflows.ops.datasets import prepare_dataset
 
-    manifest = build_pretraining_dataset(config)
+    manifest = prepare_dataset(config)
     _report(manifest, config.output)
     return 0
