@@ -2,7 +2,7 @@
 `ray up` and KubeRay accept, for the cluster docs/cluster.md promises, and every shipped
 pretraining and fine-tuning config can be scheduled on them.
 
-Fast: nothing starts Ray. Ray's own launcher code checks the configs (prepare_config and
+Fast: nothing starts Ray (one `slow` test starts a real MLflow server for the jobs' user). Ray's own launcher code checks the configs (prepare_config and
 validate_config, as `ray up` calls them) and Ray's own autoscaler planner (get_nodes_for,
 what the autoscaler runs to pick nodes for pending resource demands) places each job's
 Train workers, built as Ray Train's ScalingConfig builds them.
@@ -552,3 +552,65 @@ def test_the_kuberay_server_is_bertflow_server_with_auth_on_postgresql_and_s3(ra
     assert cfg.auth and cfg.backend_store_uri.startswith("postgresql://mlflow@bertflow-postgres:")
     assert cfg.artifacts_destination == f"s3://{bucket_of(raw['cluster.yaml'])}/mlartifacts"
     assert ":" not in cfg.backend_store_uri.split("//", 1)[1].split("@", 1)[0]  # no password
+
+
+# ------------------------------------------------------------------ the jobs' MLflow user
+
+
+@pytest.mark.slow  # a real server: 30-60 s idle, 3.5 min with load average 27 on 2 cores
+def test_jobs_get_a_user_of_their_own_that_is_not_the_admin(tmp_path, monkeypatch):
+    # deploy/mlflow_jobs_user.py against a real `bertflow server --auth` (sqlite store).
+    import importlib.util
+    import os
+    import secrets
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+
+    from tests.services import free_ports
+    from workflows.config import ServerConfig
+    from workflows.ops import server
+
+    spec = importlib.util.spec_from_file_location("mlflow_jobs_user",
+                                                  DEPLOY / "mlflow_jobs_user.py")
+    jobs_user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(jobs_user)
+
+    admin_password, first, second = (secrets.token_hex(8) for _ in range(3))
+    env = {**os.environ, "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+           "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password}
+    with open(tmp_path / "server.log", "wb") as log:
+        proc, url = server.start_server(
+            ServerConfig(port=free_ports(1)[0], tracking_uri=f"sqlite:///{tmp_path}/mlruns.db",
+                         auth=True), timeout_s=300, env=env, stdout=log,
+            stderr=subprocess.STDOUT)
+    try:
+        def as_user(name: str, password: str) -> None:
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", name)
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+        as_user("admin", admin_password)
+        assert jobs_user.ensure_jobs_user(url, "bertflow-jobs", first) == "created"
+        assert AuthServiceClient(url).get_user("bertflow-jobs").is_admin is False
+
+        # The jobs user logs runs and registers models ...
+        as_user("bertflow-jobs", first)
+        client = mlflow.MlflowClient(url)
+        experiment = client.create_experiment("bert-base")
+        client.log_metric(client.create_run(experiment).info.run_id, "loss", 1.0)
+        client.create_registered_model("bert-base")
+        # ... but cannot manage users.
+        with pytest.raises(MlflowException, match="(?i)permission|403"):
+            AuthServiceClient(url).create_user("intruder", secrets.token_hex(8))
+
+        # A second `ray up` with a rotated password updates it.
+        as_user("admin", admin_password)
+        assert jobs_user.ensure_jobs_user(url, "bertflow-jobs", second) == "updated"
+        as_user("bertflow-jobs", first)
+        with pytest.raises(MlflowException, match="(?i)401|unauthori|credentials"):
+            mlflow.MlflowClient(url).get_experiment(experiment)
+        as_user("bertflow-jobs", second)
+        assert mlflow.MlflowClient(url).get_experiment(experiment).name == "bert-base"
+    finally:
+        server.stop_server(proc)
