@@ -341,7 +341,7 @@ def test_install_venv_skips_installed_dependencies_and_checks_the_driver():
     guard = script.index('if [ ! -f "$VENV/.deps-$stamp" ]')
     assert guard < script.index('-c "$PROJECT/constraints.txt"')
     assert "constraints.txt" in script[:guard] and "pyproject.toml" in script[:guard]
-    # uv is pinned, and the pin exists in the version history we can read here.
+    # uv, which installs Python and the wheels, is pinned too.
     assert re.search(r"^UV_VERSION=\d+\.\d+\.\d+", script, re.M)
 
 
