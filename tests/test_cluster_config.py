@@ -345,6 +345,75 @@ def test_install_venv_skips_installed_dependencies_and_checks_the_driver():
     assert re.search(r"^UV_VERSION=\d+\.\d+\.\d+", script, re.M)
 
 
+def run_install_venv(tmp_path: Path, driver: str | None) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """deploy/aws/install-venv.sh with BERTFLOW_PREFIX in tmp_path, a stand-in `uv` that
+    records its calls (and creates the venv, whose python is this test's python), and an
+    `nvidia-smi` that reports `driver` (None: no GPU)."""
+    import sys
+
+    prefix, bin_dir, project = tmp_path / "prefix", tmp_path / "bin", tmp_path / "project"
+    calls = tmp_path / "uv-calls"
+    for d in (prefix / "uv" / "bin", bin_dir, project):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("constraints.txt", "pyproject.toml"):
+        if not (project / name).exists():
+            (project / name).write_text((ROOT / name).read_text())
+    uv = prefix / "uv" / "bin" / "uv"
+    uv.write_text(f"""#!/bin/bash
+[ "$1" = --version ] && {{ echo "uv 0.13.8"; exit 0; }}
+echo "$*" >> {calls}
+if [ "$1" = venv ]; then
+    mkdir -p "${{@: -1}}/bin"
+    printf '#!/bin/sh\\nexec {sys.executable} "$@"\\n' > "${{@: -1}}/bin/python"
+    chmod +x "${{@: -1}}/bin/python"
+fi
+""")
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nexit 9\n" if driver is None else
+                   f'#!/bin/sh\ncase "$*" in *driver_version*) echo {driver};; *) echo "GPU 0";; esac\n')
+    for stub in (uv, smi):
+        stub.chmod(0o755)
+    done = subprocess.run(["bash", str(DEPLOY / "aws" / "install-venv.sh"), str(project)],
+                          env={"PATH": f"{bin_dir}:/usr/bin:/bin", "BERTFLOW_PREFIX": str(prefix)},
+                          capture_output=True, text=True)
+    logged = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return done, logged
+
+
+def test_install_venv_installs_the_dependencies_once_then_only_bertflow(tmp_path):
+    done, calls = run_install_venv(tmp_path, driver=None)
+    assert done.returncode == 0, done.stderr
+    assert any(c.startswith("python install 3.11") for c in calls)
+    (deps,) = [c for c in calls if "-c " in c]
+    assert deps.endswith("project/constraints.txt " + str(tmp_path / "project") + "[server]")
+    assert calls[-1].endswith("--no-deps --reinstall-package bertflow " + str(tmp_path / "project"))
+    (stamp,) = (tmp_path / "prefix" / "venv").glob(".deps-*")
+    # A node that starts again (or from the baked image) installs only bertflow's own code.
+    done, calls = run_install_venv(tmp_path, driver=None)
+    assert done.returncode == 0, done.stderr
+    assert len(calls) == 1 and "--reinstall-package bertflow" in calls[0]
+    # New pins: the dependencies are installed again, under a new stamp.
+    with open(tmp_path / "project" / "constraints.txt", "a") as f:
+        f.write("tqdm==4.67.1\n")
+    done, calls = run_install_venv(tmp_path, driver=None)
+    assert done.returncode == 0 and any("-c " in c for c in calls)
+    assert [p.name for p in (tmp_path / "prefix" / "venv").glob(".deps-*")] != [stamp.name]
+
+
+def test_install_venv_refuses_a_driver_too_old_for_torchs_cuda(tmp_path):
+    done, calls = run_install_venv(tmp_path, driver="550.54.15")
+    assert done.returncode == 1 and "too old" in done.stderr and not calls
+
+
+def test_install_venv_fails_a_gpu_node_whose_torch_sees_no_gpu(tmp_path):
+    # A GPU node (its driver is new enough) where torch sees none: setup fails instead of
+    # the node joining and every training job on it crashing. (This test's torch: no GPU.)
+    done, _ = run_install_venv(tmp_path, driver="595.91.07")
+    assert "sees 0 GPU(s)" in done.stdout  # torch itself was asked
+    assert done.returncode == 1 and "torch sees no GPU" in done.stderr
+
+
 def test_node_scripts_are_valid_bash():
     for path in DEPLOY.rglob("*.sh"):
         subprocess.run(["bash", "-n", str(path)], check=True)
