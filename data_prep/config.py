@@ -49,6 +49,10 @@ class PrepConfig:
     tokenize_workers: int = field(0, help="parallel tokenizing tasks (0: one per CPU of "
                                   "the Ray cluster); never changes the output",
                                   renamed_from=("num_workers",))
+    num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
+                           "about 64 MB, at least 64 once a split holds 64 MB, none under "
+                           "1 MB). Training workers read disjoint parts, so a split wants "
+                           "at least as many parts as micro-batches per optimizer step")
     docs_per_unit: int = field(1000, help="documents per work unit (a unit of tasks and of "
                                "worker memory); never changes the output")
     max_line_bytes: int = field(1_000_000, help="lines longer than this are not read; "
@@ -73,6 +77,7 @@ class PrepConfig:
               "give either --vocab or --train-vocab, not both")
         check(self.tokenize_workers >= 0, "tokenize_workers", "must be >= 0")
         check(self.docs_per_unit >= 1, "docs_per_unit", "must be >= 1")
+        check(0 <= self.num_parts <= 100_000, "num_parts", "must be 0 (the default rule) to 100000")
         check(self.max_line_bytes >= 1024, "max_line_bytes", "must be at least 1024")
         check(self.max_decompressed_bytes >= 1 << 20, "max_decompressed_bytes",
               "must be at least 1048576 (1 MiB)")

@@ -170,6 +170,8 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
 
 
 _BUCKET_BYTES = 64 << 20   # target size of one shuffle bucket (one output part)
+_MIN_PARTS = 64            # parts of a split of at least 64 MB (one per training stream)
+_MIN_PART_BYTES = 1 << 20  # the default rule never makes parts smaller than this
 _FLUSH_TOKENS = 4 << 20    # instance tokens a unit task holds before writing them out
 
 
@@ -180,11 +182,17 @@ def doc_rng(seed: int, split: str, document: int) -> np.random.Generator:
 
 
 def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
-    """Shuffle buckets of a split: enough that each holds about `_BUCKET_BYTES` of rows
-    (estimated from the split's token count, so it is the same on any cluster)."""
+    """Shuffle buckets (= output parts) of a split: `--num-parts`, else enough that each
+    holds at most about `_BUCKET_BYTES` of rows and, once the split holds that much, at
+    least `_MIN_PARTS` of them (training workers read disjoint parts: a split of a few
+    large parts could not be shared by many workers), never parts under `_MIN_PART_BYTES`.
+    Estimated from the split's token count, so it is the same on any cluster."""
+    if config.num_parts:
+        return config.num_parts
     per_token = 5 + (8 * config.masked_lm_prob if config.masking == "static" else 0)
-    estimate = corpus_tokens * config.dupe_factor * per_token
-    return max(1, -(-int(estimate) // _BUCKET_BYTES))
+    estimate = int(corpus_tokens * config.dupe_factor * per_token)
+    by_size = -(-estimate // _BUCKET_BYTES)
+    return max(1, by_size, min(_MIN_PARTS, estimate // _MIN_PART_BYTES))
 
 
 def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,

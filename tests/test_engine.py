@@ -167,8 +167,9 @@ def test_checkpoint_round_trip_continues_identically(tmp_path, optimizer):
                     batches_in_epoch=3, attempt=0)
     train(runner, range(4, 8))
 
-    trainer_state, rank_state = load_checkpoint_state(tmp_path, rank=1)  # rank 1 -> rank 0's
+    trainer_state, rank_state = load_checkpoint_state(tmp_path, rank=0)
     assert trainer_state["step"] == 4 and rank_state["batches_in_epoch"] == 3
+    assert load_checkpoint_state(tmp_path, rank=1)[1] is None  # no file: restore decides
     resumed_model = task.load_model(tmp_path / "model")
     resumed = StepRunner(resumed_model, loop, torch.device("cpu"))
     resumed.load_state_dict(trainer_state)

@@ -130,3 +130,16 @@ def test_shuffle_is_global_and_does_not_depend_on_unit_size(tmp_path, objective)
     for t in small:
         docs_in_part = {_source(r) for r in t.to_pylist()}
         assert len(docs_in_part) > 60
+
+
+def test_parts_per_split_follow_the_size_rule_unless_num_parts_is_given():
+    """Training workers read disjoint parts: a split of 64 MB or more gets at least 64,
+    parts stay at most ~64 MB and none under 1 MB by default; --num-parts overrides."""
+    cfg = PrepConfig(dupe_factor=1, masking="dynamic")  # 5 bytes a token
+    assert num_buckets(1_000, cfg) == 1  # a few KB: one part
+    assert num_buckets(2_000_000, cfg) == 9  # ~10 MB: parts of at least 1 MB
+    assert num_buckets(14_000_000, cfg) == 64  # ~70 MB: 64 parts of ~1 MB
+    assert num_buckets(2_000_000_000, cfg) == 150  # ~10 GB: parts of at most 64 MB
+    assert num_buckets(1_000, PrepConfig(num_parts=7)) == 7
+    with pytest.raises(Exception, match="num_parts"):
+        PrepConfig(num_parts=-1)

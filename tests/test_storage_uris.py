@@ -246,7 +246,7 @@ def test_prep_to_s3_is_byte_identical_to_local_publishes_atomically_and_reruns(
         ray_local, s3_bucket, tmp_path, minilm_dir, capsys):
     from data_prep.pipeline import build_pretraining_dataset
     from data_prep.tokenizer import WordPieceTokenizer
-    from workflows.training.rows import list_parts, rank_batches
+    from workflows.training.rows import BatchPlan, RankReader, ReadStats, list_parts
 
     corpus = write_corpus(tmp_path / "corpus")
     local = build_pretraining_dataset(prep_config([str(corpus)], str(tmp_path / "ds"),
@@ -295,10 +295,19 @@ def test_prep_to_s3_is_byte_identical_to_local_publishes_atomically_and_reruns(
 
     # training reads it where it is: parts and rows through the same resolver
     data, manifest = open_dataset(out)
-    parts = list_parts(data.join("train").uri)
+    parts = list_parts(data.join("train").uri, manifest.splits["train"]["files"], "train/")
+    assert parts == list_parts(data.join("train").uri)  # the manifest's counts: no footer read
     assert sum(p.rows for p in parts) == manifest.splits["train"]["instances"]
-    batch = next(rank_batches(parts, batch_size=4, rank=0, world=1, seed=1, epoch=0))
-    assert batch.num_rows == 4 and "input_ids" in batch.column_names
+    plan = BatchPlan(tuple(parts), micro_batch=4, streams=4, seed=1)
+    read = {}
+    for world in (1, 4):  # an epoch through S3 costs the same bytes on 1 and 4 workers
+        stats = ReadStats()
+        for r in range(world):
+            with RankReader(plan, rank=r, world=world, epoch=0, stats=stats) as reader:
+                batches = list(reader.batches())
+        read[world] = stats.bytes
+    assert read[1] == read[4] >= sum(p.size for p in parts)
+    assert batches[0][2].num_rows == 4 and "input_ids" in batches[0][2].column_names
 
     # --force unpublishes first, then rebuilds to the same bytes
     forced = build_pretraining_dataset(prep_config(cfg.input, out, minilm_dir, force=True))

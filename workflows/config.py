@@ -34,14 +34,22 @@ class LoopSettings:
     """What the one training loop (workflows.training) needs: scale, optimisation, schedule,
     precision, checkpoints, failures, evaluation and logging cadence."""
 
-    num_workers: int = field(1, help="Ray Train workers (one per GPU with --use-gpu)")
+    num_workers: int | str = field(
+        1, help="Ray Train workers (one per GPU with --use-gpu), or MIN:MAX for an elastic run "
+                "that keeps training while at least MIN workers can be placed and grows back "
+                "to MAX (same global batch, same result; see docs/pretraining.md)")
     use_gpu: bool = field(False, help="train on GPUs (NCCL); otherwise CPUs (gloo)")
     cpus_per_worker: float | None = field(
         None, help="CPUs reserved per worker; default 1 with GPUs, otherwise the local "
                    "cluster's CPUs minus one (left for Ray Data) shared by the workers, "
                    "at most 1 each (0.5 each for 2 workers on 2 cores)")
     batch_size: int = field(32, help="sequences per worker per micro-batch")
-    grad_accum: int = field(1, help="micro-batches accumulated per optimizer step")
+    grad_accum: int = field(1, help="micro-batches accumulated per optimizer step (per worker, "
+                                    "at the full MAX workers)")
+    global_batch_size: int | None = field(
+        None, help="sequences per optimizer step over all workers, fixed for the run; default "
+                   "batch-size x num-workers (MAX) x grad-accum. With fewer workers (elastic, "
+                   "or a resume on another count) each worker accumulates more micro-batches")
     lr: float = field(1e-4, help="peak learning rate (after warmup)")
     warmup_steps: int = field(100, help="optimizer steps of linear warmup from 0 to --lr")
     max_steps: int = field(1000, help="optimizer steps in total; the LR decays linearly to 0 at the end")
@@ -58,8 +66,19 @@ class LoopSettings:
         50, help="fp16: stop with an error after this many optimizer steps in a row whose "
                  "loss is not finite (the scaler skips them; 0: never stop)")
     checkpoint_every: int = field(500, help="optimizer steps between checkpoints (0: only at the end)")
+    checkpoint_every_minutes: float = field(
+        0.0, help="also checkpoint once this many minutes have passed since the last "
+                  "checkpoint (rank 0's clock, checked at log steps, see --log-every; "
+                  "0: off)")
+    checkpoint_upload: Literal["async", "sync"] = field(
+        "async", help="async: training goes on while a checkpoint is written and uploaded "
+                      "(the state is first copied to host memory); sync: every worker "
+                      "waits until the checkpoint is in the run folder")
     keep_checkpoints: int = field(2, help="how many of the latest checkpoints to keep")
-    max_failures: int = field(0, help="worker-group restarts allowed (each resumes from the latest checkpoint)")
+    max_failures: int | None = field(
+        None, help="worker-group restarts allowed, each resuming from the latest checkpoint "
+                   "(-1: unlimited); default 0 on one node, 5 on a cluster of several nodes or "
+                   "an elastic run, so losing a node does not end the run")
     eval_every: int = field(500, help="optimizer steps between validations (0: only at the end)")
     eval_batches: int = field(50, help="validation batches per evaluation (0: the whole val split)")
     log_every: int = field(10, help="optimizer steps between metric logs")
@@ -70,12 +89,26 @@ class LoopSettings:
                    "cluster of several nodes (each would have its own ./runs)")
 
     def __post_init__(self) -> None:
-        check(self.num_workers >= 1, "num_workers", "must be at least 1")
+        self.num_workers = _worker_range(self.num_workers)
+        check(self.global_batch_size is None or (
+            self.global_batch_size % self.batch_size == 0
+            and self.global_batch_size // self.batch_size >= self.max_workers),
+            "global_batch_size", f"{self.global_batch_size} must be a multiple of batch_size "
+            f"({self.batch_size}) with at least one micro-batch per worker "
+            f"({self.max_workers} workers)")
+        check(self.global_batch_size is None or self.grad_accum == 1
+              or self.global_batch_size == self.batch_size * self.max_workers * self.grad_accum,
+              "grad_accum", "give --global-batch-size or --grad-accum, not both (the "
+              "accumulation follows from the global batch and the workers)")
+        check(self.max_failures is None or self.max_failures >= -1, "max_failures",
+              "must be -1 (unlimited), 0 or more")
         check(self.cpus_per_worker is None or self.cpus_per_worker > 0, "cpus_per_worker",
               "must be positive (fractions such as 0.5 are fine)")
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "keep_checkpoints"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
-        for name in ("warmup_steps", "checkpoint_every", "max_failures", "eval_every",
+        check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes",
+              "must be 0 (off) or more")
+        for name in ("warmup_steps", "checkpoint_every", "eval_every",
                      "eval_batches", "max_nonfinite_steps"):
             check(getattr(self, name) >= 0, name, "must be 0 or more")
         check(self.warmup_steps <= self.max_steps, "warmup_steps",
@@ -88,6 +121,44 @@ class LoopSettings:
         check(self.max_grad_norm >= 0, "max_grad_norm", "must be 0 (off) or positive")
         check(self.precision != "fp16" or self.use_gpu, "precision",
               "fp16 needs --use-gpu (on CPUs use bf16 or fp32)")
+
+    @property
+    def max_workers(self) -> int:
+        n = self.num_workers
+        return n if isinstance(n, int) else int(n.split(":")[1])
+
+    @property
+    def min_workers(self) -> int:
+        n = self.num_workers
+        return n if isinstance(n, int) else int(n.split(":")[0])
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
+
+    @property
+    def micro_batches_per_step(self) -> int:
+        """Micro-batches of `batch_size` in one global batch (over all workers)."""
+        if self.global_batch_size:
+            return self.global_batch_size // self.batch_size
+        return self.max_workers * self.grad_accum
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.micro_batches_per_step
+
+
+def _worker_range(value: int | str) -> int | str:
+    """`num_workers` as an int N, or the text "MIN:MAX" when MIN < MAX."""
+    text = str(value).strip()
+    low, _, high = text.partition(":")
+    try:
+        low_n, high_n = int(low), int(high or low)
+    except ValueError:
+        check(False, "num_workers", f"{value!r}: give a number of workers N or MIN:MAX")
+    check(1 <= low_n <= high_n, "num_workers",
+          f"{value!r}: need 1 <= MIN <= MAX (at least one worker)")
+    return high_n if low_n == high_n else f"{low_n}:{high_n}"
 
 
 # Registered model names: what a `models:/` reference, an MLflow filter string and a shell
@@ -397,9 +468,14 @@ class FileInference:
                                  "appearing only when complete")
     text_column: str | None = field(
         None, help="the input column holding the text (default: text; pair-cls: text_a)")
-    batch_size: int = field(64, help="rows per batch")
+    batch_size: int = field(1024, help="rows handed to a replica at once; they are sorted "
+                                       "by length before the forward passes, so a larger "
+                                       "batch pads less")
+    micro_batch: int = field(32, help="rows per forward pass")
     concurrency: int = field(1, help="model replicas (Ray actors) working in parallel")
-    num_cpus: float = field(1.0, help="CPUs per replica")
+    num_cpus: float | None = field(
+        None, help="CPUs per replica, which are also its torch threads (default: the "
+                   "cluster's CPUs shared by the --concurrency replicas, at most one node's)")
     use_gpu: bool = field(False, help="one GPU per replica")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
@@ -409,7 +485,8 @@ class FileInference:
             check(bool(getattr(self, name).strip()), name, f"give it (--{name} ...)")
         check(self.batch_size >= 1 and self.concurrency >= 1, "batch_size/concurrency",
               "must be at least 1")
-        check(self.num_cpus > 0, "num_cpus", "must be positive")
+        check(self.micro_batch >= 1, "micro_batch", "must be at least 1")
+        check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive")
 
 
 @dataclass(kw_only=True)
@@ -465,6 +542,57 @@ class EmbedConfig(FileInference):
               f"{self.output}: embeddings are written as Parquet; name it FILE.parquet")
 
 
+SERVE_TOKEN_ENV = "BERTFLOW_SERVE_TOKEN"  # the bearer token of `bertflow serve`
+
+
+@dataclass(kw_only=True)
+class ServeConfig:
+    """`bertflow serve MODEL...`: each model behind HTTP JSON routes on Ray Serve
+    (POST /NAME/predict, POST /NAME/embed, GET /NAME), batched across callers; a
+    `models:/NAME@ALIAS` is followed when the alias moves."""
+
+    models: list[str] = field(
+        default_factory=list, flag="MODEL", help="models:/NAME@ALIAS (followed when the alias moves), "
+                                 "models:/NAME/VERSION, a checkpoint or a model folder")
+    host: str = field("127.0.0.1", help="interface to bind; anything but loopback needs "
+                                        "--auth-token (or $BERTFLOW_SERVE_TOKEN) or --insecure")
+    port: int = field(8000, help="HTTP port")
+    auth_token: str | None = field(
+        None, help="bearer token every request must carry (Authorization: Bearer TOKEN); "
+                   "default: $BERTFLOW_SERVE_TOKEN. Prefer the variable: a flag shows in ps")
+    insecure: bool = field(False, help="allow binding beyond loopback without a token")
+    max_batch_size: int = field(16, help="requests one replica answers with one batch")
+    batch_wait_ms: float = field(5.0, help="how long a replica waits to fill a batch")
+    micro_batch: int = field(32, help="rows per forward pass")
+    min_replicas: int = field(1, help="replicas per model at least (autoscaling)")
+    max_replicas: int = field(1, help="replicas per model at most (autoscaling)")
+    num_cpus: float | None = field(
+        None, help="CPUs per replica, which are its torch threads (default: the cluster's "
+                   "CPUs shared by every model's --max-replicas, at most one node's)")
+    use_gpu: bool = field(False, help="one GPU per replica")
+    max_inputs: int = field(256, help="rows in one request at most (more: 413)")
+    max_text_chars: int = field(
+        20_000, help="characters in one text field at most (more: 422); texts within it "
+                     "are cut at the model's max_seq_len word pieces, as `bertflow predict` "
+                     "does (qa contexts and token-cls sentences are windowed, not cut)")
+    max_body_bytes: int = field(4 * 1024 * 1024, help="request body size at most (more: 413)")
+    poll_interval: float = field(15.0, help="seconds between registry checks of an alias")
+    address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
+    tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
+
+    def __post_init__(self) -> None:
+        check(bool(self.models), "models", "give at least one MODEL")
+        check(0 < self.port < 65536, "port", "must be between 1 and 65535")
+        for name in ("max_batch_size", "micro_batch", "min_replicas", "max_inputs",
+                     "max_text_chars", "max_body_bytes"):
+            check(getattr(self, name) >= 1, name, "must be at least 1")
+        check(self.max_replicas >= self.min_replicas, "max_replicas",
+              "must be at least --min-replicas")
+        check(self.batch_wait_ms >= 0, "batch_wait_ms", "must not be negative")
+        check(self.poll_interval > 0, "poll_interval", "must be positive")
+        check(self.num_cpus is None or self.num_cpus > 0, "num_cpus", "must be positive")
+
+
 # ---------------------------------------------------------------- operations
 
 
@@ -512,6 +640,9 @@ class RegistryConfig:
     tracking_uri: str | None = field(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
     json: bool = field(False, help="print JSON instead of a table or text")
+    all: bool = field(False, help="list: every version of each model (default: the newest "
+                                  "5); show: everything (lineage, run, files, every param "
+                                  "and metric) after the summary")
     ref: str = field("", flag="NAME[@ALIAS|/VERSION]",
                      help="the model version (NAME alone: its latest version)")
     model: str = field("", flag="NAME", help="registered model name")
@@ -547,7 +678,7 @@ class JobsConfig:
                                        "machine (Ray's auth token is sent unencrypted)")
 
 
-SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "sweep", "predict", "embed")
+SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "sweep", "predict", "embed", "serve")
 
 
 @dataclass(kw_only=True)

@@ -50,12 +50,13 @@ from typing import Any
 
 from bert_core.config_io import BertflowError, to_dict
 from data_prep import ray_env
-from data_prep.storage import LocationError, check_location, is_local, redact
+from data_prep.storage import LocationError, check_location, is_local, open_location, redact
 from workflows import tracking
 from workflows.config import LoopSettings
 from workflows.run_folder import MODEL_ARTIFACT, RunFolder, TrainResult
 from workflows.training.contracts import RunTracking, TrainingError, TrainTask
-from workflows.training.loop import worker_loop
+from workflows.training.checkpoint import check_resume
+from workflows.training.loop import data_order, worker_loop
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,8 @@ def default_cpus_per_worker(loop: LoopSettings) -> float:
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 1))
-    share = (total - 1) / loop.num_workers if total > 1 else total / (loop.num_workers + 1)
+    workers = loop.max_workers
+    share = (total - 1) / workers if total > 1 else total / (workers + 1)
     return round(max(0.1, min(1.0, share)), 2)
 
 
@@ -90,6 +92,47 @@ def finished_run(loop: LoopSettings, run_name: str) -> TrainResult | None:
     """The result of run `run_name` if it already finished, else None (see
     RunFolder.result)."""
     return run_folder(loop, run_name).result()
+
+
+def check_workers(loop: LoopSettings, canonical: bool) -> None:
+    """Refuse worker settings the task's data path cannot honour, before anything starts:
+    an elastic range needs the canonical order (a task that reads its own train parts,
+    training/rows.py), and Ray Data's shards need the accumulation to divide evenly."""
+    if canonical:
+        return
+    if loop.elastic:
+        raise TrainingError(
+            f"--num-workers {loop.num_workers}: an elastic range needs a task that reads "
+            f"its own train parts (pretraining); give a fixed number of workers")
+    if loop.micro_batches_per_step % loop.max_workers:
+        raise TrainingError(
+            f"--global-batch-size {loop.global_batch}: {loop.micro_batches_per_step} "
+            f"micro-batches of {loop.batch_size} do not divide among {loop.max_workers} "
+            f"workers; give a multiple of {loop.batch_size * loop.max_workers}")
+
+
+def default_max_failures(loop: LoopSettings) -> int:
+    """--max-failures, or its default: 0 on one node, 5 on a cluster of several nodes or
+    for an elastic run (a lost node is a restart from the latest checkpoint)."""
+    if loop.max_failures is not None:
+        return loop.max_failures
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    return 5 if nodes > 1 or loop.elastic else 0
+
+
+def saved_data_order(run: RunFolder) -> dict[str, Any] | None:
+    """The data order recorded in the run's latest trusted checkpoint (None: no checkpoint,
+    or one from before orders were recorded)."""
+    latest = run.latest_checkpoint()
+    if latest is None:
+        return None
+    try:
+        loc = open_location(latest).join("trainer_state.json")
+        return json.loads(loc.read_text()).get("data")
+    except (OSError, ValueError):
+        return None
 
 
 def worker_env_vars() -> dict[str, str]:
@@ -163,22 +206,29 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
         raise TrainingError(
             f"run {run.name!r} already finished at step {done.step} ({run.where}); "
             f"choose a new --run-name, or delete that folder to train it again")
+    canonical = bool(getattr(task, "train_location", None))
+    check_workers(loop, canonical)
+    check_resume(saved_data_order(run), data_order(loop, canonical, loop.max_workers),
+                 f"the latest checkpoint of run {run.name!r} ({run.where})")
     storage_path, storage_fs = run.ray_storage()
     cpus = default_cpus_per_worker(loop)
-    log.info("training %s: %d worker(s), %.2f CPU each, GPU=%s, run folder %s",
-             run.name, loop.num_workers, cpus, loop.use_gpu, run.uri)
+    failures = default_max_failures(loop)
+    log.info("training %s: %s worker(s), %.2f CPU each, GPU=%s, %s restart(s) allowed, "
+             "run folder %s", run.name, loop.num_workers, cpus, loop.use_gpu,
+             "unlimited" if failures < 0 else failures, run.uri)
     trainer = TorchTrainer(
         worker_loop,
         train_loop_config={"task": task, "loop": loop, "tracking": tracking,
                            "splits": sorted(datasets), "run": run},
-        scaling_config=ScalingConfig(num_workers=loop.num_workers, use_gpu=loop.use_gpu,
+        scaling_config=ScalingConfig(num_workers=(loop.min_workers, loop.max_workers)
+                                     if loop.elastic else loop.max_workers, use_gpu=loop.use_gpu,
                                      resources_per_worker={"CPU": cpus}),
         torch_config=TorchConfig(backend="nccl" if loop.use_gpu else "gloo"),
         run_config=RunConfig(
             name=run.name, storage_path=storage_path, storage_filesystem=storage_fs,
             worker_runtime_env={"env_vars": worker_env_vars()},
             checkpoint_config=CheckpointConfig(num_to_keep=loop.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=loop.max_failures),
+            failure_config=FailureConfig(max_failures=failures),
             callbacks=callbacks),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"],

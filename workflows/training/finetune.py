@@ -67,13 +67,13 @@ class FinetuneResult:
 def loop_for_epochs(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
     """LoopSettings with epochs turned into steps; (loop, steps per epoch)."""
     loop = cfg.loop
-    per_step = loop.batch_size * loop.num_workers * loop.grad_accum
-    steps_per_epoch = train_rows // per_step
+    steps_per_epoch = train_rows // loop.global_batch
     if steps_per_epoch < 1:
         raise FinetuneError(
-            f"{cfg.train}: {train_rows} training rows make no full step of --batch-size "
-            f"{loop.batch_size} x --num-workers {loop.num_workers} x --grad-accum "
-            f"{loop.grad_accum}; use a smaller batch or more data")
+            f"{cfg.train}: {train_rows} training rows make no full step of a global batch "
+            f"of {loop.global_batch} (--batch-size {loop.batch_size} x --num-workers "
+            f"{loop.max_workers} x --grad-accum {loop.grad_accum}, or --global-batch-size); "
+            f"use a smaller batch or more data")
     max_steps = min(loop.max_steps, max(1, math.ceil(cfg.epochs * steps_per_epoch)))
     warmup = min(loop.warmup_steps or int(cfg.warmup_ratio * max_steps), max_steps)
     loop = dataclasses.replace(
@@ -188,11 +188,12 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
 
     from data_prep.ray_env import init_ray
     from workflows.training.engine import check_storage
-    from workflows.transfer import local_file, open_checked, ship_folder
+    from workflows.transfer import check_model_ref, local_file, open_checked, ship_model_folder
 
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
     T.check_tracking_store(uri)
     pinned = T.pin_model(cfg.base, uri)  # once; a missing base fails here, before Ray
+    check_model_ref(cfg.base)  # so does a broken or hostile folder
     for what, where in (("--train", cfg.train), ("--eval", cfg.eval)):
         if where and "://" in where:
             open_checked(where, what, must_exist=True)
@@ -218,7 +219,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
         labels = train.labels
         evalset = (build(cfg.eval, "eval", labels if cfg.task != "qa" else None)
                    if cfg.eval else None)
-        base = ship_folder(base_dir, origin=pinned.uri)  # the driver's copy goes with tmp
+        base = ship_model_folder(base_dir, origin=pinned.uri)  # the driver's copy goes with tmp
     version_2 = any(r["is_impossible"] for r in train.records) if cfg.task == "qa" else False
     meta = {"task": cfg.task, "labels": labels, "max_seq_len": cfg.max_seq_len,
             "doc_stride": cfg.doc_stride, "max_query_len": cfg.max_query_len,

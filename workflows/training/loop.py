@@ -40,7 +40,6 @@ import functools
 import itertools
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,7 +49,9 @@ from torch import nn
 
 from data_prep.collate import batch_rng, iter_collated
 from workflows.config import LoopSettings
-from workflows.training.checkpoint import check_resume, restore, save_checkpoint
+from workflows.training.async_checkpoint import (CheckpointSchedule, report_to_ray,
+                                                 snapshot_checkpoint)
+from workflows.training.checkpoint import check_resume, restore
 from workflows.run_folder import RunFolder
 from workflows.training.contracts import (PLACEMENT_GROUP_KEY, RunTracking, TrainingError,
                                           TrainTask)
@@ -74,22 +75,27 @@ def worker_loop(config: dict[str, Any]) -> None:
     _record_pid(config["run"], rank)
 
     torch.manual_seed(loop.seed)
-    start = restore(ray.train.get_checkpoint(), task, rank)
+    plan = batch_plan(task, loop)  # None: the rows come from Ray Data's `train` shard
+    start = restore(ray.train.get_checkpoint(), task, rank, loop.seed)
+    check_resume(start.data, data_order(loop, plan is not None, world),
+                 f"the checkpoint resumed by worker {rank}")
     model = ray.train.torch.prepare_model(start.model)
     raw_model = getattr(model, "module", model)
-    runner = StepRunner(model, loop, device, raw_model=raw_model)
+    accum, divisor = rank_accumulation(loop, plan, rank, world)
+    runner = StepRunner(model, loop, device, raw_model=raw_model, accum=accum,
+                        loss_divisor=divisor)
     if start.trainer_state is not None:
         runner.load_state_dict(start.trainer_state)
     start_step, attempt = runner.step, start.attempt
     n_params = sum(p.numel() for p in raw_model.parameters())
     logger = RunLogger(config["tracking"] if rank == 0 else None)
-    logger.log({"attempt": attempt}, start_step)
-    logger.log_params({"global_batch_size": loop.batch_size * world * loop.grad_accum})
+    logger.log({"attempt": attempt, "workers": world}, start_step)
+    logger.log_params({"global_batch_size": loop.global_batch})
     sharded_eval = hasattr(task, "eval_sums")
     val = (ray.train.get_dataset_shard("val")
            if "val" in config["splits"] and (rank == 0 or sharded_eval) else None)
     report = dict(task=task, model=raw_model, runner=runner, rank=rank, attempt=attempt,
-                  start_step=start_step)
+                  start_step=start_step, data=data_order(loop, plan is not None, world))
     evaluate_now = functools.partial(evaluate, task, raw_model, val, loop, runner, device,
                                      rank, world)
 
@@ -98,9 +104,11 @@ def worker_loop(config: dict[str, Any]) -> None:
         last_eval = evaluate_now()
         logger.log(last_eval, 0)
     saved_at = start_step if start.resumed else -1
+    schedule = CheckpointSchedule(loop, device)
     epoch, window, new_tokens = start.epoch, MetricWindow(), 0
     shard = ray.train.get_dataset_shard("train") if "train" in config["splits"] else None
-    batches = train_batches(shard, task, loop, rank, world, start.epoch, start.skip, device)
+    batches = train_batches(shard, task, loop, rank, world, start.epoch, start.skip, device,
+                            plan=plan)
     raw_model.train()
     while runner.step < loop.max_steps:
         epoch, position, batch = next(batches)
@@ -116,7 +124,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             raise TrainingError(f"loss is {loss} at step {step}: lower --lr or use "
                                 f"--precision fp32")
         log_now = step % loop.log_every == 0 or final
-        checkpoint_now = _every(step, loop.checkpoint_every) or final
+        checkpoint_now = schedule.due(step, final=final, log_now=log_now)
         if log_now or checkpoint_now:  # the same steps on every rank: a collective is safe
             runner.tokens_seen += int(all_reduce_sums({"t": new_tokens}, device)["t"])
             new_tokens = 0
@@ -135,30 +143,62 @@ def worker_loop(config: dict[str, Any]) -> None:
     logger.close()
 
 
-def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, world: int,
-                  epoch: int, skip: int, device: torch.device
-                  ) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, micro-batches consumed in that epoch, batch on `device`), epoch after epoch.
-
-    Batch i of an epoch is collated with `batch_rng(seed, epoch, i, rank)` (its dynamic
-    masks); the first `skip` batches of the first epoch were consumed before the
-    checkpoint resumed from. A task with a `train_location` is read from its Parquet
-    parts (`training/rows.py`: reshuffled every epoch, the resume seeks past the `skip`
-    batches without reading them); otherwise `shard` (Ray Data) is read in its fixed order
-    and the `skip` batches are read but not collated.
-    """
+def batch_plan(task: TrainTask, loop: LoopSettings) -> BatchPlan | None:
+    """The canonical micro-batch order of a task that reads its own train split
+    (`train_location`, with `train_files` from the manifest when it has them), else None."""
     location = getattr(task, "train_location", None)
-    parts = list_parts(location) if location else None
+    if not location:
+        return None
+    parts = list_parts(location, getattr(task, "train_files", None), prefix="train/")
+    return BatchPlan(tuple(parts), loop.batch_size, loop.micro_batches_per_step, loop.seed)
+
+
+def data_order(loop: LoopSettings, canonical: bool, world: int) -> dict[str, Any]:
+    """What a checkpoint's data position is relative to. A canonical order depends on the
+    global batch, the micro-batch and the seed only (any worker count may resume it);
+    Ray Data's shards also on the workers and their accumulation."""
+    if canonical:
+        return {"canonical": True, "order": ORDER_VERSION, "global_batch": loop.global_batch,
+                "micro_batch": loop.batch_size, "seed": loop.seed}
+    return {"canonical": False, "workers": world, "batch_size": loop.batch_size,
+            "grad_accum": loop.micro_batches_per_step // world, "seed": loop.seed}
+
+
+def rank_accumulation(loop: LoopSettings, plan: BatchPlan | None, rank: int,
+                      world: int) -> tuple[int, float]:
+    """(micro-batches this rank accumulates per step, what each loss is divided by)."""
+    if plan is None:
+        accum = loop.micro_batches_per_step // world
+        return accum, float(accum)
+    if world > plan.streams:
+        raise TrainingError(
+            f"{world} workers for a global batch of {plan.streams} micro-batches: every "
+            f"worker needs at least one; raise --global-batch-size (or --grad-accum) or use "
+            f"at most {plan.streams} workers")
+    return len(rank_streams(plan.streams, rank, world)), plan.streams / world
+
+
+def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, world: int,
+                  epoch: int, skip: int, device: torch.device, plan: BatchPlan | None = None
+                  ) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, data position after this micro-batch, batch on `device`), epoch after epoch,
+    from position `skip` of `epoch` (the checkpoint's).
+
+    With a `plan` (training/rows.py) the position is the optimizer steps done in the
+    epoch, the same on every rank: rank r trains its streams' micro-batch of each step,
+    reads only their chunks (ahead, on a thread) and a resume opens nothing before the
+    position; micro-batch (step k, stream s) is collated with `batch_rng(seed, epoch,
+    k * streams + s)`, so its dynamic masks do not depend on the number of workers.
+    Otherwise `shard` (Ray Data) is read in its fixed order, the position counts this
+    rank's micro-batches, batch i is collated with `batch_rng(seed, epoch, i, rank)` and
+    the `skip` batches are read but not collated.
+    """
+    if plan is not None:
+        yield from _planned_batches(plan, task, loop, rank, world, epoch, skip, device)
+        return
     while True:
-        if parts is not None:
-            raw = rank_batches(parts, batch_size=loop.batch_size, rank=rank, world=world,
-                               seed=loop.seed, epoch=epoch, start=skip)
-            # iter_collated numbers batches from `start` after dropping that many; these
-            # placeholders stand for the batches before the position, which are never read.
-            raw = itertools.chain(itertools.repeat((), skip), raw)
-        else:
-            raw = shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
-                                     drop_last=True, prefetch_batches=2)
+        raw = shard.iter_batches(batch_size=loop.batch_size, batch_format="numpy",
+                                 drop_last=True, prefetch_batches=2)
         seen = 0
         collated = iter_collated(raw, task.collate, loop.seed, epoch, rank, start=skip)
         for seen, batch in enumerate(collated, start=skip + 1):
@@ -168,6 +208,26 @@ def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, wo
                 f"the train split gave worker {rank} no batch in epoch {epoch}: it has "
                 f"fewer rows than --num-workers x --batch-size ({world} x "
                 f"{loop.batch_size}); use a smaller batch or more data")
+        epoch, skip = epoch + 1, 0
+
+
+def _planned_batches(plan: BatchPlan, task: TrainTask, loop: LoopSettings, rank: int,
+                     world: int, epoch: int, skip: int, device: torch.device
+                     ) -> Iterator[tuple[int, int, Batch]]:
+    def collate(item: tuple[int, int, Any], _rng: Any) -> tuple[int, Batch]:
+        step, stream, table = item  # the masks are the micro-batch's, not the rank's
+        return step, task.collate(table, batch_rng(loop.seed, epoch, step * plan.streams + stream))
+
+    while True:
+        with RankReader(plan, rank=rank, world=world, epoch=epoch, start_step=skip) as reader:
+            if reader.steps == 0:
+                raise TrainingError(
+                    f"the train split ({plan.rows} rows in {len(plan.parts)} parts) makes no "
+                    f"optimizer step of {plan.streams} micro-batches of {plan.micro_batch} "
+                    f"rows in epoch {epoch}: use a smaller --batch-size or "
+                    f"--global-batch-size, or more data")
+            for step, batch in iter_collated(reader.batches(), collate, loop.seed, epoch):
+                yield epoch, step + 1, _to_device(batch, device)
         epoch, skip = epoch + 1, 0
 
 
@@ -213,23 +273,24 @@ def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, f
 
 def report_checkpoint(*, task: TrainTask, model: nn.Module, runner: StepRunner, rank: int,
                       attempt: int, start_step: int, epoch: int, position: int,
-                      metrics: dict[str, Any]) -> None:
-    """Write this rank's part of a checkpoint at the runner's step and report it (with
-    `metrics`) to Ray Train, which keeps the latest ones in the run folder.
+                      metrics: dict[str, Any], data: dict[str, Any] | None = None) -> None:
+    """Take this rank's part of a checkpoint at the runner's step and report it (with
+    `metrics`) to Ray Train, which keeps the latest ones in the run folder; with
+    `--checkpoint-upload async` (the default) it is written and uploaded while training
+    goes on (training/async_checkpoint.py).
 
     The report names the worker group's placement group (`PLACEMENT_GROUP_KEY`): a sweep
     removes it when Tune stops the trial (see `training/sweep_trials.py`)."""
     import ray
-    import ray.train
 
     group = ray.get_runtime_context().get_placement_group_id()
-    with tempfile.TemporaryDirectory(prefix="bertflow-ckpt-") as tmp:
-        save_checkpoint(Path(tmp), task=task, raw_model=model, runner=runner, rank=rank,
-                        epoch=epoch, batches_in_epoch=position, attempt=attempt)
-        ray.train.report({**metrics, "step": runner.step, "start_step": start_step,
-                          "attempt": attempt, **({PLACEMENT_GROUP_KEY: group} if group else {})},
-                         checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_{runner.step:08d}")
+    mode = runner.loop.checkpoint_upload
+    snapshot = snapshot_checkpoint(task=task, raw_model=model, runner=runner, rank=rank,
+                                   epoch=epoch, batches_in_epoch=position, attempt=attempt,
+                                   data=data, copy_state=mode == "async")
+    report_to_ray(snapshot, {**metrics, "step": runner.step, "start_step": start_step,
+                             "attempt": attempt, **({PLACEMENT_GROUP_KEY: group} if group else {})},
+                  name=f"checkpoint_{runner.step:08d}", mode=mode)
 
 
 def train_summary(window: MetricWindow, world: int, n_params: int,

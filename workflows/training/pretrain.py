@@ -15,7 +15,8 @@
    (the driver died, the same command runs again), the run of that name, reopened, so
    the curves continue. Params (the whole config; `init` the pinned reference), tags
    (bertflow version, git commit, the init model's lineage), the dataset as a run input
-   (manifest fingerprint and path).
+   (manifest fingerprint and path). A resumed run keeps the init model its run recorded
+   (its checkpoints continue from that), even if `--init` names another version now.
 3. Train with `workflows.training.engine.run_training` (rank 0 logs metrics every
    `log_every`).
 4. Log the final model (HF folder + tokenizer + bertflow.json; downloaded first when the
@@ -69,6 +70,7 @@ class PretrainTask:
     meta: dict[str, Any] = field(default_factory=dict)  # bertflow.json of the saved model
     objective: str = "nsp"                # the dataset's: nsp, sop or mlm
     train_location: str | None = None     # the train split's Parquet parts (training/rows.py)
+    train_files: list[dict[str, Any]] | None = None  # their rows and sizes, from the manifest
 
     @property
     def head(self) -> type[nn.Module]:
@@ -238,7 +240,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from workflows.run_folder import local_model_dir
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import check_storage, run_folder, run_training
-    from workflows.transfer import ship_folder
+    from workflows.transfer import check_model_ref, ship_folder, ship_model_folder
 
     cfg = config
     cfg.validate_for_run()
@@ -251,6 +253,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     uri = T.resolve_tracking_uri(cfg.tracking.tracking_uri)
     T.check_tracking_store(uri)
     pinned = T.pin_model(cfg.init, uri) if cfg.init else None  # once, before Ray starts
+    if cfg.init:
+        check_model_ref(cfg.init)  # a broken or hostile folder fails here, not in a worker
     loop = cfg.loop
     init_ray(cfg.address)
     check_storage(loop, uri)
@@ -259,7 +263,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     with tempfile.TemporaryDirectory(prefix="bertflow-init-") as tmp:
         init_dir = pinned.fetch(tmp) if pinned else None  # exactly the pinned bytes
         model_config = _model_config(cfg, tokenizer, manifest, init_dir)
-        init = ship_folder(init_dir, origin=pinned.uri) if pinned else None
+        init = ship_model_folder(init_dir, origin=pinned.uri) if pinned else None
         shipped_tokenizer = ship_folder(tokenizer.save(Path(tmp) / "tokenizer"),
                                         origin=f"{cfg.data} tokenizer")
 
@@ -281,6 +285,14 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         params={**flat_dict(cfg), **(pinned.params("init") if pinned else {})},
         resume=resuming,
         inputs=[T.DatasetInput(data_dir, manifest, "train", "dataset/manifest.json")])
+    if resuming:  # the checkpoints continue from the model the run pinned when it started
+        recorded = T.started_from(lineage, T.client(uri).get_run(run_id).data.tags)
+        if recorded.get(T.TAG_BASE_MODEL) != lineage.get(T.TAG_BASE_MODEL):
+            log.warning("run %s continues its checkpoints, trained from %s as its run "
+                        "records, not from what --init names now (%s)", cfg.run_name,
+                        recorded.get(T.TAG_BASE_MODEL, "a new model"),
+                        pinned.uri if pinned else "none")
+        lineage = recorded
 
     ray = init_ray(cfg.address)
     splits = {s: data.join(s).uri for s in ("train", "val")
@@ -297,11 +309,11 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         model_config=model_config, init_dir=init,
         tokenizer_dir=shipped_tokenizer, pad_id=tokenizer.pad_id,
         masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
-        train_location=splits["train"],
+        train_location=splits["train"], train_files=manifest.splits["train"].get("files"),
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
               "dataset_fingerprint": manifest.fingerprint,
-              "base_model": pinned.uri if pinned else None})
+              "base_model": lineage.get(T.TAG_BASE_MODEL)})
     log.info("pretraining %s (%s) on %s: %d train instances, %d steps", cfg.run_name,
              "resuming" if resuming else "new", data_dir,
              manifest.splits["train"]["instances"], loop.max_steps)

@@ -36,10 +36,17 @@ class StepRunner:
     """
 
     def __init__(self, model: nn.Module, loop: LoopSettings, device: torch.device,
-                 raw_model: nn.Module | None = None) -> None:
+                 raw_model: nn.Module | None = None, accum: int | None = None,
+                 loss_divisor: float | None = None) -> None:
         self.model = model                      # what forward runs through (maybe DDP)
         self.raw_model = raw_model or model     # the parameters
         self.loop = loop
+        # Micro-batches of this worker per optimizer step, and what each loss is divided
+        # by: `micro-batches per step / workers`, so that DDP's mean over the workers makes
+        # the step's gradient the mean over the global batch even when the workers'
+        # counts differ (training/rows.py). Default: --grad-accum for both.
+        self.accum = accum or loop.grad_accum
+        self.loss_divisor = loss_divisor or self.accum
         self.device = device
         self.optimizer = build_optimizer(self.raw_model, loop)
         self.scheduler = build_scheduler(self.optimizer, loop)
@@ -60,13 +67,13 @@ class StepRunner:
     def forward_backward(self, task: Any,
                          batch: dict[str, torch.Tensor]) -> tuple[float, dict[str, Any]]:
         """One micro-batch; gradients are synchronised (DDP) only on the last of a cycle."""
-        last = (self.micro + 1) % self.loop.grad_accum == 0
+        last = (self.micro + 1) % self.accum == 0
         no_sync = getattr(self.model, "no_sync", None)
         sync_ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with sync_ctx:
             with self.autocast():
                 loss, metrics = task.compute_loss(self.model, batch)
-            self.scaler.scale(loss / self.loop.grad_accum).backward()
+            self.scaler.scale(loss / self.loss_divisor).backward()
         self.micro += 1
         value = float(loss.detach())
         self._cycle_finite = self._cycle_finite and math.isfinite(value)
@@ -74,7 +81,7 @@ class StepRunner:
 
     @property
     def cycle_done(self) -> bool:
-        return self.micro % self.loop.grad_accum == 0
+        return self.micro % self.accum == 0
 
     def optimizer_step(self) -> dict[str, float]:
         """Unscale, clip, step, schedule; returns the lr used and the gradient norm (under

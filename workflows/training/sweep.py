@@ -79,7 +79,7 @@ def _resources(cfg: SweepConfig) -> tuple[int, float]:
     import ray
 
     res = ray.cluster_resources()
-    workers = cfg.loop.num_workers
+    workers = cfg.loop.max_workers
     if cfg.loop.use_gpu:
         at_once = cfg.max_concurrent or max(1, int(res.get("GPU", 0)) // workers)
         return at_once, cfg.loop.cpus_per_worker or 1.0
