@@ -485,6 +485,79 @@ def test_the_head_installs_the_unit_idempotently_and_starts_nothing_else(raw):
         assert " &" not in commands.replace("&&", "")
 
 
+def run_setup_head(tmp_path: Path, secrets_text: str) -> tuple[list[str], Path]:
+    """deploy/aws/setup-head.sh against stand-ins for the machine's tools (apt, dpkg,
+    systemctl, PostgreSQL's client, the instance metadata, the venv's python reading SSM)
+    that record what they are asked; /etc paths under tmp_path. Returns (calls, etc)."""
+    bin_dir, state, etc = tmp_path / "bin", tmp_path / "state", tmp_path / "etc"
+    venv_bin = tmp_path / "prefix" / "venv" / "bin"
+    for d in (bin_dir, state, venv_bin, tmp_path / "units"):
+        d.mkdir(parents=True, exist_ok=True)
+    calls = tmp_path / "calls"
+    (tmp_path / "ssm-value").write_text(secrets_text)
+    stubs = {
+        "cloud-init": "exit 0", "fuser": "exit 1", "pgrep": "exit 1",
+        "apt-get": f'case "$*" in *install*) touch {state}/pg;; esac',
+        "dpkg": f"[ -f {state}/pg ]",
+        "systemctl": "exit 0",
+        "id": f'[ "$1 $2" = "-u mlflow" ] && {{ [ -f {state}/user ]; exit; }}; echo 0',
+        "useradd": f"touch {state}/user",
+        "hostname": "echo 10.0.0.5",
+        "curl": 'case "$*" in *PUT*) echo token;; *region*) echo us-east-2;; esac',
+        "runuser": (f'case "$*" in *createuser*) touch {state}/role;; *createdb*) touch {state}/db;; '
+                    f'*pg_roles*) [ -f {state}/role ] && echo 1;; *pg_database*) [ -f {state}/db ] && echo 1;; '
+                    '*"SELECT 1"*) echo 1;; esac; exit 0'),
+    }
+    for tool, body in stubs.items():
+        stub = bin_dir / tool
+        stub.write_text(f'#!/bin/bash\necho "{tool} $*" >> {calls}\n{body}\n')
+        stub.chmod(0o755)
+    python = venv_bin / "python"
+    python.write_text(f'#!/bin/bash\nif [ "$1" = - ]; then cat > /dev/null; cat {tmp_path}/ssm-value; '
+                      f'else echo "python $*" >> {calls}; fi\n')
+    python.chmod(0o755)
+    subprocess.run(["bash", str(DEPLOY / "aws" / "setup-head.sh"), "s3://bkt"], check=True,
+                   capture_output=True, text=True,
+                   env={"PATH": f"{bin_dir}:/usr/bin:/bin", "BERTFLOW_PREFIX": str(tmp_path / "prefix"),
+                        "BERTFLOW_ETC": str(etc), "BERTFLOW_UNIT_DIR": str(tmp_path / "units")})
+    logged = calls.read_text().splitlines()
+    calls.unlink()
+    return logged, etc
+
+
+def test_a_second_ray_up_restarts_nothing_and_installs_nothing(tmp_path):
+    secrets_text = "MLFLOW_AUTH_ADMIN_PASSWORD=adm1n\nBERTFLOW_JOBS_PASSWORD=j0bs\n"
+    calls, etc = run_setup_head(tmp_path, secrets_text)
+    assert any(c.startswith("apt-get") and "install -y -qq postgresql" in c for c in calls)
+    assert "useradd --system" in " ".join(calls)
+    assert any("createuser mlflow" in c for c in calls) and any("createdb -O mlflow mlflow" in c for c in calls)
+    assert "systemctl restart bertflow-mlflow.service" in calls
+    assert any(c.startswith("python deploy/mlflow_jobs_user.py http://10.0.0.5:5000") for c in calls)
+    # The server's files: secrets private, the server gets only the admin's line.
+    assert (etc / "secrets.env").stat().st_mode & 0o777 == 0o600
+    assert (etc / "server.env").read_text() == "MLFLOW_AUTH_ADMIN_PASSWORD=adm1n\n"
+    assert (etc / "server.env").stat().st_mode & 0o777 == 0o600
+    mlflow_env = (etc / "mlflow.env").read_text()
+    assert "BERTFLOW_SERVER_HOST=10.0.0.5\n" in mlflow_env and "BERTFLOW_ARTIFACTS=s3://bkt/mlartifacts\n" in mlflow_env
+    assert "AWS_REGION=us-east-2\n" in mlflow_env
+    assert "BERTFLOW_STORAGE_PATH=s3://bkt/runs\n" in (etc / "cluster.env").read_text()
+    assert (tmp_path / "units" / "bertflow-mlflow.service").read_text() == \
+        (DEPLOY / "systemd" / "bertflow-mlflow.service").read_text()
+
+    # `ray up` again, nothing changed: no package, user, role or database again, and the
+    # running server is left alone (systemd starts it only if it is not running).
+    calls, _ = run_setup_head(tmp_path, secrets_text)
+    assert not [c for c in calls if c.startswith(("apt-get", "useradd"))]
+    assert not [c for c in calls if "createuser" in c or "createdb" in c]
+    assert "systemctl start bertflow-mlflow.service" in calls
+    assert not [c for c in calls if c.startswith("systemctl restart")]
+
+    # A rotated secret restarts it (one server, the new settings).
+    calls, _ = run_setup_head(tmp_path, secrets_text.replace("adm1n", "n3w"))
+    assert "systemctl restart bertflow-mlflow.service" in calls
+    assert (etc / "server.env").read_text() == "MLFLOW_AUTH_ADMIN_PASSWORD=n3w\n"
+
+
 @pytest.mark.parametrize("name", CLUSTER_FILES)
 def test_ray_runs_with_token_auth_and_a_private_dashboard(raw, name):
     cfg = raw[name]

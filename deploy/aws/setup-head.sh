@@ -24,8 +24,9 @@ case "$BUCKET" in s3://?*) ;; *) echo "setup-head.sh: $BUCKET is not s3://BUCKET
 HERE=$(cd "$(dirname "$0")" && pwd)
 PROJECT=$(cd "$HERE/../.." && pwd)
 SSM_PARAMETER=/bertflow/server-env
-VENV=/opt/bertflow/venv
-ETC=/etc/bertflow
+VENV=${BERTFLOW_PREFIX:-/opt/bertflow}/venv   # the tests point these three elsewhere
+ETC=${BERTFLOW_ETC:-/etc/bertflow}
+UNIT_DIR=${BERTFLOW_UNIT_DIR:-/etc/systemd/system}
 UNIT=bertflow-mlflow.service
 . "$HERE/lib.sh"
 
@@ -68,7 +69,7 @@ printf 'BERTFLOW_STORAGE_PATH=%s/runs\nAWS_REGION=%s\nAWS_DEFAULT_REGION=%s\nBER
     "$BUCKET" "$region" "$region" "$private_ip" | write_file "$ETC/cluster.env" 0644 >/dev/null
 
 # The server, supervised by systemd: one instance, restarted on failure.
-changes+=$(write_file /etc/systemd/system/$UNIT 0644 < "$PROJECT/deploy/systemd/$UNIT")
+changes+=$(write_file "$UNIT_DIR/$UNIT" 0644 < "$PROJECT/deploy/systemd/$UNIT")
 code=$(cd "$PROJECT" && find bert_core data_prep workflows -name '*.py' | sort | xargs cat | sha256sum | cut -c1-16)
 changes+=$(echo "$code" | write_file "$ETC/server.code" 0644)
 systemctl daemon-reload
