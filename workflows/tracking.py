@@ -73,6 +73,8 @@ TAG_BASE_RUN = "bertflow.base_run_id"
 TAG_BASE_DATASET = "bertflow.base_dataset_fingerprint"
 TAG_BASE_REF = "bertflow.base_model_ref"  # as given (models:/X@champion); TAG_BASE_MODEL: pinned
 TAG_BASE_FINGERPRINT = "bertflow.base_model_sha256"  # sha256 of the base's file manifest
+BASE_TAGS = (TAG_BASE_MODEL, TAG_BASE_VERSION, TAG_BASE_RUN, TAG_BASE_DATASET, TAG_BASE_REF,
+             TAG_BASE_FINGERPRINT)  # what PinnedModel.lineage records
 TAG_TASK = "bertflow.task"
 TAG_LABELS = "bertflow.labels"
 TAG_VERSION = "bertflow.version"
@@ -574,6 +576,13 @@ def pin_model(ref: str, tracking_uri: str | None = None) -> PinnedModel:
     if tags.get(TAG_DATASET_FINGERPRINT):
         lineage[TAG_BASE_DATASET] = tags[TAG_DATASET_FINGERPRINT]
     return PinnedModel(ref, exact, expected, lineage, mv.name, str(mv.version), uri)
+
+
+def started_from(lineage: dict[str, str], run_tags: dict[str, str]) -> dict[str, str]:
+    """`lineage` with the base-model tags a run recorded when it started in place of its
+    own: what a resumed run's checkpoints continue from, whatever its reference names now."""
+    return {**{k: v for k, v in lineage.items() if k not in BASE_TAGS},
+            **{k: v for k, v in run_tags.items() if k in BASE_TAGS}}
 
 
 def _model_folder_at(ref: str) -> Path:
