@@ -28,6 +28,7 @@ VERBS: dict[str, str] = {
     "sweep": "fine-tune over the BERT paper's grid or any space on Ray Tune; best one registered",
     "predict": "batch predictions from a fine-tuned model over a file",
     "embed": "write embeddings (pooled vectors or a hidden layer) of texts to Parquet",
+    "serve": "serve models over HTTP on Ray Serve (batched, autoscaled, following an alias)",
     "registry": "browse the MLflow model registry: list, show, promote, verify, import-hf",
     "server": "start an MLflow tracking server (with UI) on the project's store (127.0.0.1)",
     "submit": "submit a bertflow job to a Ray cluster through the Jobs API",
@@ -51,7 +52,8 @@ def verb_module(verb: str) -> ModuleType:
 
 
 # Verbs that start Ray or train: their full log goes to a file named at the end.
-LOGGED_VERBS = {"prep", "pretrain", "finetune", "sweep", "predict", "embed", "quickstart", "submit"}
+LOGGED_VERBS = {"prep", "pretrain", "finetune", "sweep", "predict", "embed", "serve",
+                "quickstart", "submit"}
 
 
 def _top_help() -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from bert_core.config_io import BertflowError
-from workflows.config import SUBMITTABLE_VERBS
+from workflows.config import SERVE_TOKEN_ENV, SUBMITTABLE_VERBS
 from workflows.tracking import MLFLOW_SAFE_ENV
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ def passed_variables(runtime_env: dict[str, Any]) -> list[str]:
     from data_prep.ray_env import MLFLOW_CREDENTIAL_ENV_VARS
     from data_prep.storage import CREDENTIAL_ENV_VARS
 
-    names = set(CREDENTIAL_ENV_VARS) | set(MLFLOW_CREDENTIAL_ENV_VARS)
+    names = set(CREDENTIAL_ENV_VARS) | set(MLFLOW_CREDENTIAL_ENV_VARS) | {SERVE_TOKEN_ENV}
     return sorted(k for k in runtime_env.get("env_vars", {}) if k in names)
 
 
@@ -329,6 +329,8 @@ def submit_verb(address: str, verb: str, args: list[str], tracking_uri: str, *,
     for warning in filter(None, warnings):
         log.warning(warning)
     entrypoint = build_entrypoint(verb, attach_to_cluster(verb, args))
+    if verb == "serve" and os.environ.get(SERVE_TOKEN_ENV):  # the served routes' token
+        env_vars = {SERVE_TOKEN_ENV: os.environ[SERVE_TOKEN_ENV], **(env_vars or {})}
     client = client or connect(address, insecure)
     with tempfile.TemporaryDirectory(prefix="bertflow-job-") as tmp:
         shipment = stage_project(project_dir or project_root(), Path(tmp) / "bertflow")

@@ -28,10 +28,41 @@ from typing import Any
 
 import numpy as np
 
-from workflows.config import EmbedConfig, PredictConfig
+from workflows.config import EmbedConfig, FileInference, PredictConfig
 from workflows.serving.predictor import PredictError, Predictor
 
 log = logging.getLogger(__name__)
+
+
+def replica_cpus(ray: Any, replicas: int, num_cpus: float | None) -> float:
+    """CPUs each of `replicas` model replicas asks Ray for: `num_cpus`, else the cluster's
+    CPUs shared among them, at most one node's and at least one.
+
+    A replica runs torch on as many threads as it was granted CPUs (`granted_threads`):
+    one CPU per replica left a 2-core machine half idle behind one actor, while
+    SentenceTransformer.encode used both cores."""
+    if num_cpus is not None:
+        return float(num_cpus)
+    cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    if not cpus:
+        return 1.0
+    return max(1.0, min(max(cpus), float(int(sum(cpus) // max(1, replicas)))))
+
+
+def replica_resources(ray: Any, cfg: FileInference) -> dict[str, Any]:
+    """map_batches' num_cpus / num_gpus of one replica of a predict or embed run."""
+    if cfg.use_gpu:
+        return {"num_cpus": cfg.num_cpus or 1.0, "num_gpus": 1}
+    return {"num_cpus": replica_cpus(ray, cfg.concurrency, cfg.num_cpus)}
+
+
+def granted_threads() -> int:
+    """torch threads for this Ray actor: the CPUs Ray granted it (0.5 CPUs: one thread).
+    Set explicitly, since a worker process may have been started for another task."""
+    import ray
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+    return max(1, int(cpus))
 
 
 def read_table_dataset(ray: Any, path: str | Path) -> Any:
@@ -57,7 +88,7 @@ class BatchPredictor:
         from workflows.transfer import local_folder
 
         self.predictor = Predictor.from_dir(local_folder(model_dir), device=device,
-                                            batch_size=batch_size)
+                                            batch_size=batch_size, threads=granted_threads())
         # {the predictor's column: the input's column} (--text-column, --text-pair-column)
         self.columns = {k: v for k, v in (columns or {}).items() if k != v}
 
@@ -128,26 +159,25 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
     """
     from data_prep.ray_env import init_ray
     from workflows.model_folder import read_task_meta
-    from workflows.transfer import local_file, ship_folder
+    from workflows.transfer import local_file, ship_model_folder
 
     output_format(cfg.output)
     check_locations(cfg)
     ray = init_ray(cfg.address)
     with _resolved(cfg) as model_dir:
         task = read_task_meta(model_dir)["task"]
-        model = ship_folder(model_dir, origin=cfg.model)
+        model = ship_model_folder(model_dir, origin=cfg.model)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output rows in input order
     with local_file(cfg.input, "--input") as path:
         ds = read_table_dataset(ray, path)
     ds = ds.map_batches(BatchPredictor, fn_constructor_args=(model,),
-                        fn_constructor_kwargs={"batch_size": 32,
+                        fn_constructor_kwargs={"batch_size": cfg.micro_batch,
                                                "columns": cfg.input_columns(task)},
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                        num_cpus=cfg.num_cpus if not cfg.use_gpu else None,
-                        num_gpus=1 if cfg.use_gpu else None)
+                        **replica_resources(ray, cfg))
     errors = 0
 
     def frames():
@@ -167,10 +197,12 @@ class BatchEmbedder:
     """Ray Data callable class: DataFrame batches of texts in, `embedding` column added."""
 
     def __init__(self, model_dir: Any, pooling: str, layer: int | None, text_column: str,
-                 normalize: bool = False, max_seq_len: int | None = None) -> None:
+                 normalize: bool = False, max_seq_len: int | None = None,
+                 batch_size: int = 32) -> None:
         from workflows.transfer import local_folder
 
-        self.predictor = Predictor.from_dir(local_folder(model_dir))
+        self.predictor = Predictor.from_dir(local_folder(model_dir), batch_size=batch_size,
+                                            threads=granted_threads())
         self.pooling, self.layer, self.text_column = pooling, layer, text_column
         self.normalize, self.max_seq_len = normalize, max_seq_len
 
@@ -192,14 +224,14 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from data_prep.ray_env import init_ray
-    from workflows.transfer import local_file, ship_folder, staged_output
+    from workflows.transfer import local_file, ship_model_folder, staged_output
 
     out = cfg.output
     check_locations(cfg)
     ray = init_ray(cfg.address)
     with _resolved(cfg) as model_dir:
         pooling, max_seq_len, normalize = embed_settings(cfg, model_dir)
-        model = ship_folder(model_dir, origin=cfg.model)
+        model = ship_model_folder(model_dir, origin=cfg.model)
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     with local_file(cfg.input, "--input") as path:
         ds = read_table_dataset(ray, path)
@@ -207,10 +239,10 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
         BatchEmbedder,
         fn_constructor_args=(model, pooling, cfg.layer, cfg.text_column or "text", normalize,
                              max_seq_len),
+        fn_constructor_kwargs={"batch_size": cfg.micro_batch},
         batch_format="pandas", batch_size=cfg.batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        num_cpus=cfg.num_cpus if not cfg.use_gpu else None,
-        num_gpus=1 if cfg.use_gpu else None)
+        **replica_resources(ray, cfg))
     rows, dim, writer = 0, 0, None
     with staged_output(out) as tmp:
         try:
@@ -243,6 +275,10 @@ def check_locations(cfg: Any) -> None:
         uri = T.resolve_tracking_uri(cfg.tracking_uri)
         T.check_tracking_store(uri)
         T.get_model_version(cfg.model, uri)
+    else:  # a hostile or broken folder fails here, naming it, not in a Ray actor
+        from workflows.transfer import check_model_ref
+
+        check_model_ref(cfg.model)
     if "://" in cfg.input:  # local files keep the readers' own messages
         open_checked(cfg.input, "--input", must_exist=True)
     if "://" in cfg.output:
@@ -260,13 +296,23 @@ def _resolved(cfg: Any) -> Iterator[Path]:
 def embed_settings(cfg: EmbedConfig, model_dir: Path) -> tuple[str, int | None, bool]:
     """(pooling, max_seq_len, normalize): the flags, else the folder's sentence-transformers
     settings, else mean pooling, the folder's max_seq_len and no normalisation."""
-    from workflows.serving.st_settings import read_embed_settings
+    s = folder_embed_settings(model_dir, cfg.pooling, cfg.max_seq_len, cfg.normalize)
+    return s.pooling, s.max_seq_len, bool(s.normalize)
+
+
+def folder_embed_settings(model_dir: Path, pooling: str | None = None,
+                          max_seq_len: int | None = None,
+                          normalize: bool | None = None) -> Any:
+    """The EmbedSettings `bertflow embed` (and `bertflow serve`'s /embed) uses for a folder:
+    the given values, else the folder's sentence-transformers settings, else mean pooling,
+    the folder's max_seq_len (None) and no normalisation."""
+    from workflows.serving.st_settings import EmbedSettings, read_embed_settings
 
     folder = read_embed_settings(model_dir)
-    pooling = cfg.pooling or folder.pooling or "mean"
-    max_seq_len = cfg.max_seq_len or folder.max_seq_len
-    normalize = cfg.normalize if cfg.normalize is not None else bool(folder.normalize)
+    pooling = pooling or folder.pooling or "mean"
+    max_seq_len = max_seq_len or folder.max_seq_len
+    normalize = normalize if normalize is not None else bool(folder.normalize)
     if folder.source:
         log.info("embedding as %s says: pooling %s, max_seq_len %s, normalize %s "
                  "(flags override)", folder.source, pooling, max_seq_len, normalize)
-    return pooling, max_seq_len, normalize
+    return EmbedSettings(pooling, max_seq_len, normalize, folder.source)

@@ -69,10 +69,13 @@ class Predictor:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | None = None,
-                 batch_size: int = 32) -> Predictor:
-        """Load model, tokenizer and bertflow.json from an HF-format model folder."""
+                 batch_size: int = 32, threads: int | None = None) -> Predictor:
+        """Load model, tokenizer and bertflow.json from an HF-format model folder;
+        `threads`: torch's threads in this process (the CPUs granted to a replica)."""
         import torch
 
+        if threads is not None and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
         from bert_core.hf_compat import check_tokenizer_fits
         from data_prep.tokenizer import WordPieceTokenizer
 
