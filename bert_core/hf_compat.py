@@ -156,12 +156,28 @@ def read_config_json(folder: Path) -> dict[str, Any]:
         raise BertflowError(f"{path}: missing; a model folder needs config.json and "
                             "model.safetensors (as written by save_pretrained)")
     data = _read_json(path, "config.json")
-    if weight_files(folder, required=False):
+    if files := weight_files(folder, required=False):
         from bert_core.config import BertConfig
 
         config = BertConfig.from_hf_dict(data, str(path))
         check_config_shapes(config, tensor_shapes(folder), str(path))
+        size = sum(f.stat().st_size for f in files)
+        if (n := encoder_parameter_count(config)) > size:
+            raise BertflowError(
+                f"{path}: describes an encoder of {n:,} parameters, but the weight files "
+                f"hold {size:,} bytes (at least one per parameter); fix config.json to "
+                "match the weights")
     return data
+
+
+def encoder_parameter_count(config: Any) -> int:
+    """Parameters of the encoder a config describes (embeddings and layers, no pooler), in
+    closed form: what the weight files must hold, checked before anything is built."""
+    H, I, L = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embeddings = (config.vocab_size + config.max_position_embeddings
+                  + config.type_vocab_size) * H + 2 * H
+    layer = 4 * H * H + 4 * H + 2 * H * I + I + H + 4 * H  # qkv+out, ffn in/out, 2 norms
+    return embeddings + L * layer
 
 
 def weight_files(folder: Path, required: bool = True) -> list[Path]:
@@ -303,6 +319,87 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _as_expected(names: NameMap, file_items: dict[str, Any]) -> dict[str, Any]:
+    """File entries (tensors or shapes) under the HF names this class expects: the `bert.`
+    prefix added or stripped, buffers and tied decoder copies dropped."""
+    renamed = names.normalise_prefix(list(file_items))
+    hf = {renamed[k]: v for k, v in file_items.items() if not renamed[k].endswith(_IGNORED_SUFFIXES)}
+    # Tied copies of the word embeddings: older files carry the decoder bias under its
+    # own name only; the decoder weight is always the embedding matrix.
+    if "cls.predictions.decoder.bias" in hf and "cls.predictions.bias" not in hf:
+        hf["cls.predictions.bias"] = hf["cls.predictions.decoder.bias"]
+    for key in _TIED_DECODER:
+        hf.pop(key, None)
+    return hf
+
+
+def expected_hf_shapes(names: NameMap, own_shapes: dict[str, tuple[int, ...]]
+                       ) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape of every tensor a model with these parameter shapes loads (the
+    fused qkv split into its three parts)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for ours, shape in own_shapes.items():
+        hf_names = names.to_hf(ours)
+        part = (shape[0] // len(hf_names), *shape[1:]) if shape else shape
+        out.update({h: part for h in hf_names})
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def check_weights_fit(folder: Path, names: NameMap, own_shapes: dict[str, tuple[int, ...]],
+                      head_may_differ: bool = False) -> None:
+    """Refuse, before anything is allocated, weights that cannot be this model: from the
+    safetensors headers only (`own_shapes` come from the model built on the `meta`
+    device). Every encoder tensor (embeddings and layers; the pooler may be absent, as in
+    MLM checkpoints) must be in the files with exactly the shape the config implies; the
+    parameters the files hold cannot outnumber their bytes; and what would be newly
+    initialised (heads) cannot outgrow what the files hold. A hostile config.json with a
+    tiny weight file is an error here, not terabytes of allocation."""
+    files = weight_files(folder)
+    in_file = _as_expected(names, tensor_shapes(folder))
+    expected = expected_hf_shapes(names, own_shapes)
+    enc = names.encoder_prefix
+
+    def is_encoder(hf_name: str) -> bool:
+        rest = hf_name[len(enc):] if enc and hf_name.startswith(enc) else hf_name
+        return rest.startswith(("embeddings.", "encoder."))
+
+    missing = sorted(h for h in expected if is_encoder(h) and h not in in_file)
+    if missing:
+        listed = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4
+                                           else "")
+        raise BertflowError(f"{folder}: the weights lack {len(missing)} encoder tensors that "
+                            f"config.json implies ({listed}); config.json and the weights "
+                            "disagree, or the file is incomplete")
+    from_file = new = 0
+    for h, shape in expected.items():
+        have = in_file.get(h)
+        if have is None:
+            new += _numel(shape)
+        elif tuple(have) == shape:
+            from_file += _numel(shape)
+        elif is_encoder(h) or h.startswith(enc + "pooler.") or not head_may_differ:
+            raise BertflowError(f"{folder}: tensor {h} has shape {tuple(have)} in the weights "
+                                f"but config.json implies {shape}; fix config.json to match "
+                                "the weights")
+        else:
+            new += _numel(shape)  # a head the caller resized (e.g. num_labels): new
+    size = sum(f.stat().st_size for f in files)
+    if from_file > size:
+        raise BertflowError(f"{folder}: config.json implies {from_file} parameters from the "
+                            f"weights, but the weight files hold only {size} bytes")
+    if new > from_file + (1 << 24):
+        raise BertflowError(f"{folder}: {new} parameters would be newly initialised (not in "
+                            f"the weights, which hold {from_file}); check num_labels and the "
+                            "task against the checkpoint")
+
+
 def split_file_tensors(names: NameMap, file_tensors: dict[str, torch.Tensor],
                        expected: list[str]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
     """Match file tensors to our parameters.
@@ -310,18 +407,7 @@ def split_file_tensors(names: NameMap, file_tensors: dict[str, torch.Tensor],
     Returns (our state dict to load, missing HF names, unexpected HF names). A fused qkv
     parameter is loaded only when all three of query/key/value are present.
     """
-    renamed = names.normalise_prefix(list(file_tensors))
-    hf = {renamed[k]: v for k, v in file_tensors.items()}
-    for key in list(hf):
-        if key.endswith(_IGNORED_SUFFIXES):
-            del hf[key]
-    # Tied copies of the word embeddings: older files carry the decoder bias under its
-    # own name only; the decoder weight is always the embedding matrix.
-    if "cls.predictions.decoder.bias" in hf and "cls.predictions.bias" not in hf:
-        hf["cls.predictions.bias"] = hf["cls.predictions.decoder.bias"]
-    for key in _TIED_DECODER:
-        hf.pop(key, None)
-
+    hf = _as_expected(names, file_tensors)
     expected_hf = {h: ours for ours in expected for h in names.to_hf(ours)}
     missing = sorted(h for h in expected_hf if h not in hf)
     unexpected = sorted(h for h in hf if h not in expected_hf)

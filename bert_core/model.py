@@ -210,12 +210,9 @@ class BertPreTrainedModel(nn.Module):
         the config first (e.g. `num_labels=3` for a new classification head).
         """
         folder = Path(folder)
-        data = hf_compat.read_config_json(folder)
-        config = BertConfig.from_hf_dict(data, str(folder / "config.json"))
-        if config_overrides:
-            config = config.replace(**config_overrides)
+        config = cls.check_pretrained(folder, **config_overrides)
         tensors = hf_compat.read_safetensors(folder)
-        model = cls(config)
+        model = cls(config)  # allocated only now: the files were checked to hold it
         state, missing, unexpected = hf_compat.split_file_tensors(
             model._name_map(), tensors, list(model.state_dict()))
         if strict and (missing or unexpected):
@@ -244,6 +241,25 @@ class BertPreTrainedModel(nn.Module):
                         folder, ", ".join(unexpected))
         model.loading_info = {"missing_keys": missing, "unexpected_keys": unexpected}
         return model
+
+    @classmethod
+    def check_pretrained(cls, folder: str | Path, **config_overrides: Any) -> BertConfig:
+        """The config of the model folder `folder` for this class, after checking from
+        config.json and the safetensors headers alone that the weights can be this model
+        (`hf_compat.check_weights_fit`; the model is built on the `meta` device, so
+        nothing is allocated). What `from_pretrained` does first, and what a driver calls
+        before any Ray work."""
+        folder = Path(folder)
+        data = hf_compat.read_config_json(folder)
+        config = BertConfig.from_hf_dict(data, str(folder / "config.json"))
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        with torch.device("meta"):
+            skeleton = cls(config)
+        shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        hf_compat.check_weights_fit(folder, skeleton._name_map(), shapes,
+                                    head_may_differ=bool(config_overrides))
+        return config
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write config.json + model.safetensors that the matching transformers class loads.

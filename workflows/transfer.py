@@ -183,6 +183,38 @@ def ship_folder(folder: str | Path, origin: str | None = None) -> ShippedFolder:
                          {rel: _sha256(data) for rel, data in files.items()})
 
 
+def check_model_folder(folder: str | Path, origin: str | None = None) -> Path:
+    """`folder` after bert_core's load check on the driver (config.json against the
+    weights' headers, the model built on the meta device: nothing allocated), so a hostile
+    or broken folder fails here, with one message, and not inside a Ray actor. With
+    `origin` (what the user named: a models:/ reference, a folder), the message names it
+    instead of `folder` (a temporary copy)."""
+    from bert_core.model import BertModel
+
+    try:
+        BertModel.check_pretrained(folder)
+    except BertflowError as exc:
+        text = str(exc) if origin is None else str(exc).replace(str(folder), origin)
+        raise TransferError(text) from None
+    return Path(folder)
+
+
+def check_model_ref(ref: str) -> None:
+    """Before any Ray work: the model folder a local reference names (a folder, a
+    checkpoint or run folder) passes `check_model_folder`, its errors naming the user's
+    own path. A models:/ reference is checked once downloaded (`ship_model_folder`)."""
+    from workflows.tracking import parse_model_ref, resolve_model
+
+    if parse_model_ref(ref) is None:
+        check_model_folder(resolve_model(ref))
+
+
+def ship_model_folder(folder: str | Path, origin: str) -> ShippedFolder:
+    """`ship_folder` for a model folder, after `check_model_folder` on the driver."""
+    check_model_folder(folder, origin)
+    return ship_folder(folder, origin)
+
+
 def local_folder(folder: str | Path | ShippedFolder) -> Path:
     """A folder a task can open: a local path as is, a shipped folder materialised."""
     return folder.materialize() if isinstance(folder, ShippedFolder) else Path(folder)

@@ -59,6 +59,9 @@ def check_hf_bert_folder(model_dir: Path) -> dict[str, Any]:
     if config.get("model_type", "bert") != "bert":
         raise HFImportError(f"{model_dir / 'config.json'}: model_type is "
                             f"{config.get('model_type')!r}; bertflow imports BERT models only")
+    from workflows.transfer import check_model_folder
+
+    check_model_folder(model_dir)  # config.json against the weights, nothing allocated
     return config
 
 
