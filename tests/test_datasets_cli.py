@@ -65,3 +65,29 @@ def test_lists_a_real_dataset_then_flags_it_stale_when_its_input_changes(
     assert cli(["datasets", "list", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert "STALE" in table and "changed" in table
+
+
+def test_show_a_dataset_and_list_whole_paths(tmp_path, capsys):
+    """`datasets show DIR` says how a dataset was made and how to use it; `datasets list`
+    prints paths whole (pasted into `prep rerun`), however long."""
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "wiki128"
+    deep.mkdir(parents=True)
+    manifest = {"kind": "pretraining", "config": {"objective": "sop", "max_seq_len": 128,
+                                                  "vocab": "models:/minilm/1", "seed": 3},
+                "inputs": [{"path": "/data/corpus.txt", "size": 10, "sha256": "0" * 64}],
+                "tokenizer": {"fingerprint": "f" * 64, "vocab_size": 30522,
+                              "do_lower_case": True},
+                "counts": {"instances": 7, "tokens": 90, "documents_skipped": {"empty": 1}},
+                "splits": {"train": {"instances": 7, "files": []}}, "fingerprint": "e" * 64,
+                "created_at": "2026-01-01T00:00:00Z"}
+    (deep / "manifest.json").write_text(json.dumps(manifest))
+    assert cli(["datasets", "list", str(tmp_path), "--no-check"]) == 0
+    out = capsys.readouterr().out
+    assert str(deep) in out and "…" not in out
+    assert cli(["datasets", "show", str(deep), "--no-check"]) == 0
+    text = capsys.readouterr().out
+    assert "objective sop" in text and "vocab models:/minilm/1" in text
+    assert "vocab 30522, lowercase" in text and "/data/corpus.txt" in text
+    assert "skipped     empty 1" in text
+    assert f"bertflow pretrain --data {deep} --run-name NAME" in text
+    assert cli(["datasets", "show", str(tmp_path / "nope")]) == 2

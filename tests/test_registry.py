@@ -33,8 +33,9 @@ def test_import_minilm_list_promote_show_through_the_cli(minilm_dir, tracking_ur
 
     assert cli(["registry", "list", "--tracking-uri", tracking_uri]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split()[:4] == ["NAME", "LATEST", "ALIASES", "TASK"]
-    assert table[1].split()[:3] == ["minilm", "1", "-"] and " base " in table[1]
+    assert table[0].split()[:3] == ["MODEL", "ALIASES", "TASK"]
+    assert table[1].split()[:3] == ["minilm/1", "-", "base"]
+    assert str(minilm_dir.resolve()) in table[1]  # whole, not cut in the middle
 
     assert cli(["registry", "promote", "minilm", "1", "--alias", "champion",
                 "--tracking-uri", tracking_uri]) == 0
@@ -85,6 +86,11 @@ def test_show_follows_the_base_model_chain_and_lists_the_key_metric(
 
     rows = {row["name"]: row for row in r.list_models(tracking_uri)}
     assert rows["clf"]["key_metric"] == "eval_accuracy=0.75"
+    assert [v["model"] for v in rows["clf"]["versions"]] == ["clf/1"]
+    summary = r.render_summary(info)
+    assert summary.startswith("clf version 1") and "from models:/tiny-base/1" in summary
+    assert "eval_accuracy 0.75" in summary and "lr 3e-05" in summary
+    assert "bertflow predict --model models:/clf/1" in summary and "params" not in summary
     assert rows["clf"]["task"] == "seq-cls" and rows["tiny-base"]["task"] == "base"
 
 

@@ -656,11 +656,15 @@ class RegistryConfig:
 
 @dataclass(kw_only=True)
 class DatasetsConfig:
-    """`bertflow datasets list [ROOT]`: prepared datasets and whether each is up to date."""
+    """`bertflow datasets list [ROOT]` / `datasets show DIR`: prepared datasets and whether
+    each is up to date."""
 
-    root: str = field(".", flag="ROOT", help="folder to search")
+    action: Literal["list", "show"] = field("list", help="what to do", cli=False)
+    root: str = field(".", flag="ROOT", help="folder (or URI prefix) to search")
+    dataset: str = field("", flag="DIR", help="a dataset folder (or URI) written by "
+                                             "bertflow prep or by fine-tuning")
     check: bool = field(True, help="rehash the inputs to tell up to date from STALE")
-    json: bool = field(False, help="print JSON instead of a table")
+    json: bool = field(False, help="print JSON instead of a table or text")
 
 
 @dataclass(kw_only=True)

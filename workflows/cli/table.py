@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def format_table(rows: list[dict[str, Any]], columns: list[str], max_width: int = 48) -> str:
-    """A plain aligned text table of `rows` (long cells lose their middle to an ellipsis)."""
+def format_table(rows: list[dict[str, Any]], columns: list[str],
+                 max_width: int | None = 48) -> str:
+    """A plain aligned text table of `rows` (cells longer than `max_width` lose their
+    middle to an ellipsis; None: never, for what a user pastes into a command)."""
     def cell(v: Any) -> str:
         s = "-" if v is None or v == "" else str(v)
         s = s.replace("\n", " ")
-        if len(s) <= max_width:
+        if max_width is None or len(s) <= max_width:
             return s
         # Cut the middle: the start and the end of paths and messages say the most.
         head = (max_width - 1) // 2

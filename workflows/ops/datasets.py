@@ -121,6 +121,59 @@ def list_datasets(root: str | Path = ".", check_inputs: bool = True) -> list[dic
     return [summarize(d, check_inputs) for d in find_datasets(root)]  # type: ignore[arg-type]
 
 
+# The settings that decide a pretraining dataset's rows, shown first by `datasets show`.
+KEY_SETTINGS = ("objective", "masking", "max_seq_len", "dupe_factor", "masked_lm_prob",
+                "max_predictions_per_seq", "whole_word_mask", "val_fraction", "seed",
+                "vocab", "train_vocab", "lowercase", "text_column", "text_field",
+                "task", "doc_stride", "max_query_len", "labels", "split", "columns")
+
+
+def show_dataset(dataset_dir: str | Path, check_inputs: bool = True) -> dict[str, Any]:
+    """One dataset in full: `summarize`'s row plus its settings, inputs, tokenizer, counts
+    and splits (files and rows); a folder without a readable manifest is a ManifestError."""
+    from data_prep.manifest import open_dataset
+
+    loc, m = open_dataset(dataset_dir, "DIR")
+    info = summarize(loc.uri if not loc.local else loc.path, check_inputs)
+    info.update(
+        config=m.config, inputs=m.inputs, tokenizer=m.tokenizer, counts=m.counts,
+        fingerprint=m.fingerprint,
+        splits={k: {"rows": _rows(v), "files": len(v.get("files", []))
+                    if isinstance(v, dict) else 0} for k, v in sorted(m.splits.items())},
+        format_version=m.format_version)
+    return info
+
+
+def render_dataset(info: dict[str, Any]) -> str:
+    """`show_dataset`'s result for the terminal: what it is, how it was made, how to use it."""
+    config, tok, counts = info["config"], info["tokenizer"], info["counts"]
+    settings = [f"{k} {config[k]}" for k in KEY_SETTINGS if config.get(k) not in (None, "", [])
+                and not (k == "train_vocab" and not config[k])]
+    lines = [f"{info['path']}", f"  kind        {info['kind']}  (created {info['created']})",
+             f"  status      {info['status']}",
+             f"  holds       " + ", ".join(f"{k} {v['rows']} rows in {v['files']} file(s)"
+                                           for k, v in info["splits"].items())
+             + (f"; {info['tokens']} tokens" if info.get("tokens") else ""),
+             f"  settings    {', '.join(settings)}",
+             f"  tokenizer   vocab {tok.get('vocab_size', '?')}, "
+             f"{'lowercase' if tok.get('lowercase', tok.get('do_lower_case')) else 'cased'}"
+             ", fingerprint "
+             f"{str(tok.get('fingerprint', '-'))[:12]}",
+             f"  inputs      {len(info['inputs'])} file(s)"]
+    lines += [f"              {i.get('path')}  ({i.get('size', '?')} bytes)"
+              for i in info["inputs"][:10]]
+    if len(info["inputs"]) > 10:
+        lines.append(f"              ... {len(info['inputs']) - 10} more (--json)")
+    skipped = counts.get("documents_skipped") or counts.get("skipped_by_reason") or {}
+    if skipped:
+        lines.append("  skipped     " + ", ".join(f"{k} {v}" for k, v in skipped.items()))
+    lines.append(f"  fingerprint {info['fingerprint']}")
+    if info["kind"] == "pretraining":
+        lines.append(f"  use it      bertflow pretrain --data {info['path']} --run-name NAME")
+        lines.append(f"              bertflow prep rerun {info['path']}   # rebuild if STALE")
+    return "\n".join(lines)
+
+
 def prepare_dataset(config: Any) -> Any:
     """`bertflow prep`: data_prep's build, with `--vocab models:/NAME@ALIAS` taken from
     the registry: the reference is pinned to its exact version (what the manifest records,

@@ -8,6 +8,8 @@ instant. Importing a Hugging Face folder is `workflows.ops.hf_import`.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Any
 
@@ -57,40 +59,75 @@ def _run_metrics(c: Any, run_id: str | None) -> dict[str, float]:
         return {}
 
 
+def _version_metrics(c: Any, mv: Any) -> dict[str, float]:
+    """A version's metrics: the `metric.*` tags registering wrote (no run lookup), else
+    its run's."""
+    tagged = {}
+    for k, v in (mv.tags or {}).items():
+        if k.startswith("metric."):
+            try:
+                tagged[k[len("metric."):]] = float(v)
+            except ValueError:
+                pass
+    return tagged or _run_metrics(c, mv.run_id)
+
+
 def list_models(tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """One row per registered model: name, latest version, aliases, task, base model, key
-    metric, created (of the latest version)."""
+    metric, created (of the latest version), and `versions`: one row per version, newest
+    first (`model` NAME/VERSION, aliases, task, key metric, base model, created)."""
     c = t.client(tracking_uri)
-    latest_of = _latest_versions(c)
+    versions_of = _all_versions(c)
     rows = []
     for rm in c.search_registered_models(max_results=1000, order_by=["name ASC"]):
-        latest = latest_of.get(rm.name)
-        if latest is None:
+        versions = sorted(versions_of.get(rm.name, []), key=lambda v: -int(v.version))
+        if not versions:
             continue
+        alias_of: dict[str, list[str]] = {}
+        for a, v in sorted((rm.aliases or {}).items()):
+            alias_of.setdefault(str(v), []).append(a)
+        vrows = [{
+            "model": f"{rm.name}/{mv.version}", "version": str(mv.version),
+            "aliases": ", ".join(alias_of.get(str(mv.version), [])),
+            "task": mv.tags.get(t.TAG_TASK, "-"),
+            "key_metric": key_metric(_version_metrics(c, mv)),
+            "base_model": mv.tags.get(t.TAG_BASE_MODEL, "-"),
+            "created": _fmt_time(mv.creation_timestamp),
+        } for mv in versions]
+        latest = vrows[0]
         aliases = ", ".join(f"{a}->v{v}" for a, v in sorted((rm.aliases or {}).items()))
-        rows.append({
-            "name": rm.name, "latest": str(latest.version), "aliases": aliases,
-            "task": latest.tags.get(t.TAG_TASK, "-"),
-            "base_model": latest.tags.get(t.TAG_BASE_MODEL, "-"),
-            "key_metric": key_metric(_run_metrics(c, latest.run_id)),
-            "created": _fmt_time(latest.creation_timestamp),
-        })
+        rows.append({"name": rm.name, "latest": latest["version"], "aliases": aliases,
+                     "task": latest["task"], "base_model": latest["base_model"],
+                     "key_metric": latest["key_metric"], "created": latest["created"],
+                     "versions": vrows})
     return rows
 
 
-def _latest_versions(c: Any) -> dict[str, Any]:
-    """{model name: its newest version} over the whole registry, in one paged search with
-    no filter string (a name that needs quoting cannot break it)."""
-    latest: dict[str, Any] = {}
+def version_rows(models: list[dict[str, Any]], per_model: int | None = 5
+                 ) -> list[dict[str, Any]]:
+    """`list_models`' versions as one table (the newest `per_model` of each model; None:
+    all), with a row saying how many older ones were left out."""
+    out = []
+    for m in models:
+        shown = m["versions"] if per_model is None else m["versions"][:per_model]
+        out += shown
+        if len(m["versions"]) > len(shown):
+            out.append({"model": f"  ({len(m['versions']) - len(shown)} older: --all)"})
+    return out
+
+
+def _all_versions(c: Any) -> dict[str, list[Any]]:
+    """{model name: its versions} over the whole registry, in one paged search with no
+    filter string (a name that needs quoting cannot break it)."""
+    found: dict[str, list[Any]] = {}
     token = None
     while True:
         page = c.search_model_versions(max_results=10_000, page_token=token)
         for v in page:
-            if v.name not in latest or int(v.version) > int(latest[v.name].version):
-                latest[v.name] = v
+            found.setdefault(v.name, []).append(v)
         token = getattr(page, "token", None)
         if not token:
-            return latest
+            return found
 
 
 def base_model_chain(ref: str, tracking_uri: str | None = None, max_depth: int = 10
@@ -144,6 +181,11 @@ def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         "run_name": "-", "run_status": "-", "params": {}, "metrics": {}, "artifact_uri": "-",
         "model_artifacts": _model_artifact_location(c, mv),
     }
+    try:
+        info["labels"] = json.loads(mv.tags.get(t.TAG_LABELS, "null"))
+    except ValueError:
+        info["labels"] = None
+    info.update(_model_files(info["model_artifacts"]))
     if info["run_id"]:
         try:
             run = c.get_run(info["run_id"])
@@ -155,8 +197,121 @@ def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
     return info
 
 
+def _model_files(model_artifacts: str) -> dict[str, Any]:
+    """`size_bytes` of the version's model folder (the pyfunc's artifact
+    `t.MODEL_ARTIFACT`) and its `architecture` (config.json: layers, hidden size, vocab);
+    empty when the store cannot list them (show never fails on it)."""
+    import tempfile
+
+    from mlflow.artifacts import download_artifacts, list_artifacts
+
+    folder = f"{model_artifacts.rstrip('/')}/artifacts/{t.MODEL_ARTIFACT}"
+    out: dict[str, Any] = {}
+    try:
+        files = list_artifacts(artifact_uri=folder)
+        out["size_bytes"] = sum(f.file_size or 0 for f in files if not f.is_dir)
+        if any(f.path.endswith("config.json") for f in files):
+            with tempfile.TemporaryDirectory(prefix="bertflow-show-") as tmp:
+                config = json.loads(open(download_artifacts(
+                    artifact_uri=f"{folder}/config.json", dst_path=tmp)).read())
+            out["architecture"] = {k: config[k] for k in (
+                "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                "max_position_embeddings", "classifier_pooling") if k in config}
+    except Exception as exc:  # an unreachable or foreign store: show the rest
+        logging.getLogger(__name__).debug("no file listing for %s: %s", folder, exc)
+    return out
+
+
+# The settings that say how a version was trained, by task (the rest: --all).
+KEY_PARAMS = {
+    "pretraining": ("model_size", "max_steps", "lr", "batch_size", "grad_accum",
+                    "num_workers", "max_seq_len", "optimizer", "precision", "seed"),
+    "qa": ("epochs", "lr", "batch_size", "max_seq_len", "doc_stride", "max_query_len",
+           "max_answer_len", "freeze_encoder", "seed"),
+    "token-cls": ("epochs", "lr", "batch_size", "max_seq_len", "freeze_encoder", "seed"),
+    "cls": ("epochs", "lr", "batch_size", "max_seq_len", "classifier_pooling",
+            "freeze_encoder", "seed"),
+}
+SCORE_PREFIXES = ("val_", "eval_")
+
+
+def _scores(metrics: dict[str, float]) -> list[str]:
+    """Eval metrics, each beside the trivial baseline's when there is one."""
+    out = []
+    for k in sorted(metrics):
+        if not k.startswith(SCORE_PREFIXES) or k.endswith("_examples"):
+            continue
+        name = k.split("_", 1)[1]
+        base = metrics.get(f"baseline_{name}", metrics.get(f"baseline_{k}"))
+        out.append(f"{k} {metrics[k]:.4g}" + (f" (baseline {base:.4g})" if base is not None
+                                               else ""))
+    return out
+
+
+def _size(info: dict[str, Any]) -> str:
+    parts = []
+    if info.get("size_bytes"):
+        parts.append(f"{info['size_bytes'] / 1e6:.1f} MB")
+    arch = info.get("architecture") or {}
+    if "num_hidden_layers" in arch and "hidden_size" in arch:
+        parts.append(f"{arch['num_hidden_layers']} layers x {arch['hidden_size']} hidden"
+                     + (f", vocab {arch['vocab_size']}" if "vocab_size" in arch else ""))
+    return "; ".join(parts) or "-"
+
+
+def _how_to_use(ref: str, task: str) -> list[str]:
+    if task in ("seq-cls", "pair-cls", "token-cls", "qa"):
+        return [f"bertflow predict --model models:/{ref} --input FILE.csv --output scored.csv",
+                f"bertflow registry promote {ref.replace('/', ' ')} --alias champion"]
+    return [f"bertflow finetune --base models:/{ref} --train train.csv --eval dev.csv",
+            f"bertflow embed --model models:/{ref} --input FILE.csv --output vectors.parquet",
+            f"bertflow prep --vocab models:/{ref} --input CORPUS --output DIR"]
+
+
+def render_summary(info: dict[str, Any]) -> str:
+    """What a user needs first about a version: labels, how it was trained, its eval
+    scores against the trivial baseline, its size and how to use it (`render_model`:
+    everything, under `registry show --all`)."""
+    ref = f"{info['name']}/{info['version']}"
+    task = info["task"]
+    params, metrics = info.get("params") or {}, info.get("metrics") or {}
+    aliases = f"aliases {', '.join(info['aliases'])}; " if info["aliases"] else ""
+    lines = [f"{info['name']} version {info['version']}  ({aliases}created {info['created']})"]
+    labels = info.get("labels")
+    lines.append(f"  task        {task}" + (
+        f", {len(labels)} labels: {', '.join(map(str, labels))}" if labels else ""))
+    keys = KEY_PARAMS.get(task, KEY_PARAMS["cls"] if task in ("seq-cls", "pair-cls") else ())
+    trained = [f"{k} {_show_param(k, params[k])}" for k in keys
+               if params.get(k) not in (None, "None")]
+    base = info["tags"].get(t.TAG_BASE_MODEL)
+    if task == "base":
+        lines.append(f"  imported    from {info['tags'].get(t.TAG_SOURCE_PATH, '-')}")
+    elif base or trained:
+        lines.append(f"  trained     {'from ' + base + ': ' if base else ''}"
+                     f"{', '.join(trained) or '-'}")
+    if info["dataset_path"] != "-":
+        lines.append(f"  data        {info['dataset_path']}")
+    scores = _scores(metrics)
+    if scores:
+        lines.append(f"  eval        {scores[0]}")
+        lines += [f"              {x}" for x in scores[1:]]
+    lines.append(f"  size        {_size(info)}")
+    use = _how_to_use(ref, task)
+    lines.append(f"  use it      {use[0]}")
+    lines += [f"              {x}" for x in use[1:]]
+    lines.append(f"  more        bertflow registry show {ref} --all  (lineage, run, files, "
+                 "every param and metric)")
+    return "\n".join(lines)
+
+
+def _show_param(name: str, value: Any) -> str:
+    if name == "classifier_pooling":  # bert_core's name of BERT's tanh pooler is "cls"
+        return "pooler" if value == "cls" else str(value)
+    return str(value)
+
+
 def render_model(info: dict[str, Any]) -> str:
-    """`show_model`'s result as readable text for the terminal."""
+    """`show_model`'s result as readable text for the terminal: everything it holds."""
     chain = " <- ".join([f"{info['name']}/{info['version']}", *info["base_model_chain"]])
     lines = [
         f"{info['name']} version {info['version']}  ({info['status']}, created {info['created']})",

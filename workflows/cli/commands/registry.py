@@ -10,8 +10,9 @@ from workflows.config import RegistryConfig
 
 DESCRIPTION = "browse the MLflow model registry: list, show, promote, verify, import-hf"
 EPILOG = """examples:
-  bertflow registry list
+  bertflow registry list                         # every model, its newest versions, scores
   bertflow registry show bert-tiny@champion      # or bert-tiny/3, or bert-tiny (latest)
+  bertflow registry show bert-tiny/3 --all       # lineage, run, files, every param
   bertflow registry promote bert-tiny 3 --alias champion
   bertflow registry verify bert-tiny@champion    # files vs. checksums taken at registration
   bertflow registry import-hf path/to/MiniLM --name minilm
@@ -20,9 +21,10 @@ EPILOG = """examples:
 
 # action -> (help, its fields of RegistryConfig, the required ones)
 ACTIONS = {
-    "list": ("registered models, one line each", ("json",), ()),
-    "show": ("one version with its lineage, metrics, params and artifacts", ("ref", "json"),
-             ("ref",)),
+    "list": ("registered models, one line per version with its key metric",
+             ("json", "all"), ()),
+    "show": ("one version: labels, how it was trained, eval scores against the baseline, "
+             "size and how to use it (--all: everything)", ("ref", "json", "all"), ("ref",)),
     "promote": ("point an alias at a version", ("model", "version", "alias"),
                 ("model", "version", "alias")),
     "verify": ("check a version's files against the sha256 manifest recorded when it was "
@@ -58,12 +60,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             from workflows.cli.table import format_table
 
-            print(format_table(rows, ["name", "latest", "aliases", "task", "base_model",
-                                      "key_metric", "created"]))
+            print(format_table(r.version_rows(rows, None if cfg.all else 5),
+                               ["model", "aliases", "task", "key_metric", "base_model",
+                                "created"], max_width=None))
         return 0
     if cfg.action == "show":
         info = r.show_model(cfg.ref, uri)
-        print(json.dumps(info, indent=2, default=str) if cfg.json else r.render_model(info))
+        if cfg.json:
+            print(json.dumps(info, indent=2, default=str))
+        else:
+            print(r.render_summary(info) + ("\n\n" + r.render_model(info) if cfg.all else ""))
         return 0
     if cfg.action == "promote":
         mv = r.promote(cfg.model, cfg.version, cfg.alias, uri)
