@@ -57,6 +57,7 @@ from workflows.run_folder import MODEL_ARTIFACT, RunFolder, TrainResult
 from workflows.training.contracts import RunTracking, TrainingError, TrainTask
 from workflows.training.checkpoint import check_resume
 from workflows.training.loop import data_order, worker_loop
+from workflows.training.resources import check_cluster_fits
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
                  f"the latest checkpoint of run {run.name!r} ({run.where})")
     storage_path, storage_fs = run.ray_storage()
     cpus = default_cpus_per_worker(loop)
+    check_cluster_fits(loop, cpus, ray_data=bool(datasets))  # before Ray Train waits silently
     failures = default_max_failures(loop)
     log.info("training %s: %s worker(s), %.2f CPU each, GPU=%s, %s restart(s) allowed, "
              "run folder %s", run.name, loop.num_workers, cpus, loop.use_gpu,
