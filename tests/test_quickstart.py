@@ -34,7 +34,7 @@ def test_summary_names_what_was_made_and_how_to_look_at_it(tmp_path):
     runs = [TaskRun("frozen", "models:/quickstart-topics/1", "1", {"val_accuracy": 0.61,
                     "val_macro_f1": 0.55}, "mean", 40.0, 1260),
             TaskRun("fine-tuned", "models:/quickstart-topics/2", "2", {"val_accuracy": 0.82,
-                    "val_macro_f1": 0.8}, "cls", 90.0, 1260)]
+                    "val_macro_f1": 0.8}, "pooler", 90.0, 1260)]
     result = QuickstartResult(
         output=tmp_path, tracking_uri="sqlite:////x/mlruns.db",
         corpus={"documents": 222, "sentences": 3000, "topics": 79}, dataset=tmp_path / "d",
@@ -51,9 +51,9 @@ def test_summary_names_what_was_made_and_how_to_look_at_it(tmp_path):
     assert "11.05" in text and "9.23" in text                     # the loss fell
     # the baseline and both uses side by side, with their speeds
     assert "majority class (statements)" in text and "0.301" in text
-    frozen = next(line for line in text.splitlines() if "frozen (mean pooling) v1" in line)
+    frozen = next(line for line in text.splitlines() if "frozen (--pooling mean) v1" in line)
     assert "0.610" in frozen and "0.550" in frozen and "31.5" in frozen  # 1260 ex / 40 s
-    tuned = next(line for line in text.splitlines() if "fine-tuned (cls pooling)" in line)
+    tuned = next(line for line in text.splitlines() if "fine-tuned (--pooling pooler)" in line)
     assert "0.820" in tuned and "@champion" in tuned
     # held-out predictions next to their true labels, misses marked
     assert "(1/2 right on held-out paragraphs)" in text
@@ -61,6 +61,13 @@ def test_summary_names_what_was_made_and_how_to_look_at_it(tmp_path):
     for command in ("bertflow registry list --tracking-uri sqlite:////x/mlruns.db",
                     "bertflow server", "bertflow predict --model models:/quickstart-topics@champion"):
         assert command in text
+    # it ends with the three commands a user runs next on their own files
+    last = text.splitlines()[-3:]
+    assert last[0].startswith("  bertflow finetune --base models:/minilm/1 --train my_train.csv")
+    assert last[1].startswith("  bertflow predict --model models:/my-model@latest")
+    assert last[2].startswith("  bertflow registry show my-model@latest")
+    assert all(line.endswith("--tracking-uri sqlite:////x/mlruns.db") for line in last)
+    assert str(task.train) in text  # the task CSV, the template of the user's own
 
 
 def test_quickstart_config_rejects_nonsense():

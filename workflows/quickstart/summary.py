@@ -61,7 +61,7 @@ def _score_table(r: QuickstartResult) -> str:
              f"    {'majority class (' + r.task.majority_label + ')':<42}"
              f"{r.task.majority_accuracy:>9.3f}{'-':>10}{'-':>12}{'-':>10}"]
     for run in r.runs:
-        name = f"{run.mode} ({run.pooling} pooling) v{run.version}"
+        name = f"{run.mode} (--pooling {run.pooling}) v{run.version}"
         if run.mode == r.champion:
             name += " @champion"
         lines.append(f"    {name:<42}{run.metrics.get('val_accuracy', float('nan')):>9.3f}"
@@ -71,7 +71,8 @@ def _score_table(r: QuickstartResult) -> str:
 
 
 def render_summary(r: QuickstartResult) -> str:
-    """The closing summary: what was made, where, and the commands to look at it."""
+    """The closing summary: what was made, where, the commands to look at it, and last the
+    three a user runs next on their own files."""
     uri_flag = "" if r.tracking_uri == f"sqlite:///{Path.cwd().resolve() / 'mlruns.db'}" \
         else f" --tracking-uri {r.tracking_uri}"
     right = sum(row.get("label") == row.get("true_label") for row in r.prediction_rows)
@@ -100,4 +101,9 @@ look at it
   bertflow server{uri_flag}                     # then open http://127.0.0.1:5000
   bertflow predict --model models:/quickstart-topics@champion --input {r.task.heldout} --output preds.csv
   bertflow datasets list {r.output}
-timings  {', '.join(f'{k} {v:.0f}s' for k, v in r.seconds.items())}"""
+timings  {', '.join(f'{k} {v:.0f}s' for k, v in r.seconds.items())}
+now with your own data: a CSV with a header, like {r.task.train} (text,label;
+other column names: --text-column, --label-column); another BERT: registry import-hf DIR
+  bertflow finetune --base {r.base} --train my_train.csv --eval my_dev.csv --register-as my-model{uri_flag}
+  bertflow predict --model models:/my-model@latest --input my_rows.csv --output scored.csv{uri_flag}
+  bertflow registry show my-model@latest{uri_flag}"""
