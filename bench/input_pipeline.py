@@ -3,11 +3,10 @@
 Batches go from Parquet parts to `collate_pretraining` (padding, labels, and for dynamic
 masking the masks) to torch tensors. Three ways of driving it:
 
-- `rank_batches`: what pretraining's loop runs (`workflows/training/loop.py`
-  `train_batches`): the worker reads its parts itself (`training/rows.py`
-  `rank_batches`, reshuffled every epoch, no Ray Data), then `data_prep.iter_collated`
-  collates ahead on threads, each batch masked with `batch_rng(seed, epoch, batch, rank)`.
-  This is the figure that counts;
+- `rank reader`: what pretraining's loop runs (`workflows/training/loop.py`
+  `train_batches`): the worker reads its streams' parts itself (`training/rows.py`
+  `RankReader`, reshuffled every epoch, read ahead on a thread, no Ray Data), then
+  `data_prep.iter_collated` collates ahead on threads. This is the figure that counts;
 - `iter_collated`: a Ray Data `streaming_split` shard (what fine-tuning's loop reads)
   with `iter_batches(batch_format="pyarrow")` + `iter_collated`;
 - `ray collate_fn`: the reference, `iter_torch_batches(collate_fn=...)` on the same
@@ -20,7 +19,16 @@ Data's start-up included, so the rate is conservative); tokens per CPU-second is
 per-core rate, and 700k tokens/s (BERT-base, one H100, bf16, ~50% MFU) divided by it is
 the cores one GPU needs (goal: <= 4).
 
+With `--world 1 8 64` it measures how the reader scales instead: rank 0 of W simulated
+ranks (every rank does the same work on its own share) reads one epoch of a split of
+`--parts` parts through the real reader, training on each micro-batch for the time a GPU
+would (`--gpu-tokens-per-s`, a sleep that uses no CPU). Printed per W: bytes rank 0 read
+in the epoch (goal: split / W), its tokens per CPU-second, parts and footers included
+(goal at 64: within 10% of 1 worker), and the seconds it was blocked in `next()` waiting
+for a part (goal: ~0, the next part is read ahead).
+
     python bench/input_pipeline.py [--tokens 1e7] [--seq 128 512]
+    python bench/input_pipeline.py --world 1 8 64 [--parts 128] [--part-rows 2000]
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 GPU_TOKENS_PER_S = 700_000
-MODES = ("ray collate_fn", "iter_collated", "rank_batches")  # the reference first
+MODES = ("ray collate_fn", "iter_collated", "rank reader")  # the reference first
 VOCAB, PAD, CLS, SEP, MASK = 30522, 0, 101, 102, 103
 
 
@@ -106,13 +114,16 @@ def measure(folder: Path, seq: int, batch_size: int, static: bool, mode: str,
         arrays = collate_pretraining(batch, PAD, masking, rng)
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-    if mode == "rank_batches":
-        from workflows.training.rows import list_parts, rank_batches
+    if mode == "rank reader":
+        from workflows.training.rows import BatchPlan, RankReader, list_parts
 
-        raw = rank_batches(list_parts(str(folder)), batch_size=batch_size, rank=0, world=1,
-                           seed=0, epoch=0)
-        batches = iter_collated(raw, collate, seed=0, epoch=0, rank=0)
-        return _drive(batches, max_tokens)
+        plan = BatchPlan(tuple(list_parts(str(folder))), batch_size, streams=1, seed=0)
+        reader = RankReader(plan, rank=0, world=1, epoch=0)
+        raw = (table for _, _, table in reader.batches())
+        try:
+            return _drive(iter_collated(raw, collate, seed=0, epoch=0, rank=0), max_tokens)
+        finally:
+            reader.close()
     shard = ray.data.read_parquet(str(folder)).streaming_split(1, equal=True)[0]
     if mode == "ray collate_fn":
         rng = np.random.default_rng([0, 0, 0])
@@ -143,11 +154,72 @@ def _drive(batches, max_tokens: float) -> tuple[float, float]:
     return tokens / cpu, (tokens - warm) / wall
 
 
+def scaling(worlds: list[int], parts: int, part_rows: int, seq: int, batch_size: int,
+            gpu_tokens_per_s: float) -> None:
+    """Rank 0 of each world size: bytes, tokens per CPU-second, time blocked (docstring)."""
+    import torch
+
+    from data_prep.collate import collate_pretraining, iter_collated
+    from workflows.training.rows import BatchPlan, RankReader, ReadStats, list_parts
+
+    work = Path(tempfile.mkdtemp(prefix="bertflow-input-scale-"))
+    try:
+        write_dataset(work / "train", seq, parts * part_rows, static=True, parts=parts)
+        listed = list_parts(str(work / "train"))
+        split = sum(p.size for p in listed)
+        streams = max(worlds)  # one global batch: a micro-batch per rank at the largest W
+        plan = BatchPlan(tuple(listed), batch_size, streams=streams, seed=0)
+        print(f"reader scaling: split {split / 1e6:.1f} MB in {parts} parts, global batch "
+              f"{streams} x {batch_size} rows, seq {seq}, a GPU step at "
+              f"{gpu_tokens_per_s:,.0f} tokens/s (simulated)")
+
+        def collate(item, rng):
+            return torch.from_numpy(collate_pretraining(item, PAD, None, rng)["attention_mask"])
+
+        rates = {}
+        for world in worlds:
+            stats = ReadStats()
+            cpu0, tokens, first_step = time.process_time(), 0, None
+            with RankReader(plan, rank=0, world=world, epoch=0, stats=stats) as reader:
+                raw = (table for _, _, table in reader.batches())
+                for i, mask in enumerate(iter_collated(raw, collate, seed=0, epoch=0)):
+                    n = int(mask.sum())
+                    tokens += n
+                    time.sleep(n / gpu_tokens_per_s)  # the model step, on a GPU
+                    if i == len(reader.mine) - 1:  # the first step waits for first reads
+                        first_step = stats.blocked_s
+            cpu = time.process_time() - cpu0
+            rates[world] = tokens / cpu
+            print(f"world {world:3d}: rank 0 read {stats.bytes / 1e6:8.2f} MB "
+                  f"({stats.bytes / split:6.3f} of the split, goal {1 / world:.3f}), "
+                  f"{rates[world]:12,.0f} tokens/CPU-s, blocked in next() "
+                  f"{stats.blocked_s - first_step:6.2f} s after the first step "
+                  f"({first_step:.2f} s in it), {stats.chunks} parts", flush=True)
+        for world in worlds[1:]:
+            print(f"ratio tokens/CPU-s world {world} / world {worlds[0]}: "
+                  f"{rates[world] / rates[worlds[0]]:.3f} (goal >= 0.9)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=float, default=1e7, help="tokens per measurement")
     parser.add_argument("--seq", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--world", type=int, nargs="+", default=None,
+                        help="measure rank 0 of these simulated world sizes instead")
+    parser.add_argument("--parts", type=int, default=128, help="--world: parts in the split")
+    parser.add_argument("--part-rows", type=int, default=2000, help="--world: rows per part")
+    parser.add_argument("--gpu-tokens-per-s", type=float, default=GPU_TOKENS_PER_S,
+                        help="--world: the simulated model step's speed")
     args = parser.parse_args()
+    if args.world:
+        import torch
+
+        torch.set_num_threads(1)
+        scaling(args.world, args.parts, args.part_rows, args.seq[0], 32,
+                args.gpu_tokens_per_s)
+        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import torch
 

@@ -323,6 +323,46 @@ def start_ray_node_private(gcs_address: str, hidden: list[Path], num_cpus: int, 
     return proc
 
 
+def start_ray_node(gcs_address: str, num_cpus: int, log: Path,
+                   env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A second Ray node on this machine, sharing its filesystem (`ray start --address GCS
+    --block` in its own process group). `kill_tree` ends it as a lost machine ends."""
+    import tempfile
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rn", dir="/tmp"))
+    return subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--address", gcs_address, "--block",
+         "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+         "--temp-dir", str(temp_dir), "--disable-usage-stats"],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ray_env(env),
+        start_new_session=True)
+
+
+def kill_tree(proc: subprocess.Popen, timeout_s: float = 30) -> int:
+    """SIGKILL `proc` and every process descended from it (a node's raylet and the
+    workers it started, whatever session they moved to). Returns how many died."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo, tree = [proc.pid], []
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=timeout_s)
+    return len(tree)
+
+
 def alive_node_ids(dashboard: str, headers: dict[str, str] | None = None,
                    workers_only: bool = False) -> set[str]:
     """Ids of the nodes the cluster counts alive now (without the head: `workers_only`)."""
