@@ -5,7 +5,12 @@ saved by `transformers.BertForX` loads here and ours loads there.
 
 The MLM decoder is tied to the word embeddings. With labels it runs only on the masked
 positions (about 15% of tokens): the vocabulary projection is most of a small model's
-compute, and predictions at unmasked positions never reach the loss.
+compute, and predictions at unmasked positions never reach the loss. Under torch.compile
+(`static_shapes()`) the number of masked positions cannot set a shape, so the decoder runs
+on a fixed-size gather of `max_predictions` positions per row (Google's BERT feeds
+`masked_lm_positions` the same way), or on every position when that is None; the loss is
+then a sum over the labelled ones divided by their count, the same number as eager's.
+bench/model_throughput.py measures the two (README, benchmarks).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bert_core.config import BertConfig
-from bert_core.model import ACT_FNS, BertModel, BertPreTrainedModel
+from bert_core.model import ACT_FNS, BertModel, BertPreTrainedModel, static_shapes
 
 IGNORE_INDEX = -100  # label value of positions that carry no loss (transformers' convention)
 
@@ -29,7 +34,8 @@ class PreTrainingOutput:
     loss: torch.Tensor | None  # mlm_loss + nsp_loss (what is given)
     mlm_loss: torch.Tensor | None
     nsp_loss: torch.Tensor | None
-    prediction_logits: torch.Tensor  # with labels (M, V) at masked positions; else (B, T, V)
+    # with labels (M, V) at the M masked positions (compiled: (B, K, V), see _mlm); else (B, T, V)
+    prediction_logits: torch.Tensor
     seq_relationship_logits: torch.Tensor  # (B, 2)
     mlm_correct: torch.Tensor | None = None  # () int64: masked tokens predicted right
     mlm_count: torch.Tensor | None = None  # () int64: masked tokens
@@ -38,7 +44,8 @@ class PreTrainingOutput:
 
 @dataclasses.dataclass
 class MaskedLMOutput:
-    """BertForMaskedLM output (logits (M, V) at masked positions when labels are given)."""
+    """BertForMaskedLM output (logits (M, V) at masked positions when labels are given;
+    compiled: (B, K, V), see `_mlm`)."""
 
     loss: torch.Tensor | None
     logits: torch.Tensor
@@ -94,6 +101,8 @@ def _mlm(model: BertForPreTraining | BertForMaskedLM, last: torch.Tensor,
     tied = model.bert.embeddings.word_embeddings.weight  # (V, H)
     if labels is None:
         return model.mlm(last, tied), None, None, None  # (B, T, V)
+    if static_shapes():
+        return _mlm_static(model, last, labels, tied)
     selected = labels != IGNORE_INDEX  # (B, T)
     targets = labels[selected]  # (M,)
     logits = model.mlm(last[selected], tied)  # (M, V)
@@ -104,6 +113,28 @@ def _mlm(model: BertForPreTraining | BertForMaskedLM, last: torch.Tensor,
     return logits, loss, correct, torch.tensor(count, device=labels.device)
 
 
+def _mlm_static(model: BertForPreTraining | BertForMaskedLM, last: torch.Tensor,
+                labels: torch.Tensor, tied: torch.Tensor):
+    """`_mlm` with shapes that do not depend on the labels: logits (B, K, V) at the first
+    K = `model.max_predictions` labelled positions of each row (every position when None);
+    a row with fewer has unlabelled ones among its K, which carry no loss. Labels past the
+    K-th of a row are not predicted (a collate that masks at most K per row has none)."""
+    B, T, H = last.shape
+    K = T if model.max_predictions is None else min(T, model.max_predictions)
+    if K < T:
+        # Earlier labelled positions score higher; unlabelled ones score 0 and come last.
+        score = (labels != IGNORE_INDEX) * torch.arange(T, 0, -1, device=labels.device)  # (B, T)
+        positions = score.topk(K, dim=1).indices  # (B, K)
+        last = last.gather(1, positions[..., None].expand(B, K, H))  # (B, K, H)
+        labels = labels.gather(1, positions)  # (B, K)
+    logits = model.mlm(last, tied)  # (B, K, V)
+    count = (labels != IGNORE_INDEX).sum()  # ()
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum") / count.clamp_min(1)
+    correct = (logits.detach().argmax(-1) == labels).sum()  # argmax is never -100
+    return logits, loss, correct, count
+
+
 class BertForPreTraining(_HeadModel):
     """BERT pretraining: masked LM + next-sentence (or sentence-order) prediction."""
 
@@ -111,6 +142,9 @@ class BertForPreTraining(_HeadModel):
     hf_head_names = {"mlm.dense": "cls.predictions.transform.dense",
                      "mlm.norm": "cls.predictions.transform.LayerNorm",
                      "mlm.bias": "cls.predictions.bias", "nsp": "cls.seq_relationship"}
+    # Compiled only: masked positions decoded per row (the collate's max_predictions);
+    # None decodes every position. Eager mode decodes exactly the masked ones.
+    max_predictions: int | None = None
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -145,6 +179,7 @@ class BertForMaskedLM(_HeadModel):
     hf_head_names = {"mlm.dense": "cls.predictions.transform.dense",
                      "mlm.norm": "cls.predictions.transform.LayerNorm",
                      "mlm.bias": "cls.predictions.bias"}
+    max_predictions: int | None = None  # as BertForPreTraining's
 
     def __init__(self, config: BertConfig):
         super().__init__(config)

@@ -9,6 +9,10 @@ Speed without changing the maths (parity tests against transformers prove it):
   every linear layer, GELU and LayerNorm run on the packed real tokens only, shape (N, H).
   Tokens are re-padded to (B, T) only around scaled_dot_product_attention.
 - One fused qkv projection per layer (one GEMM instead of three).
+- Under torch.compile (`static_shapes()`), no shape depends on the data: the packed length
+  N is data (a `nonzero`, a device->host sync and a graph break), so the compiled model
+  runs every token of the padded batch with SDPA's key mask instead (N = B*T). Eager mode
+  keeps unpadding: bench/model_throughput.py measures both (README, benchmarks).
 Outputs at pad positions are zero (transformers leaves meaningless numbers there); mask them.
 """
 
@@ -51,18 +55,36 @@ class BertOutput:
     hidden_states: tuple[torch.Tensor, ...] | None = None  # L+1 x (B, T, H), embeddings first
 
 
-class Padding:
-    """Moves between the padded batch (B, T, ...) and its packed real tokens (N, ...).
+def static_shapes() -> bool:
+    """True while torch.compile (or torch.export) traces the model: then every shape must
+    follow from the input shapes alone, so no unpadding and no sparse MLM decoder."""
+    return torch.compiler.is_compiling()
 
-    With no padding in the batch both directions are free reshapes.
+
+class Padding:
+    """Moves between the padded batch (B, T, ...) and the tokens the layers run on (N, ...).
+
+    Eager: the packed real tokens (N = number of real tokens); with no padding in the batch
+    both directions are free reshapes. Static shapes (`static_shapes()`): every position
+    (N = B*T), pads masked out of attention as keys and zeroed in the outputs.
     """
 
     def __init__(self, attention_mask: torch.Tensor | None, batch: int, seq_len: int):
         self.batch, self.seq_len = batch, seq_len
         self.indices: torch.Tensor | None = None  # (N,) flat positions of real tokens
         self.key_mask: torch.Tensor | None = None  # (B, 1, 1, T) True where a key is real
-        if attention_mask is not None and not bool(attention_mask.bool().all()):
-            mask = attention_mask.bool()  # (B, T)
+        self.real: torch.Tensor | None = None  # (B*T, 1) static shapes: True on real tokens
+        if attention_mask is None:
+            return
+        mask = attention_mask.bool()  # (B, T)
+        if static_shapes():
+            self.real = mask.reshape(batch * seq_len, 1)  # (B*T, 1)
+            # A row without a real token attends to all of its (pad) keys: a query with
+            # no key is NaN, and NaN reaches the weights' gradients through SDPA's backward.
+            # Its outputs are zeroed, so what it attends to never matters.
+            keys = mask | ~mask.any(dim=1, keepdim=True)  # (B, T)
+            self.key_mask = keys[:, None, None, :]  # (B, 1, 1, T)
+        elif not bool(mask.all()):
             self.indices = mask.flatten().nonzero().squeeze(1)  # (N,)
             self.key_mask = mask[:, None, None, :]  # (B, 1, 1, T), broadcast over heads/queries
 
@@ -71,11 +93,14 @@ class Padding:
         flat = x.reshape(self.batch * self.seq_len, *x.shape[2:])  # (B*T, ...)
         return flat if self.indices is None else flat.index_select(0, self.indices)
 
-    def pad(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) -> (B, T, ...), zeros at pad positions."""
+    def pad(self, x: torch.Tensor, zero_pads: bool = True) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), zeros at pad positions (with static shapes only when
+        `zero_pads`: attention's inputs need not be zero there, its key mask hides them)."""
         if self.indices is not None:
             full = x.new_zeros(self.batch * self.seq_len, *x.shape[1:])  # (B*T, ...)
             x = full.index_copy(0, self.indices, x)
+        elif self.real is not None and zero_pads:
+            x = x.masked_fill(~self.real, 0.0)  # (B*T, H)
         return x.view(self.batch, self.seq_len, *x.shape[1:])
 
 
@@ -117,7 +142,7 @@ class BertLayer(nn.Module):
 
     def attention(self, x: torch.Tensor, padding: Padding) -> torch.Tensor:
         B, T, nh, d = padding.batch, padding.seq_len, self.num_heads, self.head_dim
-        qkv = padding.pad(self.qkv(x))  # (B, T, 3H)
+        qkv = padding.pad(self.qkv(x), zero_pads=False)  # (B, T, 3H)
         q, k, v = qkv.view(B, T, 3, nh, d).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, d)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=padding.key_mask,
