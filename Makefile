@@ -24,10 +24,20 @@ help:
 
 setup: $(STAMP)
 
+# uv installs the same pinned set (downloads in parallel, no pip self-upgrade) when it is
+# on the PATH; `make UV= setup` forces pip. pip's find-links (a local wheel folder, e.g. the
+# CPU torch build) reach uv too; pip.conf's other settings do not.
+UV ?= $(shell command -v uv 2>/dev/null)
+
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	if [ -n "$(UV)" ]; then \
+	  $(UV) pip install -q --python $(PY) -c constraints.txt \
+	    $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} -e ".[dev]"; \
+	else \
+	  $(PY) -m pip install -q --upgrade pip && \
+	  $(PY) -m pip install -q -c constraints.txt -e ".[dev]"; \
+	fi
 	touch $(STAMP)
 
 # The cluster test (tests/test_cluster_e2e.py) runs PostgreSQL's initdb and pg_ctl: install
