@@ -126,3 +126,32 @@ def write_squad(path: Path, n_paragraphs: int, seed: int, v2: bool = False) -> N
             qid += 1
         data.append({"title": f"t{len(data)}", "paragraphs": [{"context": context, "qas": qas}]})
     path.write_text(json.dumps({"version": "v2.0" if v2 else "1.1", "data": data}, indent=1))
+
+
+def write_tiny_base(dest: Path, vocab_from: Path) -> Path:
+    """A tiny random BERT base folder (1 layer, no dropout: a run is a function of its
+    data order) with MiniLM's tokenizer: fine-tuning from it takes seconds."""
+    import torch
+
+    from bert_core import BertConfig, BertModel
+    from workflows.model_folder import save_model_folder
+
+    torch.manual_seed(0)
+    config = BertConfig.preset("tiny", vocab_size=30522, num_hidden_layers=1,
+                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return save_model_folder(BertModel(config), dest, vocab_from, {})
+
+
+def task_table(path: Path, task: str, tokenizer, **spec):
+    """(feature table, records, labels) of a task file, as `bertflow finetune` tokenizes
+    it (data_prep.tasks), without Ray."""
+    import pyarrow as pa
+
+    from data_prep.tasks.pipeline import Featurizer, TaskFeatures, label_list, read_task_file
+
+    records, _ = read_task_file(path, task)
+    for i, r in enumerate(records):
+        r["example_index"] = i
+    labels = label_list(records, task)
+    table = Featurizer(tokenizer, TaskFeatures(task, **spec), labels)(pa.Table.from_pylist(records))
+    return table, records, labels

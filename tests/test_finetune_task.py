@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
+import finetune_data as D
 from data_prep.tasks import features as F
 from workflows.serving.predictor import Predictor
 from workflows.training.finetune_task import FinetuneTask, majority_baseline
@@ -131,3 +133,116 @@ def test_task_datasets_are_cached_in_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert user_cache_dir() == tmp_path / "home" / ".cache" / "bertflow"
+
+
+# ---- sharded evaluation and the planned train rows (training/loop.py, no Ray) -----------
+
+EVAL_FILES = {"seq-cls": ("eval.jsonl", lambda p: D.write_sentiment(p, 40, seed=2, fmt="jsonl")),
+              "pair-cls": ("eval.jsonl", lambda p: D.write_pairs(p, 40, seed=4)),
+              "token-cls": ("eval.conll", lambda p: D.write_conll(p, 30, seed=6)),
+              "qa": ("eval.json", lambda p: D.write_squad(p, 8, seed=8, v2=True))}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, minilm_dir):
+    return D.write_tiny_base(tmp_path_factory.mktemp("tiny") / "base", minilm_dir)
+
+
+def _planned_task(base, tokenizer, task, table, records, labels):
+    from workflows.training.finetune_task import TrainRows
+
+    golds = {r["example_index"]: (r["context"], [] if r["is_impossible"] else
+                                  [a["text"] for a in r["answers"]])
+             for r in records} if task == "qa" else {}
+    return FinetuneTask(task=task, base_dir=str(base), tokenizer_dir=str(base), labels=labels,
+                        pad_id=tokenizer.pad_id, qa_golds=golds,
+                        meta={"task": task, "labels": labels, "version_2": task == "qa",
+                              "n_best": 5, "max_answer_length": 10},
+                        train_table=TrainRows(table, table.num_rows))
+
+
+@pytest.mark.parametrize("task", ["seq-cls", "pair-cls", "token-cls", "qa"])
+def test_evaluation_sharded_over_ranks_equals_one_worker(task, tiny_base, tokenizer, tmp_path,
+                                                         monkeypatch):
+    """Each of 3 ranks evaluates its batches (i % 3); the gathered shares combine into
+    exactly the metrics of a one-worker evaluation, though no share alone gives them."""
+    from tests.test_loop import FakeShard
+    from workflows.config import LoopSettings
+    from workflows.training import loop as L
+    from workflows.training.step import StepRunner
+
+    name, write = EVAL_FILES[task]
+    write(tmp_path / name)
+    spec = dict(max_seq_len=28, doc_stride=8) if task == "qa" else dict(max_seq_len=40)
+    table, records, labels = D.task_table(tmp_path / name, task, tokenizer, **spec)
+    t = _planned_task(tiny_base, tokenizer, task, table, records, labels)
+    torch.manual_seed(0)
+    model = t.build_model()
+    settings = LoopSettings(batch_size=4, seed=1, max_steps=1, warmup_steps=0, eval_batches=0)
+    runner, cpu, val = StepRunner(model, settings, torch.device("cpu")), torch.device("cpu"), \
+        FakeShard(table)
+    shares: list = []
+    monkeypatch.setattr(L, "all_gather_objects", lambda share: shares.append(share) or [share])
+    single = L.evaluate(t, model, val, settings, runner, cpu, rank=0, world=1)
+    alone = [L.evaluate(t, model, val, settings, runner, cpu, rank=r, world=3) for r in range(3)]
+    whole, parts = shares[0], shares[1:]
+    assert sorted(i for p in parts for i in p["losses"]) == sorted(whole["losses"])
+    combined = {f"val_{k}": v for k, v in t.eval_combine(parts[::-1]).items()}
+    assert combined == single  # exactly, whatever order the shares come in
+    assert all(a != single for a in alone)
+    assert single["val_loss"] > 0
+    if task == "qa":  # a question's windows fell to several ranks, and all were decoded
+        split = {ex for ex in whole["answers"] if sum(ex in p["answers"] for p in parts) > 1}
+        assert split and single["val_total"] == len(records)
+    if task == "token-cls":
+        assert single["val_f1"] >= 0 and "val_accuracy" in single
+
+
+def test_planned_train_rows_reshuffle_each_epoch_and_resume_where_they_stopped(
+        tiny_base, tokenizer, tmp_path):
+    """Fine-tuning rows through the canonical batch plan: every epoch a new order of the
+    same rows (none twice), the same global batches on 1 or 2 workers, as many steps per
+    epoch as `loop_for_epochs` plans, and a resume mid-epoch continues with exactly the
+    batches an uninterrupted run trains next."""
+    from workflows.config import FinetuneConfig, config_from_mapping
+    from workflows.training import loop as L
+    from workflows.training.finetune import loop_for_epochs
+
+    D.write_sentiment(tmp_path / "train.csv", 70, seed=1)
+    table, records, labels = D.task_table(tmp_path / "train.csv", "seq-cls", tokenizer,
+                                          max_seq_len=32)
+    t = _planned_task(tiny_base, tokenizer, "seq-cls", table, records, labels)
+    cfg = config_from_mapping(FinetuneConfig, dict(base="b", train="t", batch_size=4,
+                                                   global_batch_size=8, epochs=3, seed=5))
+    loop, steps = loop_for_epochs(cfg, table.num_rows)
+    assert steps == 70 // 8 and L.reads_own_rows(t)
+    plan, cpu = L.batch_plan(t, loop), torch.device("cpu")
+
+    def stream(rank, world, epoch=0, skip=0):
+        return L.train_batches(None, t, loop, rank, world, epoch, skip, cpu, plan=plan)
+
+    one = stream(0, 1)
+    run = [next(one) for _ in range(3 * steps * 2)]  # 3 epochs of 2 micro-batches a step
+    def rows_of(batches):  # each row as its pieces: a multiset of the rows trained
+        return Counter(tuple(r[m.bool()].tolist()) for _, _, b in batches
+                       for r, m in zip(b["input_ids"], b["attention_mask"]))
+
+    table_rows = Counter(tuple(r) for r in table.column("input_ids").to_pylist())
+    epochs = [run[e * 2 * steps:(e + 1) * 2 * steps] for e in range(3)]
+    assert [e for e, _, _ in run[::2 * steps]] == [0, 1, 2]
+    assert [p for _, p, _ in run[:2 * steps:2]] == list(range(1, steps + 1))
+    for e in epochs:  # full steps of 8 rows of the table, none twice
+        assert sum(rows_of(e).values()) == steps * 8 and not rows_of(e) - table_rows
+    order = [[b["input_ids"].tolist() for _, _, b in e] for e in epochs]
+    assert order[0] != order[1] != order[2]  # reshuffled
+    two = [stream(r, 2) for r in range(2)]
+    for step in range(steps):  # rank r trains stream r of each step: the same global batch
+        for r in range(2):
+            epoch, position, batch = next(two[r])
+            assert (epoch, position) == run[2 * step + r][:2]
+            assert torch.equal(batch["input_ids"], run[2 * step + r][2]["input_ids"])
+    resumed = stream(0, 1, epoch=1, skip=3)
+    for want in run[2 * steps + 6:2 * steps + 12]:
+        epoch, position, batch = next(resumed)
+        assert (epoch, position) == want[:2]
+        assert all(torch.equal(batch[k], want[2][k]) for k in batch)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import re
 import string
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 # ------------------------------------------------------------- classification
 
@@ -22,14 +22,22 @@ def classification_metrics(gold: Sequence, pred: Sequence) -> dict[str, float]:
     """Accuracy and macro-F1 of predicted vs gold labels (any hashable labels)."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold labels but {len(pred)} predictions")
-    if not gold:
+    return confusion_metrics(collections.Counter(zip(gold, pred)))
+
+
+def confusion_metrics(counts: Mapping[tuple[Any, Any], int]) -> dict[str, float]:
+    """`classification_metrics` from (gold, predicted) -> count: counts of several shards
+    of an evaluation add up to the whole one's."""
+    total = sum(counts.values())
+    if not total:
         return {"accuracy": 0.0, "macro_f1": 0.0}
-    accuracy = sum(g == p for g, p in zip(gold, pred)) / len(gold)
+    seen = [pair for pair, n in counts.items() if n]
+    accuracy = sum(counts[(g, p)] for g, p in seen if g == p) / total
     f1s = []
-    for label in set(gold) | set(pred):
-        tp = sum(g == label and p == label for g, p in zip(gold, pred))
-        fp = sum(g != label and p == label for g, p in zip(gold, pred))
-        fn = sum(g == label and p != label for g, p in zip(gold, pred))
+    for label in sorted({g for g, _ in seen} | {p for _, p in seen}, key=repr):
+        tp = counts.get((label, label), 0)
+        fp = sum(counts[(g, p)] for g, p in seen if p == label and g != label)
+        fn = sum(counts[(g, p)] for g, p in seen if g == label and p != label)
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s)}
 
@@ -73,34 +81,48 @@ def get_entities(tags: Sequence[str]) -> list[tuple[str, int, int]]:
 def entity_metrics(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> dict[str, float]:
     """Entity-level micro precision, recall and F1 over sentences of tags (seqeval's
     default mode), plus per-type F1 as `f1_<TYPE>`."""
+    return entity_metrics_of_counts(entity_counts(gold, pred))
+
+
+def entity_counts(gold: Sequence[Sequence[str]],
+                  pred: Sequence[Sequence[str]]) -> collections.Counter:
+    """What `entity_metrics` is computed from, per entity type: ("true", TYPE), ("pred",
+    TYPE) and ("hit", TYPE) entities, and "tokens"/"tokens_correct". Counts of several
+    shards of an evaluation add up to the whole one's (entities never span sentences)."""
     if len(gold) != len(pred):
         raise ValueError(f"{len(gold)} gold sentences but {len(pred)} predicted")
-    true_set, pred_set = set(), set()
+    counts: collections.Counter = collections.Counter()
     for s, (g, p) in enumerate(zip(gold, pred)):
         if len(g) != len(p):
             raise ValueError(f"sentence {s}: {len(g)} gold tags but {len(p)} predicted")
-        true_set |= {(s, *e) for e in get_entities(g)}
-        pred_set |= {(s, *e) for e in get_entities(p)}
+        true, found = set(get_entities(g)), set(get_entities(p))
+        counts.update(("true", e[0]) for e in true)
+        counts.update(("pred", e[0]) for e in found)
+        counts.update(("hit", e[0]) for e in true & found)
+        counts["tokens"] += len(g)
+        counts["tokens_correct"] += sum(a == b for a, b in zip(g, p))
+    return counts
 
-    def prf(t: set, p: set) -> tuple[float, float, float]:
-        tp = len(t & p)
-        precision = tp / len(p) if p else 0.0
-        recall = tp / len(t) if t else 0.0
+
+def entity_metrics_of_counts(counts: Mapping[Any, int]) -> dict[str, float]:
+    """`entity_metrics` from `entity_counts` (of one evaluation, or several added)."""
+    def prf(kinds: set[str]) -> tuple[float, float, float]:
+        tp, n_pred, n_true = (sum(counts.get((what, k), 0) for k in kinds)
+                              for what in ("hit", "pred", "true"))
+        precision = tp / n_pred if n_pred else 0.0
+        recall = tp / n_true if n_true else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return precision, recall, f1
 
-    precision, recall, f1 = prf(true_set, pred_set)
+    kinds = {key[1] for key, n in counts.items()
+             if isinstance(key, tuple) and key[0] in ("true", "pred") and n}
+    precision, recall, f1 = prf(kinds)
+    tokens = counts.get("tokens", 0)
     out = {"precision": precision, "recall": recall, "f1": f1,
-           "accuracy": _token_accuracy(gold, pred)}
-    for kind in sorted({e[1] for e in true_set | pred_set}):
-        out[f"f1_{kind}"] = prf({e for e in true_set if e[1] == kind},
-                                {e for e in pred_set if e[1] == kind})[2]
+           "accuracy": counts.get("tokens_correct", 0) / tokens if tokens else 0.0}
+    for kind in sorted(kinds):
+        out[f"f1_{kind}"] = prf({kind})[2]
     return out
-
-
-def _token_accuracy(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) -> float:
-    n = sum(len(g) for g in gold)
-    return sum(a == b for g, p in zip(gold, pred) for a, b in zip(g, p)) / n if n else 0.0
 
 
 # ------------------------------------------------------------------ SQuAD

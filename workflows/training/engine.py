@@ -56,7 +56,7 @@ from workflows.config import LoopSettings
 from workflows.run_folder import MODEL_ARTIFACT, RunFolder, TrainResult
 from workflows.training.contracts import RunTracking, TrainingError, TrainTask
 from workflows.training.checkpoint import check_resume
-from workflows.training.loop import data_order, worker_loop
+from workflows.training.loop import data_order, reads_own_rows, worker_loop
 from workflows.training.resources import check_cluster_fits
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ def check_workers(loop: LoopSettings, canonical: bool) -> None:
     if loop.elastic:
         raise TrainingError(
             f"--num-workers {loop.num_workers}: an elastic range needs a task that reads "
-            f"its own train parts (pretraining); give a fixed number of workers")
+            f"its own train rows (pretraining, fine-tuning); give a fixed number of workers")
     if loop.micro_batches_per_step % loop.max_workers:
         raise TrainingError(
             f"--global-batch-size {loop.global_batch}: {loop.micro_batches_per_step} "
@@ -188,7 +188,8 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     (`run_folder(loop, name)`); returns the final checkpoint.
 
     `datasets` holds Ray Datasets `train` (split across workers; left out for a task that
-    reads its own `train_location`, see training/rows.py) and optionally `val`.
+    reads its own train rows, `loop.reads_own_rows`, see training/rows.py) and optionally
+    `val`.
     `callbacks` are Ray Train callbacks (e.g. a sweep's `TuneReportCallback`, which hands
     each checkpoint's metrics, the eval metrics of each epoch, to Ray Tune).
     Ray must already be initialised (data_prep.ray_env.init_ray) and the storage checked
@@ -200,14 +201,14 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if "train" not in datasets and not getattr(task, "train_location", None):
+    canonical = reads_own_rows(task)
+    if "train" not in datasets and not canonical:
         raise TrainingError("run_training needs a 'train' dataset (or a task that reads "
-                            "its train_location)")
+                            "its own train rows)")
     if (done := run.result()) is not None:
         raise TrainingError(
             f"run {run.name!r} already finished at step {done.step} ({run.where}); "
             f"choose a new --run-name, or delete that folder to train it again")
-    canonical = bool(getattr(task, "train_location", None))
     check_workers(loop, canonical)
     check_resume(saved_data_order(run), data_order(loop, canonical, loop.max_workers),
                  f"the latest checkpoint of run {run.name!r} ({run.where})")

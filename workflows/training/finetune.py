@@ -15,7 +15,12 @@ evaluated, registered, servable task model, on the one training loop
    Parquet + manifest in the driver's cache, reused when up to date). `--train`/`--eval`
    may be URIs (fetched through pyarrow.fs). Labels come from the training file (sorted)
    or `labels`; eval rows with unknown labels are skipped and counted. The tokenized rows
-   reach the Train workers through the object store (`ray_datasets`), never as a path.
+   reach the Train workers through the object store, never as a path: the train rows as
+   the task's `train_table` (finetune_task.TrainRows), which each worker reads in the
+   canonical batch order of training/rows.py (reshuffled every epoch, the same global
+   batches on any number of workers, a resume continues at its position without
+   re-reading), the eval rows as the Ray Dataset `val` (`ray_datasets`), which every
+   worker evaluates a share of.
 3. Turn epochs into optimizer steps, evaluate and checkpoint at each epoch's end, and
    train through `run_training` with a `FinetuneTask`; rank 0 logs metrics to the MLflow
    run created here (params = the whole config, dataset inputs, trivial baseline).
@@ -65,9 +70,16 @@ class FinetuneResult:
 
 
 def loop_for_epochs(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
-    """LoopSettings with epochs turned into steps; (loop, steps per epoch)."""
+    """LoopSettings with epochs turned into steps; (loop, steps per epoch): the steps of
+    an epoch of the batch plan the workers read (training/rows.py), the same every epoch
+    (finetune_task.train_parts)."""
+    from workflows.training.finetune_task import train_parts
+    from workflows.training.rows import BatchPlan
+
     loop = cfg.loop
-    steps_per_epoch = train_rows // loop.global_batch
+    plan = BatchPlan(train_parts(train_rows), loop.batch_size, loop.micro_batches_per_step,
+                     loop.seed)
+    steps_per_epoch = plan.steps_per_epoch(0)
     if steps_per_epoch < 1:
         raise FinetuneError(
             f"{cfg.train}: {train_rows} training rows make no full step of a global batch "
@@ -117,7 +129,8 @@ class PreparedFinetune:
     qa_golds: dict[int, tuple[str, list[str]]]
     pad_id: int
     baseline: dict[str, float]
-    tables: dict[str, Any] = field(default_factory=dict)  # split -> ObjectRef of its rows
+    train_table: Any = None              # finetune_task.TrainRows: the train rows (object store)
+    tables: dict[str, Any] = field(default_factory=dict)  # "val" -> ObjectRef of its rows
 
     @property
     def lineage(self) -> dict[str, str]:
@@ -136,7 +149,8 @@ class PreparedFinetune:
                             tokenizer_dir=self.base, labels=self.labels,
                             pad_id=self.pad_id, meta=self.meta,
                             freeze_encoder=cfg.freeze_encoder,
-                            pooling=cfg.classifier_pooling, qa_golds=self.qa_golds)
+                            pooling=cfg.classifier_pooling, qa_golds=self.qa_golds,
+                            train_table=self.train_table)
 
     def inputs(self) -> list[Any]:
         """The datasets as MLflow run inputs."""
@@ -168,8 +182,9 @@ class PreparedFinetune:
         return extra
 
     def ray_datasets(self, address: str | None) -> dict[str, Any]:
-        """Ray Datasets `train` (and `val`) over the tokenized rows the driver put into
-        the object store (`prepare_finetune`): no worker reads the driver's cache."""
+        """The Ray Dataset `val` (none without an eval file) over the tokenized rows the
+        driver put into the object store (`prepare_finetune`): no worker reads the
+        driver's cache. The train rows are the task's `train_table`."""
         from data_prep.ray_env import init_ray
 
         ray = init_ray(address)
@@ -184,7 +199,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.training.finetune_task import majority_baseline
+    from workflows.training.finetune_task import TrainRows, majority_baseline
 
     from data_prep.ray_env import init_ray
     from workflows.training.engine import check_storage
@@ -233,18 +248,19 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
                                          [a["text"] for a in r["answers"]])
                     for r in evalset.records}
     baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
-    tables = {"train": ray.put(pq.read_table(train.parquet_dir))}
-    if evalset is not None:
-        tables["val"] = ray.put(pq.read_table(evalset.parquet_dir))
+    train_table = TrainRows.put(pq.read_table(train.parquet_dir))
+    tables = {"val": ray.put(pq.read_table(evalset.parquet_dir))} if evalset is not None else {}
     return PreparedFinetune(uri=uri, base=base, base_pin=pinned, train=train,
                             evalset=evalset, labels=labels, meta=meta, qa_golds=qa_golds,
-                            pad_id=tokenizer.pad_id, baseline=baseline, tables=tables)
+                            pad_id=tokenizer.pad_id, baseline=baseline,
+                            train_table=train_table, tables=tables)
 
 
 def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
                steps_per_epoch: int) -> dict[str, Any]:
     """The params of a fine-tuning run: the whole config and the derived step counts."""
     return {**flat_dict(cfg), **prep.base_pin.params("base"),  # base: the exact version
+            "global_batch_size": loop.global_batch,  # the effective one (rank 0 logs it too)
             "steps_per_epoch": steps_per_epoch, "total_steps": loop.max_steps,
             "warmup_total": loop.warmup_steps,
             "train_examples": len(prep.train.records),

@@ -7,9 +7,11 @@
     RunLogger            rank 0's MLflow logging; a no-op on every other rank
 
 Data: a task with a `train_location` (pretraining) has each worker read the train split's
-Parquet parts itself (`training/rows.py`): an order reseeded every epoch, batch k of an
-epoch at a position computed from the parts' row counts, so a resume seeks there and
-reads nothing before it. Otherwise the `train` dataset is split across workers
+Parquet parts itself (`training/rows.py`), and so does a task with a `train_table`
+(fine-tuning: the tokenized rows in Ray's object store, finetune_task.TrainRows): an
+order reseeded every epoch, batch k of an epoch at a position computed from the parts'
+row counts, so a resume seeks there and reads nothing before it. Otherwise the `train`
+dataset is split across workers
 (`get_dataset_shard`) by Ray Data, made deterministic with `preserve_order` (the same
 order every epoch; a resume re-reads the consumed batches). Either way the data are never
 loaded on the driver. Batches are collated by
@@ -19,11 +21,13 @@ thread scheduling, a rerun draws the same masks and a resume draws the masks the
 attempt would have drawn. Across worker counts the rows of a batch differ, so the masks do;
 a batch holding the same rows at the same (epoch, index, rank) gets the same masks.
 
-Evaluation: `val` is not split. A task with `eval_sums`/`eval_metrics` (pretraining) is
-evaluated on every worker: the first `eval_batches` batches of `val` (all for 0) are dealt
-round-robin (batch i to rank i % world), each batch masked by `batch_rng(seed, EVAL_EPOCH,
-i)` whatever rank takes it, and the sums are all-reduced: the metrics equal a one-worker
-evaluation (up to float summation order). Other tasks evaluate on rank 0 alone.
+Evaluation: `val` is not split. A task with `eval_sums`/`eval_metrics` (pretraining) or
+`eval_share`/`eval_combine` (fine-tuning) is evaluated on every worker: the first
+`eval_batches` batches of `val` (all for 0) are dealt round-robin (batch i to rank
+i % world), each batch masked by `batch_rng(seed, EVAL_EPOCH, i)` whatever rank takes it;
+sums are all-reduced (the metrics equal a one-worker evaluation up to float summation
+order), shares (predictions, counts) gathered to every rank and combined (equal to a
+one-worker evaluation). Other tasks evaluate on rank 0 alone.
 
 Logged once per run: `global_batch_size` (batch x workers x accumulation) as a param; at
 each log, `tokens_seen` (non-padding tokens trained on by all workers, kept in checkpoints).
@@ -91,7 +95,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     logger = RunLogger(config["tracking"] if rank == 0 else None)
     logger.log({"attempt": attempt, "workers": world}, start_step)
     logger.log_params({"global_batch_size": loop.global_batch})
-    sharded_eval = hasattr(task, "eval_sums")
+    sharded_eval = shards_evaluation(task)
     val = (ray.train.get_dataset_shard("val")
            if "val" in config["splits"] and (rank == 0 or sharded_eval) else None)
     report = dict(task=task, model=raw_model, runner=runner, rank=rank, attempt=attempt,
@@ -144,13 +148,31 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 
 def batch_plan(task: TrainTask, loop: LoopSettings) -> BatchPlan | None:
-    """The canonical micro-batch order of a task that reads its own train split
-    (`train_location`, with `train_files` from the manifest when it has them), else None."""
+    """The canonical micro-batch order of a task that reads its own train rows
+    (`reads_own_rows`): the Parquet parts at its `train_location` (with `train_files`
+    from the manifest when it has them), or its `train_table`'s `parts()` (read with
+    `train_table.read`); else None."""
     location = getattr(task, "train_location", None)
-    if not location:
+    table = getattr(task, "train_table", None)
+    if location:
+        parts = list_parts(location, getattr(task, "train_files", None), prefix="train/")
+    elif table is not None:
+        parts = table.parts()
+    else:
         return None
-    parts = list_parts(location, getattr(task, "train_files", None), prefix="train/")
     return BatchPlan(tuple(parts), loop.batch_size, loop.micro_batches_per_step, loop.seed)
+
+
+def reads_own_rows(task: TrainTask) -> bool:
+    """Whether the task's workers read their train rows in the canonical order
+    (`batch_plan`) rather than from Ray Data's `train` shards."""
+    return bool(getattr(task, "train_location", None)) or \
+        getattr(task, "train_table", None) is not None
+
+
+def shards_evaluation(task: TrainTask) -> bool:
+    """Whether every rank evaluates a share of `val` (see `evaluate`)."""
+    return hasattr(task, "eval_sums") or hasattr(task, "eval_share")
 
 
 def data_order(loop: LoopSettings, canonical: bool, world: int) -> dict[str, Any]:
@@ -218,8 +240,10 @@ def _planned_batches(plan: BatchPlan, task: TrainTask, loop: LoopSettings, rank:
         step, stream, table = item  # the masks are the micro-batch's, not the rank's
         return step, task.collate(table, batch_rng(loop.seed, epoch, step * plan.streams + stream))
 
+    read = getattr(getattr(task, "train_table", None), "read", None)  # None: from storage
     while True:
-        with RankReader(plan, rank=rank, world=world, epoch=epoch, start_step=skip) as reader:
+        with RankReader(plan, rank=rank, world=world, epoch=epoch, start_step=skip,
+                        read=read) as reader:
             if reader.steps == 0:
                 raise TrainingError(
                     f"the train split ({plan.rows} rows in {len(plan.parts)} parts) makes no "
@@ -237,23 +261,28 @@ def evaluate(task: TrainTask, model: nn.Module, val_shard: Any, loop: LoopSettin
     """`val_*` metrics on the first `eval_batches` batches of `val_shard` (all of it for 0),
     with the same masks every time; {} without a validation split.
 
-    A task with `eval_sums` is evaluated by every rank on its share of the batches (batch
-    i on rank i % world) and the sums are all-reduced, so every rank must call this at the
-    same steps; other tasks are evaluated on the whole of them (rank 0 alone)."""
+    A task that `shards_evaluation` is evaluated by every rank on its share of the
+    batches (batch i on rank i % world), so every rank must call this at the same steps:
+    `eval_sums` are all-reduced, `eval_share(model, (index, batch) pairs)` is gathered
+    from every rank and `eval_combine(shares)` gives the metrics; other tasks are
+    evaluated on the whole of them (rank 0 alone)."""
     if val_shard is None:
         return {}
-    sharded = hasattr(task, "eval_sums")
+    sharded = shards_evaluation(task)
     raw = itertools.islice(val_shard.iter_batches(batch_size=loop.batch_size,
                                                   batch_format="numpy"),
                            loop.eval_batches or None)
-    mine = (_to_device(task.collate(b, batch_rng(loop.seed, EVAL_EPOCH, i)), device)
+    mine = ((i, _to_device(task.collate(b, batch_rng(loop.seed, EVAL_EPOCH, i)), device))
             for i, b in enumerate(raw) if not sharded or i % world == rank)
     model.eval()
     with torch.no_grad(), runner.autocast():
-        if sharded:
-            metrics = task.eval_metrics(all_reduce_sums(task.eval_sums(model, mine), device))
+        if hasattr(task, "eval_share"):
+            metrics = task.eval_combine(all_gather_objects(task.eval_share(model, mine)))
+        elif sharded:
+            sums = task.eval_sums(model, (b for _, b in mine))
+            metrics = task.eval_metrics(all_reduce_sums(sums, device))
         else:
-            metrics = task.evaluate(model, mine)
+            metrics = task.evaluate(model, (b for _, b in mine))
     model.train()
     return {f"val_{k}": float(v) for k, v in metrics.items()}
 
@@ -269,6 +298,18 @@ def all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, f
     t = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(keys, t.tolist()))
+
+
+def all_gather_objects(share: Any) -> list[Any]:
+    """`share` of every rank, in rank order (picklable values; `[share]` outside a
+    process group). Every rank must call it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [share]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, share)
+    return out
 
 
 def report_checkpoint(*, task: TrainTask, model: nn.Module, runner: StepRunner, rank: int,
