@@ -107,3 +107,15 @@ def test_the_cli_names_ray_datas_session_log_handler_by_its_current_path():
     module, _, name = handler.rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     assert cls is RI.SessionFileHandler and issubclass(cls, logging.Handler)
+
+
+def test_an_async_checkpoints_upload_reaches_ray_trains_own_upload():
+    """workflows/training/async_checkpoint.py uploads through the storage context that
+    `TrainContext.get_storage` returns, with Ray's own upload method and arguments."""
+    import ray.train.v2.api.context as train_context
+
+    assert hasattr(train_context.TrainContext, "get_storage")
+    params = list(inspect.signature(RI.StorageContext.persist_current_checkpoint).parameters)
+    assert params == ["self", "checkpoint", "checkpoint_dir_name"]
+    assert "checkpoint_upload_fn" in inspect.signature(
+        importlib.import_module("ray.train").report).parameters

@@ -23,6 +23,11 @@ a module that `bertflow --help` or inference loads.
   logging config from a YAML file that names the handler class by its dotted path;
   `workflows/cli/logs.py` writes that file without importing Ray (the CLI starts light),
   so it spells `RAY_DATA_FILE_HANDLER` out and the test checks the two agree.
+- Ray Train's upload of a checkpoint folder (`StorageContext.persist_current_checkpoint`,
+  reached through the DeveloperAPI `TrainContext.get_storage`): an async checkpoint's
+  files are written on Ray's upload thread by our `checkpoint_upload_fn`
+  (`workflows/training/async_checkpoint.py`), which must then upload them itself; Ray
+  2.60 offers no public call that does its default upload.
 
 Where a public API does the job it is used instead: a trial's Train worker group's
 placement group comes from `ray.get_runtime_context().get_placement_group_id()` in the
@@ -38,6 +43,7 @@ from ray._private.authentication.authentication_token_setup import (
 from ray._raylet import AuthenticationTokenLoader
 from ray.data._internal.logging import SessionFileHandler
 from ray.train._internal.session import _TrainSession, get_session
+from ray.train.v2._internal.execution.storage import StorageContext
 
 # The dotted name of Ray Data's session log handler, as its logging config names it.
 RAY_DATA_FILE_HANDLER = f"{SessionFileHandler.__module__}.{SessionFileHandler.__qualname__}"
@@ -66,6 +72,16 @@ def adopt_report_queue(queue: Any) -> None:
         raise RuntimeError(f"Ray's Tune session has no {REPORT_QUEUE_ATTRIBUTE!r}: "
                            f"workflows/ray_internals.py needs updating for this Ray")
     setattr(session, REPORT_QUEUE_ATTRIBUTE, queue)
+
+
+def checkpoint_persister() -> Any:
+    """Ray Train's own upload of a local checkpoint folder into this run's folder:
+    `(checkpoint, checkpoint_dir_name) -> the persisted Checkpoint`, callable from any
+    thread. Call this in a Train worker's training function."""
+    import ray.train
+
+    storage: StorageContext = ray.train.get_context().get_storage()
+    return storage.persist_current_checkpoint
 
 
 def reset_auth_token_cache() -> None:
