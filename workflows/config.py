@@ -635,7 +635,7 @@ class RegistryConfig:
 
     Each action uses some of the fields (see `bertflow registry ACTION --help`)."""
 
-    action: Literal["list", "show", "promote", "verify", "import-hf"] = field(
+    action: Literal["list", "show", "promote", "verify", "export", "import-hf"] = field(
         "list", help="what to do", cli=False)
     tracking_uri: str | None = field(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
@@ -650,6 +650,7 @@ class RegistryConfig:
     alias: str = field("", help="alias to set, e.g. champion")
     model_dir: str = field("", flag="DIR",
                            help="folder with config.json, model.safetensors and vocab.txt")
+    dest: str = field("", flag="OUT_DIR", help="new folder to write the verified version to")
     name: str = field("", help="registered model name to import as")
     experiment: str = field("bertflow", help="MLflow experiment of the import run")
 

@@ -349,6 +349,7 @@ def log_and_register(model_dir: str | Path, *, run_id: str, uri: str, task: str,
     """
     tags = {k: redact(str(v)) for k, v in tags.items()}
     version_tags = {k: redact(str(v)) for k, v in (version_tags or {}).items()}
+    uploaded = uploaded_files(model_dir)  # hashed before the upload: record_manifest compares
     model_uri = log_bert_model(model_dir, run_id=run_id, tracking_uri=uri, task=task,
                                extra_tags=tags)
     client(uri).set_tag(run_id, TAG_MODEL_URI, model_uri)
@@ -357,8 +358,49 @@ def log_and_register(model_dir: str | Path, *, run_id: str, uri: str, task: str,
     mv_tags = {**tags, **version_tags, TAG_RUN_ID: run_id, TAG_TASK: task,
                **{f"metric.{k}": f"{v:.6g}" for k, v in (metrics or {}).items()
                   if isinstance(v, (int, float))}}
-    mv = register_model_version(model_uri, register_as, mv_tags, tracking_uri=uri)
+    mv = register_model_version(model_uri, register_as, mv_tags, tracking_uri=uri,
+                                uploaded=uploaded)
     return model_uri, str(mv.version)
+
+
+# Copied into every logged model (its `code/` folder, MLflow's code_paths), so MLflow's own
+# environment manager can serve it from its requirements alone; pyfunc.py imports them.
+CODE_PACKAGES = ("bert_core", "data_prep", "workflows")
+# What that code imports beyond MLflow (which MLflow adds itself), pinned to the versions
+# installed here. A local version label (`2.13.0+cpu`) names a build PyPI does not have.
+SERVING_REQUIREMENTS = ("torch", "safetensors", "numpy", "tokenizers", "pyarrow", "pyyaml")
+
+
+def serving_requirements() -> list[str]:
+    """The pip requirements logged with a model: `SERVING_REQUIREMENTS` at the installed
+    versions, without local version labels."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p).split('+', 1)[0]}" for p in SERVING_REQUIREMENTS]
+
+
+def _code_files() -> dict[str, Path]:
+    """`code/PKG/...` -> the file, for the `CODE_PACKAGES` a logged model carries."""
+    root = Path(__file__).resolve().parents[1]
+    return {f"code/{p.relative_to(root).as_posix()}": p
+            for pkg in CODE_PACKAGES for p in sorted((root / pkg).rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+
+
+def uploaded_files(model_dir: str | Path) -> dict[str, str]:
+    """sha256 of every file `log_bert_model` uploads from this machine, by its path in the
+    logged model (the model folder under `artifacts/`, the pyfunc file, the code):
+    taken before the upload, so `record_manifest` can refuse a store that returns other
+    bytes than were sent."""
+    from workflows.integrity import build_manifest, file_sha256, parse_manifest
+
+    model_dir = Path(model_dir)
+    # MLflow copies an artifact folder under its own name (artifacts/<folder name>/...).
+    out = {f"artifacts/{model_dir.resolve().name}/{rel}": digest for rel, digest in
+           parse_manifest(build_manifest(model_dir), str(model_dir)).items()}
+    out[SERVING_FILE.name] = file_sha256(SERVING_FILE)
+    out.update({rel: file_sha256(p) for rel, p in _code_files().items()})
+    return out
 
 
 def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | None = None,
@@ -368,9 +410,11 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
 
     Models-from-code: the python model is `workflows/serving/pyfunc.py` (a file, not a pickled
     object) and the folder travels as the artifact `MODEL_ARTIFACT`, so loading it never
-    unpickles anything. Requirements are given explicitly (inferring them would load the
-    model in a subprocess); serving needs bertflow itself installed (pyfunc.py imports
-    it), so no code is copied into the model, which would shadow the installed packages.
+    unpickles anything. bertflow's own packages travel in the model's `code/` folder
+    (`CODE_PACKAGES`; MLflow puts it first on sys.path when it loads the model, so the
+    model runs the code it was registered with, covered by its manifest), and the
+    requirements are explicit (`serving_requirements`; inferring them would load the
+    model in a subprocess): MLflow's default environment manager can serve it.
     """
     import mlflow
 
@@ -380,31 +424,33 @@ def log_bert_model(model_dir: str | Path, *, run_id: str, tracking_uri: str | No
                             f"(config.json missing)")
     if not SERVING_FILE.is_file():
         raise TrackingError(f"{SERVING_FILE} is missing: cannot log a servable model")
-    from importlib.metadata import version
-
-    reqs = [f"{p}=={version(p)}" for p in ("torch", "safetensors", "numpy", "tokenizers")]
+    root = Path(__file__).resolve().parents[1]
     tags = {TAG_TASK: task, **(extra_tags or {})}
     mlflow.set_tracking_uri(resolve_tracking_uri(tracking_uri))
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pyfunc.log_model(
             name=artifact_path, python_model=str(SERVING_FILE),
             artifacts={MODEL_ARTIFACT: str(model_dir)},
-            pip_requirements=reqs, tags=tags)
+            code_paths=[str(root / pkg) for pkg in CODE_PACKAGES],
+            pip_requirements=serving_requirements(), tags=tags)
     return info.model_uri
 
 
 def register_model_version(model_uri: str, name: str, tags: dict[str, str] | None = None,
-                           tracking_uri: str | None = None, timeout_s: float = 300):
+                           tracking_uri: str | None = None, timeout_s: float = 300,
+                           uploaded: dict[str, str] | None = None):
     """Register `model_uri` under `name` as a NEW version (never overwrites); wait for READY.
 
     Before registering, the logged model's files are hashed into the manifest artifact
     `bertflow.sha256`, and the version gets the manifest's sha256 as tag `TAG_MANIFEST`.
+    `uploaded` (`uploaded_files`, taken before the upload) must agree with what the store
+    returns, else nothing is registered (IntegrityError).
     """
     import mlflow
 
     check_model_name(name)
     uri = resolve_tracking_uri(tracking_uri)
-    manifest_sha = record_manifest(model_uri, uri)
+    manifest_sha = record_manifest(model_uri, uri, uploaded)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     from workflows.mlflow_internals import prints_to_log
@@ -425,14 +471,17 @@ def register_model_version(model_uri: str, name: str, tags: dict[str, str] | Non
     return mv
 
 
-def record_manifest(model_uri: str, tracking_uri: str) -> str:
+def record_manifest(model_uri: str, tracking_uri: str,
+                    uploaded: dict[str, str] | None = None) -> str:
     """Hash every file of the logged model `model_uri` (models:/m-...) as stored, add the
-    manifest to the model's artifacts and return the manifest's sha256."""
+    manifest to the model's artifacts and return the manifest's sha256. Each file of
+    `uploaded` (path -> sha256 of the bytes sent) must be stored with those bytes: a file
+    swapped in the store between the upload and this download is refused, not blessed."""
     import tempfile
 
     import mlflow
 
-    from workflows.integrity import MANIFEST_FILE, build_manifest, text_sha256
+    from workflows.integrity import MANIFEST_FILE, build_manifest, parse_manifest, text_sha256
 
     model_id = model_uri.removeprefix("models:/")
     if not model_id.startswith("m-"):
@@ -443,6 +492,16 @@ def record_manifest(model_uri: str, tracking_uri: str) -> str:
         stored = Path(mlflow.artifacts.download_artifacts(
             artifact_uri=model_uri, dst_path=str(Path(tmp) / "model")))
         manifest = build_manifest(stored)
+        entries = parse_manifest(manifest, f"{model_uri} as stored")
+        changed = sorted(rel for rel, digest in (uploaded or {}).items()
+                         if entries.get(rel) != digest)
+        if changed:
+            listed = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more"
+                                               if len(changed) > 5 else "")
+            raise IntegrityError(
+                f"{model_uri}: the artifact store returned other bytes than were uploaded "
+                f"for {listed}; not registered. Something changed the store's copy (or "
+                f"the upload failed): check who can write it, then log the model again")
         path = Path(tmp) / MANIFEST_FILE
         path.write_text(manifest, encoding="utf-8")
         client(tracking_uri).log_model_artifact(model_id, str(path))

@@ -1,5 +1,5 @@
 """Browsing and curating the MLflow model registry: `bertflow registry
-list|show|promote|verify`.
+list|show|promote|verify|export`.
 
 It reads what `workflows.tracking` writes: the lineage tags `TAG_*` on every registered
 version. MLflow is imported inside the functions so that `bertflow registry --help` is
@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bert_core.config_io import BertflowError
@@ -363,3 +365,78 @@ def verify(ref: str, tracking_uri: str | None = None) -> tuple[Any, list[Any]]:
     with tempfile.TemporaryDirectory(prefix="bertflow-verify-") as tmp:
         _, checks = t.verify_model_version(mv, t.resolve_tracking_uri(tracking_uri), tmp)
     return mv, checks
+
+
+@dataclass
+class Exported:
+    """What `export` wrote: the version, the folder (the verified MLflow model), the model
+    folder inside it, how many files were checked, and `transformers`: None when the
+    model folder loads in transformers and predicts what bertflow predicts, else why not."""
+
+    version: Any
+    folder: Path
+    model_folder: Path
+    files: int
+    transformers: str | None
+
+
+def transformers_caveat(model_folder: Path) -> str | None:
+    """Why a model folder cannot be used as a transformers model with bertflow's
+    predictions, or None. Transformers' BertForSequenceClassification always runs its tanh
+    pooler over [CLS]: a classifier trained with `--pooling mean` (or mean_last4) loads
+    there without an error (its pooler newly initialised) and predicts something else."""
+    config = json.loads((model_folder / "config.json").read_text(encoding="utf-8"))
+    pooling = config.get("classifier_pooling", "cls")
+    if "BertForSequenceClassification" in (config.get("architectures") or []) \
+            and pooling != "cls":
+        return (f"trained with --pooling {pooling}, which transformers' "
+                f"BertForSequenceClassification does not implement (it would apply a "
+                f"newly initialised [CLS] pooler and predict something else): use it "
+                f"through bertflow or MLflow, not as a transformers model")
+    return None
+
+
+def export(ref: str, dest: str | Path, tracking_uri: str | None = None) -> Exported:
+    """Write version `ref` (NAME@ALIAS, NAME/VERSION, NAME or models:/...) to the new folder
+    `dest`: the MLflow model exactly as verified against the manifest recorded at
+    registration. It is downloaded into a private temporary folder beside `dest`, checked
+    there and renamed into place, so `dest` holds the bytes that were checked (or does not
+    appear at all). Serve or load that copy (`mlflow models serve -m DEST`,
+    `mlflow.pyfunc.load_model(DEST)`); `sha256sum -c bertflow.sha256` inside it re-checks."""
+    import os
+    import shutil
+    import tempfile
+
+    from workflows.integrity import LOCAL_ONLY_FILES
+    from workflows.run_folder import find_model_folder
+
+    mv = get_version(ref, tracking_uri)
+    uri = t.resolve_tracking_uri(tracking_uri)
+    dest = Path(dest).expanduser().absolute()
+    if dest.exists() or dest.is_symlink():
+        raise RegistryError(f"{dest} already exists; export writes a new folder (remove it "
+                            f"or choose another)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))  # 0700
+    try:
+        local, checks = t.verify_model_version(mv, uri, tmp)
+        bad = [c for c in checks if not c.ok]
+        if bad:
+            listed = ", ".join(f"{c.path} ({c.status})" for c in bad[:5])
+            raise t.IntegrityError(
+                f"{mv.name} version {mv.version} was changed in the artifact store since it "
+                f"was registered: {listed}. Nothing exported; `bertflow registry verify "
+                f"{mv.name}/{mv.version}` lists every file.")
+        for name in LOCAL_ONLY_FILES:  # MLflow's download note: not part of the model
+            (local / name).unlink(missing_ok=True)
+        mask = os.umask(0o077)
+        os.umask(mask)
+        os.chmod(local, 0o777 & ~mask)
+        os.rename(local, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    model_folder = find_model_folder(dest)
+    if model_folder is None:
+        raise RegistryError(f"{dest}: version {mv.version} of {mv.name} holds no model folder "
+                            f"(config.json + model.safetensors)")
+    return Exported(mv, dest, model_folder, len(checks), transformers_caveat(model_folder))

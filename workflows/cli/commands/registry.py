@@ -1,4 +1,4 @@
-"""`bertflow registry list|show|promote|verify|import-hf`: the MLflow model registry."""
+"""`bertflow registry list|show|promote|verify|export|import-hf`: the MLflow model registry."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import json
 from workflows.cli.args import add_config_arguments, config_from_args, new_parser
 from workflows.config import RegistryConfig
 
-DESCRIPTION = "browse the MLflow model registry: list, show, promote, verify, import-hf"
+DESCRIPTION = ("browse the MLflow model registry: list, show, promote, verify, export, "
+               "import-hf")
 EPILOG = """examples:
   bertflow registry list                         # every model, its newest versions, scores
   bertflow registry show bert-tiny@champion      # or bert-tiny/3, or bert-tiny (latest)
   bertflow registry show bert-tiny/3 --all       # lineage, run, files, every param
   bertflow registry promote bert-tiny 3 --alias champion
   bertflow registry verify bert-tiny@champion    # files vs. checksums taken at registration
+  bertflow registry export bert-tiny@champion out/bert-tiny   # the verified copy, to serve
   bertflow registry import-hf path/to/MiniLM --name minilm
 
 --tracking-uri defaults to $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlruns.db."""
@@ -29,6 +31,8 @@ ACTIONS = {
                 ("model", "version", "alias")),
     "verify": ("check a version's files against the sha256 manifest recorded when it was "
                "registered (exit 2 on a mismatch)", ("ref",), ("ref",)),
+    "export": ("write a version to a new folder, exactly the files verified against its "
+               "manifest (serve or load that copy)", ("ref", "dest"), ("ref", "dest")),
     "import-hf": ("register a Hugging Face-format BERT folder (e.g. MiniLM) as a base",
                   ("model_dir", "name", "experiment"), ("model_dir", "name")),
 }
@@ -84,6 +88,19 @@ def run(args: argparse.Namespace) -> int:
             f"{bad} of {len(checks)} files do not match what was registered; do not load it"
             if bad else f"all {len(checks)} files match what was registered"))
         return 2 if bad else 0
+    if cfg.action == "export":
+        out = r.export(cfg.ref, cfg.dest, uri)
+        print(f"exported {out.version.name} version {out.version.version} to {out.folder} "
+              f"({out.files} files, each checked against the manifest recorded at "
+              f"registration)")
+        print(f"  serve it:      mlflow models serve -m {out.folder}")
+        print(f"  in Python:     mlflow.pyfunc.load_model({str(out.folder)!r})")
+        print(f"  model folder:  {out.model_folder}")
+        print("  transformers:  " + (f"loads {out.model_folder} and predicts what bertflow "
+                                     "predicts" if out.transformers is None
+                                     else f"NOT USABLE: {out.transformers}"))
+        print(f"  check again:   cd {out.folder} && sha256sum -c bertflow.sha256")
+        return 0
     from workflows.ops.hf_import import import_hf
 
     mv = import_hf(cfg.model_dir, cfg.name, uri, experiment=cfg.experiment)
