@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         if cfg.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
-            print(f"no registered models in {uri}")
+            from data_prep.storage import redact
+
+            print(f"no registered models in {redact(uri)}")
         else:
             from workflows.cli.table import format_table
 
