@@ -323,7 +323,8 @@ def _as_expected(names: NameMap, file_items: dict[str, Any]) -> dict[str, Any]:
     """File entries (tensors or shapes) under the HF names this class expects: the `bert.`
     prefix added or stripped, buffers and tied decoder copies dropped."""
     renamed = names.normalise_prefix(list(file_items))
-    hf = {renamed[k]: v for k, v in file_items.items() if not renamed[k].endswith(_IGNORED_SUFFIXES)}
+    hf = {renamed[k]: v for k, v in file_items.items()
+          if not renamed[k].endswith(_IGNORED_SUFFIXES)}
     # Tied copies of the word embeddings: older files carry the decoder bias under its
     # own name only; the decoder weight is always the embedding matrix.
     if "cls.predictions.decoder.bias" in hf and "cls.predictions.bias" not in hf:

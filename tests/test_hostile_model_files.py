@@ -126,7 +126,8 @@ def test_every_encoder_tensor_is_required_with_its_shape(tmp_path):
     tensors["encoder.layer.1.output.dense.weight"] = tensors[
         "encoder.layer.0.output.dense.weight"][:, :64].contiguous()
     save_file(tensors, folder / "model.safetensors")
-    with pytest.raises(BertflowError, match=r"layer\.1\.output\.dense\.weight has shape \(128, 64\)"):
+    with pytest.raises(BertflowError,
+                       match=r"layer\.1\.output\.dense\.weight has shape \(128, 64\)"):
         bert_core.BertModel.from_pretrained(folder)
 
 

@@ -15,7 +15,8 @@ from data_prep.storage import public_uri, redact
     ("postgresql://user@corp:pw@db/m", "postgresql://user@corp:***@db/m"),
     ("http://h:5000/x?password=hunter2&a=1", "http://h:5000/x?password=***&a=1"),
     ("see https://h/api?token=abc123#top", "see https://h/api?token=***#top"),
-    ("s3://b/k?secret=s&X-Amz-Signature=f00&key=k1", "s3://b/k?secret=***&X-Amz-Signature=***&key=***"),
+    ("s3://b/k?secret=s&X-Amz-Signature=f00&key=k1",
+     "s3://b/k?secret=***&X-Amz-Signature=***&key=***"),
     # kept: no secret in them
     ("postgresql://mlflow@db:5432/m", "postgresql://mlflow@db:5432/m"),
     ("abfs://box@acct.dfs.core.windows.net/d", "abfs://box@acct.dfs.core.windows.net/d"),

@@ -13,8 +13,9 @@ On a cluster the nodes share no disk. Three rules follow, and this module is the
   driver computed, and written to a node-local cache folder named by that sha256 (written
   once per node, atomically, shared by the workers of the node). The cache is private to
   the user (`<temp>/bertflow-shipped-<uid>`, mode 0700, owner and mode checked), and a
-  copy found there is used only after its files match the driver's per-file sha256s. Workers therefore need no
-  MLflow access and no credentials for it, and a driver-local path never reaches them.
+  copy found there is used only after its files match the driver's per-file sha256s.
+  Workers therefore need no MLflow access and no credentials for it, and a driver-local
+  path never reaches them.
 - A location the driver reads as a file (`--train`, `--eval`, `--input`) may be a URI:
   `local_file` fetches it through `pyarrow.fs` into a temporary file on the driver.
 - A file the driver writes (`--output`) may be a URI: `staged_output` gives a local file

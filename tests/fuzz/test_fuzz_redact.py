@@ -29,7 +29,8 @@ def leaked(secret: str, shown: str) -> bool:
 
 
 @given(SCHEME, NAME, SECRET, HOST, st.sampled_from(["", "/mlflow", "/a/b?x=1"]),
-       st.sampled_from(["", "connecting to ", "error: "]), st.sampled_from(["", " failed", "\nnext"]))
+       st.sampled_from(["", "connecting to ", "error: "]),
+       st.sampled_from(["", " failed", "\nnext"]))
 def test_no_part_of_a_password_survives(scheme, user, secret, host, path, before, after):
     assume(not leaked(secret, f"{before}{scheme}://{user}:***@{host}{path}{after}"))
     text = f"{before}{scheme}://{user}:{secret}@{host}{path}{after}"
