@@ -274,11 +274,16 @@ _SECRET_QUERY = re.compile(
 _PORT = re.compile(r"\d*")
 
 
+_HOST_END = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::\d*)?(?=[/?#]|$)")
+
+
 def _userinfo_end(text: str, start: int) -> int:
     """Index of the `@` that ends the userinfo of the URI whose authority starts at
-    `start`, or -1. Everything up to the LAST `@` of the authority is userinfo (a password
-    may hold `@`, `/` or a space): `u:p@ss@db`, `user@corp:pw@db`, `u:pa/ss@db` and
-    `u:pa ss@db` all end at the `@` before `db`."""
+    `start`, or -1. Everything up to the LAST `@` of the authority is userinfo, and a
+    password may hold `@`, `/` or a space: `u:p@ss@db`, `user@corp:pw@db`, `u:pa/ss@db`,
+    `u:@/0000@db` and `u:pa ss@db` all end at the `@` before `db`. (With a password, an
+    `@` later in the path is taken for the end of the userinfo too: hiding too much is
+    the safe side.)"""
     line_end = min((i for i in (text.find("\n", start), len(text)) if i >= 0))
     nxt = _SCHEME.search(text, start, line_end)
     limit = nxt.start() if nxt else line_end
@@ -287,14 +292,20 @@ def _userinfo_end(text: str, start: int) -> int:
         word_end += 1
     word = text[start:word_end]
     authority = re.split(r"[/?#]", word, maxsplit=1)[0]
-    if "@" in authority:
-        return start + authority.rindex("@")
-    user, colon, password = authority.partition(":")
-    if not colon or (_PORT.fullmatch(password) and "@" not in word):
-        return -1  # host or host:port, no userinfo
-    # `user:pa` then `/` or a space: a password with a `/` or a space ends at the first
-    # `@` after it (on this line, before the next URI), or the last `@` of that host part.
-    at = text.find("@", start + len(authority), limit)
+    user, colon, password = authority.partition("@")[0].partition(":")
+    if not colon:
+        return start + authority.rindex("@") if "@" in authority else -1
+    if "@" not in word and _PORT.fullmatch(password):
+        return -1  # host:port, no userinfo
+    # A password: the userinfo ends at the last `@` of this word that a host ends ...
+    for at in reversed([i for i, ch in enumerate(word) if ch == "@"]):
+        if _HOST_END.match(word, at + 1):
+            return start + at
+    if "@" in word:
+        return start + word.rindex("@")
+    # ... or, after a space in the password, at the first `@` further on this line (the
+    # last `@` of that host part).
+    at = text.find("@", word_end, limit)
     if at < 0:
         return -1
     stop = at
