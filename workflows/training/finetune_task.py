@@ -52,7 +52,9 @@ def train_parts(rows: int, size: int | None = None) -> tuple[Part, ...]:
     """The parts a batch plan of `rows` fine-tuning train rows is made of: one. With one
     part the plan cuts it into one chunk per stream, the same chunks every epoch, so every
     epoch has the same number of steps (`rows // global batch`), what `loop_for_epochs`
-    plans with."""
+    plans with. Every epoch each chunk's rows come in a new order and the chunks go to
+    other streams; a global batch holds micro-batch-size rows of every chunk (the rows
+    were shuffled once when the dataset was built, data_prep.tasks)."""
     return (Part(TRAIN_PART, rows, size),)
 
 
@@ -61,8 +63,9 @@ class TrainRows:
     """The tokenized train rows as the batch plan's part (`parts`) and the function that
     reads a chunk of it (`read`, training/rows.py's `RankReader(read=...)`). `table` is
     an ObjectRef of a pyarrow Table in Ray's object store (`put`), so a worker on any node
-    fetches it from there (zero-copy on the node that holds it); a Table in memory serves
-    tests."""
+    fetches it from there (zero-copy on the node that holds it; another node pulls the
+    whole table once: fine-tuning sets are small) and slices its chunks' rows; a Table in
+    memory serves tests."""
 
     table: Any
     rows: int
