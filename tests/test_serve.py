@@ -131,6 +131,13 @@ def test_tokens_and_binding_beyond_loopback(monkeypatch):
     assert serve_token(ServeConfig(models=["m"], host="0.0.0.0", insecure=True)) == ""
     monkeypatch.setenv("BERTFLOW_SERVE_TOKEN", "from-env")
     assert serve_token(ServeConfig(models=["m"], host="10.1.2.3")) == "from-env"
+    # `bertflow submit serve` joins the cluster and names the token it passes (no value).
+    from workflows.ops.jobs import attach_to_cluster, build_entrypoint, passed_variables
+
+    entry = build_entrypoint("serve", attach_to_cluster("serve", ["models:/clf@champion"]))
+    assert entry.endswith("workflows.cli serve models:/clf@champion --address auto"), entry
+    assert passed_variables({"env_vars": {"BERTFLOW_SERVE_TOKEN": "x", "OTHER": "y"}}) == [
+        "BERTFLOW_SERVE_TOKEN"]
 
 
 # ---------------------------------------------------------------- real Ray Serve
@@ -248,8 +255,8 @@ def test_moving_the_alias_under_steady_traffic_switches_versions_without_a_failu
         hf_import.import_hf(folder, "clf", tracking_uri)
     promote("clf", "1", "champion", tracking_uri)
     serving = Serving(ServeConfig(models=["models:/clf@champion"], port=serve_port,
-                                  tracking_uri=tracking_uri, num_cpus=0.5,
-                                  poll_interval=0.5, batch_wait_ms=20))
+                                  tracking_uri=tracking_uri, poll_interval=0.5,
+                                  batch_wait_ms=20))  # default CPUs: room for the surge
     url = f"http://127.0.0.1:{serve_port}/clf/predict"
     rows = [{"text": "a fine film"}, {"text": "a dull one"}]
     served = serving.start()

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def replica_cpus(ray: Any, replicas: int, num_cpus: float | None) -> float:
     """CPUs each of `replicas` model replicas asks Ray for: `num_cpus`, else the cluster's
-    CPUs shared among them, at most one node's and at least one.
+    free CPUs shared among them, at most one node's and at least one.
 
     A replica runs torch on as many threads as it was granted CPUs (`granted_threads`):
     one CPU per replica left a 2-core machine half idle behind one actor, while
@@ -44,9 +44,10 @@ def replica_cpus(ray: Any, replicas: int, num_cpus: float | None) -> float:
     if num_cpus is not None:
         return float(num_cpus)
     cpus = [float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    free = float(ray.available_resources().get("CPU", 0))
     if not cpus:
         return 1.0
-    return max(1.0, min(max(cpus), float(int(sum(cpus) // max(1, replicas)))))
+    return max(1.0, min(max(cpus), float(int(free // max(1, replicas)))))
 
 
 def replica_resources(ray: Any, cfg: FileInference) -> dict[str, Any]:

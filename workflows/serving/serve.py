@@ -36,6 +36,7 @@ Texts within that limit are truncated to the model's max_seq_len word pieces, ex
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -43,6 +44,7 @@ import logging
 import os
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +94,7 @@ class ReplicaSettings:
     max_batch_size: int = 16
     batch_wait_s: float = 0.005
     use_gpu: bool = False
+    threads: int = 1     # torch threads: the replica's share of the CPUs
 
 
 class HTTPError(Exception):
@@ -190,16 +193,16 @@ class ModelReplica:
 
     def __init__(self, model: ServedModel, limits: RequestLimits,
                  settings: ReplicaSettings) -> None:
-        from workflows.serving.batch import folder_embed_settings, granted_threads
+        from workflows.serving.batch import folder_embed_settings
         from workflows.serving.predictor import Predictor
 
         self.model, self.limits = model, limits
-        folder = self._load(model)
         device = "cuda" if settings.use_gpu else "cpu"
-        self.predictor = Predictor.from_dir(folder, device=device,
-                                            batch_size=settings.micro_batch,
-                                            threads=granted_threads())
-        self.embedding = folder_embed_settings(folder)
+        with self._model_folder(model) as folder:  # everything is read into memory here
+            self.predictor = Predictor.from_dir(folder, device=device,
+                                                batch_size=settings.micro_batch,
+                                                threads=settings.threads)
+            self.embedding = folder_embed_settings(folder)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         for handler in (self.predict_batch, self.embed_batch):
             handler.set_max_batch_size(settings.max_batch_size)
@@ -208,17 +211,18 @@ class ModelReplica:
         log.info("replica of %s loaded version %s", model.name, model.version)
 
     @staticmethod
-    def _load(model: ServedModel) -> Path:
+    @contextlib.contextmanager
+    def _model_folder(model: ServedModel) -> Iterator[Path]:
+        """The model's folder on this node: a shipped folder materialised, or the pinned
+        version downloaded and verified against its manifest (deleted after loading)."""
+        from workflows.tracking import resolved_model
         from workflows.transfer import local_folder
 
         if model.folder is not None:
-            return local_folder(model.folder)
-        import tempfile
-
-        from workflows.tracking import resolve_model
-
-        dest = tempfile.mkdtemp(prefix="bertflow-serve-")
-        return resolve_model(model.ref, dest=dest, tracking_uri=model.tracking_uri)
+            yield local_folder(model.folder)
+            return
+        with resolved_model(model.ref, model.tracking_uri) as folder:
+            yield folder
 
     # ---- batches (run on the model thread) ------------------------------------------
     async def _compute(self, fn: Any, *args: Any) -> Any:
@@ -331,7 +335,7 @@ def serve_token(cfg: ServeConfig) -> str:
     return token
 
 
-def model_name_of(ref: str, folder: Path | None = None) -> str:
+def model_name_of(ref: str) -> str:
     """The route name: the registered model's name, else the folder's name."""
     from workflows.tracking import parse_model_ref
 
@@ -353,6 +357,7 @@ class Serving:
         self.models: dict[str, ServedModel] = {}
         self._stop = threading.Event()
         self._failed: dict[str, str] = {}  # name -> a version that did not start
+        self._share = 1.0  # CPUs per replica, set by start()
 
     # ---- resolving ------------------------------------------------------------------
     def _pin(self, ref: str) -> ServedModel:
@@ -376,13 +381,14 @@ class Serving:
     # ---- deploying ------------------------------------------------------------------
     def _application(self, model: ServedModel) -> Any:
         from data_prep.ray_env import worker_runtime_env
-        from workflows.serving.batch import replica_cpus
-
-        import ray
 
         cfg = self.cfg
-        cpus = (cfg.num_cpus or 1.0) if cfg.use_gpu else replica_cpus(
-            ray, cfg.max_replicas * len(cfg.models), cfg.num_cpus)
+        share = self._share
+        cpus = share
+        if model.followed and cfg.num_cpus is None and not cfg.use_gpu:
+            # Half the share is reserved, so the next version's replicas fit beside these
+            # while the alias switches (surge); torch still runs on the whole share.
+            cpus = share / 2
         actor: dict[str, Any] = {"num_cpus": cpus}
         if cfg.use_gpu:
             actor["num_gpus"] = 1
@@ -404,7 +410,8 @@ class Serving:
         limits = RequestLimits(cfg.max_inputs, cfg.max_text_chars, cfg.max_body_bytes,
                                _sha256(self.token) if self.token else "")
         settings = ReplicaSettings(cfg.micro_batch, cfg.max_batch_size,
-                                   cfg.batch_wait_ms / 1000.0, cfg.use_gpu)
+                                   cfg.batch_wait_ms / 1000.0, cfg.use_gpu,
+                                   threads=max(1, int(share)))
         return deployment.bind(model, limits, settings)
 
     def deploy(self, model: ServedModel) -> None:
@@ -419,8 +426,13 @@ class Serving:
         """Start Ray (or join --address) and Serve, and deploy every model."""
         from data_prep.ray_env import init_ray
 
+        from workflows.serving.batch import replica_cpus
+
         pinned = []
-        init_ray(self.cfg.address)
+        ray = init_ray(self.cfg.address)
+        # Each replica's CPUs (its torch threads), fixed now: free CPUs shrink as we deploy.
+        self._share = (self.cfg.num_cpus or 1.0) if self.cfg.use_gpu else replica_cpus(
+            ray, self.cfg.max_replicas * len(self.cfg.models), self.cfg.num_cpus)
         for ref in self.cfg.models:  # resolve all first: a bad reference deploys nothing
             pinned.append(self._pin(ref))
         names = [m.name for m in pinned]
