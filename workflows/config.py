@@ -475,7 +475,8 @@ class FileInference:
     concurrency: int = field(1, help="model replicas (Ray actors) working in parallel")
     num_cpus: float | None = field(
         None, help="CPUs per replica, which are also its torch threads (default: the "
-                   "cluster's CPUs shared by the --concurrency replicas, at most one node's)")
+                   "cluster's free CPUs shared by the --concurrency replicas, at most one "
+                   "node's)")
     use_gpu: bool = field(False, help="one GPU per replica")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
@@ -568,7 +569,7 @@ class ServeConfig:
     max_replicas: int = field(1, help="replicas per model at most (autoscaling)")
     num_cpus: float | None = field(
         None, help="CPUs per replica, which are its torch threads (default: the cluster's "
-                   "CPUs shared by every model's --max-replicas, at most one node's)")
+                   "free CPUs shared by every model's --max-replicas, at most one node's)")
     use_gpu: bool = field(False, help="one GPU per replica")
     max_inputs: int = field(256, help="rows in one request at most (more: 413)")
     max_text_chars: int = field(
