@@ -60,8 +60,12 @@ class LoopSettings:
     adam_beta2: float = field(0.999, help="second-moment decay of AdamW/LAMB")
     adam_eps: float = field(1e-6, help="epsilon of AdamW/LAMB")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this (0 disables)")
-    precision: Literal["fp32", "bf16", "fp16"] = field(
-        "fp32", help="autocast precision; fp16 uses a gradient scaler")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        "auto", help="autocast precision; auto: bf16 on GPUs that support it, else fp32 "
+                     "(CPUs); fp16 uses a gradient scaler. Matmuls in fp32 use TF32 on GPUs")
+    compile: bool = field(
+        False, help="torch.compile the model's forward and loss (one graph, shapes that do "
+                    "not depend on the data: no unpadding); off until measured on your GPU")
     max_nonfinite_steps: int = field(
         50, help="fp16: stop with an error after this many optimizer steps in a row whose "
                  "loss is not finite (the scaler skips them; 0: never stop)")

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +59,8 @@ from workflows.run_folder import RunFolder
 from workflows.training.contracts import (PLACEMENT_GROUP_KEY, RunTracking, TrainingError,
                                           TrainTask)
 from workflows.training.rows import ORDER_VERSION, BatchPlan, RankReader, list_parts, rank_streams
-from workflows.training.step import MetricWindow, StepRunner, count_tokens, mfu
+from workflows.training.step import (MetricWindow, StepRunner, count_tokens, host_values, mfu,
+                                     to_device)
 
 Batch = dict[str, torch.Tensor]
 EVAL_EPOCH = 1_000_003  # the `epoch` of validation masks, apart from any training epoch
@@ -85,9 +85,11 @@ def worker_loop(config: dict[str, Any]) -> None:
                  f"the checkpoint resumed by worker {rank}")
     model = ray.train.torch.prepare_model(start.model)
     raw_model = getattr(model, "module", model)
+    if loop.compile:  # in place: parameter names (checkpoints) stay; DDP calls it
+        raw_model.compile(fullgraph=True)
     accum, divisor = rank_accumulation(loop, plan, rank, world)
     runner = StepRunner(model, loop, device, raw_model=raw_model, accum=accum,
-                        loss_divisor=divisor)
+                        loss_divisor=divisor, world=world)
     if start.trainer_state is not None:
         runner.load_state_dict(start.trainer_state)
     start_step, attempt = runner.step, start.attempt
@@ -114,8 +116,12 @@ def worker_loop(config: dict[str, Any]) -> None:
     batches = train_batches(shard, task, loop, rank, world, start.epoch, start.skip, device,
                             plan=plan)
     raw_model.train()
+    cycle: list[tuple[int, int, Batch]] = []  # this rank's micro-batches of the step
     while runner.step < loop.max_steps:
-        epoch, position, batch = next(batches)
+        if not cycle:  # a step's token count (token-weighted losses) before its first one
+            cycle = [next(batches) for _ in range(runner.accum)]
+            runner.begin_cycle(task, [b for _, _, b in cycle])
+        epoch, position, batch = cycle.pop(0)
         loss, metrics = runner.forward_backward(task, batch)
         tokens, samples = count_tokens(batch)
         window.add(loss, metrics, tokens, samples)
@@ -124,17 +130,15 @@ def worker_loop(config: dict[str, Any]) -> None:
             continue
         step_info = runner.optimizer_step()
         step, final = runner.step, runner.step >= loop.max_steps
-        if not math.isfinite(loss) and loop.precision != "fp16":
-            raise TrainingError(f"loss is {loss} at step {step}: lower --lr or use "
-                                f"--precision fp32")
         log_now = step % loop.log_every == 0 or final
         checkpoint_now = schedule.due(step, final=final, log_now=log_now)
         if log_now or checkpoint_now:  # the same steps on every rank: a collective is safe
+            runner.check_finite(step)  # host reads at these steps only; no diverged checkpoint
             runner.tokens_seen += int(all_reduce_sums({"t": new_tokens}, device)["t"])
             new_tokens = 0
         if log_now:
-            logger.log({**train_summary(window, world, n_params, device), **step_info,
-                        "tokens_seen": runner.tokens_seen}, step)
+            logger.log({**train_summary(window, world, n_params, device),
+                        **host_values(step_info), "tokens_seen": runner.tokens_seen}, step)
             window.reset()
         if _every(step, loop.eval_every) or final:
             last_eval = evaluate_now()
@@ -224,7 +228,7 @@ def train_batches(shard: Any, task: TrainTask, loop: LoopSettings, rank: int, wo
         seen = 0
         collated = iter_collated(raw, task.collate, loop.seed, epoch, rank, start=skip)
         for seen, batch in enumerate(collated, start=skip + 1):
-            yield epoch, seen, _to_device(batch, device)
+            yield epoch, seen, _to_device(batch, device, task)
         if seen == 0 and skip == 0:
             raise TrainingError(
                 f"the train split gave worker {rank} no batch in epoch {epoch}: it has "
@@ -251,7 +255,7 @@ def _planned_batches(plan: BatchPlan, task: TrainTask, loop: LoopSettings, rank:
                     f"rows in epoch {epoch}: use a smaller --batch-size or "
                     f"--global-batch-size, or more data")
             for step, batch in iter_collated(reader.batches(), collate, loop.seed, epoch):
-                yield epoch, step + 1, _to_device(batch, device)
+                yield epoch, step + 1, _to_device(batch, device, task)
         epoch, skip = epoch + 1, 0
 
 
@@ -380,8 +384,9 @@ def _every(step: int, interval: int) -> bool:
     return bool(interval) and step % interval == 0
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _to_device(batch: Batch, device: torch.device, task: TrainTask | None = None) -> Batch:
+    """The batch on `device`, with its counts from the CPU copy (step.to_device)."""
+    return to_device(batch, device, task)
 
 
 def _record_pid(run: RunFolder, rank: int) -> None:

@@ -63,6 +63,13 @@ class Lamb(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay, "adapt": True})
         self.foreach = foreach
+        # Each tensor's step count as a Python number, so that bias corrections never read
+        # a tensor; state["step"] (a host tensor, what checkpoints hold) follows it.
+        self._steps: dict[torch.Tensor, int] = {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        super().load_state_dict(state_dict)
+        self._steps = {}  # read again from the loaded state["step"], once
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # noqa: D102 (torch API)
@@ -75,11 +82,14 @@ class Lamb(torch.optim.Optimizer):
             for p in params:
                 state = self.state[p]
                 if not state:
-                    # `step` on the host: bias corrections are host floats, no device read.
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
+                    self._steps[p] = 0
+                elif p not in self._steps:  # restored: read the host tensor, once
+                    self._steps[p] = int(state["step"])
+                self._steps[p] += 1
+                state["step"].fill_(self._steps[p])
             if self.foreach:
                 by_device: dict[torch.device, list[torch.Tensor]] = {}
                 for p in params:
@@ -95,7 +105,7 @@ class Lamb(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         state = self.state[p]
         grad = p.grad.float()
-        t = float(state["step"])
+        t = self._steps[p]
         m, v = state["exp_avg"], state["exp_avg_sq"]
         m.mul_(beta1).add_(grad, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -125,7 +135,7 @@ class Lamb(torch.optim.Optimizer):
         vs = [st["exp_avg_sq"] for st in states]
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         weights = [p if p.dtype == torch.float32 else p.float() for p in params]
-        steps = [float(st["step"]) for st in states]  # host tensors: no device sync
+        steps = [self._steps[p] for p in params]
         root2 = [math.sqrt(1 - beta2 ** t) for t in steps]
         torch._foreach_lerp_(ms, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
         torch._foreach_mul_(vs, beta2)
@@ -197,10 +207,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer,
         optimizer, lambda s: linear_warmup_decay(s, loop.warmup_steps, loop.max_steps))
 
 
-def global_grad_norm(parameters: Iterable[torch.Tensor]) -> float:
-    """L2 norm of all gradients (for logging when clipping is off)."""
-    norms = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
+def global_grad_norm(parameters: Iterable[torch.Tensor]) -> torch.Tensor | float:
+    """L2 norm of all gradients (for logging when clipping is off), left on the device."""
+    grads = [p.grad.detach().float() for p in parameters if p.grad is not None]
+    return torch.stack(torch._foreach_norm(grads)).norm() if grads else 0.0
 
 
 def finite(x: float) -> bool:

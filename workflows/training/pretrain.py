@@ -85,8 +85,14 @@ class PretrainTask:
         from workflows.transfer import local_folder
 
         if self.init_dir:
-            return self.head.from_pretrained(local_folder(self.init_dir))
-        return self.head(BertConfig.from_hf_dict(self.model_config))
+            model = self.head.from_pretrained(local_folder(self.init_dir))
+        else:
+            model = self.head(BertConfig.from_hf_dict(self.model_config))
+        if self.masking is not None:
+            # Compiled, the MLM decoder reads this many positions per row (dynamic masking
+            # never masks more); without it, every position (static masks: no bound known).
+            model.max_predictions = self.masking.max_predictions
+        return model
 
     def load_model(self, model_dir: Path) -> nn.Module:
         return self.head.from_pretrained(model_dir, strict=True)
@@ -98,21 +104,35 @@ class PretrainTask:
         arrays = collate_pretraining(batch, self.pad_id, self.masking, rng)
         return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
-    def compute_loss(self, model: nn.Module,
-                     batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    @staticmethod
+    def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
+        """Masked tokens of a collated batch, counted on its CPU copy: what the MLM loss
+        of a step is averaged over (see StepRunner.begin_cycle)."""
+        return int(np.count_nonzero(batch["labels"].numpy() != -100))
+
+    def compute_loss(self, model: nn.Module, batch: dict[str, torch.Tensor],
+                     tokens_per_micro: torch.Tensor | float | None = None,
+                     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """With `tokens_per_micro` (masked tokens of the step's global batch / its
+        micro-batches) the MLM term is this micro-batch's sum of token losses divided by
+        it, so that every masked token of the step weighs the same; NSP stays a mean over
+        the micro-batch's pairs (every micro-batch has the same number)."""
         if self.objective == "mlm":
             out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                         labels=batch["labels"])
-            return out.loss, {"mlm_loss": out.loss.detach(), "mlm_correct": out.mlm_correct,
-                              "mlm_count": out.mlm_count}
+            mlm_loss, loss = out.loss, _token_weighted(out.loss, out.mlm_count, tokens_per_micro)
+            return loss, {"mlm_loss": mlm_loss.detach(), "mlm_correct": out.mlm_correct,
+                          "mlm_count": out.mlm_count}
         out = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"],
                     labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label"))
         metrics: dict[str, Any] = {"mlm_loss": out.mlm_loss.detach(),
                                    "mlm_correct": out.mlm_correct, "mlm_count": out.mlm_count}
+        loss = _token_weighted(out.mlm_loss, out.mlm_count, tokens_per_micro)
         if out.nsp_loss is not None:
             metrics.update(nsp_loss=out.nsp_loss.detach(), nsp_correct=out.nsp_correct,
                            nsp_count=float(batch["input_ids"].shape[0]))
-        return out.loss, metrics
+            loss = loss + out.nsp_loss
+        return loss, metrics
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """MLM loss (per masked token) and accuracy, NSP/SOP loss and accuracy."""
@@ -153,6 +173,15 @@ class PretrainTask:
         from workflows.transfer import local_folder
 
         save_model_folder(model, model_dir, local_folder(self.tokenizer_dir), self.meta)
+
+
+def _token_weighted(mean_loss: torch.Tensor, count: torch.Tensor,
+                    tokens_per_micro: torch.Tensor | float | None) -> torch.Tensor:
+    """A micro-batch's mean token loss as its sum over `tokens_per_micro` (unchanged
+    without): the micro-batch counts as many tokens as it has, not as one."""
+    if tokens_per_micro is None:
+        return mean_loss
+    return mean_loss * count / tokens_per_micro
 
 
 @dataclass
