@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bert_core import hf_compat
 from bert_core.config import BertConfig
@@ -167,6 +168,21 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(last_hidden_state[:, 0]))  # (B, H)
 
 
+class _SkipInPlace(TorchFunctionMode):
+    """Skips in-place tensor ops (what weight initialisation is made of) while a model is
+    built on the `meta` device to read its shapes: there is nothing to fill, and torch
+    runs `normal_` on meta through reference kernels that import torch._dynamo (seconds
+    on a first load)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        target = args[0] if args else kwargs.get("tensor")  # nn.init passes `tensor=`
+        if name.endswith("_") and not name.endswith("__") and isinstance(target, torch.Tensor):
+            return target
+        return func(*args, **kwargs)
+
+
 class BertPreTrainedModel(nn.Module):
     """What every bert_core model shares: BERT init, Hugging Face folders, freezing."""
 
@@ -279,7 +295,7 @@ class BertPreTrainedModel(nn.Module):
         config = BertConfig.from_hf_dict(data, str(folder / "config.json"))
         if config_overrides:
             config = config.replace(**config_overrides)
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInPlace():
             skeleton = cls(config)
         shapes = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         hf_compat.check_weights_fit(folder, skeleton._name_map(), shapes,
