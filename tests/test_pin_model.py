@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_registry import tiny_hf_bert
+from tests.helpers import tiny_hf_bert
 from workflows import tracking as t
 from workflows.integrity import folder_manifest, text_sha256
 from workflows.ops import hf_import
@@ -108,3 +108,20 @@ def test_pinning_what_does_not_exist_names_it(tmp_path, tracking_uri):
     (tmp_path / "empty").mkdir()
     with pytest.raises(t.TrackingError, match="holds no config.json"):
         t.pin_model(str(tmp_path / "empty"))
+
+
+def test_a_resumed_run_keeps_the_base_its_run_recorded_when_it_started():
+    """Pretraining resumed after `--init models:/X@latest` moved on: its checkpoints
+    continue from the version the run pinned first, so that is what is registered."""
+    started = {t.TAG_BASE_MODEL: "models:/x/2", t.TAG_BASE_VERSION: "2",
+               t.TAG_BASE_REF: "models:/x@latest", t.TAG_BASE_FINGERPRINT: "a" * 64,
+               t.TAG_RUN_NAME: "r", "mlflow.user": "someone"}
+    now = {t.TAG_DATASET_FINGERPRINT: "d", t.TAG_BASE_MODEL: "models:/x/3",
+           t.TAG_BASE_VERSION: "3", t.TAG_BASE_DATASET: "e", t.TAG_BASE_REF: "models:/x@latest",
+           t.TAG_BASE_FINGERPRINT: "b" * 64}
+    assert t.started_from(now, started) == {
+        t.TAG_DATASET_FINGERPRINT: "d", t.TAG_BASE_MODEL: "models:/x/2",
+        t.TAG_BASE_VERSION: "2", t.TAG_BASE_REF: "models:/x@latest",
+        t.TAG_BASE_FINGERPRINT: "a" * 64}
+    # A run that started from a new model records no base, whatever --init says now.
+    assert t.started_from(now, {t.TAG_RUN_NAME: "r"}) == {t.TAG_DATASET_FINGERPRINT: "d"}

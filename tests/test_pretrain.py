@@ -4,6 +4,7 @@ checkpoint. Plus the checks that stop a mismatched model before any work."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -194,7 +195,9 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
         ray_local, tmp_path, tracking_uri, monkeypatch):
     """MLM-only data trains on two DDP workers (no sentence head, so every parameter has a
     gradient); the global batch and tokens seen are logged; the step-0 evaluation, sharded
-    over both workers and all-reduced, equals a one-worker evaluation of the same model."""
+    over both workers and all-reduced, equals a one-worker evaluation of the same model.
+    That model is `--init models:/tiny-init@latest`: the run, its params and `registry
+    show` of the model it registers name the exact version (2), whose weights it trained."""
     import pyarrow.parquet as pq
 
     from bert_core import BertForMaskedLM
@@ -203,6 +206,7 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     from tests.test_loop import FakeShard
     from workflows import tracking as T
     from workflows.model_folder import load_task_model
+    from workflows.ops.registry import show_model
     from workflows.training.loop import evaluate
     from workflows.training.pretrain import run_pretrain
     from workflows.training.step import StepRunner
@@ -213,12 +217,14 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         objective="mlm", masking="dynamic", dupe_factor=1, val_fraction=0.1,
         tokenize_workers=1))
+    inits = [_register_init(tmp_path / f"init{n}", tmp_path / "ds", tracking_uri, seed=n)
+             for n in (1, 2)]
     cfg = config_from_mapping(PretrainConfig, dict(
-        data=str(tmp_path / "ds"), run_name="tiny-mlm", model_size="tiny", num_workers=2,
-        cpus_per_worker=0.5, batch_size=8, grad_accum=2, lr=1e-3, warmup_steps=2,
-        max_steps=6, checkpoint_every=0, eval_every=0, eval_batches=0, log_every=3,
-        seed=11, storage_path=str(tmp_path / "runs"), tracking_uri=tracking_uri,
-        experiment="pretrain-mlm", log_system_metrics=False))
+        data=str(tmp_path / "ds"), run_name="tiny-mlm", init="models:/tiny-init@latest",
+        num_workers=2, cpus_per_worker=0.5, batch_size=8, grad_accum=2, lr=1e-3,
+        warmup_steps=2, max_steps=6, checkpoint_every=0, eval_every=0, eval_batches=0,
+        log_every=3, seed=11, storage_path=str(tmp_path / "runs"), tracking_uri=tracking_uri,
+        experiment="pretrain-mlm", log_system_metrics=False, register_as="tiny-mlm"))
     result = run_pretrain(cfg)
 
     assert result.step == 6
@@ -235,28 +241,54 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     assert [s for s, _ in seen] == [3, 6]
     assert 32 * 3 * 8 <= seen[0][1] < seen[1][1] <= 32 * 6 * 64  # rows of 8 to 64 tokens
 
-    # The same initial model (seeded as the workers seed it), evaluated alone.
+    # The init model, evaluated alone: version 2 (what @latest named), not version 1.
     val = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_mlm_loss")}
-    task = _pretrain_task(cfg)
-    torch.manual_seed(cfg.loop.seed)
-    initial = task.build_model()
     table = pq.read_table(tmp_path / "ds" / "val")
-    shard = FakeShard(table)
-    single = evaluate(task, initial, shard, cfg.loop, StepRunner(initial, cfg.loop,
-                                                                torch.device("cpu")),
-                      torch.device("cpu"))
-    assert val[0] == pytest.approx(single["val_mlm_loss"], rel=1e-5)
+    single = []
+    for init in inits:
+        task = _pretrain_task(cfg, init)
+        initial = task.build_model()
+        single.append(evaluate(task, initial, FakeShard(table), cfg.loop,
+                               StepRunner(initial, cfg.loop, torch.device("cpu")),
+                               torch.device("cpu"))["val_mlm_loss"])
+    assert val[0] == pytest.approx(single[1], rel=1e-5)
+    assert val[0] != pytest.approx(single[0], rel=1e-3)
+
+    # Everything recorded names that exact version, and the reference as given.
+    assert run.data.params["init"] == "models:/tiny-init/2"
+    assert run.data.params["init_ref"] == "models:/tiny-init@latest"
+    info = show_model(f"tiny-mlm/{result.model_version}", tracking_uri)
+    assert info["base_model_chain"][0] == "models:/tiny-init/2"
+    assert info["tags"][T.TAG_BASE_VERSION] == "2"
+    assert info["tags"][T.TAG_BASE_REF] == "models:/tiny-init@latest"
+    assert json.loads((Path(result.model_dir) / "bertflow.json").read_text())[
+        "base_model"] == "models:/tiny-init/2"
 
 
-def _pretrain_task(cfg: PretrainConfig):
-    """The PretrainTask `run_pretrain` builds for `cfg` (a fresh model)."""
+def _register_init(folder: Path, dataset: Path, tracking_uri: str, seed: int) -> Path:
+    """A tiny MLM model with the dataset's tokenizer, imported as a new `tiny-init`."""
+    from bert_core import BertConfig, BertForMaskedLM
+    from data_prep.tokenizer import WordPieceTokenizer
+    from workflows.model_folder import save_model_folder
+    from workflows.ops import hf_import
+
+    torch.manual_seed(seed)
+    vocab = WordPieceTokenizer.from_dir(dataset).vocab_size
+    model = BertForMaskedLM(BertConfig.preset("tiny", vocab_size=vocab))
+    save_model_folder(model, folder, dataset / "tokenizer", {"task": "pretraining"})
+    hf_import.import_hf(folder, "tiny-init", tracking_uri)
+    return folder
+
+
+def _pretrain_task(cfg: PretrainConfig, init_dir: Path | None = None):
+    """The PretrainTask `run_pretrain` builds for `cfg` (a fresh model, or `init_dir`)."""
     from data_prep.manifest import Manifest
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows.training.pretrain import PretrainTask, _masking, _model_config
 
     manifest = Manifest.load(Path(cfg.data))
     tokenizer = WordPieceTokenizer.from_dir(Path(cfg.data))
-    return PretrainTask(model_config=_model_config(cfg, tokenizer, manifest, None),
-                        init_dir=None, tokenizer_dir=str(Path(cfg.data) / "tokenizer"),
+    return PretrainTask(model_config=_model_config(cfg, tokenizer, manifest, init_dir),
+                        init_dir=init_dir, tokenizer_dir=str(Path(cfg.data) / "tokenizer"),
                         pad_id=tokenizer.pad_id, masking=_masking(manifest, tokenizer),
                         objective="mlm")

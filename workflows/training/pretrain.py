@@ -311,7 +311,8 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
         lineage.update(pinned.lineage)
     run_id = T.open_run(
         uri, cfg.tracking.experiment, cfg.run_name, tags={**lineage, T.TAG_TASK: "pretraining"},
-        params={**flat_dict(cfg), **(pinned.params("init") if pinned else {})},
+        params={**flat_dict(cfg), **(pinned.params("init") if pinned else {}),
+                "global_batch_size": loop.global_batch},  # effective; rank 0 logs it too
         resume=resuming,
         inputs=[T.DatasetInput(data_dir, manifest, "train", "dataset/manifest.json")])
     if resuming:  # the checkpoints continue from the model the run pinned when it started
