@@ -9,9 +9,20 @@ both alike. Throughput counts real (non-pad) tokens per second.
 On CUDA (`--device cuda --precision bf16`) it also reports model FLOPs utilisation for
 `base` on full 128-token sequences, with the FLOP formula and the peak it assumes printed.
 
+`--compile` compares bert_core with itself instead: eager (unpadding, sparse MLM decoder)
+against `torch.compile(fullgraph=True)` (static shapes: SDPA over the padded batch, MLM
+decoder on a gather of max_predictions=20 per row), same weights and batches; compiled
+batches are padded to the full sequence length (one shape, one compile; compile time is
+left out of the rate). `--variants` adds eager with the static-shape path (is unpadding
+worth it in eager?) and compiled with the decoder on every position (is the gather worth
+it?). `--optimizer` times one optimizer step on BERT-base's parameters: LAMB (multi-tensor
+and per-tensor) against torch's AdamW (foreach, fused, per-tensor).
+
     python bench/model_throughput.py                      # CPU, mini and base (~4 min on 2 cores)
     python bench/model_throughput.py --device cuda --precision bf16
     python bench/model_throughput.py --threads 1 --clock cpu   # on a busy shared machine
+    python bench/model_throughput.py --compile --variants --sizes mini
+    python bench/model_throughput.py --optimizer --sizes
 """
 
 from __future__ import annotations
@@ -136,6 +147,117 @@ def compare(size: str, args: argparse.Namespace) -> tuple[float, float]:
     return a, b
 
 
+@contextlib.contextmanager
+def static_shapes_in_eager():
+    """Run bert_core's compiled-path code (padded SDPA, gathered MLM decoder) eagerly."""
+    import bert_core.heads
+    import bert_core.model
+
+    saved = bert_core.model.static_shapes
+    bert_core.model.static_shapes = bert_core.heads.static_shapes = lambda: True
+    try:
+        yield
+    finally:
+        bert_core.model.static_shapes = bert_core.heads.static_shapes = saved
+
+
+class StaticEagerRunner(Runner):
+    def step(self, batch, timed=True):
+        with static_shapes_in_eager():
+            return super().step(batch, timed)
+
+
+def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """Right-pad a collated batch to `length` (labels with -100, the rest with 0)."""
+    extra = length - batch["input_ids"].shape[1]
+    if extra <= 0:
+        return batch
+    return {k: (v if v.dim() < 2 else torch.nn.functional.pad(
+        v, (0, extra), value=-100 if k == "labels" else 0)) for k, v in batch.items()}
+
+
+def compare_compiled(size: str, args: argparse.Namespace) -> dict[str, float]:
+    """bert_core eager vs compiled (and the --variants), alternating steps; tokens/s."""
+    import copy
+
+    import bert_core
+
+    on_gpu = args.device.startswith("cuda")
+    batch_size = args.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)[size]
+    steps = args.steps or (20 if on_gpu else CPU_STEPS[size])
+    config = bert_core.BertConfig.preset(size)
+    torch.manual_seed(0)
+    model = bert_core.BertForPreTraining(config).to(args.device).train()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def compiled(max_predictions):
+        twin = copy.deepcopy(model)
+        twin.max_predictions = max_predictions
+        return torch.compile(twin, fullgraph=True)
+
+    runners = {"eager": Runner(model, args.device, args.precision, clock),
+               "compiled": Runner(compiled(20), args.device, args.precision, clock)}
+    if args.variants:
+        runners["eager static"] = StaticEagerRunner(copy.deepcopy(model), args.device,
+                                                    args.precision, clock)
+        runners["compiled all-pos"] = Runner(compiled(None), args.device, args.precision,
+                                             clock)
+    batches = make_batches(args.warmup + steps, batch_size, config.vocab_size, (32, 128),
+                           seed=1)
+    started = time.perf_counter()
+    for name, runner in runners.items():  # compile (and warm) outside the timed steps
+        if name.startswith("compiled"):
+            runner.step(pad_to(batches[0], 128), timed=False)
+    print(f"{size:>5}  compile + first step: {time.perf_counter() - started:.0f} s", flush=True)
+    for i, batch in enumerate(batches):
+        order = list(runners) if i % 2 == 0 else list(reversed(runners))
+        for name in order:
+            runners[name].step(pad_to(batch, 128) if name.startswith("compiled") else batch,
+                               timed=i >= args.warmup)
+    rates = {name: r.tokens_per_s for name, r in runners.items()}
+    line = "  ".join(f"{name} {rate:8.0f} tok/s" for name, rate in rates.items())
+    print(f"{size:>5}  batch {batch_size:>3} x 32..128  steps {steps:>3}  {line}  "
+          f"compiled/eager {rates['compiled'] / rates['eager']:5.2f}x", flush=True)
+    return rates
+
+
+def optimizer_step_times(args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per optimizer step over BERT-base's parameters (random gradients)."""
+    import bert_core
+    from workflows.training.optim import Lamb, param_groups
+
+    torch.manual_seed(0)
+    model = bert_core.BertForPreTraining(bert_core.BertConfig.preset("base")).to(args.device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    groups = lambda: param_groups(model, 0.01)  # noqa: E731
+    opts = {"LAMB foreach": Lamb(groups(), lr=1e-4),
+            "LAMB per-tensor": Lamb(groups(), lr=1e-4, foreach=False),
+            "AdamW foreach": torch.optim.AdamW(groups(), lr=1e-4, foreach=True),
+            "AdamW fused": torch.optim.AdamW(groups(), lr=1e-4, fused=True),
+            "AdamW per-tensor": torch.optim.AdamW(groups(), lr=1e-4, foreach=False)}
+    seconds = dict.fromkeys(opts, 0.0)
+    rounds = args.steps or 6
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    for r in range(rounds + 1):  # round 0 creates the state: untimed
+        for name in (list(opts) if r % 2 == 0 else list(reversed(opts))):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = clock()
+            opts[name].step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if r:
+                seconds[name] += clock() - start
+    n = sum(p.numel() for p in model.parameters())
+    ref = seconds["AdamW foreach"]
+    print(f"optimizer step, BERT-base ({n / 1e6:.0f}M parameters, {len(list(model.parameters()))}"
+          f" tensors), {rounds} steps each, {args.device}, {args.clock} clock:")
+    for name, s in seconds.items():
+        print(f"  {name:<17} {1000 * s / rounds:8.1f} ms   {s / ref:5.2f}x AdamW foreach")
+    return {k: v / rounds for k, v in seconds.items()}
+
+
 def train_flops_per_token(config, seq_len: int, masked_fraction: float) -> float:
     """6 * (encoder weights) + 12 * L * H * T (attention scores and values, fwd+bwd)
     + 6 * H * V * masked_fraction (the MLM decoder, which runs on masked tokens only).
@@ -177,7 +299,7 @@ def mfu(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["mini", "base"],
+    parser.add_argument("--sizes", nargs="*", default=["mini", "base"],
                         choices=["tiny", "mini", "base", "large"])
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: per size)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
@@ -192,6 +314,12 @@ def main() -> None:
                              "(needs --threads 1: idle threads spin and would count)")
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="accelerator peak for MFU (default: known bf16 peaks)")
+    parser.add_argument("--compile", action="store_true",
+                        help="bert_core eager vs torch.compile instead of vs transformers")
+    parser.add_argument("--variants", action="store_true",
+                        help="with --compile: also eager static-shape and compiled all-position")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="also time LAMB vs AdamW steps on BERT-base's parameters")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
@@ -202,10 +330,14 @@ def main() -> None:
     print(f"device {args.device}  precision {args.precision}  torch threads "
           f"{torch.get_num_threads()}  clock {args.clock}  torch {torch.__version__}",
           flush=True)
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
     for size in args.sizes:
-        compare(size, args)
-    if args.device.startswith("cuda"):
+        (compare_compiled if args.compile else compare)(size, args)
+    if args.optimizer:
+        optimizer_step_times(args)
+    if args.device.startswith("cuda") and not args.compile:
         mfu(args)
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,16 @@ goal is that Ray Train costs less than 10%.
 
     python bench/pretrain_throughput.py                  # CPU, tiny, seq 128
     python bench/pretrain_throughput.py --gpu            # GPU: base, bf16, seq 128, with MFU
+    python bench/pretrain_throughput.py --compile        # also: the bare loop compiled, and
+                                                         # the Ray loop with --compile
+
+With `--compile` the warmup steps (left out of the rates) include the compilation.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -56,16 +61,21 @@ def make_task(model_size: str, seq_len: int):
                         masking=masking)
 
 
-def bare_loop(task, loop, rows: list[dict], steps: int, warmup: int, device: str) -> float:
+def bare_loop(task, loop, rows: list[dict], steps: int, warmup: int, device: str,
+              compile: bool = False) -> float:
     """A plain torch loop: collate, forward, backward, clip, step. Returns tokens/s."""
     from workflows.training.optim import build_optimizer, build_scheduler
+    from workflows.training.step import resolve_precision
 
     torch.manual_seed(loop.seed)
     model = task.build_model().to(device).train()
+    if compile:
+        model.compile(fullgraph=True)
     opt = build_optimizer(model, loop)
     sched = build_scheduler(opt, loop)
     rng = np.random.default_rng(0)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(loop.precision)
+    precision = resolve_precision(loop.precision, torch.device(device))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     b = loop.batch_size
     tokens, started = 0, None
     for step in range(steps):
@@ -124,6 +134,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU (both loops)")
+    p.add_argument("--compile", action="store_true",
+                   help="also the bare loop compiled, and the Ray loop with --compile")
     args = p.parse_args()
     size = args.model_size or ("base" if args.gpu else "tiny")
     batch = args.batch_size or (64 if args.gpu else 16)
@@ -142,16 +154,26 @@ def main() -> int:
                             eval_every=0, log_every=10, precision="bf16" if args.gpu else "fp32",
                             cpus_per_worker=None if args.gpu else float(args.threads),
                             storage_path=str(Path(tmp) / "runs"))
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
         bare = bare_loop(task, loop, rows, steps, args.warmup, device)
+        compiled = None
+        if args.compile:
+            compiled = bare_loop(task, loop, rows, steps, args.warmup, device, compile=True)
+            loop = dataclasses.replace(loop, compile=True)
         ray_rate = ray_loop(task, loop, rows, args.warmup, Path(tmp))
     n_params = sum(p.numel() for p in task.build_model().parameters())
     print(f"model {size} ({n_params / 1e6:.1f}M params), seq {args.seq_len}, batch {batch}, "
           f"{steps} steps ({args.warmup} warmup), {device}, "
           f"{'bf16' if args.gpu else 'fp32'}")
     print(f"bare torch loop : {bare:12.0f} tokens/s")
-    print(f"Ray Train loop  : {ray_rate:12.0f} tokens/s")
+    if compiled is not None:
+        print(f"bare, compiled  : {compiled:12.0f} tokens/s  (compiled/eager "
+              f"{compiled / bare:.3f}; goal >= 1)")
+        bare = compiled  # the Ray loop below ran --compile
+    print(f"Ray Train loop  : {ray_rate:12.0f} tokens/s{'  (--compile)' if compiled else ''}")
     print(f"ratio Ray/bare  : {ray_rate / bare:.3f}  (Ray Train overhead {1 - ray_rate / bare:+.1%}; "
           f"goal < 10%)")
+    print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if args.gpu:
         from workflows.training.step import mfu
 
