@@ -185,19 +185,27 @@ def _collated(t, n: int):
     return [t.collate(b, rng) for b in FakeShard(rows(4 * n)).iter_batches(4)]
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
-def test_no_host_sync_between_log_steps(optimizer):
-    """Compiled (the static-shape model), a step reads nothing back from the device: loss,
-    metrics and gradient norm stay tensors until a log step reads them, once."""
+@pytest.fixture(scope="module")
+def compiled_mlm():
+    """A tiny MLM task, its model compiled (AOTAutograd, no codegen: fast) and two batches;
+    one compile for the tests of this module."""
     t = task("mlm")
     torch.manual_seed(0)
     model = t.build_model()
     model.compile(backend="aot_eager", fullgraph=True)
-    loop = LoopSettings(grad_accum=2, batch_size=4, max_steps=6, log_every=3, warmup_steps=0,
-                        optimizer=optimizer, lr=1e-3)
     batches = _collated(t, 2)
     _train(t, model, LoopSettings(grad_accum=2, batch_size=4, max_steps=1, log_every=1,
-                                  warmup_steps=0), batches, {})  # compiles, untimed
+                                  warmup_steps=0), batches, {})  # compiles, uncounted
+    return t, model, batches
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_no_host_sync_between_log_steps(optimizer, compiled_mlm):
+    """Compiled (the static-shape model), a step reads nothing back from the device: loss,
+    metrics and gradient norm stay tensors until a log step reads them, once."""
+    t, model, batches = compiled_mlm
+    loop = LoopSettings(grad_accum=2, batch_size=4, max_steps=6, log_every=3, warmup_steps=0,
+                        optimizer=optimizer, lr=1e-3)
     calls: dict = {}
     _train(t, model, loop, batches, calls)
     steps = {k: v for k, v in calls.items() if isinstance(k, int)}
