@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_engine import RegressionTask, batch_of, make_rows
+from tests.helpers import RegressionTask, batch_of, make_rows
 from workflows.config import LoopSettings
 from workflows.run_folder import (COMPLETE_FILE, RAY_SNAPSHOT, checkpoint_step, committed_by_ray,
                                   is_complete, latest_checkpoint, trusted_checkpoints)
@@ -53,9 +53,12 @@ def test_the_schedule_checkpoints_every_n_steps_every_m_minutes_at_log_steps_and
         LoopSettings(checkpoint_every_minutes=-1)
 
 
-def test_a_snapshot_is_the_checkpoint_of_its_step_written_after_training_went_on(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
+def test_a_snapshot_is_the_checkpoint_of_its_step_written_after_training_went_on(
+        tmp_path, optimizer):
+    """The copy to host memory runs on a thread; the optimizer's next step waits for it."""
     task, rows = RegressionTask(), make_rows(32, seed=2)
-    loop = LoopSettings(warmup_steps=0, max_steps=20, lr=0.05)
+    loop = LoopSettings(warmup_steps=0, max_steps=20, lr=0.05, optimizer=optimizer)
     torch.manual_seed(0)
     model = task.build_model()
     runner = StepRunner(model, loop, CPU)
@@ -72,8 +75,10 @@ def test_a_snapshot_is_the_checkpoint_of_its_step_written_after_training_went_on
     rng = torch.get_rng_state()
     snap = snapshot_checkpoint(task=task, raw_model=model, runner=runner, rank=0, epoch=1,
                                batches_in_epoch=3, attempt=0, data={"seed": 42})
+    assert snap.host_copy is not None
     train(4)  # the live model, optimizer and RNG move on before the snapshot is written
     torch.rand(100)
+    assert snap.host_copy.done.is_set()  # the first of those steps waited for the copy
     snap.write(tmp_path)
 
     trainer_state, rank_state = load_checkpoint_state(tmp_path, rank=0)
@@ -84,7 +89,8 @@ def test_a_snapshot_is_the_checkpoint_of_its_step_written_after_training_went_on
     assert not all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     state = trainer_state["optimizer"]["state"]
     saved_moments = [state[i]["exp_avg"] for i in sorted(state)]
-    assert len(saved_moments) == len(moments) and all(torch.equal(a, b) for a, b in zip(saved_moments, moments))
+    assert len(saved_moments) == len(moments)
+    assert all(torch.equal(a, b) for a, b in zip(saved_moments, moments))
     assert is_complete(tmp_path)
     assert json.loads((tmp_path / "trainer_state.json").read_text())["data"] == {"seed": 42}
 

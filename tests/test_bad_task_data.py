@@ -1,4 +1,4 @@
-"""Bad fine-tuning and prediction input (issue 12): every record is used or skipped with
+"""Bad fine-tuning and prediction input: every record is used or skipped with
 a reason naming file and line; nothing raises a raw decoding/CSV/type error, nothing is
 merged or silently dropped."""
 

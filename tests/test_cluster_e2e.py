@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests import services
+from tests.helpers import pydoc_text
 from workflows.cli import main as cli
 
 # ~5 min on an idle 2-core machine; the budget covers one shared with other work.
@@ -155,12 +156,6 @@ def get_s3(uri: str) -> str:
         Bucket=bucket, Key=key)["Body"].read().decode()
 
 
-def corpus_text() -> str:
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k].strip() for k in sorted(topics)[:30]) + "\n"
-
-
 def task_csv(rows: range) -> str:
     """seq-cls rows: a sentence about numbers or about text (label num / txt)."""
     out = io.StringIO()
@@ -188,7 +183,7 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     assert cluster.node_sees(Path(services.VENV_BIN) / "python")
 
     # 1. prep: corpus on S3 -> dataset on S3 (the vocabulary is trained on the corpus).
-    corpus = put_s3(f"{bucket}/corpus/pydoc.txt", corpus_text())
+    corpus = put_s3(f"{bucket}/corpus/pydoc.txt", pydoc_text(30))
     data = f"{bucket}/datasets/pydoc64"
     out = submit(cluster, "prep", "--input", corpus, "--output", data, "--train-vocab", "800",
                  "--max-seq-len", "64", "--dupe-factor", "1", probe=True, capsys=capsys)

@@ -3,20 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import pydoc_corpus
 from workflows.cli import main as cli
 from workflows.ops.datasets import find_datasets
-
-
-def write_corpus(path: Path, n_docs: int = 30) -> Path:
-    from pydoc_data.topics import topics
-
-    docs = [topics[k].strip() for k in sorted(topics)[:n_docs]]
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
 
 
 def test_search_skips_hidden_and_environment_folders(tmp_path):
@@ -46,7 +38,7 @@ def test_lists_a_real_dataset_then_flags_it_stale_when_its_input_changes(
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
 
-    corpus = write_corpus(tmp_path / "corpus.txt")
+    corpus = pydoc_corpus(tmp_path / "corpus.txt")
     out = tmp_path / "data" / "pydoc64"
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(out), vocab=str(minilm_dir / "vocab.txt"),

@@ -8,77 +8,15 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from tests.helpers import TRUE_W, RegressionTask, batch_of, make_rows
 from workflows.config import LoopSettings
 from workflows.training.checkpoint import load_checkpoint_state, save_checkpoint
 from workflows.training.optim import Lamb, linear_warmup_decay, param_groups
 from workflows.training.step import MetricWindow, StepRunner
-
-TRUE_W = np.linspace(-1.0, 1.0, 8).astype(np.float32)
-
-
-class RegressionTask:
-    """y = x . TRUE_W + noise, learnt by a linear layer; rows carry `x` (8,) and `y`."""
-
-    def __init__(self, pid_dir: str | None = None, sleep_s: float = 0.0) -> None:
-        self.sleep_s = sleep_s
-
-    def build_model(self) -> nn.Module:
-        return nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.Linear(8, 1))
-
-    def load_model(self, model_dir: Path) -> nn.Module:
-        from safetensors.torch import load_file
-
-        model = self.build_model()
-        model.load_state_dict(load_file(str(model_dir / "model.safetensors")))
-        return model
-
-    def collate(self, batch, rng):
-        return {"x": torch.as_tensor(np.stack(batch["x"]), dtype=torch.float32),
-                "y": torch.as_tensor(batch["y"], dtype=torch.float32)}
-
-    def compute_loss(self, model, batch):
-        if self.sleep_s:
-            import time
-            time.sleep(self.sleep_s)  # keeps the run long enough for the fault test
-        pred = model(batch["x"]).squeeze(-1)
-        loss = nn.functional.mse_loss(pred, batch["y"])
-        close = (pred - batch["y"]).abs() < 0.1
-        return loss, {"mse": loss.detach(), "close_correct": close.sum(),
-                      "close_count": float(close.numel())}
-
-    def evaluate(self, model, batches):
-        total, n = 0.0, 0
-        for b in batches:
-            total += float(nn.functional.mse_loss(model(b["x"]).squeeze(-1), b["y"],
-                                                  reduction="sum"))
-            n += len(b["y"])
-        return {"mse": total / max(1, n)}
-
-    def save_model(self, model, model_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        model_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(model_dir / "model.safetensors"))
-        (model_dir / "config.json").write_text(json.dumps({"model_type": "toy"}))
-
-
-def make_rows(n: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8)).astype(np.float32)
-    y = x @ TRUE_W + rng.normal(scale=0.01, size=n).astype(np.float32)
-    return [{"x": x[i], "y": float(y[i])} for i in range(n)]
-
-
-def batch_of(rows: list[dict]) -> dict[str, torch.Tensor]:
-    return RegressionTask().collate({"x": np.stack([r["x"] for r in rows]),
-                                     "y": np.array([r["y"] for r in rows])}, None)
-
 
 # ---------------------------------------------------------------- no Ray
 
@@ -198,7 +136,7 @@ DRIVER = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import ray
-import test_engine as te
+import helpers as te
 from workflows.config import LoopSettings
 from workflows.training.engine import run_folder, run_training
 

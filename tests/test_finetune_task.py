@@ -166,7 +166,7 @@ def test_evaluation_sharded_over_ranks_equals_one_worker(task, tiny_base, tokeni
                                                          monkeypatch):
     """Each of 3 ranks evaluates its batches (i % 3); the gathered shares combine into
     exactly the metrics of a one-worker evaluation, though no share alone gives them."""
-    from tests.test_loop import FakeShard
+    from tests.helpers import FakeShard
     from workflows.config import LoopSettings
     from workflows.training import loop as L
     from workflows.training.step import StepRunner

@@ -1,4 +1,4 @@
-"""Hostile or broken model folders (issue 12): refused with an error naming the file and
+"""Hostile or broken model folders: refused with an error naming the file and
 field, before any memory is allocated for them, and never served with random weights."""
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import pydoc_corpus
 from tests.services import free_ports
 from workflows.ops import jobs
 from workflows.cli import main as cli
@@ -84,22 +85,13 @@ def ray_head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def corpus(path: Path) -> Path:
-    """A few hundred lines of real English text, one document per paragraph."""
-    from pydoc_data.topics import topics
-
-    docs = [topics[k].strip() for k in sorted(topics)[:40]]
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
-
-
 def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir, capsys):
     tracking_uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     data = tmp_path / "data" / "pydoc128"
     # submit --wait streams the job's logs and exits with its status.
     code = cli(["submit", "prep", "--dashboard-url", ray_head, "--wait", "--timeout",
                 str(JOB_TIMEOUT_S), "--tracking-uri", tracking_uri, "--submission-id",
-                "bertflow-test-prep", "--input", str(corpus(tmp_path / "corpus.txt")),
+                "bertflow-test-prep", "--input", str(pydoc_corpus(tmp_path / "corpus.txt", 40)),
                 "--output", str(data), "--vocab", str(minilm_dir / "vocab.txt"),
                 "--max-seq-len", "64", "--dupe-factor", "2"])
     out, err = capsys.readouterr()

@@ -1,4 +1,4 @@
-"""What `bertflow submit` lets out (issue 26): the tracking URI printed without its
+"""What `bertflow submit` lets out: the tracking URI printed without its
 password, a warning before a password crosses the network in cleartext, a probe job
 that carries no credential, and a shipped file checked and copied in one step."""
 

@@ -5,68 +5,14 @@ equal a one-worker evaluation."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
-from data_prep.masking import MaskingSpec
+from tests.helpers import FakeShard, loop_settings, token_rows as rows, tiny_pretrain_task as task
 from workflows.config import LoopSettings
 from workflows.training import loop as L
-from workflows.training.pretrain import PretrainTask
 from workflows.training.step import StepRunner
-
-VOCAB = 60
-PAD, CLS, SEP, MASK = 0, 2, 3, 4
-
-
-def rows(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [np.concatenate([[CLS], rng.integers(5, VOCAB, int(rng.integers(6, 20))), [SEP]])
-            for _ in range(n)]
-
-
-class FakeShard:
-    """What the loop uses of a Ray DataIterator: numpy batches of the Parquet schema, from
-    `input_ids` rows or a pyarrow Table."""
-
-    def __init__(self, data) -> None:
-        self.data = data if hasattr(data, "column_names") else None
-        self.rows = data if self.data is None else range(data.num_rows)
-
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy",
-                     drop_last: bool = False, prefetch_batches: int = 0):
-        assert batch_format == "numpy"
-        for i in range(0, len(self.rows), batch_size):
-            n = len(self.rows[i:i + batch_size])
-            if drop_last and n < batch_size:
-                return
-            if self.data is None:
-                columns = {"input_ids": list(self.rows[i:i + n])}
-            else:
-                columns = self.data.slice(i, n).to_pydict()
-            yield {k: _objects(v) for k, v in columns.items()}
-
-
-def _objects(values: list) -> np.ndarray:
-    if values and isinstance(values[0], (list, np.ndarray)):
-        out = np.empty(len(values), dtype=object)
-        out[:] = [np.asarray(v) for v in values]
-        return out
-    return np.asarray(values)
-
-
-def task(objective: str = "mlm") -> PretrainTask:
-    from bert_core import BertConfig
-
-    config = BertConfig.preset("tiny", vocab_size=VOCAB).to_hf_dict("BertForMaskedLM")
-    spec = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=(PAD, CLS, SEP))
-    return PretrainTask(model_config=config, init_dir=None, tokenizer_dir="", pad_id=PAD,
-                        masking=spec, objective=objective)
-
-
-def loop_settings(**changes) -> LoopSettings:
-    return LoopSettings(**{"batch_size": 4, "seed": 7, "max_steps": 10, "warmup_steps": 0,
-                           "eval_batches": 0, **changes})
-
 
 def masks(stream, n: int) -> list[tuple[int, int, np.ndarray]]:
     out = []
@@ -159,3 +105,42 @@ def test_rank_zero_opens_the_run_it_logs_into_and_a_restart_finds_it_again(tmp_p
     assert [m.step for m in c.get_metric_history(run.info.run_id, "loss")] == [1, 2]
     with pytest.raises(TrainingError, match="run_id or an opening"):
         RunTracking(uri, None).resolve()
+
+
+# ---------------------------------------------------------------- Ray Data's shard
+
+
+class DrawTask:
+    """Collate keeps the rows and one number drawn from the batch's generator."""
+
+    def collate(self, batch, rng):
+        return {"row": torch.as_tensor(batch["row"]),
+                "draw": torch.tensor([rng.integers(1 << 30)])}
+
+
+def five_rows() -> FakeShard:
+    return FakeShard(pa.table({"row": list(range(5))}))
+
+
+def test_batches_go_epoch_after_epoch_reseeded_and_skip_only_on_resume():
+    loop = LoopSettings(batch_size=2, max_steps=10, warmup_steps=0, seed=3)
+    cpu = torch.device("cpu")
+    stream = L.train_batches(five_rows(), DrawTask(), loop, rank=1, world=2, epoch=0,
+                             skip=1, device=cpu)
+    got = [next(stream) for _ in range(4)]
+    # Epoch 0 resumed after its first batch; 5 rows make 2 full batches per epoch.
+    assert [(e, pos, b["row"].tolist()) for e, pos, b in got] == [
+        (0, 2, [2, 3]), (1, 1, [0, 1]), (1, 2, [2, 3]), (2, 1, [0, 1])]
+    # Masks come from batch_rng(seed, epoch, batch index, rank): the same after a resume.
+    fresh = L.train_batches(five_rows(), DrawTask(), loop, rank=1, world=2, epoch=1, skip=0,
+                            device=cpu)
+    assert next(fresh)[2]["draw"].item() == got[1][2]["draw"].item()
+    assert got[1][2]["draw"].item() != got[3][2]["draw"].item()
+
+
+def test_a_shard_smaller_than_a_batch_is_an_error_that_says_why():
+    loop = LoopSettings(batch_size=8, max_steps=10, warmup_steps=0)
+    stream = L.train_batches(five_rows(), DrawTask(), loop, rank=0, world=2, epoch=0, skip=0,
+                             device=torch.device("cpu"))
+    with pytest.raises(L.TrainingError, match="fewer rows than --num-workers x --batch-size"):
+        next(stream)

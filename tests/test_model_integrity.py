@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.test_registry import tiny_hf_bert
+from tests.helpers import tiny_hf_bert
 from workflows import tracking as t
 from workflows.cli import main as cli
 from workflows.integrity import MANIFEST_FILE, build_manifest, check_files

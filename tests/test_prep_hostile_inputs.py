@@ -1,4 +1,4 @@
-"""Hostile pretraining inputs and outputs (issue 12): FIFOs and outward symlinks in input
+"""Hostile pretraining inputs and outputs: FIFOs and outward symlinks in input
 folders, gzip bombs, and an --output folder that only looks like a dataset."""
 
 from __future__ import annotations

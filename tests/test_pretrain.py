@@ -11,31 +11,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from bert_core.config_io import ConfigError
+from tests.helpers import templated_corpus
 from workflows.config import PretrainConfig, config_from_mapping
-
-ADJ = "red green blue small large old new quiet loud bright".split()
-NOUN = "cat dog bird river city garden teacher farmer engine violin".split()
-VERB = "sees finds likes follows paints builds carries visits".split()
-
-
-def write_corpus(path: Path, n_docs: int, seed: int = 0) -> Path:
-    """Documents of templated sentences: learnable structure, so MLM loss can fall fast."""
-    rng = np.random.default_rng(seed)
-    lines = []
-    for _ in range(n_docs):
-        for _ in range(int(rng.integers(3, 8))):
-            a, b = rng.choice(ADJ, 2)
-            n1, n2 = rng.choice(NOUN, 2)
-            lines.append(f"the {a} {n1} {rng.choice(VERB)} the {b} {n2} .")
-        lines.append("")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
-
 
 # ---------------------------------------------------------------- no Ray
 
@@ -109,7 +90,7 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     from workflows.training.pretrain import PretrainError, run_pretrain
 
     monkeypatch.chdir(tmp_path)
-    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=1600)
+    corpus = templated_corpus(tmp_path / "corpus.txt", n_docs=1600)
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         masking="dynamic", dupe_factor=2, val_fraction=0.05, docs_per_unit=400,
@@ -203,7 +184,7 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     from bert_core import BertForMaskedLM
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
-    from tests.test_loop import FakeShard
+    from tests.helpers import FakeShard
     from workflows import tracking as T
     from workflows.model_folder import load_task_model
     from workflows.ops.registry import show_model
@@ -212,7 +193,7 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     from workflows.training.step import StepRunner
 
     monkeypatch.chdir(tmp_path)
-    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=300)
+    corpus = templated_corpus(tmp_path / "corpus.txt", n_docs=300)
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "ds"), train_vocab=200, max_seq_len=64,
         objective="mlm", masking="dynamic", dupe_factor=1, val_fraction=0.1,

@@ -1,4 +1,4 @@
-"""One redaction for every printed or logged location (issue 26): the review's cases,
+"""One redaction for every printed or logged location: the review's cases,
 and the places that printed locations raw."""
 
 from __future__ import annotations

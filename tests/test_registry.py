@@ -8,22 +8,12 @@ from urllib.parse import urlparse
 
 import pytest
 
+from tests.helpers import tiny_hf_bert
 from workflows import tracking as t
 from workflows.cli.table import format_table
 from workflows.ops import hf_import
 from workflows.ops import registry as r
 from workflows.cli import main as cli
-
-
-def tiny_hf_bert(dest: Path, vocab_from: Path) -> Path:
-    """A real (randomly initialised) tiny BERT in Hugging Face format."""
-    import transformers
-
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=2, intermediate_size=64)
-    transformers.BertModel(cfg).save_pretrained(dest, safe_serialization=True)
-    (dest / "vocab.txt").write_bytes((vocab_from / "vocab.txt").read_bytes())
-    return dest
 
 
 def test_import_minilm_list_promote_show_through_the_cli(minilm_dir, tracking_uri, capsys):

@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tests.helpers import loop_settings, token_rows as rows, tiny_pretrain_task as task
 from workflows.training import loop as L
 from workflows.training.rows import BatchPlan, RankReader, ReadStats, list_parts, read_chunk
-
-from test_loop import loop_settings, rows, task
 
 
 def write_parts(root, sizes: list[int], row_group: int = 4) -> None:

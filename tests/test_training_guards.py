@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.test_engine import RegressionTask, batch_of, make_rows
+from tests.helpers import RegressionTask, batch_of, make_rows
 from workflows.config import LoopSettings
 from workflows.run_folder import COMPLETE_FILE, RAY_SNAPSHOT, find_model_folder, latest_checkpoint
 from workflows.training.checkpoint import save_checkpoint

@@ -1,4 +1,4 @@
-"""Shipped model folders on a node (issue 26): the cache is private to the user and a copy
+"""Shipped model folders on a node: the cache is private to the user and a copy
 found there is re-verified against the driver's sha256s, never trusted by its name; local
 outputs are staged under unpredictable names."""
 
