@@ -148,7 +148,6 @@ WIDENING_ENV = {
     "MLFLOW_GUNICORN_OPTS": "gunicorn options; a `-b` adds a listener beside --host",
     "GUNICORN_CMD_ARGS": "gunicorn options; a `-b` adds a listener beside --host",
     "MLFLOW_UVICORN_OPTS": "uvicorn options; `--fd`/`--uds` add listeners",
-    "MLFLOW_WAITRESS_OPTS": "waitress options; `--listen` adds a listener",
     "FORWARDED_ALLOW_IPS": "trusts X-Forwarded-* headers from these clients",
     "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "lets other web sites call the server from a browser",
     "MLFLOW_SERVER_ALLOWED_HOSTS": "widens the Host-header check (DNS rebinding)",
