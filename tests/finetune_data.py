@@ -155,3 +155,17 @@ def task_table(path: Path, task: str, tokenizer, **spec):
     labels = label_list(records, task)
     table = Featurizer(tokenizer, TaskFeatures(task, **spec), labels)(pa.Table.from_pylist(records))
     return table, records, labels
+
+
+def finetune_config(tmp: Path, minilm_dir: Path, task: str, train: Path, eval_: Path, **kw):
+    """A FinetuneConfig for the tests: MiniLM (or `minilm_dir`) as base, a sqlite store,
+    runs and data under `tmp`, 2 short epochs on one worker; `kw` overrides."""
+    from workflows.config import FinetuneConfig, config_from_mapping
+
+    settings = dict(task=task, base=str(minilm_dir), train=str(train), eval=str(eval_),
+                    epochs=2, max_seq_len=48, batch_size=16, lr=5e-5,
+                    tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}", storage_path=str(tmp / "runs"),
+                    data_dir=str(tmp / "data"), log_system_metrics=False, cpus_per_worker=1.0,
+                    log_every=5)
+    settings.update(kw)
+    return config_from_mapping(FinetuneConfig, settings)

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 import finetune_data as D
-from tests.test_finetune import _config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,7 +27,7 @@ def test_two_workers_evaluate_exactly_and_train_as_one_worker(tmp_path, minilm_d
     D.write_squad(tmp_path / "eval.json", 10, seed=8, v2=True)
 
     def finetune(workers: int):
-        return run_finetune(_config(
+        return run_finetune(D.finetune_config(
             tmp_path, minilm_dir, "qa", tmp_path / "train.json", tmp_path / "eval.json",
             base=str(base), run_name=f"qa-{workers}", num_workers=workers,
             cpus_per_worker=0.5, max_seq_len=28, doc_stride=8, batch_size=8,
