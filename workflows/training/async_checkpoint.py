@@ -3,20 +3,23 @@ a checkpoint reaches the run folder while training goes on.
 
     CheckpointSchedule    every N optimizer steps, every M minutes of rank 0's clock, and
                           at the end: the same decision on every rank
-    snapshot_checkpoint   what a checkpoint holds, copied to host memory between two steps
+    snapshot_checkpoint   what a checkpoint holds at one step, copied to host memory
+                          (HostCopy: on a thread, before the optimizer's next step)
     report_to_ray         hand a snapshot to Ray Train: written and uploaded on Ray's
                           upload thread (`--checkpoint-upload async`), or before `report`
                           returns (`sync`)
 
-Async (the default): the training thread only copies the state to host memory (for
-BERT-base with AdamW about 1.3 GB: a device-to-host copy on a GPU, a memcpy on CPUs); Ray
-Train's upload thread (`CheckpointUploadMode.ASYNC` with our `checkpoint_upload_fn`) writes
-the files into a local folder of its own, uploads them to the run folder and deletes the
-folder. `ray.train.report` still meets the other ranks (Ray agrees on the folder name),
-but nobody waits for storage. At most one checkpoint per worker is in flight: a checkpoint
-due while the previous one is still uploading waits for it (memory stays bounded; an
-interval shorter than an upload cannot be kept anyway). The last checkpoint is committed
-before the worker ends: Ray waits for its upload thread when the training function returns.
+Async (the default): the training thread copies the small part of the state and starts
+a `HostCopy` of the weights and optimizer moments into host memory (for BERT-base with
+AdamW about 1.3 GB), which overlaps the next micro-batches (the next optimizer step waits
+for it); Ray Train's upload thread (`CheckpointUploadMode.ASYNC` with our
+`checkpoint_upload_fn`) writes the files into a local folder of its own, uploads them to
+the run folder and deletes the folder. `ray.train.report` still meets the other ranks
+(Ray agrees on the folder name), but nobody waits for storage. At most one checkpoint
+per worker is in flight: a checkpoint due while the previous one is still uploading
+waits for it (memory stays bounded; an interval shorter than an upload cannot be kept
+anyway). The last checkpoint is committed before the worker ends: Ray waits for its
+upload thread when the training function returns.
 
 Trust is unchanged (workflows.run_folder): a checkpoint still uploading is not in Ray's
 snapshot, and its completion marker (written last, but uploaded in no particular order)
@@ -26,6 +29,7 @@ or `latest_checkpoint` never picks it.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import tempfile
@@ -98,10 +102,58 @@ class _FrozenTrainerState:
         return self._state
 
 
+class HostCopy:
+    """Tensors copied into host memory on a thread of their own while training goes on.
+
+    Between two optimizer steps only the optimizer changes the parameters and its state
+    (forward and backward read them and write gradients), so the copy may overlap the
+    next micro-batches: a pre-step hook on the optimizer makes its next step wait until
+    the copy is done. On a GPU the copies run on a side stream that starts after the
+    work queued so far (the last optimizer step), so they overlap compute too."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                 optimizer: torch.optim.Optimizer | None) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self._pairs = pairs
+        self._stream = None
+        if any(src.is_cuda for _, src in pairs):
+            self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())
+        self.hook = (optimizer.register_step_pre_hook(self._before_step)
+                     if optimizer is not None else None)
+        threading.Thread(target=self._copy, name="bertflow-checkpoint-copy",
+                         daemon=True).start()
+
+    def _copy(self) -> None:
+        try:
+            with (torch.cuda.stream(self._stream) if self._stream is not None
+                  else contextlib.nullcontext()):
+                for dst, src in self._pairs:
+                    dst.copy_(src)
+                if self._stream is not None:
+                    self._stream.synchronize()
+        except BaseException as exc:  # raised where it is waited for
+            self.error = exc
+        finally:
+            self._pairs = []
+            self.done.set()
+
+    def wait(self) -> None:
+        self.done.wait()
+        if self.error is not None:
+            raise RuntimeError("copying a checkpoint to host memory failed") from self.error
+
+    def _before_step(self, *_: Any) -> None:
+        if not self.done.is_set() or self.error is not None:
+            self.wait()
+
+
 @dataclass
 class CheckpointSnapshot:
     """Everything this rank's part of a checkpoint holds, fixed at one step: `write` gives
-    the same files whenever it runs. Rank 0 holds the model and the trainer state."""
+    the same files whenever it runs (after waiting for `host_copy`, when there is one).
+    Rank 0 holds the model and the trainer state."""
 
     task: Any
     model: nn.Module | None
@@ -112,54 +164,83 @@ class CheckpointSnapshot:
     attempt: int
     data: dict[str, Any] | None
     rank_state: dict[str, Any]
+    host_copy: HostCopy | None = None
 
     def write(self, dest: Path) -> None:
+        if self.host_copy is not None:
+            self.host_copy.wait()
         save_checkpoint(dest, task=self.task, raw_model=self.model, runner=self.trainer,
                         rank=self.rank, epoch=self.epoch,
                         batches_in_epoch=self.batches_in_epoch, attempt=self.attempt,
                         data=self.data, rank_state=self.rank_state)
 
 
+# Hooks of earlier host copies, removed from the training thread once their copy is done
+# (the optimizer iterates its hooks while it steps: a hook cannot remove itself).
+_copy_hooks: list[HostCopy] = []
+
+
 def snapshot_checkpoint(*, task: Any, raw_model: nn.Module, runner: Any, rank: int,
                         epoch: int, batches_in_epoch: int, attempt: int,
                         data: dict[str, Any] | None = None,
                         copy_state: bool = True) -> CheckpointSnapshot:
-    """This rank's checkpoint as of now. With `copy_state` the model and the trainer state
-    (optimizer moments included) are copied to host memory, so training may go on while
-    it is written; without it the snapshot refers to the live objects (write it before
-    the next step)."""
+    """This rank's checkpoint as of now. With `copy_state` the model's parameters and the
+    optimizer's state are copied to host memory on a thread (`HostCopy`: the optimizer's
+    next step waits for it) and the rest (buffers, schedule, scaler, step, RNG) here, so
+    training goes on while it is written; without it the snapshot refers to the live
+    objects (write it before the next step)."""
+    for old in [c for c in _copy_hooks if c.done.is_set()]:
+        old.hook.remove()
+        _copy_hooks.remove(old)
     rank0 = rank == 0
-    model = trainer = None
-    if rank0:
-        model = cpu_copy_of_module(raw_model) if copy_state else raw_model
-        trainer = (_FrozenTrainerState(runner.step, cpu_copy(runner.state_dict()))
-                   if copy_state else runner)
+    model = trainer = host_copy = None
+    if rank0 and not copy_state:
+        model, trainer = raw_model, runner
+    elif rank0:
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        model = cpu_copy_of_module(raw_model, pairs)
+        trainer = _FrozenTrainerState(runner.step, cpu_copy(runner.state_dict(), pairs))
+        host_copy = HostCopy(pairs, getattr(runner, "optimizer", None))
+        if host_copy.hook is not None:
+            _copy_hooks.append(host_copy)
     return CheckpointSnapshot(task=task if rank0 else None, model=model, trainer=trainer,
                               rank=rank, epoch=epoch, batches_in_epoch=batches_in_epoch,
                               attempt=attempt, data=data,
-                              rank_state=rank_state_now(epoch, batches_in_epoch))
+                              rank_state=rank_state_now(epoch, batches_in_epoch),
+                              host_copy=host_copy)
 
 
-def cpu_copy(obj: Any) -> Any:
+def _host_tensor(t: torch.Tensor, pairs: list | None) -> torch.Tensor:
+    """A host copy of `t`: made now, or (with `pairs`) allocated now and filled by a
+    HostCopy of `pairs`."""
+    t = t.detach()
+    if pairs is None:
+        return t.to("cpu", copy=True)
+    dst = torch.empty_like(t, device="cpu")
+    pairs.append((dst, t))
+    return dst
+
+
+def cpu_copy(obj: Any, pairs: list | None = None) -> Any:
     """`obj` with every tensor in it (nested in dicts, lists, tuples) copied to host
-    memory; other values as they are (an optimizer's state_dict refers to its live
-    moments: this is what makes it a snapshot)."""
+    memory (`_host_tensor`); other values as they are (an optimizer's state_dict refers
+    to its live moments: this is what makes it a snapshot)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return _host_tensor(obj, pairs)
     if isinstance(obj, dict):
-        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+        return type(obj)((k, cpu_copy(v, pairs)) for k, v in obj.items())
     if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
+        return type(obj)(cpu_copy(v, pairs) for v in obj)
     return obj
 
 
-def cpu_copy_of_module(model: nn.Module) -> nn.Module:
-    """A copy of `model` on the CPU, parameters and buffers copied once each (tied weights
-    stay tied), without first copying them on the model's device."""
+def cpu_copy_of_module(model: nn.Module, pairs: list | None = None) -> nn.Module:
+    """A copy of `model` on the CPU, parameters copied once each (tied weights stay
+    tied; with `pairs`, filled later by a HostCopy), buffers copied now (a forward may
+    change them), without first copying anything on the model's device."""
     memo: dict[int, Any] = {}
     for p in model.parameters():
-        memo[id(p)] = nn.Parameter(p.detach().to("cpu", copy=True),
-                                   requires_grad=p.requires_grad)
+        memo[id(p)] = nn.Parameter(_host_tensor(p, pairs), requires_grad=p.requires_grad)
     for b in model.buffers():
         memo[id(b)] = b.detach().to("cpu", copy=True)
     return copy.deepcopy(model, memo)
