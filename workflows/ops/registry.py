@@ -235,6 +235,7 @@ KEY_PARAMS = {
             "freeze_encoder", "seed"),
 }
 SCORE_PREFIXES = ("val_", "eval_")
+PARAM_LABELS = {"classifier_pooling": "pooling"}  # as the flag says it (--pooling)
 
 
 def _scores(metrics: dict[str, float]) -> list[str]:
@@ -283,7 +284,7 @@ def render_summary(info: dict[str, Any]) -> str:
     lines.append(f"  task        {task}" + (
         f", {len(labels)} labels: {', '.join(map(str, labels))}" if labels else ""))
     keys = KEY_PARAMS.get(task, KEY_PARAMS["cls"] if task in ("seq-cls", "pair-cls") else ())
-    trained = [f"{k} {_show_param(k, params[k])}" for k in keys
+    trained = [f"{PARAM_LABELS.get(k, k)} {_show_param(k, params[k])}" for k in keys
                if params.get(k) not in (None, "None")]
     base = info["tags"].get(t.TAG_BASE_MODEL)
     if task == "base":
