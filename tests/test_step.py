@@ -199,6 +199,7 @@ def compiled_mlm():
     return t, model, batches
 
 
+@pytest.mark.slow  # a compile: minutes on a loaded 2-core machine
 @pytest.mark.parametrize("optimizer", ["adamw", "lamb"])
 def test_no_host_sync_between_log_steps(optimizer, compiled_mlm):
     """Compiled (the static-shape model), a step reads nothing back from the device: loss,

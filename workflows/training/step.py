@@ -223,6 +223,7 @@ class StepRunner:
                         scaler_skipped_steps=float(self.skipped_steps))
             self._check_divergence()
         self._cycle_finite = True
+        self.tokens_per_micro = None  # the next step's begin_cycle counts its own
         return info
 
     def _check_divergence(self) -> None:
