@@ -25,34 +25,29 @@ import finetune_data as D
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _config(tmp: Path, minilm_dir: Path, task: str, train: Path, eval_: Path, **kw):
-    from workflows.config import FinetuneConfig, config_from_mapping
-
-    settings = dict(task=task, base=str(minilm_dir), train=str(train), eval=str(eval_),
-                    epochs=2, max_seq_len=48, batch_size=16, lr=5e-5,
-                    tracking_uri=f"sqlite:///{tmp / 'mlruns.db'}", storage_path=str(tmp / "runs"),
-                    data_dir=str(tmp / "data"), log_system_metrics=False, cpus_per_worker=1.0,
-                    log_every=5)
-    settings.update(kw)
-    return config_from_mapping(FinetuneConfig, settings)
-
-
 @pytest.fixture(scope="module")
 def sentiment(tmp_path_factory, minilm_dir, ray_local):
-    """One registered seq-cls model shared by the prediction, pyfunc and serving tests."""
+    """One registered seq-cls model shared by the prediction, pyfunc and serving tests,
+    fine-tuned from MiniLM registered as `minilm-base` and named by an alias."""
     tmp = tmp_path_factory.mktemp("seqcls")
     D.write_sentiment(tmp / "train.csv", 240, seed=1)
     D.write_sentiment(tmp / "eval.jsonl", 80, seed=2, fmt="jsonl")
     with (tmp / "train.csv").open("a") as f:  # bad rows are counted, not fatal
         f.write(',pos\n"a film with no label",\n"great fun",meh\n')
+    from workflows.ops import hf_import, registry
     from workflows.training.finetune import run_finetune
 
-    cfg = _config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
-                  register_as="sentiment", labels=["neg", "pos"])
+    uri = f"sqlite:///{tmp / 'mlruns.db'}"
+    hf_import.import_hf(minilm_dir, "minilm-base", uri)
+    registry.promote("minilm-base", "1", "champion", uri)
+    cfg = D.finetune_config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
+                  register_as="sentiment", labels=["neg", "pos"],
+                  base="models:/minilm-base@champion")
     return tmp, cfg, run_finetune(cfg)
 
 
 def test_seq_cls_beats_majority_class_and_is_registered_with_lineage(sentiment, minilm_dir):
+    """...and `registry show` names the exact base version trained from, not the alias."""
     tmp, cfg, result = sentiment
     assert result.baseline["accuracy"] < 0.75
     assert result.metrics["val_accuracy"] >= result.baseline["accuracy"] + 0.2
@@ -65,9 +60,20 @@ def test_seq_cls_beats_majority_class_and_is_registered_with_lineage(sentiment, 
     mv = T.client(cfg.tracking.tracking_uri).get_model_version("sentiment", result.model_version)
     assert mv.tags[T.TAG_TASK] == "seq-cls"
     assert json.loads(mv.tags["bertflow.labels"]) == ["neg", "pos"]
-    assert mv.tags[T.TAG_BASE_MODEL] == str(minilm_dir.resolve())
-    assert mv.tags[T.TAG_DATASET_FINGERPRINT] == \
-        json.loads((Path(result.model_dir) / "bertflow.json").read_text())["dataset_fingerprint"]
+    assert mv.tags[T.TAG_BASE_MODEL] == "models:/minilm-base/1"
+    assert mv.tags[T.TAG_BASE_REF] == "models:/minilm-base@champion"
+    from workflows.ops.registry import render_model, show_model
+
+    info = show_model(f"sentiment/{result.model_version}", cfg.tracking.tracking_uri)
+    assert info["base_model_chain"] == ["models:/minilm-base/1", str(minilm_dir.resolve())]
+    assert info["params"]["base"] == "models:/minilm-base/1"
+    assert info["params"]["base_ref"] == "models:/minilm-base@champion"
+    text = render_model(info)
+    assert f"sentiment/{result.model_version} <- models:/minilm-base/1 <- " in text
+    assert "base_model_ref   models:/minilm-base@champion" in text
+    meta = json.loads((Path(result.model_dir) / "bertflow.json").read_text())
+    assert mv.tags[T.TAG_DATASET_FINGERPRINT] == meta["dataset_fingerprint"]
+    assert meta["base_model"] == "models:/minilm-base/1"
     assert float(mv.tags["metric.val_accuracy"]) == pytest.approx(result.metrics["val_accuracy"], abs=1e-5)
     config = json.loads((Path(result.model_dir) / "config.json").read_text())
     assert config["id2label"] == {"0": "neg", "1": "pos"}
@@ -161,9 +167,16 @@ def test_frozen_encoder_trains_only_the_head(sentiment, minilm_dir):
     tmp, _, full = sentiment
     from workflows.training.finetune import run_finetune
 
-    cfg = _config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
+    cfg = D.finetune_config(tmp, minilm_dir, "seq-cls", tmp / "train.csv", tmp / "eval.jsonl",
                   labels=["neg", "pos"], freeze_encoder=True, epochs=1, lr=1e-3)
     frozen = run_finetune(cfg)
+    # A folder base is recorded by its path and the sha256 of its files.
+    from workflows import tracking as T
+    from workflows.integrity import folder_manifest, text_sha256
+
+    tags = T.client(cfg.tracking.tracking_uri).get_run(frozen.run_id).data.tags
+    assert tags[T.TAG_BASE_MODEL] == str(minilm_dir.resolve())
+    assert tags[T.TAG_BASE_FINGERPRINT] == text_sha256(folder_manifest(minilm_dir))
     base = bert_core.BertModel.from_pretrained(minilm_dir)
     tuned = bert_core.BertForSequenceClassification.from_pretrained(frozen.model_dir)
     # --freeze-encoder picks mean pooling: the encoder minus MiniLM's (NSP) pooler is kept
@@ -182,7 +195,7 @@ def test_pair_cls_beats_majority_class(tmp_path, minilm_dir, ray_local):
 
     D.write_pairs(tmp_path / "train.jsonl", 320, seed=3)
     D.write_pairs(tmp_path / "eval.jsonl", 80, seed=4)
-    result = run_finetune(_config(tmp_path, minilm_dir, "pair-cls", tmp_path / "train.jsonl",
+    result = run_finetune(D.finetune_config(tmp_path, minilm_dir, "pair-cls", tmp_path / "train.jsonl",
                                   tmp_path / "eval.jsonl", epochs=2))
     assert result.metrics["val_accuracy"] >= result.baseline["accuracy"] + 0.2
 
@@ -193,7 +206,7 @@ def test_token_cls_finds_entities_like_seqeval(tmp_path, minilm_dir, ray_local):
 
     D.write_conll(tmp_path / "train.conll", 240, seed=5)
     D.write_conll(tmp_path / "eval.conll", 60, seed=6)
-    result = run_finetune(_config(tmp_path, minilm_dir, "token-cls", tmp_path / "train.conll",
+    result = run_finetune(D.finetune_config(tmp_path, minilm_dir, "token-cls", tmp_path / "train.conll",
                                   tmp_path / "eval.conll"))
     assert result.labels == ["O", "B-LOC", "I-LOC", "B-PER", "I-PER"]
     assert result.baseline["f1"] == 0.0
@@ -210,7 +223,7 @@ def test_qa_v2_answers_from_windows_and_abstains(tmp_path, minilm_dir, ray_local
     D.write_squad(tmp_path / "train.json", 50, seed=7, v2=True)
     D.write_squad(tmp_path / "eval.json", 15, seed=8, v2=True)
     # doc_stride smaller than the context: every example spans several windows.
-    result = run_finetune(_config(tmp_path, minilm_dir, "qa", tmp_path / "train.json",
+    result = run_finetune(D.finetune_config(tmp_path, minilm_dir, "qa", tmp_path / "train.json",
                                   tmp_path / "eval.json", max_seq_len=40, doc_stride=12,
                                   epochs=3, lr=1e-4, batch_size=8))
     assert result.metrics["val_f1"] >= result.baseline["f1"] + 25
