@@ -114,10 +114,6 @@ class Featurizer:
     """Ray Data callable class: one tokenizer per worker, records in, feature rows out."""
 
     def __init__(self, tokenizer: Any, spec: TaskFeatures, labels: list[str]) -> None:
-        if isinstance(tokenizer, tuple):  # (ObjectRef,) from build_task_dataset
-            import ray
-
-            tokenizer = ray.get(tokenizer[0])
         self.tokenizer = tokenizer  # a WordPieceTokenizer
         self.spec = spec
         self.label_ids = {name: i for i, name in enumerate(labels)}
@@ -190,13 +186,13 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     with atomic_output_dir(final, force=True) as tmp:
         # Few blocks: per-row blocks would cost more scheduling than tokenizing.
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
-        # The tokenizer by reference, nested in a small tuple: a large constructor argument
-        # Ray would put in the object store itself, and then log an error per actor that a
-        # restarted actor might lose it (ray-project/ray#53727); this reference lives until
-        # the dataset is written.
-        ds = ds.map_batches(Featurizer, fn_constructor_args=((ray.put(tokenizer),), spec, labels),
+        # max_restarts=0: Ray Data hands every pool actor its UDF through the object store
+        # and then, with its default of endless restarts, Ray logs an error per actor that
+        # a restart could lose those arguments (ray-project/ray#53727). This one pass over
+        # one file needs no restart: a lost actor fails it, and the rerun starts afresh.
+        ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
                             batch_format="pyarrow", batch_size=256,
-                            compute=ray.data.ActorPoolStrategy(size=1))
+                            compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
