@@ -5,7 +5,7 @@ The names of the files in a run folder, the result a finished run leaves there, 
 rules for which checkpoints are trusted live here, because both sides need them: training
 writes them (workflows.training.engine, .checkpoint) and inference reads them
 (`find_model_folder` behind `bertflow predict`/`embed`, via workflows.tracking). Nothing
-here imports torch, Ray, MLflow or workflows.training.
+here imports torch, Ray, MLflow, workflows.training or anything that imports this module.
 
 Layout of `<storage_path or ./runs>/<run name>/` (a local folder or any pyarrow.fs URI):
 
@@ -26,12 +26,10 @@ is neither.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import re
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -53,7 +51,7 @@ Where = Any  # a local path (str | Path), a URI, or a data_prep.storage.Location
 class TrainResult:
     """What a finished training run leaves (returned by `run_training`, saved in the run
     folder). The folders are Paths for local storage and URIs for remote storage
-    (`local_model_dir` gives a local copy of the model folder)."""
+    (`transfer.local_model_dir` gives a local copy of the model folder)."""
 
     run_name: str
     run_dir: Path | str
@@ -261,16 +259,3 @@ def find_model_folder(path: Path) -> Path | None:
     if ckpt is not None and is_model_folder(ckpt / MODEL_ARTIFACT):
         return ckpt / MODEL_ARTIFACT
     return None
-
-
-@contextlib.contextmanager
-def local_model_dir(model_dir: Path | str) -> Iterator[Path]:
-    """A result's model folder as a local folder: itself when local, else a temporary
-    download (removed on exit), e.g. to log it to MLflow."""
-    from workflows.transfer import download_dir
-
-    if is_local(model_dir):
-        yield Path(model_dir)
-        return
-    with tempfile.TemporaryDirectory(prefix="bertflow-final-model-") as tmp:
-        yield download_dir(open_location(model_dir), Path(tmp) / "model")

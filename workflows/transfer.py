@@ -319,6 +319,19 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def local_model_dir(model_dir: Path | str) -> Iterator[Path]:
+    """A training result's model folder as a local folder: itself when local, else a
+    temporary download (removed on exit), e.g. to log it to MLflow."""
+    from data_prep.storage import is_local, open_location
+
+    if is_local(model_dir):
+        yield Path(model_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="bertflow-final-model-") as tmp:
+        yield download_dir(open_location(model_dir), Path(tmp) / "model")
+
+
 def download_dir(location: Any, dest: str | Path) -> Path:
     """Copy the folder at `location` (a data_prep.storage.Location) into local `dest`."""
     import pyarrow.fs as pafs

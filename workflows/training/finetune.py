@@ -272,7 +272,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
     from workflows import tracking as T
     from workflows.metrics import format_table
-    from workflows.run_folder import local_model_dir
+    from workflows.transfer import local_model_dir
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import run_folder, run_training
 

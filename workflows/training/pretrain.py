@@ -266,7 +266,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from data_prep.ray_env import init_ray, missing_worker_env
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
-    from workflows.run_folder import local_model_dir
+    from workflows.transfer import local_model_dir
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import check_storage, run_folder, run_training
     from workflows.transfer import check_model_ref, ship_folder, ship_model_folder

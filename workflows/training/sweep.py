@@ -97,7 +97,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
 
     from data_prep.ray_env import init_ray
     from workflows import tracking as T
-    from workflows.run_folder import local_model_dir
+    from workflows.transfer import local_model_dir
     from workflows.training.engine import run_folder
     from workflows.training.finetune import prepare_finetune
 
