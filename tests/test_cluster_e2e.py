@@ -99,15 +99,16 @@ def cluster(tmp_path, s3_bucket, team_mlflow, monkeypatch):
         pytest.skip("the private-filesystem node needs root (mount namespaces)")
     if not services.jobs_api_installed():
         pytest.skip("Ray's Jobs API needs `pip install 'ray[default]'`")
-    c = Cluster(tmp_path, hidden=[tmp_path], storage_path=f"{s3_bucket}/runs")
-    try:
-        c.start_node()
-        # This process is the submitter: it holds the cluster token and the credentials.
-        for key, value in {**c.auth_env, **team_mlflow.client_env}.items():
-            monkeypatch.setenv(key, value)
-        yield c
-    finally:
-        c.stop()
+    with services.cluster_lock():
+        c = Cluster(tmp_path, hidden=[tmp_path], storage_path=f"{s3_bucket}/runs")
+        try:
+            c.start_node()
+            # This process is the submitter: it holds the cluster token and the credentials.
+            for key, value in {**c.auth_env, **team_mlflow.client_env}.items():
+                monkeypatch.setenv(key, value)
+            yield c
+        finally:
+            c.stop()
 
 
 def submit(cluster: Cluster, verb: str, *args: str, wait: bool = True, probe: bool = False,

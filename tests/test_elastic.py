@@ -42,6 +42,11 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_elastic_run_loses_a_node_goes_on_with_one_worker_and_ends_as_one_worker_would(
         tmp_path):
+    with services.cluster_lock():  # one multi-process Ray cluster on the machine at a time
+        _elastic_run(tmp_path)
+
+
+def _elastic_run(tmp_path: Path) -> None:
     from bert_core import BertConfig
     from workflows.config import LoopSettings, ServerConfig
     from workflows.ops import server

@@ -10,17 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests import services
 from tests.helpers import pydoc_corpus
 from tests.services import free_ports
 from workflows.ops import jobs
@@ -42,47 +37,15 @@ def jobs_api_installed() -> bool:
 @pytest.fixture(scope="module")
 def ray_head():
     """A real Ray head (2 CPUs, dashboard + Jobs API on 127.0.0.1); yields the dashboard URL."""
-    if not jobs_api_installed():
+    if not services.jobs_api_installed():
         pytest.skip("Ray's Jobs API needs `pip install 'ray[default]'` (dashboard extras)")
-    gcs, dash, agent, metrics = free_ports(4)
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are limited
-    log = open(Path(temp_dir) / "head.log", "wb")
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
-         "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-         "--dashboard-agent-listen-port", str(agent),
-         "--metrics-export-port", str(metrics), "--num-cpus", "2", "--temp-dir", temp_dir,
-         "--disable-usage-stats"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (Path(temp_dir) / "head.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:  # it answers (401 without Ray's auth token): up
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "Ray head did not come up in 180 s"
-                time.sleep(1)
-        yield url
-    finally:
-        # Only our head's process group: the head and everything it started.
+    with services.cluster_lock():
+        head = services.start_ray_head(num_cpus=2)
         try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # `ray start --block` may ignore SIGTERM
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-        log.close()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            yield head.dashboard
+        finally:
+            services.stop_ray(head.proc)
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
 
 
 def test_prep_and_pretrain_jobs_on_a_real_cluster(ray_head, tmp_path, minilm_dir, capsys):
