@@ -1,6 +1,9 @@
-"""A run the cluster cannot hold is refused before Ray Train waits on it forever."""
+"""A run the cluster cannot hold is refused before Ray Train waits on it forever; a run
+waiting on resources other runs hold says so."""
 
 from __future__ import annotations
+
+import pytest
 
 from workflows.config import LoopSettings
 from workflows.training.resources import shortfalls
@@ -32,3 +35,47 @@ def test_workers_gpus_and_the_largest_node_are_checked():
 def test_an_elastic_run_needs_room_for_its_minimum():
     elastic = LoopSettings(num_workers="1:4", cpus_per_worker=0.5)
     assert shortfalls(elastic, 0.5, True, TWO_CPUS) == []
+
+
+def test_the_wait_message_names_what_is_short_and_how_to_free_it():
+    from workflows.training.resources import waiting_message
+
+    assert waiting_message({"CPU": 1.0}, {"CPU": 1.5}, {"CPU": 2.0}) is None
+    msg = waiting_message({"CPU": 1.0, "GPU": 1.0}, {"CPU": 0.5, "GPU": 1.0},
+                          {"CPU": 2.0, "GPU": 1.0})
+    assert "1 CPU (free now: 0.5 of 2)" in msg and "GPU" not in msg
+    assert "--num-workers" in msg and "ray status" in msg
+
+
+@pytest.mark.ray
+def test_a_run_waiting_on_resources_another_run_holds_says_so_once(ray_local, caplog):
+    """Another run holds the CPUs (a created placement group); the run's own group, made
+    after the watch starts, is pending: one warning naming what it needs; once the other
+    run lets go, one line that it starts. Groups from before the watch are not the run's."""
+    import logging
+
+    from ray.util import placement_group, remove_placement_group
+
+    from workflows.training.resources import WaitNotice
+
+    free = ray_local.available_resources().get("CPU", 0.0)
+    other = placement_group([{"CPU": free}])
+    ray_local.get(other.ready(), timeout=60)
+    notice = WaitNotice({"CPU": 1.0}, after_s=3600)  # the test looks itself, no thread
+    caplog.set_level(logging.WARNING, logger="workflows.training.resources")
+    with notice:
+        notice.check()  # no group of the run's yet: nothing to say
+        assert not caplog.records
+        mine = placement_group([{"CPU": 1.0}])
+        notice.check()
+        notice.check()
+        waits = [r.getMessage() for r in caplog.records]
+        assert len(waits) == 1 and "waiting for resources" in waits[0]
+        assert "1 CPU (free now: 0 of" in waits[0]
+        remove_placement_group(other)
+        ray_local.get(mine.ready(), timeout=60)
+        notice.check()
+        notice.check()
+        lines = [r.getMessage() for r in caplog.records]
+        assert lines[1:] == ["the run got its resources and starts"]
+        remove_placement_group(mine)

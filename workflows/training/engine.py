@@ -57,7 +57,7 @@ from workflows.run_folder import MODEL_ARTIFACT, RunFolder, TrainResult
 from workflows.training.contracts import RunTracking, TrainingError, TrainTask
 from workflows.training.checkpoint import check_resume
 from workflows.training.loop import data_order, reads_own_rows, worker_loop
-from workflows.training.resources import check_cluster_fits
+from workflows.training.resources import WaitNotice, check_cluster_fits
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +237,10 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
         dataset_config=DataConfig(datasets_to_split=["train"],
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )
+    need = {"CPU": cpus * loop.min_workers, "GPU": float(loop.min_workers if loop.use_gpu else 0)}
     try:
-        result = trainer.fit()
+        with WaitNotice(need):  # a run that waits on other runs' resources says so
+            result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; surface ours as they are
         cause = exc
         while cause is not None:
