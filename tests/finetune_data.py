@@ -51,6 +51,29 @@ def write_sentiment(path: Path, n: int, seed: int, fmt: str = "csv") -> None:
             w.writerows(rows)
 
 
+def write_scores(path: Path, n: int, seed: int, pair: bool = False) -> None:
+    """Regression JSONL (STS-B-like numbers): a review scored 0-5 by its adjective (the
+    positive ones 3.5-4.4, the negative 0.5-1.4), `text,label`; with `pair`, `text_a,
+    text_b,label` with the second review's score."""
+    rng = random.Random(seed)
+    scale = {a: 3.5 + i / 10 for i, a in enumerate(POSITIVE)}
+    scale.update({a: 0.5 + i / 10 for i, a in enumerate(NEGATIVE)})
+
+    def review() -> tuple[str, float]:
+        adj = rng.choice(POSITIVE + NEGATIVE)
+        return rng.choice(SENTIMENT).format(n=rng.choice(NOUNS), a=adj), scale[adj]
+
+    rows = []
+    for _ in range(n):
+        text, score = review()
+        if pair:
+            other, score = review()
+            rows.append({"text_a": text, "text_b": other, "label": score})
+        else:
+            rows.append({"text": text, "label": score})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
 def _person(rng: random.Random) -> str:
     return f"{rng.choice(FIRST)} {rng.choice(LAST)}"
 

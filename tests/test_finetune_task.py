@@ -74,6 +74,70 @@ def test_frozen_encoder_task_trains_only_the_head(minilm_dir, tokenizer):
     assert frozen.classifier.weight.grad is not None
 
 
+def test_a_regression_fine_tune_learns_scores_and_serves_them(tiny_base, tokenizer, tmp_path):
+    """STS-B's task: one output trained with MSE (transformers' num_labels=1), evaluated by
+    Pearson/Spearman, saved as a folder that transformers loads to the same outputs, and
+    served as a float `score` per text, or per pair when it was trained on pairs."""
+    import pandas as pd
+    import transformers
+
+    D.write_scores(tmp_path / "train.jsonl", 96, seed=11)
+    D.write_scores(tmp_path / "dev.jsonl", 48, seed=12)
+    table, records, labels = D.task_table(tmp_path / "train.jsonl", "regression", tokenizer,
+                                          max_seq_len=24)
+    dev, dev_records, _ = D.task_table(tmp_path / "dev.jsonl", "regression", tokenizer,
+                                       max_seq_len=24)
+    assert labels == [] and isinstance(records[0]["label"], float)
+    task = _planned_task(tiny_base, tokenizer, "regression", table, records, labels)
+    torch.manual_seed(0)
+    model = task.build_model()
+    assert model.classifier.out_features == 1 and model.config.id2label == {0: "score"}
+    rng = np.random.default_rng(0)
+
+    def batches(t, size):
+        return [task.collate(t.slice(i, size), rng) for i in range(0, t.num_rows, size)]
+
+    with torch.no_grad():
+        before = task.evaluate(model.eval(), batches(dev, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(5):  # epochs (seeded: the same run every time)
+        for batch in batches(table, 16):
+            loss, _ = task.compute_loss(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        after = task.evaluate(model.eval(), batches(dev, 16))
+    assert after["pearson"] > 0.9 and after["spearman"] > 0.6, (before, after)
+    assert after["loss"] < before["loss"] / 4 and after["mse"] < 0.5
+    baseline = majority_baseline("regression", records, dev_records)
+    assert baseline["pearson"] == 0.0 and baseline["mse"] > after["mse"]
+
+    task.meta["inputs"] = ["text"]
+    task.save_model(model, tmp_path / "m")
+    texts = ["what a superb film !", "the plot was dreadful ."]
+    scores = Predictor.from_dir(tmp_path / "m", device="cpu").predict(
+        pd.DataFrame({"text": texts}))["score"].tolist()
+    assert scores[0] > 3 > 2 > scores[1]
+    hf = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    ids = [[tokenizer.cls_id, *r, tokenizer.sep_id] for r in tokenizer.encode_batch(texts[:1])]
+    with torch.no_grad():
+        assert float(hf(torch.tensor(ids)).logits) == pytest.approx(scores[0], abs=1e-4)
+    # Trained on pairs (`--text-pair-column`), the model reads and is served pairs.
+    from data_prep.tasks.pipeline import read_task_file
+
+    D.write_scores(tmp_path / "pairs.jsonl", 8, seed=13, pair=True)
+    pairs, _ = read_task_file(tmp_path / "pairs.jsonl", "regression",
+                              columns={"text_a": "text_a", "text_b": "text_b", "label": "label"})
+    assert set(pairs[0]) == {"text_a", "text_b", "label", "line"}
+    task.meta["inputs"] = ["text_a", "text_b"]
+    task.save_model(model, tmp_path / "pair")
+    out = Predictor.from_dir(tmp_path / "pair", device="cpu").predict(
+        pd.DataFrame(pairs)[["text_a", "text_b"]])
+    assert list(out.columns) == ["score"] and len(out) == 8
+
+
 def test_trivial_baselines():
     train = [{"label": "pos"}] * 3 + [{"label": "neg"}]
     assert majority_baseline("seq-cls", train, [{"label": "neg"}, {"label": "pos"}])["accuracy"] == 0.5
@@ -139,6 +203,7 @@ def test_task_datasets_are_cached_in_the_user_cache(monkeypatch, tmp_path):
 
 EVAL_FILES = {"seq-cls": ("eval.jsonl", lambda p: D.write_sentiment(p, 40, seed=2, fmt="jsonl")),
               "pair-cls": ("eval.jsonl", lambda p: D.write_pairs(p, 40, seed=4)),
+              "regression": ("eval.jsonl", lambda p: D.write_scores(p, 40, seed=3)),
               "token-cls": ("eval.conll", lambda p: D.write_conll(p, 30, seed=6)),
               "qa": ("eval.json", lambda p: D.write_squad(p, 8, seed=8, v2=True))}
 
@@ -161,7 +226,7 @@ def _planned_task(base, tokenizer, task, table, records, labels):
                         train_table=TrainRows(table, table.num_rows))
 
 
-@pytest.mark.parametrize("task", ["seq-cls", "pair-cls", "token-cls", "qa"])
+@pytest.mark.parametrize("task", ["seq-cls", "pair-cls", "regression", "token-cls", "qa"])
 def test_evaluation_sharded_over_ranks_equals_one_worker(task, tiny_base, tokenizer, tmp_path,
                                                          monkeypatch):
     """Each of 3 ranks evaluates its batches (i % 3); the gathered shares combine into
@@ -196,6 +261,10 @@ def test_evaluation_sharded_over_ranks_equals_one_worker(task, tiny_base, tokeni
         assert split and single["val_total"] == len(records)
     if task == "token-cls":
         assert single["val_f1"] >= 0 and "val_accuracy" in single
+    if task == "regression":
+        assert {"val_pearson", "val_spearman", "val_mse"} <= set(single)
+    if task in ("seq-cls", "pair-cls"):
+        assert "val_mcc" in single and ("val_f1" in single) == (len(labels) == 2)
 
 
 def test_planned_train_rows_reshuffle_each_epoch_and_resume_where_they_stopped(

@@ -115,6 +115,7 @@ def test_pearson_spearman_equal_scipy_with_ties_and_constant_sides():
         assert m["mse"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(gold, pred)) / n)
         assert list(average_ranks(pred)) == pytest.approx(list(stats.rankdata(pred)))
     assert pearson([1.0, 2.0, 3.0], [2.0, 2.0, 2.0]) == 0.0  # scipy: nan; a score card: 0
+    assert pearson([0.5, 3.7, 4.1, 1.3], [2.4] * 4) == 0.0  # centred, 2.4 - mean is not 0.0
     assert spearman([3.0, 3.0, 3.0], [1.0, 2.0, 3.0]) == 0.0
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
 

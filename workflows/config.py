@@ -295,14 +295,20 @@ class PretrainConfig:
               "give the run a name (--run-name NAME); the same name resumes the run")
 
 
+# The tasks with a sentence (or pair) vector: a pooling applies to them.
+SENTENCE_TASKS = ("seq-cls", "pair-cls", "regression")
+
+
 @dataclass(kw_only=True)
 class FinetuneConfig:
     """`bertflow finetune`: train a task head (and the encoder unless frozen) from a BERT,
     evaluate it, log it as a servable MLflow model and register it with its lineage."""
 
-    task: Literal["seq-cls", "pair-cls", "token-cls", "qa"] = field(
-        "seq-cls", help="seq-cls (text,label), pair-cls (text_a,text_b,label), "
-                        "token-cls (CoNLL, BIO tags) or qa (SQuAD v1.1/v2.0 JSON)")
+    task: Literal["seq-cls", "pair-cls", "regression", "token-cls", "qa"] = field(
+        "seq-cls", help="seq-cls (text,label), pair-cls (text_a,text_b,label), regression "
+                        "(text,label as a number; a pair text_a,text_b,label with "
+                        "--text-pair-column), token-cls (CoNLL, BIO tags) or qa (SQuAD "
+                        "v1.1/v2.0 JSON)")
     base: str = field("", help="model to start from: models:/NAME@ALIAS, models:/NAME/VERSION, "
                                "a checkpoint folder or a Hugging Face-format BERT folder")
     train: str = field("", help="training file (CSV/TSV/JSONL, CoNLL, or SQuAD JSON): a path "
@@ -325,8 +331,10 @@ class FinetuneConfig:
         None, help="seq-cls/pair-cls: the column (CSV/TSV header or JSONL key) holding the "
                    "text (default: text; pair-cls: text_a)")
     text_pair_column: str | None = field(
-        None, help="pair-cls: the column holding the second text (default: text_b)")
-    label_column: str = field("label", help="seq-cls/pair-cls: the column holding the label")
+        None, help="pair-cls: the column holding the second text (default: text_b); "
+                   "regression: given, the task scores pairs")
+    label_column: str = field("label", help="seq-cls/pair-cls: the column holding the label "
+                                            "(regression: the score)")
     epochs: float = field(3.0, help="passes over the training set (sets the number of steps)")
     max_seq_len: int = field(128, help="word pieces per example, specials included")
     doc_stride: int = field(128, help="qa: context pieces between the starts of two windows")
@@ -373,13 +381,15 @@ class FinetuneConfig:
         check(0 <= self.warmup_ratio < 1, "warmup_ratio", "must be in [0, 1)")
         check(self.labels is None or len(set(self.labels)) == len(self.labels) >= 2, "labels",
               "needs at least two distinct names")
-        check(self.pooling in ("auto", "pooler") or self.task in ("seq-cls", "pair-cls"),
-              "pooling", f"{self.pooling} applies to seq-cls and pair-cls only")
+        check(self.pooling in ("auto", "pooler") or self.task in SENTENCE_TASKS,
+              "pooling", f"{self.pooling} applies to seq-cls, pair-cls and regression only")
+        check(self.labels is None or self.task != "regression", "labels",
+              "a regression has no labels (its label column holds numbers)")
 
     @property
     def classifier_pooling(self) -> str | None:
         """The pooling the model is built with (None: the task has no sentence vector)."""
-        if self.task not in ("seq-cls", "pair-cls"):
+        if self.task not in SENTENCE_TASKS:
             return None
         pooling = self.pooling
         if pooling == "auto":
@@ -391,9 +401,11 @@ class FinetuneConfig:
         """{bertflow's record key: the task file's column} for seq-cls/pair-cls files."""
         if self.task == "seq-cls":
             return {"text": self.text_column or "text", "label": self.label_column}
-        if self.task == "pair-cls":
+        if self.task == "pair-cls" or self.task == "regression" and self.text_pair_column:
             return {"text_a": self.text_column or "text_a",
                     "text_b": self.text_pair_column or "text_b", "label": self.label_column}
+        if self.task == "regression":
+            return {"text": self.text_column or "text", "label": self.label_column}
         return {}
 
 
@@ -502,11 +514,12 @@ class PredictConfig(FileInference):
     text_pair_column: str | None = field(
         None, help="pair-cls: the input column holding the second text (default: text_b)")
 
-    def input_columns(self, task: str) -> dict[str, str]:
-        """{the predictor's column: the input file's column} for `task`'s text columns."""
-        if task == "seq-cls":
+    def input_columns(self, task: str, inputs: list[str] | None = None) -> dict[str, str]:
+        """{the predictor's column: the input file's column} for `task`'s text columns
+        (`inputs`: the columns the model reads, for a regression: text, or a pair)."""
+        if task == "seq-cls" or task == "regression" and (inputs or ["text"]) == ["text"]:
             return {"text": self.text_column or "text"}
-        if task == "pair-cls":
+        if task == "pair-cls" or task == "regression":
             return {"text_a": self.text_column or "text_a",
                     "text_b": self.text_pair_column or "text_b"}
         return {}

@@ -105,8 +105,8 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
     a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"{a.size} gold values but {b.size} predictions")
-    if a.size < 2:
-        return 0.0
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):
+        return 0.0  # checked before centring: a constant minus its mean may not be 0.0
     a, b = a - a.mean(), b - b.mean()
     denom = math.sqrt(float(a @ a) * float(b @ b))
     if denom == 0.0:

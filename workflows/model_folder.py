@@ -29,6 +29,7 @@ META_FILE = "bertflow.json"
 TASK_HEADS: dict[str, type[nn.Module]] = {
     "seq-cls": BertForSequenceClassification,
     "pair-cls": BertForSequenceClassification,
+    "regression": BertForSequenceClassification,  # one output, MSE (num_labels=1, as HF)
     "token-cls": BertForTokenClassification,
     "qa": BertForQuestionAnswering,
     "pretraining": BertModel,

@@ -25,11 +25,20 @@ from data_prep.manifest import (Manifest, atomic_output_dir, build_fingerprint,
                                 fingerprint_file, is_up_to_date)
 from data_prep.tasks import features as F
 from data_prep.tasks.readers import (SkipReport, TaskDataError, read_classification,
-                                     read_conll, read_squad)
+                                     read_conll, read_regression, read_squad)
 
 log = logging.getLogger(__name__)
 
 TEXT_FIELDS = {"seq-cls": ("text",), "pair-cls": ("text_a", "text_b")}
+# A regression scores one text, or a pair when its columns name a second text (`text_b`).
+REGRESSION_FIELDS = {False: ("text",), True: ("text_a", "text_b")}
+
+
+def text_fields(task: str, columns: dict[str, str] | None = None) -> tuple[str, ...]:
+    """The record keys holding a classification or regression task's texts."""
+    if task == "regression":
+        return REGRESSION_FIELDS["text_b" in (columns or {})]
+    return TEXT_FIELDS[task]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +73,8 @@ def read_task_file(path: str | Path, task: str, labels: list[str] | None = None,
     `columns` ({"text": "review", "label": "stars"}) names a classification file's columns."""
     if task in TEXT_FIELDS:
         return read_classification(path, TEXT_FIELDS[task], labels=labels, columns=columns)
+    if task == "regression":
+        return read_regression(path, text_fields(task, columns), columns=columns)
     if task == "token-cls":
         return read_conll(path, tags=labels)
     if task == "qa":
@@ -73,7 +84,7 @@ def read_task_file(path: str | Path, task: str, labels: list[str] | None = None,
 
 def label_list(records: list[dict], task: str) -> list[str]:
     """Sorted label names of `records` ("O" first for tags, then B-/I- by type)."""
-    if task == "qa":
+    if task in ("qa", "regression"):
         return []
     if task == "token-cls":
         tags = {t for r in records for t in r["tags"]}
@@ -87,11 +98,13 @@ def featurize(records: list[dict], tokenizer: Any, spec: TaskFeatures,
               label_ids: dict[str, int]) -> dict[str, list]:
     """Feature columns of a batch of records (the Parquet schema of a task dataset)."""
     n = spec.max_seq_len
-    if spec.task in TEXT_FIELDS:
-        fields = TEXT_FIELDS[spec.task]
+    if spec.task in TEXT_FIELDS or spec.task == "regression":
+        fields = TEXT_FIELDS.get(spec.task) or REGRESSION_FIELDS[bool(records) and
+                                                                 "text_b" in records[0]]
         cols = F.encode_classification(tokenizer, [r[fields[0]] for r in records],
                                        [r[fields[1]] for r in records] if len(fields) > 1 else None, n)
-        cols["labels"] = [label_ids[r["label"]] for r in records]
+        cols["labels"] = ([float(r["label"]) for r in records] if spec.task == "regression"
+                          else [label_ids[r["label"]] for r in records])
     elif spec.task == "token-cls":
         pieces = F.word_pieces(tokenizer, [r["tokens"] for r in records])
         cols = F.encode_words(tokenizer, pieces,
@@ -125,6 +138,7 @@ class Featurizer:
         cols = featurize(records, self.tokenizer, self.spec, self.label_ids)
         list_type = pa.list_(pa.int32())
         return pa.table({k: pa.array(v, type=list_type if v and isinstance(v[0], list)
+                                     else pa.float64() if v and isinstance(v[0], float)
                                      else pa.int64()) for k, v in cols.items()})
 
 
@@ -152,7 +166,7 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
         raise TaskDataError(f"{path}: no usable {spec.task} records ({report.total} skipped: "
                             f"{'; '.join(report.messages[:3]) or 'empty file'})")
     labels = list(labels) if labels is not None else label_list(records, spec.task)
-    if spec.task != "qa" and len(labels) < 2:
+    if spec.task not in ("qa", "regression") and len(labels) < 2:
         raise TaskDataError(f"{path}: only one label ({', '.join(labels)}); "
                             "classification needs at least two")
     for i, r in enumerate(records):
@@ -170,6 +184,8 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     renamed = {k: v for k, v in (columns or {}).items() if k != v}
     if renamed:  # only then: the datasets of default columns keep their fingerprints
         config["columns"] = renamed
+    if spec.task == "regression":  # a text or a pair: other features from the same file
+        config["text_fields"] = list(text_fields(spec.task, columns))
     fp = build_fingerprint(config, inputs, tokenizer.fingerprint(), kind=f"task-{spec.task}")
     final = Path(out_root).absolute() / f"{spec.task}-{split}-{fp[:12]}"
     ok, reason = is_up_to_date(final, fp)

@@ -1,4 +1,5 @@
-"""Readers for fine-tuning files: classification CSV/TSV/JSONL, CoNLL, SQuAD v1.1/v2.0 JSON.
+"""Readers for fine-tuning files: classification and regression CSV/TSV/JSONL, CoNLL,
+SQuAD v1.1/v2.0 JSON.
 
 Every input record is accounted for: a reader returns the usable records and a
 `SkipReport` that counts the others by reason and keeps the first messages, each naming
@@ -358,6 +359,28 @@ def read_classification(path: str | Path, text_fields: tuple[str, ...],
             rec["label"] = label
         rec["line"] = lineno
         out.append(rec)
+    return out, report
+
+
+def read_regression(path: str | Path, text_fields: tuple[str, ...],
+                    label_field: str = "label",
+                    columns: dict[str, str] | None = None) -> tuple[list[dict], SkipReport]:
+    """`read_classification` for scores: each record's `label` is a float. A label that
+    is not a finite number is skipped ("bad score", with file and line)."""
+    import math
+
+    rows, report = read_classification(path, text_fields, label_field, columns=columns)
+    out = []
+    for rec in rows:
+        try:
+            score = float(rec["label"])
+        except ValueError:
+            score = float("nan")
+        if not math.isfinite(score):
+            report.skip("bad score", f"{path}:{rec['line']}",
+                        f"label {rec['label']!r} is not a number (a regression needs scores)")
+            continue
+        out.append({**rec, "label": score})
     return out, report
 
 

@@ -166,7 +166,8 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
     check_locations(cfg)
     ray = init_ray(cfg.address)
     with _resolved(cfg) as model_dir:
-        task = read_task_meta(model_dir)["task"]
+        meta = read_task_meta(model_dir)
+        task = meta["task"]
         model = ship_model_folder(model_dir, origin=cfg.model)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # output rows in input order
@@ -174,7 +175,7 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
         ds = read_table_dataset(ray, path)
     ds = ds.map_batches(BatchPredictor, fn_constructor_args=(model,),
                         fn_constructor_kwargs={"batch_size": cfg.micro_batch,
-                                               "columns": cfg.input_columns(task)},
+                                               "columns": cfg.input_columns(task, meta.get("inputs"))},
                         batch_format="pandas",
                         batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),

@@ -5,6 +5,8 @@ decodes its outputs. Used by serving (the MLflow pyfunc), `bertflow predict` and
 Inputs per task (DataFrame columns) and outputs:
 - seq-cls:   `text`                 -> `label`, `score`
 - pair-cls:  `text_a`, `text_b`     -> `label`, `score`
+- regression: `text`, or `text_a`, `text_b` (as trained: bertflow.json `inputs`) -> `score`
+  (the predicted number)
 - token-cls: `tokens` (list of words, or a string split on white space) -> `tags`
 - qa:        `question`, `context`  -> `answer`, `start`, `end` (character span), `score`
 - pretraining (no task head): `text` -> `embedding`
@@ -28,6 +30,7 @@ from workflows.model_folder import encoder_of, load_task_model, read_task_meta
 log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = {"seq-cls": ("text",), "pair-cls": ("text_a", "text_b"),
+                 "regression": ("text",),  # or a pair: the folder's bertflow.json `inputs`
                  "token-cls": ("tokens",), "qa": ("question", "context"),
                  "pretraining": ("text",)}
 
@@ -60,6 +63,8 @@ class Predictor:
         self.meta = meta
         self.task = meta.get("task", "pretraining")
         self.labels = list(meta.get("labels") or [])
+        # The columns the model reads (a regression: a text or a pair, as it was trained).
+        self.inputs = tuple(meta.get("inputs") or INPUT_COLUMNS[self.task])
         id2label = getattr(getattr(model, "config", None), "id2label", None)
         if not self.labels and id2label and self.task in ("seq-cls", "pair-cls", "token-cls"):
             self.labels = [id2label[i] for i in sorted(id2label)]  # a folder without labels
@@ -115,7 +120,7 @@ class Predictor:
         return df[name].tolist()
 
     def _check_columns(self, df: Any) -> None:
-        need = INPUT_COLUMNS[self.task]
+        need = self.inputs
         missing = [c for c in need if c not in df.columns]
         if missing:
             raise PredictError(
@@ -132,8 +137,8 @@ class Predictor:
 
         self._check_columns(df)
         df = df.reset_index(drop=True)
-        errors = [_missing_field(row, INPUT_COLUMNS[self.task])
-                  for row in df[list(INPUT_COLUMNS[self.task])].itertuples(index=False)]
+        errors = [_missing_field(row, self.inputs)
+                  for row in df[list(self.inputs)].itertuples(index=False)]
         if any(errors):
             ok = [i for i, e in enumerate(errors) if not e]
             out = self._predict(df.iloc[ok].reset_index(drop=True)) if ok else None
@@ -150,7 +155,7 @@ class Predictor:
     def _predict(self, df: Any) -> Any:
         import pandas as pd
 
-        if self.task in ("seq-cls", "pair-cls"):
+        if self.task in ("seq-cls", "pair-cls", "regression"):
             return pd.DataFrame(self._classify(df))
         if self.task == "token-cls":
             return pd.DataFrame({"tags": self.tag_words(self._words(df))})
@@ -162,12 +167,18 @@ class Predictor:
         return pd.DataFrame({"embedding": [v.tolist() for v in vecs]})
 
     def _classify(self, df: Any) -> dict[str, list]:
-        pair = self.task == "pair-cls"
-        a = [str(x) for x in self._column(df, "text_a" if pair else "text")]
-        b = [str(x) for x in self._column(df, "text_b")] if pair else None
+        """seq-cls/pair-cls: the label and its probability; regression: the score."""
+        pair = len(self.inputs) == 2
+        a = [str(x) for x in self._column(df, self.inputs[0])]
+        b = [str(x) for x in self._column(df, self.inputs[1])] if pair else None
         rows = F.encode_classification(self.tokenizer, a, b, self.max_seq_len)
         labels: list[str] = [""] * len(a)
         scores: list[float] = [0.0] * len(a)
+        if self.task == "regression":
+            for idx, _, out in self._forward(rows):
+                for j, v in zip(idx, out.logits.float().squeeze(-1).cpu().tolist()):
+                    scores[j] = float(v)
+            return {"score": scores}
         for idx, _, out in self._forward(rows):
             names, probs = decode_classification(out.logits.float().cpu().numpy(), self.labels)
             for j, n, p in zip(idx, names, probs):

@@ -54,7 +54,6 @@ from ray import serve
 
 from bert_core.config_io import BertflowError
 from workflows.config import MODEL_NAME, SERVE_TOKEN_ENV, ServeConfig
-from workflows.serving.predictor import INPUT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +260,7 @@ class ModelReplica:
     def info(self) -> dict[str, Any]:
         p = self.predictor
         return {"model": self.model.name, "version": self.model.version, "task": p.task,
-                "labels": p.labels, "fields": list(INPUT_COLUMNS[p.task]),
+                "labels": p.labels, "fields": list(p.inputs),
                 "max_seq_len": p.max_seq_len, "follows": self.model.followed or None,
                 "embedding": {"pooling": self.embedding.pooling,
                               "normalize": self.embedding.normalize,
@@ -299,7 +298,7 @@ class ModelReplica:
             texts = check_rows(inputs, ("text",), self.limits.max_text_chars)["text"]
             vectors = await self.embed_batch(texts) if texts else []
             return {**head, "dim": len(vectors[0]) if vectors else 0, "embeddings": vectors}
-        columns = check_rows(inputs, INPUT_COLUMNS[self.predictor.task],
+        columns = check_rows(inputs, self.predictor.inputs,
                              self.limits.max_text_chars)
         return {**head, "predictions": await self.predict_batch(columns) if inputs else []}
 

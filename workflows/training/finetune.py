@@ -196,7 +196,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     when up to date), labels, bertflow.json and the trivial baseline."""
     import pyarrow.parquet as pq
 
-    from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset
+    from data_prep.tasks.pipeline import TaskFeatures, build_task_dataset, text_fields
     from data_prep.tokenizer import WordPieceTokenizer
     from workflows import tracking as T
     from workflows.training.finetune_task import TrainRows, majority_baseline
@@ -242,12 +242,15 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
             "null_score_threshold": cfg.null_score_threshold, "version_2": version_2,
             "base_model": pinned.uri,
             "dataset_fingerprint": train.manifest.fingerprint}
+    if cfg.task == "regression":  # what the served model reads: a text or a pair
+        meta["inputs"] = list(text_fields(cfg.task, cfg.columns))
     qa_golds = {}
     if cfg.task == "qa" and evalset is not None:
         qa_golds = {r["example_index"]: (r["context"], [] if r["is_impossible"] else
                                          [a["text"] for a in r["answers"]])
                     for r in evalset.records}
-    baseline = majority_baseline(cfg.task, train.records, evalset.records) if evalset else {}
+    baseline = (majority_baseline(cfg.task, train.records, evalset.records, labels)
+                if evalset else {})
     train_table = TrainRows.put(pq.read_table(train.parquet_dir))
     tables = {"val": ray.put(pq.read_table(evalset.parquet_dir))} if evalset is not None else {}
     return PreparedFinetune(uri=uri, base=base, base_pin=pinned, train=train,

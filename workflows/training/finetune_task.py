@@ -1,4 +1,4 @@
-"""The fine-tuning `TrainTask` for the engine: one class, four BERT uses.
+"""The fine-tuning `TrainTask` for the engine: one class, five BERT uses.
 
 `FinetuneTask` is what `workflows.training.engine.run_training` ships to each Ray Train
 worker: it builds the head model from the base folder (shipped through the object store
@@ -14,7 +14,9 @@ workers, and a resume starts at its position without reading the batches before 
 
 Evaluation is sharded (training/loop.py `evaluate`): each rank turns its share of the
 validation batches into an `eval_share` (classification: loss per batch and counts of
-(gold, predicted) labels; token classification: entity counts; QA: each question's
+(gold, predicted) labels; regression: each batch's gold and predicted scores, since
+correlations do not add up over shards; token classification: entity counts; QA: each
+question's
 n-best spans and null score, since a question's windows may fall to several ranks), the
 shares of every rank are gathered and `eval_combine` computes the metrics of the whole,
 equal to a one-worker evaluation's (`evaluate` is the combination of one share).
@@ -41,10 +43,13 @@ from workflows.training.rows import Chunk, Part, ReadStats
 from workflows.transfer import local_folder
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-TARGETS = {"seq-cls": ("labels",), "pair-cls": ("labels",), "token-cls": ("labels",),
-           "qa": ("start_positions", "end_positions")}
+TARGETS = {"seq-cls": ("labels",), "pair-cls": ("labels",), "regression": ("labels",),
+           "token-cls": ("labels",), "qa": ("start_positions", "end_positions")}
 EXTRA = {"qa": ("example_index", "offset_start", "offset_end")}  # kept for evaluation
-PRIMARY_METRIC = {"seq-cls": "accuracy", "pair-cls": "accuracy", "token-cls": "f1", "qa": "f1"}
+PRIMARY_METRIC = {"seq-cls": "accuracy", "pair-cls": "accuracy", "regression": "pearson",
+                  "token-cls": "f1", "qa": "f1"}
+CLASSIFICATION = ("seq-cls", "pair-cls")
+REGRESSION_HEAD = {"num_labels": 1, "id2label": {0: "score"}, "label2id": {"score": 0}}
 TRAIN_PART = "object-store:train"  # the one part of the fine-tuning train rows
 
 
@@ -94,7 +99,7 @@ class TrainRows:
 
 @dataclass
 class FinetuneTask:
-    """A picklable TrainTask for seq-cls, pair-cls, token-cls and qa.
+    """A picklable TrainTask for seq-cls, pair-cls, regression, token-cls and qa.
 
     `meta` is the bertflow.json written with the model (task, labels, inference
     settings, lineage). `qa_golds` maps a QA eval example index to its gold answer texts
@@ -116,9 +121,12 @@ class FinetuneTask:
     def _overrides(self) -> dict[str, Any]:
         if self.task == "qa":
             return {}
-        id2label = dict(enumerate(self.labels))
-        out = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
-               "num_labels": len(self.labels)}
+        if self.task == "regression":  # one output trained with MSE, as HF's num_labels=1
+            out: dict[str, Any] = dict(REGRESSION_HEAD)
+        else:
+            id2label = dict(enumerate(self.labels))
+            out = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()},
+                   "num_labels": len(self.labels)}
         if self.pooling is not None:
             out["classifier_pooling"] = self.pooling
         return out
@@ -178,6 +186,8 @@ class FinetuneTask:
             hit = (out.start_logits.argmax(-1) == batch["start_positions"]) & \
                   (out.end_logits.argmax(-1) == batch["end_positions"])
             return out.loss, {"span_correct": hit.sum().detach(), "span_count": hit.numel()}
+        if self.task == "regression":
+            return out.loss, {}  # the loss is the mean squared error
         pred = out.logits.argmax(-1)
         labels = batch["labels"]
         seen = labels != IGNORE
@@ -190,7 +200,8 @@ class FinetuneTask:
 
     # ---- evaluation ---------------------------------------------------------------
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Validation loss and the task's metrics (accuracy/macro-F1, entity P/R/F1, EM/F1)."""
+        """Validation loss and the task's metrics (accuracy/macro-F1/MCC, Pearson/Spearman,
+        entity P/R/F1, EM/F1)."""
         return self.eval_combine([self.eval_share(model, enumerate(batches))])
 
     def eval_share(self, model: nn.Module,
@@ -200,35 +211,46 @@ class FinetuneTask:
         losses: dict[int, float] = {}
         counts: collections.Counter = collections.Counter()
         answers: dict[int, tuple[list, float]] = {}
+        scores: dict[int, tuple[list[float], list[float]]] = {}
         n_best = int(self.meta.get("n_best", 20))
         for index, batch in batches:
             out = self._forward(model, batch, with_targets=True)
             losses[index] = float(out.loss)
-            if self.task in ("seq-cls", "pair-cls"):
+            if self.task in CLASSIFICATION:
                 counts.update(zip(batch["labels"].tolist(), out.logits.argmax(-1).tolist()))
+            elif self.task == "regression":
+                scores[index] = (batch["labels"].tolist(),
+                                 out.logits.float().squeeze(-1).tolist())
             elif self.task == "token-cls":
                 counts.update(self._entity_counts(batch["labels"], out.logits))
             else:
                 self._add_answers(answers, batch, out, n_best)
-        return {"losses": losses, "counts": counts, "answers": answers}
+        return {"losses": losses, "counts": counts, "answers": answers, "scores": scores}
 
     def eval_combine(self, shares: list[dict[str, Any]]) -> dict[str, float]:
         """The metrics of the batches of all `shares` (one per rank, in any order): the
         loss is the mean over batches in batch order, counts are added, a question's
-        spans are merged, so the result equals evaluating all batches at once."""
+        spans are merged, a regression's scores joined in batch order, so the result
+        equals evaluating all batches at once."""
         losses: dict[int, float] = {}
         counts: collections.Counter = collections.Counter()
         answers: dict[int, tuple[list, float]] = {}
+        scores: dict[int, tuple[list[float], list[float]]] = {}
         n_best = int(self.meta.get("n_best", 20))
         for share in shares:
             losses.update(share["losses"])
             counts.update(share["counts"])
+            scores.update(share.get("scores", {}))
             for ex, found in share["answers"].items():
                 answers[ex] = _merge_answers(answers.get(ex), found, n_best)
         result = {"loss": float(np.mean([losses[i] for i in sorted(losses)]))
                   if losses else float("nan")}
-        if self.task in ("seq-cls", "pair-cls"):
-            result.update(M.confusion_metrics(counts))
+        if self.task in CLASSIFICATION:  # binary: F1 of label id 1 (GLUE's "1")
+            result.update(M.confusion_metrics(counts, 1 if len(self.labels) == 2 else None))
+        elif self.task == "regression":
+            order = sorted(scores)
+            result.update(M.regression_metrics([g for i in order for g in scores[i][0]],
+                                               [p for i in order for p in scores[i][1]]))
         elif self.task == "token-cls":
             result.update(M.entity_metrics_of_counts(counts))
         else:
@@ -282,16 +304,25 @@ def _merge_answers(have: tuple[list, float] | None, window: tuple[list, float],
     return sorted(have[0] + window[0], reverse=True)[:n_best], min(have[1], window[1])
 
 
-def majority_baseline(task: str, train_records: list[dict], eval_records: list[dict]) -> dict[str, float]:
+def majority_baseline(task: str, train_records: list[dict], eval_records: list[dict],
+                      labels: list[str] | None = None) -> dict[str, float]:
     """What a trivial model scores on the eval records: the most frequent training label
-    (classification), all "O" (token-cls), or always the first context word / no answer
-    (qa, whichever scores higher) — the bar a fine-tuned model must clearly beat."""
+    (classification; `labels` in id order name binary F1's positive class, id 1), the
+    mean training score (regression: no correlation, the MSE of the mean), all "O"
+    (token-cls), or always the first context word / no answer (qa, whichever scores
+    higher) — the bar a fine-tuned model must clearly beat."""
     from collections import Counter
 
-    if task in ("seq-cls", "pair-cls"):
+    if task in CLASSIFICATION:
         top = Counter(r["label"] for r in train_records).most_common(1)[0][0]
+        names = labels or sorted({r["label"] for r in train_records})
         return M.classification_metrics([r["label"] for r in eval_records],
-                                         [top] * len(eval_records))
+                                         [top] * len(eval_records),
+                                         names[1] if len(names) == 2 else None)
+    if task == "regression":
+        mean = float(np.mean([r["label"] for r in train_records]))
+        return M.regression_metrics([r["label"] for r in eval_records],
+                                    [mean] * len(eval_records))
     if task == "token-cls":
         return M.entity_metrics([r["tags"] for r in eval_records],
                                 [["O"] * len(r["tags"]) for r in eval_records])
