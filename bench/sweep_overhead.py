@@ -64,7 +64,7 @@ def main() -> None:
     from workflows.config import SweepConfig, config_from_mapping
     from workflows.run_folder import RunFolder
     from workflows.training.finetune import prepare_finetune
-    from workflows.training.sweep import _resources, run_sweep
+    from workflows.training.sweep import run_sweep, trial_resources
     from workflows.training.sweep_trials import SweepPlan, train_trial
 
     D = _test_data_module()
@@ -84,7 +84,7 @@ def main() -> None:
              log_to_driver=False, configure_logging=False)
 
     prep = prepare_finetune(cfg)  # tokenize once: both sides reuse the datasets
-    _, cpus = _resources(cfg)
+    _, cpus = trial_resources(cfg)
 
     def by_hand_plan(name: str, trials: int) -> SweepPlan:
         """A parent run and the plan its fine-tunes share (what run_sweep sets up)."""

@@ -37,7 +37,8 @@ from workflows.training.sweep_space import (check_space, expand_points, load_spa
                                             optuna_space, trial_config)
 from workflows.training.sweep_trials import (TRIAL_DRIVER_RESOURCES, SweepPlan,
                                              reuse_trial_actors, sweep_trainable,
-                                             trial_params, tune_callback_class)
+                                             sweep_trial_text, trial_params,
+                                             tune_callback_class)
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,11 @@ class SweepResult:
     trials: list[TrialRecord]
     ranking: list[PointSummary]          # best first
     winner: TrialRecord                  # the best seed of the best point
-    model_uri: str
+    model_uri: str | None
     model_version: str | None
     experiment_path: str           # the Tune experiment folder: a local path or a URI
     resumed: bool = False
+    pending: str | None = None    # the command that registers the winner later
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -74,8 +76,9 @@ def selection_metric(cfg: SweepConfig) -> str:
     return name if name.startswith("val_") else f"val_{name}"
 
 
-def _resources(cfg: SweepConfig) -> tuple[int, float]:
-    """(trials at once, CPUs per Train worker) on the running cluster."""
+def trial_resources(cfg: SweepConfig) -> tuple[int, float]:
+    """(trials at once, CPUs per Train worker) on the running cluster (`bertflow eval`'s
+    trials too)."""
     import ray
 
     res = ray.cluster_resources()
@@ -96,8 +99,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from ray import tune
 
     from data_prep.ray_env import init_ray
+    from data_prep.storage import public_uri
     from workflows import tracking as T
-    from workflows.transfer import local_model_dir
+    from workflows.deferred_registration import (PendingRegistration, finish_run,
+                                                 register_command)
     from workflows.training.engine import run_folder
     from workflows.training.finetune import prepare_finetune
 
@@ -109,7 +114,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     exp_path = experiment.uri
     prep = prepare_finetune(cfg)
     init_ray(cfg.address)
-    at_once, cpus = _resources(cfg)
+    at_once, cpus = trial_resources(cfg)
     resumed = tune.Tuner.can_restore(str(exp_path))
     # A parent run of this name without a winner is this sweep's, even when the driver died
     # before Tune saved its first state: reuse it rather than open a second parent.
@@ -153,18 +158,23 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     pick = max if cfg.mode == "max" else min
     winner = pick((t for t in best.trials if t.value is not None), key=lambda t: t.value)
     _log_parent(client, parent, trials, ranking, metric, winner)
-    with local_model_dir(winner.model_dir) as winner_dir:  # downloaded from object storage
-        model_uri, version = T.log_and_register(
-            winner_dir, run_id=winner.run_id, uri=prep.uri, task=cfg.task,
-            tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
-            register_as=cfg.tracking.register_as,
-            version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
-            metrics={**winner.metrics, f"{metric}_mean": best.mean,
-                     f"{metric}_std": best.std})
-    client.set_tag(parent, T.TAG_SWEEP_WINNER, winner.run_id)
+    # As a fine-tuning run ends (workflows.deferred_registration): or left for later.
+    winner_run = run_folder(cfg.loop, winner.run_name)
+    pending = PendingRegistration(
+        run_id=winner.run_id, task=cfg.task, model_dir=str(winner.model_dir),
+        tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
+        version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
+        metrics={**winner.metrics, f"{metric}_mean": best.mean, f"{metric}_std": best.std},
+        register_as=cfg.tracking.register_as, tracking_uri=public_uri(prep.uri),
+        sweep_parent=parent)
+    model_uri, version = finish_run(
+        winner_run, pending, prep.uri, cfg.tracking.tracker_wait_s,
+        after=lambda: client.set_tag(parent, T.TAG_SWEEP_WINNER, winner.run_id))
     return SweepResult(name=name, run_id=parent, metric=metric, trials=trials,
                        ranking=ranking, winner=winner, model_uri=model_uri,
-                       model_version=version, experiment_path=exp_path, resumed=resumed)
+                       model_version=version, experiment_path=exp_path, resumed=resumed,
+                       pending=None if model_uri else register_command(
+                           winner_run.where, cfg.tracking.register_as))
 
 
 def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,
@@ -206,7 +216,8 @@ def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,
                                     max_concurrent_trials=at_once,
                                     reuse_actors=reuse_trial_actors(cfg)),
         run_config=tune.RunConfig(name=name, storage_path=exp_path.rsplit("/", 1)[0], verbose=0,
-                                  callbacks=[tune_callback_class()(metric, cfg, train_rows)]))
+                                  callbacks=[tune_callback_class()(
+                                      sweep_trial_text(metric, cfg, train_rows))]))
 
 
 def _bounds(value: Any) -> list[float]:
@@ -214,7 +225,19 @@ def _bounds(value: Any) -> list[float]:
 
 
 def _collect(grid: Any, plan: SweepPlan, metric: str, client: Any) -> list[TrialRecord]:
-    """A TrialRecord per trial; MLflow runs of stopped trials end KILLED, failed FAILED.
+    """A TrialRecord per trial (`collect_trial`), in trial id order."""
+    from workflows import tracking as T
+
+    experiment_id = T.ensure_experiment(plan.cfg.tracking.experiment, plan.prep.uri)
+    trials = [collect_trial(result, plan, metric, client, experiment_id,
+                            *trial_params(result.config)) for result in grid]
+    return sorted(trials, key=lambda t: t.trial_id)
+
+
+def collect_trial(result: Any, plan: SweepPlan, metric: str, client: Any,
+                  experiment_id: str, point: dict[str, Any], seed: int) -> TrialRecord:
+    """The TrialRecord of one Tune result of (point, seed) run from `plan`; its MLflow
+    run ends KILLED if stopped, FAILED if failed (`bertflow eval` collects with it too).
 
     A trial is done when its last report is the final step: ASHA "stops" a trial at its
     last epoch too (before `run_training` returns), so the final checkpoint that Tune
@@ -224,36 +247,31 @@ def _collect(grid: Any, plan: SweepPlan, metric: str, client: Any) -> list[Trial
     from workflows.run_folder import MODEL_ARTIFACT
     from workflows.training.engine import finished_run
 
-    experiment_id = T.ensure_experiment(plan.cfg.tracking.experiment, plan.prep.uri)
-    trials = []
-    for result in grid:
-        r = dict(result.metrics or {})
-        trial_id = r.get("trial_id") or Path(result.path).name
-        point, seed = trial_params(result.config)
-        run_name = f"{plan.name}-{trial_id}"
-        loop, _ = plan.trial_loop(trial_config(plan.cfg, point, seed, run_name))
-        model_dir = None
-        if (done := finished_run(loop, run_name)) is not None:
-            r.update(done.metrics)
-            model_dir = done.model_dir
-        elif r.get("step", 0) >= loop.max_steps and r.get("checkpoint_path"):
-            # Ray reports the path on the storage filesystem, without a URI's scheme.
-            ckpt = plan.experiment.location.with_path(str(r["checkpoint_path"]))
-            model_dir = plan.experiment.where_of(ckpt.join(MODEL_ARTIFACT))
-        status = "done" if model_dir is not None else ("failed" if result.error else "stopped")
-        run = T.find_run(experiment_id, run_name, plan.prep.uri)
-        if run is not None and run.info.status in ("RUNNING", "SCHEDULED"):
-            client.set_terminated(run.info.run_id, {"done": "FINISHED", "stopped": "KILLED",
-                                                    "failed": "FAILED"}[status])
-        value = r.get(metric)
-        trials.append(TrialRecord(
-            trial_id=trial_id, run_name=run_name, point=point, seed=seed, status=status,
-            value=None if value is None else float(value),
-            epochs=int(r.get("training_iteration", 0)), time_s=float(r.get("time_total_s", 0.0)),
-            run_id=run.info.run_id if run is not None else None, model_dir=model_dir,
-            metrics={k: float(v) for k, v in r.items()
-                     if k.startswith("val_") and isinstance(v, (int, float))}))
-    return sorted(trials, key=lambda t: t.trial_id)
+    r = dict(result.metrics or {})
+    trial_id = r.get("trial_id") or Path(result.path).name
+    run_name = f"{plan.name}-{trial_id}"
+    loop, _ = plan.trial_loop(trial_config(plan.cfg, point, seed, run_name))
+    model_dir = None
+    if (done := finished_run(loop, run_name)) is not None:
+        r.update(done.metrics)
+        model_dir = done.model_dir
+    elif r.get("step", 0) >= loop.max_steps and r.get("checkpoint_path"):
+        # Ray reports the path on the storage filesystem, without a URI's scheme.
+        ckpt = plan.experiment.location.with_path(str(r["checkpoint_path"]))
+        model_dir = plan.experiment.where_of(ckpt.join(MODEL_ARTIFACT))
+    status = "done" if model_dir is not None else ("failed" if result.error else "stopped")
+    run = T.find_run(experiment_id, run_name, plan.prep.uri)
+    if run is not None and run.info.status in ("RUNNING", "SCHEDULED"):
+        client.set_terminated(run.info.run_id, {"done": "FINISHED", "stopped": "KILLED",
+                                                "failed": "FAILED"}[status])
+    value = r.get(metric)
+    return TrialRecord(
+        trial_id=trial_id, run_name=run_name, point=point, seed=seed, status=status,
+        value=None if value is None else float(value),
+        epochs=int(r.get("training_iteration", 0)), time_s=float(r.get("time_total_s", 0.0)),
+        run_id=run.info.run_id if run is not None else None, model_dir=model_dir,
+        metrics={k: float(v) for k, v in r.items()
+                 if k.startswith("val_") and isinstance(v, (int, float))})
 
 
 def _log_parent(client: Any, parent: str, trials: list[TrialRecord],

@@ -4,6 +4,7 @@
     train_trial(plan, point, ...)   one fine-tuning run, an MLflow child run of the sweep
     trial_callbacks()               the Ray Train callbacks of a trial (Tune's report)
     tune_callback_class()           the driver's Tune callback: a line per trial, cleanup
+    sweep_trial_text(...)           what that line says of a sweep's trial
 
 Each trial calls `run_training` with one worker and a fraction of a CPU; Tune's
 `TuneReportCallback` hands each epoch's eval metrics to Tune, so ASHA can stop a trial
@@ -179,27 +180,38 @@ def release_placement_group(result: dict[str, Any] | None) -> bool:
     return True
 
 
+def sweep_trial_text(metric: str, cfg: SweepConfig, train_rows: int) -> Any:
+    """What a sweep's trial line says of a trial config: (its point and seed, the
+    metric shown, the steps it was planned to run)."""
+    def describe(config: dict[str, Any]) -> tuple[str, str, int]:
+        from workflows.training.finetune import loop_for_epochs
+
+        point, seed = trial_params(config)
+        planned = loop_for_epochs(trial_config(cfg, point, seed), train_rows)[0]
+        return f"{_point_text(point)} seed={seed}", metric, planned.max_steps
+
+    return describe
+
+
 def tune_callback_class() -> type:
     """A Tune callback printing one line per finished trial and releasing a stopped
-    trial's worker placement group (built lazily: imports ray)."""
+    trial's worker placement group (built lazily: imports ray). It is made with a
+    `describe(trial config) -> (text, metric, planned steps)`, e.g. `sweep_trial_text`."""
     from ray import tune
 
     class TrialLines(tune.Callback):
-        def __init__(self, metric: str, cfg: SweepConfig, train_rows: int) -> None:
-            self.metric, self.cfg, self.train_rows = metric, cfg, train_rows
+        def __init__(self, describe: Any) -> None:
+            self.describe = describe
 
         def _line(self, trial: Any, how: str) -> None:
-            from workflows.training.finetune import loop_for_epochs
-
             r = trial.last_result or {}
-            point, seed = trial_params(trial.config)
-            planned = loop_for_epochs(trial_config(self.cfg, point, seed), self.train_rows)[0]
-            if how == "ended" and r.get("step", 0) < planned.max_steps:
+            text, metric, planned = self.describe(trial.config)
+            if how == "ended" and r.get("step", 0) < planned:
                 how = "stopped"
-            value = r.get(self.metric)
+            value = r.get(metric)
             shown = f"{value:.4f}" if isinstance(value, (int, float)) else "-"
-            print(f"trial {trial.trial_id} {how:<8} {_point_text(point)} seed={seed}  "
-                  f"{self.metric}={shown}  epochs={r.get('training_iteration', 0)}  "
+            print(f"trial {trial.trial_id} {how:<8} {text}  "
+                  f"{metric}={shown}  epochs={r.get('training_iteration', 0)}  "
                   f"{r.get('time_total_s', 0.0):.0f}s", flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
