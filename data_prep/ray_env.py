@@ -25,6 +25,12 @@ MLFLOW_CREDENTIAL_ENV_VARS = (
     "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
     "MLFLOW_TRACKING_INSECURE_TLS", "MLFLOW_TRACKING_SERVER_CERT_PATH",
 )
+# How long MLflow's client retries one request (not secrets): rank 0 logs with the
+# driver's budget.
+MLFLOW_CLIENT_ENV_VARS = (
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER",
+)
 
 
 def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -34,7 +40,8 @@ def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
 
     environ = os.environ if environ is None else environ
     env = credential_env(environ)
-    env.update({k: environ[k] for k in MLFLOW_CREDENTIAL_ENV_VARS if environ.get(k)})
+    env.update({k: environ[k] for k in (*MLFLOW_CREDENTIAL_ENV_VARS, *MLFLOW_CLIENT_ENV_VARS)
+                if environ.get(k)})
     return env
 
 

@@ -121,16 +121,17 @@ def test_pretrain_two_workers_survives_a_killed_worker_and_registers_the_model(
     val = {m.step: m.value for m in client.get_metric_history(result.run_id, "val_mlm_loss")}
     assert val[0] > 4.0 and val[120] < 0.6 * val[0], val  # ln(200)=5.3 at the start
 
-    # The loss curve continues: the restarted workers log from their checkpoint onwards,
-    # at losses near where the first attempt was, far below the first steps'.
+    # The loss curve continues: the restarted workers log from their checkpoint onwards
+    # (the steps the first attempt had sent already are not sent twice), at losses near
+    # where the first attempt was, far below the first steps'.
     history = client.get_metric_history(result.run_id, "train_mlm_loss")
     restart = max(m.timestamp for m in client.get_metric_history(result.run_id, "attempt")
                   if m.value == 1)
     after = sorted((m.step, m.value) for m in history if m.timestamp >= restart)
     before = dict(sorted((m.step, m.value) for m in history if m.timestamp < restart))
-    assert after[0][0] == result.start_step + 10 and after[-1][0] == 120
+    assert after[0][0] > result.start_step and after[-1][0] == 120
     assert after[0][1] < 0.8 * before[10]
-    assert {s for s, _ in after} | set(before) == set(range(10, 121, 10))
+    assert sorted([s for s, _ in after] + list(before)) == list(range(10, 121, 10))
 
     # Params, tags, the dataset input, the model.
     assert run.data.params["model_size"] == "tiny" and run.data.params["max_steps"] == "120"

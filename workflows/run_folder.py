@@ -16,6 +16,10 @@ Layout of `<storage_path or ./runs>/<run name>/` (a local folder or any pyarrow.
         bertflow_checkpoint.json   written last by rank 0: every file it wrote, with its size
     checkpoint_manager_snapshot.json   Ray Train's record of the committed checkpoints
     bertflow_result.json           written once the run completed (`TrainResult`)
+    tracker_outbox/segment_<n>.jsonl   metrics the tracker has not taken yet, in order
+                                   (workflows.tracking_outbox; deleted once delivered)
+    bertflow_registration.json     written when the tracker was unreachable at the end:
+                                   what `bertflow registry register` needs (deleted then)
     workers/rank<r>.pid            local run folders only: which processes train it
 
 Trusted checkpoints (`trusted_checkpoints`, `latest_checkpoint`): those Ray Train
@@ -40,6 +44,8 @@ from data_prep.storage import Location, LocationError, credential_env, is_local,
 RESULT_FILE = "bertflow_result.json"  # written in the run folder when a run completes
 COMPLETE_FILE = "bertflow_checkpoint.json"  # a checkpoint's completion marker
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's committed checkpoints
+OUTBOX_DIR = "tracker_outbox"  # metrics on their way to the tracker (tracking_outbox)
+PENDING_REGISTRATION = "bertflow_registration.json"  # a registration left for later
 # The model folder's name inside a checkpoint, and its artifact key in the MLflow pyfunc
 # (workflows.tracking.log_bert_model writes it, workflows/serving/pyfunc.py reads it).
 MODEL_ARTIFACT = "model"
@@ -85,6 +91,13 @@ class RunFolder:
         uri = root.join(run_name).uri
         return cls(str(storage_path) if storage_path else None, run_name,
                    str(Path(uri).resolve()) if root.local else uri)
+
+    @classmethod
+    def at(cls, where: str | Path) -> RunFolder:
+        """The run folder at `where` (a path or URI, as results and messages print it)."""
+        loc = open_location(where)
+        parent = loc.uri.rstrip("/").rsplit("/", 1)[0] if not loc.local else str(Path(loc.uri).parent)
+        return cls(parent, loc.name, str(Path(loc.uri).resolve()) if loc.local else loc.uri)
 
     @cached_property
     def location(self) -> Location:

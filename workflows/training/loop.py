@@ -4,7 +4,8 @@
     train_batches        the batch stream: epochs, per-batch masking seeds, resume skipping
     evaluate             validation metrics, sharded over every worker when the task can
     report_checkpoint    write this rank's part of a checkpoint and hand it to Ray Train
-    RunLogger            rank 0's MLflow logging; a no-op on every other rank
+    RunLogger            rank 0's MLflow logging, through an outbox that never blocks the
+                         step (workflows.tracking_outbox); a no-op on every other rank
 
 Data: a task with a `train_location` (pretraining) has each worker read the train split's
 Parquet parts itself (`training/rows.py`), and so does a task with a `train_table`
@@ -33,8 +34,9 @@ Logged once per run: `global_batch_size` (batch x workers x accumulation) as a p
 each log, `tokens_seen` (non-padding tokens trained on by all workers, kept in checkpoints).
 
 Resume repeats the work done after the checkpoint (the steps between the checkpoint and
-the failure are trained again and their metrics logged again at the same steps), then
-continues from the checkpoint's position (epoch, micro-batches consumed in it).
+the failure are trained again and logged again at the same steps, which the outbox does
+not send where the tracker already holds them), then continues from the checkpoint's
+position (epoch, micro-batches consumed in it).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def worker_loop(config: dict[str, Any]) -> None:
         runner.load_state_dict(start.trainer_state)
     start_step, attempt = runner.step, start.attempt
     n_params = sum(p.numel() for p in raw_model.parameters())
-    logger = RunLogger(config["tracking"] if rank == 0 else None)
+    logger = RunLogger(config["tracking"] if rank == 0 else None, config["run"])
     logger.log({"attempt": attempt, "workers": world}, start_step)
     logger.log_params({"global_batch_size": loop.global_batch})
     sharded_eval = shards_evaluation(task)
@@ -144,6 +146,7 @@ def worker_loop(config: dict[str, Any]) -> None:
             last_eval = evaluate_now()
             logger.log(last_eval, step)
         if checkpoint_now:
+            logger.checkpoint()
             report_checkpoint(**report, epoch=epoch, position=position, metrics=last_eval)
             saved_at = step
     if saved_at != runner.step:  # resumed at max_steps: report the final state again
@@ -349,35 +352,61 @@ def train_summary(window: MetricWindow, world: int, n_params: int,
 
 
 class RunLogger:
-    """Logs metrics into the run's MLflow run (opening it first if the driver did not, see
-    contracts.RunTracking); a no-op without one (every rank but 0 gets none)."""
+    """Rank 0's metrics and params, on their way to the run's MLflow run through an
+    outbox (workflows.tracking_outbox): `log` returns at once, a thread sends, and while
+    the tracker is unreachable what it has not taken is kept (beyond a bound, in the run
+    folder's `tracker_outbox/`) and sent when it is back, so training neither waits for
+    nor fails with the tracker. The run is opened by the sender thread when the driver
+    did not open it (contracts.RunTracking). A no-op without tracking (every rank but 0)."""
 
-    def __init__(self, tracking: RunTracking | None) -> None:
-        self.active = tracking is not None
+    CLOSE_WAIT_S = 30.0  # at the end, for a tracker that answers; the driver waits longer
+
+    def __init__(self, tracking: RunTracking | None, run: RunFolder | None = None) -> None:
+        self.outbox = None
+        self._monitor = None
         if tracking is not None:
-            import mlflow
+            from workflows.run_folder import OUTBOX_DIR
+            from workflows.tracking_outbox import MlflowTransport, Outbox
 
-            mlflow.set_tracking_uri(tracking.tracking_uri)
-            mlflow.start_run(run_id=tracking.resolve(),
-                             log_system_metrics=tracking.log_system_metrics)
+            transport = MlflowTransport(
+                tracking.tracking_uri, tracking.run_id or tracking.resolve, reopen=True,
+                on_run=self._start_system_metrics if tracking.log_system_metrics else None)
+            self.outbox = Outbox(transport, run.join(OUTBOX_DIR) if run is not None else None)
+
+    def _start_system_metrics(self, run_id: str) -> None:
+        """MLflow's CPU/GPU/memory monitor (its own thread, started by the outbox's at
+        first contact; it stops at its first failed request: a tracker outage ends it)."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        uri = self.outbox.transport.tracking_uri
+        try:
+            self._monitor = SystemMetricsMonitor(run_id, tracking_uri=uri, resume_logging=True)
+            self._monitor.start()
+        except Exception:  # best effort: never a reason to stop training
+            self._monitor = None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.active and metrics:
-            import mlflow
-
-            mlflow.log_metrics(metrics, step=step)
+        if self.outbox is not None and metrics:
+            self.outbox.put_metrics(metrics, step)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        if self.active:
-            import mlflow
+        if self.outbox is not None:
+            self.outbox.put_params(params)
 
-            mlflow.log_params(params)
+    def checkpoint(self) -> None:
+        """At a checkpoint: what the tracker has not taken becomes durable (if it is down)."""
+        if self.outbox is not None:
+            self.outbox.checkpoint()
 
     def close(self) -> None:
-        if self.active:
-            import mlflow
-
-            mlflow.end_run()
+        """Deliver what is queued (a short wait while the tracker answers; none while it is
+        down: the rest stays in the run folder for the driver to send)."""
+        if self.outbox is None:
+            return
+        delivered = self.outbox.close(0.0 if self.outbox.down else self.CLOSE_WAIT_S)
+        if self._monitor is not None and delivered:
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
 
 
 def _every(step: int, interval: int) -> bool:
