@@ -442,8 +442,9 @@ class SweepConfig(FinetuneConfig):
     grace_period: int = field(1, help="asha: epochs every trial runs before it can be stopped")
     reduction_factor: int = field(2, help="asha: keep the best 1/N of trials at each rung")
     metric: str | None = field(
-        None, help="eval metric to select on, e.g. accuracy or val_macro_f1 (default: "
-                   "accuracy for seq-cls/pair-cls, f1 for token-cls/qa)")
+        None, help="eval metric to select on, e.g. accuracy, mcc, f1 (two labels: the "
+                   "second label's F1), val_macro_f1, spearman (default: accuracy for "
+                   "seq-cls/pair-cls, pearson for regression, f1 for token-cls/qa)")
     mode: Literal["max", "min"] = field("max", help="max: higher --metric is better; min: lower")
     max_concurrent: int | None = field(
         None, help="trials at once (default: the cluster's CPUs minus one, over "
