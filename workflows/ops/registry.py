@@ -263,7 +263,7 @@ def _size(info: dict[str, Any]) -> str:
 
 
 def _how_to_use(ref: str, task: str) -> list[str]:
-    if task in ("seq-cls", "pair-cls", "token-cls", "qa"):
+    if task in ("seq-cls", "pair-cls", "regression", "token-cls", "qa"):
         return [f"bertflow predict --model models:/{ref} --input FILE.csv --output scored.csv",
                 f"bertflow registry promote {ref.replace('/', ' ')} --alias champion"]
     return [f"bertflow finetune --base models:/{ref} --train train.csv --eval dev.csv",
@@ -283,7 +283,8 @@ def render_summary(info: dict[str, Any]) -> str:
     labels = info.get("labels")
     lines.append(f"  task        {task}" + (
         f", {len(labels)} labels: {', '.join(map(str, labels))}" if labels else ""))
-    keys = KEY_PARAMS.get(task, KEY_PARAMS["cls"] if task in ("seq-cls", "pair-cls") else ())
+    keys = KEY_PARAMS.get(task, KEY_PARAMS["cls"] if task in ("seq-cls", "pair-cls", "regression")
+                          else ())
     trained = [f"{PARAM_LABELS.get(k, k)} {_show_param(k, params[k])}" for k in keys
                if params.get(k) not in (None, "None")]
     base = info["tags"].get(t.TAG_BASE_MODEL)
