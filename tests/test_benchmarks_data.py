@@ -181,3 +181,23 @@ def test_squad_and_conll_are_read_from_the_files_as_distributed(tmp_path):
     rows, report = read_benchmark_split(tmp_path, "conll2003", "dev")
     assert [r["tags"] for r in rows] == [["I-ORG", "O", "I-MISC"], ["I-PER", "I-PER"]]
     assert report.total == 0
+
+
+def test_regression_files_read_a_text_or_a_pair_and_count_scores_that_are_not_numbers(tmp_path):
+    from bert_core.config_io import ConfigError
+    from workflows.config import FinetuneConfig
+
+    p = tmp_path / "scores.csv"
+    p.write_text("text,other,label\nfine,good,4.5\nmeh,ok,high\nbad,poor,nan\nok,fair,2\n")
+    single = FinetuneConfig(base="b", train="t", task="regression")
+    rows, report = read_task_file(p, "regression", columns=single.columns)
+    assert [(r["text"], r["label"]) for r in rows] == [("fine", 4.5), ("ok", 2.0)]
+    assert report.counts == {"bad score": 2}
+    assert report.messages[0] == f"{p}:3: label 'high' is not a number (a regression needs scores)"
+    pair = FinetuneConfig(base="b", train="t", task="regression", text_column="text",
+                          text_pair_column="other")
+    rows, _ = read_task_file(p, "regression", columns=pair.columns)
+    assert rows[0] == {"text_a": "fine", "text_b": "good", "label": 4.5, "line": 2}
+    assert pair.classifier_pooling == "cls"
+    with pytest.raises(ConfigError, match="regression has no labels"):
+        FinetuneConfig(base="b", train="t", task="regression", labels=["a", "b"])
