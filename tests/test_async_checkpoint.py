@@ -142,6 +142,46 @@ def test_an_upload_writes_then_removes_its_folder_and_a_retry_sends_the_files_ag
     assert is_complete(sent[-1])
 
 
+def test_the_writer_process_reports_its_errors_is_replaced_when_it_dies_and_frees_its_memory(
+        tmp_path):
+    """The files are written by a process of the worker's own (serialising holds Python's
+    GIL: not in the training process); its memory holds one snapshot at a time."""
+    import gc
+    import os
+
+    task = RegressionTask()
+    model = task.build_model()
+    runner = StepRunner(model, LoopSettings(max_steps=10, warmup_steps=0), CPU)
+
+    def snap():
+        return snapshot_checkpoint(task=task, raw_model=model, runner=runner, rank=0,
+                                   epoch=0, batches_in_epoch=runner.step, attempt=0)
+
+    first = snap()
+    writer = first.arena._running_writer()
+    assert writer.pid != os.getpid()
+    taken = tmp_path / "a file"
+    taken.write_text("in the way")
+    with pytest.raises(RuntimeError, match="failed in the writer process(.|\n)*FileExistsError"):
+        first.write(taken)  # the writer's own error, with its traceback
+    writer.kill()
+    writer.wait()
+    first.write(tmp_path / "retried")  # Ray's retry: a new writer, the same snapshot
+    assert is_complete(tmp_path / "retried") and first.arena._writer.pid != writer.pid
+
+    runner.step = 1
+    second = snap()  # the arena is free once `first` is written: `second` holds it now
+    assert second.arena is first.arena
+    with pytest.raises(RuntimeError, match="reused by a later checkpoint"):
+        first.write(tmp_path / "stale")
+    del second  # a report Ray skipped: never written, its memory is free again
+    gc.collect()
+    runner.step = 2
+    third = snap()
+    third.write(tmp_path / "third")
+    assert load_checkpoint_state(tmp_path / "third", rank=0)[0]["step"] == 2
+
+
 # ---------------------------------------------------------------- real Ray Train
 
 
