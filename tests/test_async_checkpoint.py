@@ -265,3 +265,34 @@ def test_async_checkpoints_by_time_are_trusted_once_committed_and_a_failure_resu
     (inflight / "model" / "model.safetensors").write_bytes(weights)
     assert latest_checkpoint(run.uri) == inflight and checkpoint_step(inflight) == 85
     assert (Path(run.uri) / RAY_SNAPSHOT).is_file() and (src / COMPLETE_FILE).is_file()
+
+
+@pytest.mark.ray
+def test_the_writer_gets_a_shipped_folder_as_its_local_copy_and_no_ray_reference(
+        ray_local, tmp_path):
+    """The writer process has no Ray: on a cluster a task's tokenizer is a folder shipped
+    through the object store and a fine-tuning task holds its rows there. What the writer
+    gets is this node's copy of the folder and no object reference (unpickling one needs
+    Ray: the cluster run failed at its first checkpoint)."""
+    from dataclasses import dataclass
+
+    from workflows.training.async_checkpoint import (SharedArena, _ArenaUnpickler,
+                                                     _dumps_with_arena)
+    from workflows.transfer import ship_folder
+
+    @dataclass
+    class Job:
+        tokenizer_dir: object
+        rows: object
+        weight: torch.Tensor
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    arena = SharedArena(64)
+    weight = arena.tensor(0, torch.float32, (4,))
+    weight.copy_(torch.arange(4.0))
+    job = Job(ship_folder(tmp_path / "tok"), ray_local.put([1, 2, 3]), weight)
+    got = _ArenaUnpickler(_dumps_with_arena({"job": job}, arena), arena.buffer).load()["job"]
+    assert isinstance(got.tokenizer_dir, str) and got.rows is None
+    assert (Path(got.tokenizer_dir) / "vocab.txt").read_text() == "[PAD]\n[UNK]\n"
+    assert torch.equal(got.weight, torch.arange(4.0))  # the arena's tensors as before

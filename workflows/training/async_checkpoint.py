@@ -59,6 +59,7 @@ from torch import nn
 
 from workflows.config import LoopSettings
 from workflows.training.checkpoint import rank_state_now, save_checkpoint
+from workflows.transfer import ShippedFolder, local_folder
 
 CHECKPOINT_PREFIX = "bertflow-ckpt-"  # the local folders a checkpoint is written into
 
@@ -497,7 +498,21 @@ def _dumps_with_arena(obj: Any, arena: SharedArena) -> bytes:
     else:
         pickler = pickle
 
+    object_ref = sys.modules["ray"].ObjectRef if "ray" in sys.modules else None
+
     class ArenaPickler(pickler.Pickler):
+        def reducer_override(self, value: Any) -> Any:
+            # The writer has no Ray: a folder shipped through Ray's object store (a task's
+            # tokenizer, on a cluster) goes as this node's copy of it, and what else lives
+            # in the object store (a fine-tuning task's train rows) stays behind: saving a
+            # model reads neither.
+            if isinstance(value, ShippedFolder):
+                return str, (str(local_folder(value)),)
+            if object_ref is not None and isinstance(value, object_ref):
+                return _left_behind, ()
+            parent = getattr(super(), "reducer_override", None)
+            return NotImplemented if parent is None else parent(value)
+
         def persistent_id(self, t: Any) -> Any:
             if not isinstance(t, torch.Tensor):
                 return None
@@ -512,6 +527,11 @@ def _dumps_with_arena(obj: Any, arena: SharedArena) -> bytes:
     out = io.BytesIO()
     ArenaPickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     return out.getvalue()
+
+
+def _left_behind() -> None:
+    """What the writer gets for a Ray object reference (see `_dumps_with_arena`)."""
+    return None
 
 
 class _ArenaUnpickler(pickle.Unpickler):
