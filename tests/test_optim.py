@@ -32,10 +32,14 @@ def _set_grads(model: nn.Module, step: int, skip: set[str] = frozenset()) -> Non
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
-def test_foreach_lamb_equals_per_tensor_lamb_over_20_steps(weight_decay):
+@pytest.mark.parametrize("scratch", [True, False], ids=["cpu-buffers", "allocating"])
+def test_foreach_lamb_equals_per_tensor_lamb_over_20_steps(weight_decay, scratch, monkeypatch):
     """Same parameters (1e-6) after 20 steps, with weight decay or without, a zero-initialised
-    weight (trust ratio 1), and one tensor without a gradient on some steps (so the group's
-    tensors have different step counts and bias corrections)."""
+    weight (trust ratio 1), and a weight and a bias without gradients on some steps (so the groups'
+    tensors have different step counts and bias corrections). Both ways of the multi-tensor
+    step: with buffers kept between steps (CPU) and allocating (CUDA's caching allocator)."""
+    if not scratch:
+        monkeypatch.setattr(Lamb, "scratch_devices", ())
     reference = _model()
     with torch.no_grad():
         reference.nsp.weight.zero_()
@@ -43,7 +47,7 @@ def test_foreach_lamb_equals_per_tensor_lamb_over_20_steps(weight_decay):
     ref_opt = Lamb(param_groups(reference, weight_decay), lr=2e-2, foreach=False)
     opt = Lamb(param_groups(multi, weight_decay), lr=2e-2)
     assert opt.foreach
-    sometimes = {"mlm.dense.weight"}
+    sometimes = {"mlm.dense.weight", "mlm.dense.bias"}  # an adapted and a plain tensor
     for step in range(20):
         for model in (reference, multi):
             _set_grads(model, step, sometimes if step % 3 == 1 else set())
@@ -56,6 +60,7 @@ def test_foreach_lamb_equals_per_tensor_lamb_over_20_steps(weight_decay):
     assert moved > 0.9 * len(list(reference.parameters()))
     ref_state = ref_opt.state_dict()["state"]
     for key, state in opt.state_dict()["state"].items():  # checkpoints move between them
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq"}  # no buffers in checkpoints
         assert state["step"].item() == ref_state[key]["step"].item()
         torch.testing.assert_close(state["exp_avg_sq"], ref_state[key]["exp_avg_sq"])
 

@@ -66,6 +66,17 @@ class Lamb(torch.optim.Optimizer):
         # Each tensor's step count as a Python number, so that bias corrections never read
         # a tensor; state["step"] (a host tensor, what checkpoints hold) follows it.
         self._steps: dict[torch.Tensor, int] = {}
+        # Each tensor's update buffer on `scratch_devices` (not state: never checkpointed).
+        self._scratch: dict[torch.Tensor, torch.Tensor] = {}
+
+    # Devices whose allocator caches nothing: the multi-tensor step keeps its buffers.
+    scratch_devices: tuple[str, ...] = ("cpu",)
+
+    def _scratch_for(self, p: torch.Tensor) -> torch.Tensor:
+        buf = self._scratch.get(p)
+        if buf is None:
+            buf = self._scratch[p] = torch.empty_like(p, dtype=torch.float32)
+        return buf
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
         super().load_state_dict(state_dict)
@@ -127,43 +138,60 @@ class Lamb(torch.optim.Optimizer):
         m_hat / (sqrt(v_hat) + eps) is computed as (m * c) / (sqrt(v) + eps * s) with
         s = sqrt(1 - beta2^t), c = s / (1 - beta1^t): the same quotient in fewer passes.
         With the trust ratio, u = c u' where u' = m / (sqrt(v) + eps s) + (wd / c) w, and
-        ratio(u) u = ratio(u') u': the multiplication by c is left out (one pass fewer).
+        ratio(u) u = ratio(u') u': the multiplication by c is left out; the ratio is
+        applied in the parameters' own update (an addcmul), and without it c goes into
+        the learning rate. No value is read on the host, and no state-sized tensor is
+        allocated on the CPU (`scratch_devices`): there a step costs its passes over
+        the state (memory bound) plus its page faults.
         """
         beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         states = [self.state[p] for p in params]
         ms = [st["exp_avg"] for st in states]
         vs = [st["exp_avg_sq"] for st in states]
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         weights = [p if p.dtype == torch.float32 else p.float() for p in params]
         steps = [self._steps[p] for p in params]
+        # The tensors of a group share their step count unless some once had no grad:
+        # then the per-tensor constants are lists.
+        same = len(set(steps)) == 1
         root2 = [math.sqrt(1 - beta2 ** t) for t in steps]
+        scale = [s / (1 - beta1 ** t) for s, t in zip(root2, steps)]  # c
         torch._foreach_lerp_(ms, grads, 1 - beta1)  # m = beta1 m + (1 - beta1) g
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, [group["eps"] * s for s in root2])
-        updates = torch._foreach_div(ms, denom)
-        del denom
-        scale = [s / (1 - beta1 ** t) for s, t in zip(root2, steps)]  # c
-        if not group["adapt"]:
-            torch._foreach_mul_(updates, scale)
-            if group["weight_decay"]:
-                torch._foreach_add_(updates, weights, alpha=group["weight_decay"])
-        else:
-            # The tensors of a group share their step count unless some once had no grad.
-            same = len(set(scale)) == 1
-            if group["weight_decay"] and same:
-                torch._foreach_add_(updates, weights, alpha=group["weight_decay"] / scale[0])
-            elif group["weight_decay"]:
-                torch._foreach_add_(updates, torch._foreach_mul(
-                    weights, [group["weight_decay"] / c for c in scale]))
-            w_norm = torch.stack(torch._foreach_norm(weights))  # (n,)
-            u_norm = torch.stack(torch._foreach_norm(updates))  # (n,) of u'
+        eps_s = eps * root2[0] if same else [eps * s for s in root2]
+        if params[0].device.type in self.scratch_devices:
+            # updates = m / (sqrt(v) + eps s), in buffers kept between steps: torch's CPU
+            # allocator keeps nothing, and two fresh state-sized tensors a step cost
+            # more in page faults than the two passes (copy, reciprocal) this adds.
+            updates = [self._scratch_for(p) for p in params]
+            torch._foreach_copy_(updates, vs)
+            torch._foreach_sqrt_(updates)
+            torch._foreach_add_(updates, eps_s)
+            torch._foreach_reciprocal_(updates)
+            torch._foreach_mul_(updates, ms)
+        else:  # a caching allocator (CUDA): fewer passes
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, eps_s)
+            updates = torch._foreach_div(ms, denom)
+            del denom
+        if wd and same:
+            torch._foreach_add_(updates, weights, alpha=wd / scale[0])
+        elif wd:
+            torch._foreach_add_(updates, torch._foreach_mul(weights, [wd / c for c in scale]))
+        if group["adapt"]:
+            norms = torch.stack(torch._foreach_norm([*weights, *updates])).view(2, -1)  # (2, n)
+            w_norm, u_norm = norms[0], norms[1]
             # Trust ratio 1 (a step of u = c u') where either norm is 0.
             ratio = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm,
                                 scale[0] if same else w_norm.new_tensor(scale))  # (n,)
-            torch._foreach_mul_(updates, ratio.unbind(0))
-        torch._foreach_add_(weights, updates, alpha=-group["lr"])
+            torch._foreach_addcmul_(weights, updates, list(ratio.unbind(0)), value=-lr)
+        elif same:
+            torch._foreach_add_(weights, updates, alpha=-lr * scale[0])
+        else:
+            torch._foreach_mul_(updates, scale)
+            torch._foreach_add_(weights, updates, alpha=-lr)
         for p, w in zip(params, weights):
             if w is not p:  # a low-precision parameter: its fp32 copy took the step
                 p.copy_(w)
