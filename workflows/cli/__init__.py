@@ -26,10 +26,12 @@ VERBS: dict[str, str] = {
     "pretrain": "pretrain BERT with masked-LM + NSP/SOP on Ray Train, tracked in MLflow",
     "finetune": "fine-tune a BERT for seq-cls, pair-cls, token-cls or qa, then evaluate/register",
     "sweep": "fine-tune over the BERT paper's grid or any space on Ray Tune; best one registered",
+    "eval": "a model's downstream scorecard: every task of a suite (or GLUE) on Ray Tune",
+    "adapt": "continue pretraining a model on your corpus and measure whether it helped",
     "predict": "batch predictions from a fine-tuned model over a file",
     "embed": "write embeddings (pooled vectors or a hidden layer) of texts to Parquet",
     "serve": "serve models over HTTP on Ray Serve (batched, autoscaled, following an alias)",
-    "registry": "browse the MLflow model registry: list, show, promote, verify, import-hf",
+    "registry": "browse the MLflow model registry: list, show, compare, promote, verify, ...",
     "server": "start an MLflow tracking server (with UI) on the project's store (127.0.0.1)",
     "submit": "submit a bertflow job to a Ray cluster through the Jobs API",
     "jobs": "list, inspect, follow or stop jobs on a Ray cluster",
@@ -52,8 +54,8 @@ def verb_module(verb: str) -> ModuleType:
 
 
 # Verbs that start Ray or train: their full log goes to a file named at the end.
-LOGGED_VERBS = {"prep", "pretrain", "finetune", "sweep", "predict", "embed", "serve",
-                "quickstart", "submit"}
+LOGGED_VERBS = {"prep", "pretrain", "finetune", "sweep", "eval", "adapt", "predict", "embed",
+                "serve", "quickstart", "submit"}
 
 
 def _top_help() -> str:

@@ -191,3 +191,28 @@ def config_from_args(cls: type[T], args: argparse.Namespace,
     data.update({k: v for k, v in vars(args).items() if k in names})
     data.update(extra or {})
     return config_from_mapping(cls, data, source)
+
+
+# Fine-tune fields that a suite's command line (eval, adapt) cannot override: each task's
+# data and columns are the suite's, and the models, run names and registration the verb's.
+SUITE_FIXED = ("task", "base", "train", "eval", "labels", "text_column", "text_pair_column",
+               "label_column", "data_dir", "run_name", "register_as")
+
+
+def add_finetune_overrides(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()
+                           ) -> tuple[str, ...]:
+    """Add the fine-tune options that override a suite's setting for every task (`eval`,
+    `adapt`), under their own heading; returns their field names (`finetune_overrides`)."""
+    from workflows.config import FinetuneConfig
+
+    names = tuple(f.name for f, *_ in _fields(FinetuneConfig)
+                  if f.name not in SUITE_FIXED and f.name not in exclude)
+    group = parser.add_argument_group(
+        "fine-tuning (each overrides the suite's setting for every task)")
+    add_config_arguments(group, FinetuneConfig, only=names, config_file=False)  # type: ignore[arg-type]
+    return names
+
+
+def finetune_overrides(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """The fine-tune options given on the command line (absent ones are not in `args`)."""
+    return {k: v for k, v in vars(args).items() if k in names}

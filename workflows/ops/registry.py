@@ -187,6 +187,7 @@ def show_model(ref: str, tracking_uri: str | None = None) -> dict[str, Any]:
         info["labels"] = json.loads(mv.tags.get(t.TAG_LABELS, "null"))
     except ValueError:
         info["labels"] = None
+    info["scorecards"] = scorecards_of(mv)
     info.update(_model_files(info["model_artifacts"]))
     if info["run_id"]:
         try:
@@ -299,6 +300,8 @@ def render_summary(info: dict[str, Any]) -> str:
     if scores:
         lines.append(f"  eval        {scores[0]}")
         lines += [f"              {x}" for x in scores[1:]]
+    for suite, card in sorted((info.get("scorecards") or {}).items()):
+        lines += _scorecard_lines(suite, card)
     lines.append(f"  size        {_size(info)}")
     use = _how_to_use(ref, task)
     lines.append(f"  use it      {use[0]}")
@@ -306,6 +309,65 @@ def render_summary(info: dict[str, Any]) -> str:
     lines.append(f"  more        bertflow registry show {ref} --all  (lineage, run, files, "
                  "every param and metric)")
     return "\n".join(lines)
+
+
+def scorecards_of(mv: Any) -> dict[str, dict[str, Any]]:
+    """The version's scorecards (`bertflow eval`), suite -> the tag's JSON."""
+    from workflows.evaluation.scorecard import SCORECARD_TAG
+
+    out = {}
+    for key, value in (mv.tags or {}).items():
+        if key.startswith(SCORECARD_TAG):
+            try:
+                card = json.loads(value)
+            except ValueError:
+                continue
+            out[card.get("suite", key[len(SCORECARD_TAG):])] = card
+    return out
+
+
+def _scorecard_lines(suite: str, card: dict[str, Any]) -> list[str]:
+    avg = card.get("average")
+    head = f"  scorecard   {suite}" + (f": average {avg:.4f}" if avg is not None else "")
+    lines = [head]
+    for name, t in card.get("tasks", {}).items():
+        pm = (f"{t['mean']:.4f} +- {t['std']:.4f} over {t['n']} restarts" if t.get("n", 1) > 1
+              else f"{t['mean']:.4f}")
+        lines.append(f"              {name:<12} {t['metric']} {pm}")
+    return lines
+
+
+def compare_models(ref_a: str, ref_b: str, suite: str | None = None,
+                   tracking_uri: str | None = None) -> tuple[Any, Any, list[Any]]:
+    """The scorecards of two versions on one suite (`suite`, or the one both have) and
+    their per-task differences (evaluation.scorecard.compare: B - A, the noise rule)."""
+    from workflows.evaluation.scorecard import Scorecard, compare
+
+    cards = []
+    for ref in (ref_a, ref_b):
+        mv = get_version(ref, tracking_uri)
+        cards.append((mv, scorecards_of(mv)))
+    (mv_a, a), (mv_b, b) = cards
+    common = sorted(set(a) & set(b))
+    if suite is None:
+        if len(common) != 1:
+            have = "; ".join(f"{mv.name}/{mv.version}: {', '.join(sorted(c)) or 'none'}"
+                             for mv, c in cards)
+            raise RegistryError(
+                ("no suite scored for both versions" if not common else
+                 f"both versions have scorecards for {', '.join(common)}: choose one with "
+                 f"--suite") + f" ({have}). Score them with `bertflow eval A B --suite FILE`")
+        suite = common[0]
+    for mv, c in cards:
+        if suite not in c:
+            raise RegistryError(f"{mv.name}/{mv.version} has no scorecard for suite "
+                                f"{suite!r} (it has: {', '.join(sorted(c)) or 'none'}); run "
+                                f"`bertflow eval models:/{mv.name}/{mv.version} --suite ...`")
+    card_a = Scorecard.from_tag(json.dumps(a[suite]), f"models:/{mv_a.name}/{mv_a.version}",
+                                str(mv_a.version))
+    card_b = Scorecard.from_tag(json.dumps(b[suite]), f"models:/{mv_b.name}/{mv_b.version}",
+                                str(mv_b.version))
+    return card_a, card_b, compare(card_a, card_b)
 
 
 def _show_param(name: str, value: Any) -> str:

@@ -150,3 +150,50 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
         writer.writerow(header)
         writer.writerows(rows)
     tmp.replace(path)
+
+
+def build_pydoc_suite(folder: Path, task: PydocTask, seed: int = 0, train_rows: int = 128,
+                      eval_rows: int = 64, max_seq_len: int = 64, epochs: float = 2.0,
+                      restarts: int = 2, lr: float = 1e-4) -> Path:
+    """A two-task suite (`bertflow eval --suite`) from the topic task, small enough for the
+    quickstart: `topics` (seq-cls: a paragraph's topic group, on a sample of the task's
+    rows) and `same-group` (pair-cls: do two paragraphs belong to the same topic group?
+    pairs drawn within each split, half same and half different, so evaluation pairs
+    still come only from topics never seen in training). Returns the suite file."""
+    import random
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {"train": (task.train, train_rows), "eval": (task.eval, eval_rows)}
+    for name, (path, n) in splits.items():
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = [(r["text"], r["label"]) for r in csv.DictReader(fh)]
+        rng.shuffle(rows)
+        _write_csv(folder / f"topics_{name}.csv", ["text", "label"], rows[:n])
+        by_group: dict[str, list[str]] = {}
+        for text, label in rows:
+            by_group.setdefault(label, []).append(text)
+        groups = sorted(g for g, texts in by_group.items() if len(texts) >= 2)
+        pairs = []
+        for i in range(n):
+            first = rng.choice(groups)
+            if i % 2 == 0:
+                a, b = rng.sample(by_group[first], 2)
+                pairs.append((a, b, "same"))
+            else:
+                second = rng.choice([g for g in groups if g != first])
+                pairs.append((rng.choice(by_group[first]), rng.choice(by_group[second]),
+                              "different"))
+        _write_csv(folder / f"pairs_{name}.csv", ["text_a", "text_b", "label"], pairs)
+    suite = folder / "suite.yaml"
+    tmp = suite.with_suffix(".yaml.tmp")
+    tmp.write_text(f"""# The quickstart's suite: two small tasks from the Python reference (pydoc_task.py).
+name: pyref
+restarts: {restarts}
+defaults: {{epochs: {epochs}, max_seq_len: {max_seq_len}, batch_size: 16, lr: {lr}, log_every: 4}}
+tasks:
+  topics: {{task: seq-cls, train: topics_train.csv, eval: topics_eval.csv, metric: accuracy}}
+  same-group: {{task: pair-cls, train: pairs_train.csv, eval: pairs_eval.csv, metric: accuracy}}
+""", encoding="utf-8")
+    tmp.replace(suite)
+    return suite

@@ -9,6 +9,9 @@
              pooling, the feature-based use) and full fine-tuning; the task is paragraphs of
              the Python reference labelled by topic group, evaluated on unseen topics
 6. predict   the better classifier over held-out paragraphs (Ray Data batch inference)
+7. eval      the two base models (the tiny BERT pretrained in step 3 and MiniLM) scored on
+             a two-task suite built from the same reference (`bertflow eval`: every task,
+             restart and model a Ray Tune trial), side by side with the restart noise
 
 Everything goes under `output` (default ./quickstart_out) and the default MLflow store
 (./mlruns.db + ./mlartifacts), so `bertflow registry list` and `bertflow server` show it.
@@ -27,7 +30,7 @@ from bert_core.config_io import BertflowError
 from workflows.config import QuickstartConfig
 from workflows.quickstart.data import write_reference_corpus
 from workflows.quickstart.progress import RunProgress
-from workflows.quickstart.pydoc_task import build_pydoc_task
+from workflows.quickstart.pydoc_task import build_pydoc_suite, build_pydoc_task
 from workflows.quickstart.summary import (QuickstartResult, TaskRun, curve_text,
                                           fmt_metrics)
 
@@ -39,16 +42,17 @@ class QuickstartError(BertflowError):
 
 
 def _banner(i: int, title: str) -> None:
-    print(f"\n=== [{i}/6] {title}", flush=True)
+    print(f"\n=== [{i}/7] {title}", flush=True)
 
 
 def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
-    """Run the six steps; returns what was made (see `render_summary`)."""
+    """Run the seven steps; returns what was made (see `render_summary`)."""
     from data_prep.config import PrepConfig
     from data_prep.pipeline import build_pretraining_dataset
     from workflows import tracking
-    from workflows.config import (FinetuneConfig, LoopSettings, PredictConfig,
+    from workflows.config import (EvalConfig, FinetuneConfig, LoopSettings, PredictConfig,
                                   PretrainConfig, TrackingSettings, finetune_loop)
+    from workflows.evaluation.run import run_eval
     from workflows.ops import registry
     from workflows.ops.hf_import import import_hf
     from workflows.serving.batch import predict_file
@@ -153,10 +157,20 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
                                tracking_uri=uri))
     rows = _read_csv(predictions)
     lap("predict")
+
+    _banner(7, f"eval: {pretrained} vs {base} on two tasks of the reference (Ray Tune)")
+    suite = build_pydoc_suite(out / "tasks" / "suite", task, seed=cfg.seed,
+                              epochs=cfg.eval_epochs, restarts=cfg.eval_restarts)
+    evaluation = run_eval(EvalConfig(models=[pretrained, base], suite=str(suite), overrides={
+        "tracking_uri": uri, "experiment": cfg.experiment, "storage_path": str(out / "runs"),
+        "data_dir": str(out / "data" / "finetune"), "log_system_metrics": False,
+        "seed": cfg.seed}))
+    lap("eval")
     return QuickstartResult(
         output=out, tracking_uri=uri, corpus=corpus, dataset=dataset, dataset_counts=counts,
         pretrained=pretrained, loss_curve=curve, base=base, task=task, runs=runs,
-        champion=best.mode, predictions=predictions, prediction_rows=rows, seconds=seconds)
+        champion=best.mode, predictions=predictions, prediction_rows=rows, seconds=seconds,
+        scorecards=evaluation.scorecards, suite=suite)
 
 
 def _minilm_dir() -> Path:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ class QuickstartResult:
     predictions: Path
     prediction_rows: list[dict[str, Any]]
     seconds: dict[str, float]
+    scorecards: list[Any] = field(default_factory=list)  # evaluation.scorecard.Scorecard
+    suite: Path | None = None  # the two-task suite file the scorecards are of
 
 
 def curve_text(curve: list[tuple[int, float]], points: int = 6) -> str:
@@ -70,6 +72,28 @@ def _score_table(r: QuickstartResult) -> str:
     return "\n".join(lines)
 
 
+def scorecard_text(r: QuickstartResult) -> str:
+    """The two base models' scorecards side by side (the pretrained tiny BERT as A, MiniLM
+    as B) with the restart noise and the verdict; empty without an evaluation."""
+    if len(r.scorecards) != 2:
+        return ""
+    from workflows.cli.table import format_table
+    from workflows.evaluation.scorecard import compare, compare_rows, verdict
+
+    a, b = r.scorecards
+    diffs = compare(a, b)
+    rows = compare_rows(a, b, diffs)
+    for row in rows:
+        row["tiny (A)"], row["MiniLM (B)"] = row.pop("a"), row.pop("b")
+    table = format_table(rows, ["task", "metric", "tiny (A)", "MiniLM (B)", "b - a", "noise",
+                                "beyond noise"], max_width=None)
+    restarts = max(t.n for t in a.tasks.values())
+    return (f"  scorecards    {a.model} (A) vs {b.model} (B), suite {a.suite}: "
+            f"{len(a.tasks)} tasks, {restarts} restarts  {r.suite or ''}\n"
+            + "\n".join("    " + line for line in table.splitlines())
+            + f"\n    {verdict(diffs, 'A', 'B')}\n")
+
+
 def render_summary(r: QuickstartResult) -> str:
     """The closing summary: what was made, where, the commands to look at it, and last the
     three a user runs next on their own files."""
@@ -81,6 +105,10 @@ def render_summary(r: QuickstartResult) -> str:
         f"{str(row.get('label', '?')):<16} (true: {row.get('true_label', '?')})  "
         f"{str(row.get('text', ''))[:70]}..." for row in r.prediction_rows)
     total = sum(r.seconds.values())
+    compare_line = ""
+    if len(r.scorecards) == 2 and all(c.version for c in r.scorecards):
+        a, b = (c.model.removeprefix("models:/") for c in r.scorecards)
+        compare_line = f"  bertflow registry compare {a} {b}{uri_flag}\n"
     return f"""
 ================================ bertflow quickstart: done in {total / 60:.1f} min
 made
@@ -94,11 +122,11 @@ made
 {_score_table(r)}
   predictions   {r.predictions}   ({right}/{len(r.prediction_rows)} right on held-out paragraphs)
 {preds}
-  store         {r.tracking_uri}
+{scorecard_text(r)}  store         {r.tracking_uri}
 look at it
   bertflow registry list{uri_flag}
   bertflow registry show quickstart-topics@champion{uri_flag}
-  bertflow server{uri_flag}                     # then open http://127.0.0.1:5000
+{compare_line}  bertflow server{uri_flag}                     # then open http://127.0.0.1:5000
   bertflow predict --model models:/quickstart-topics@champion --input {r.task.heldout} --output preds.csv
   bertflow datasets list {r.output}
 timings  {', '.join(f'{k} {v:.0f}s' for k, v in r.seconds.items())}

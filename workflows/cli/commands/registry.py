@@ -1,4 +1,4 @@
-"""`bertflow registry list|show|promote|verify|export|import-hf`: the MLflow model registry."""
+"""`bertflow registry list|show|compare|promote|verify|export|import-hf`: the MLflow model registry."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import json
 from workflows.cli.args import add_config_arguments, config_from_args, new_parser
 from workflows.config import RegistryConfig
 
-DESCRIPTION = ("browse the MLflow model registry: list, show, promote, verify, export, "
-               "import-hf")
+DESCRIPTION = ("browse the MLflow model registry: list, show, compare, promote, verify, "
+               "export, import-hf")
 EPILOG = """examples:
   bertflow registry list                         # every model, its newest versions, scores
   bertflow registry show bert-tiny@champion      # or bert-tiny/3, or bert-tiny (latest)
   bertflow registry show bert-tiny/3 --all       # lineage, run, files, every param
+  bertflow registry compare minilm/1 minilm-adapted/1   # scorecards side by side
   bertflow registry promote bert-tiny 3 --alias champion
   bertflow registry verify bert-tiny@champion    # files vs. checksums taken at registration
   bertflow registry export bert-tiny@champion out/bert-tiny   # the verified copy, to serve
@@ -27,6 +28,9 @@ ACTIONS = {
              ("json", "all"), ()),
     "show": ("one version: labels, how it was trained, eval scores against the baseline, "
              "size and how to use it (--all: everything)", ("ref", "json", "all"), ("ref",)),
+    "compare": ("two versions' scorecards (bertflow eval) side by side: per task the "
+                "difference and whether it exceeds the restart noise",
+                ("ref", "other", "suite", "json"), ("ref", "other")),
     "promote": ("point an alias at a version", ("model", "version", "alias"),
                 ("model", "version", "alias")),
     "verify": ("check a version's files against the sha256 manifest recorded when it was "
@@ -76,6 +80,21 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=2, default=str))
         else:
             print(r.render_summary(info) + ("\n\n" + r.render_model(info) if cfg.all else ""))
+        return 0
+    if cfg.action == "compare":
+        from workflows.cli.table import format_table
+        from workflows.evaluation.scorecard import compare_rows, verdict
+
+        a, b, diffs = r.compare_models(cfg.ref, cfg.other, cfg.suite, uri)
+        if cfg.json:
+            print(json.dumps({"a": a.to_json(), "b": b.to_json(), "differences": {
+                d.task: {"diff": d.diff, "noise": d.noise, "beyond_noise": d.beyond_noise}
+                for d in diffs}}, indent=2))
+            return 0
+        print(f"suite {a.suite}: A = {a.model}, B = {b.model}")
+        rows = compare_rows(a, b, diffs)
+        print(format_table(rows, list(rows[0]), max_width=None))
+        print(verdict(diffs, "A", "B"))
         return 0
     if cfg.action == "promote":
         mv = r.promote(cfg.model, cfg.version, cfg.alias, uri)
