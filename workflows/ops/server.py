@@ -244,15 +244,22 @@ def discard(launch: ServerLaunch) -> None:
         shutil.rmtree(launch.private_dir, ignore_errors=True)
 
 
+# MLflow 3's server starts a job queue (about eight huey consumer processes) for its GenAI
+# evaluation jobs and trace roll-ups. bertflow uses neither; on a 2-core head those
+# processes cost seconds of CPU at every start and memory for as long as the server runs.
+NO_JOB_QUEUE_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """The server's environment: `base` (default: this process's) with unpickling of model
-    files and MLflow's telemetry switched off, and without the variables that would widen
-    it (`WIDENING_ENV`: `plan_server` refuses them when set; this drops harmless ones too)."""
+    files, MLflow's telemetry and its job queue switched off, and without the variables
+    that would widen it (`WIDENING_ENV`: `plan_server` refuses them when set; this drops
+    harmless ones too)."""
     from workflows.tracking import MLFLOW_SAFE_ENV
 
     base = os.environ if base is None else base
     kept = {k: v for k, v in base.items() if k not in WIDENING_ENV and not k.startswith("UVICORN_")}
-    return {**kept, **MLFLOW_SAFE_ENV}
+    return {**kept, **MLFLOW_SAFE_ENV, **NO_JOB_QUEUE_ENV}
 
 
 def server_url(host: str, port: int) -> str:
