@@ -21,6 +21,7 @@ import http.client
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,6 +88,63 @@ class Server:
                 self.proc.wait()
 
 
+def _label(pid: int) -> str:
+    """A process's role: Ray's process title (ray::ServeReplica..., ray::ProxyActor), the
+    executable (raylet, gcs_server) or the Python module or script it runs."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    words = [a.decode(errors="replace") for a in argv if a]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split()[0].split(":")[2] if words[0].count(":") > 2 else words[0]
+    name = Path(words[0]).name
+    if name.startswith("python"):
+        for i, w in enumerate(words[1:], 1):
+            if w == "-m" and i + 1 < len(words):
+                return words[i + 1]
+            if w.endswith(".py"):
+                return Path(w).name
+        return name
+    return name
+
+
+def tree_cpu(root: int) -> dict[int, tuple[str, float]]:
+    """{pid: (role, CPU seconds so far)} of `root` and every process below it."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            out[pid] = (_label(pid), stats[pid][1])
+            todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    """CPU milliseconds per answered request by process role (busiest first)."""
+    spent: dict[str, float] = {}
+    for pid, (role, cpu) in after.items():
+        start = before.get(pid, (role, 0.0))[1]
+        spent[role] = spent.get(role, 0.0) + cpu - start
+    per = {k: 1000 * v / max(1, requests) for k, v in spent.items() if v > 0}
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
 def closed_loop(server: Server, concurrency: int, duration: float) -> dict[str, float]:
     """`concurrency` clients, each request after the previous answer, for `duration` s."""
     latencies: list[float] = []
@@ -118,12 +176,15 @@ def closed_loop(server: Server, concurrency: int, duration: float) -> dict[str, 
                     errors[0] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    cpu_before, client_before = tree_cpu(server.proc.pid), time.process_time()
     start = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     elapsed = time.monotonic() - start
+    cpu = cpu_per_request(cpu_before, tree_cpu(server.proc.pid), len(latencies))
+    client_ms = 1000 * (time.process_time() - client_before) / max(1, len(latencies))
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -131,7 +192,18 @@ def closed_loop(server: Server, concurrency: int, duration: float) -> dict[str, 
             if latencies else float("nan")
 
     return {"rps": len(latencies) / elapsed, "p50": pct(0.50), "p99": pct(0.99),
-            "errors": errors[0], "requests": len(latencies)}
+            "errors": errors[0], "requests": len(latencies), "cpu": cpu,
+            "server_ms": sum(cpu.values()), "client_ms": client_ms}
+
+
+def split_variant(text: str) -> tuple[dict[str, str], list[str]]:
+    """`"NAME=VALUE ... --flag v ..."`: the leading environment variables and the
+    `bertflow serve` options of one variant."""
+    env, words = {}, text.split()
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        env[key] = value
+    return env, words
 
 
 def main() -> None:
@@ -139,6 +211,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds per level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--serve-args", default="", help="extra `bertflow serve` options")
+    parser.add_argument(
+        "--variant", action="append", default=[], metavar="'[VAR=VALUE ...] [OPTIONS]'",
+        help="also measure `bertflow serve` with these environment variables and options "
+             "(repeatable), each against the same mlflow run")
+    parser.add_argument("--mlflow-workers", type=int, default=None,
+                        help="`mlflow models serve --workers` (default: its own, 1)")
     args = parser.parse_args()
     load_before = os.getloadavg()
 
@@ -154,43 +232,62 @@ def main() -> None:
     hf_import.import_hf(folder, "clf", uri)
     # the venv's bin first: `mlflow models serve` execs `uvicorn` from the PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT),
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    servers = {
-        "bertflow serve": lambda port: Server(
-            "bertflow serve", [sys.executable, "-m", "workflows.cli", "serve", "models:/clf/1",
-                               "--port", str(port), "--tracking-uri", uri,
-                               *args.serve_args.split()],
+
+    def bertflow(label: str, variant: str) -> tuple[str, callable]:
+        extra_env, options = split_variant(variant)
+        options = [*args.serve_args.split(), *options]
+        log_name = f"bertflow-serve-{len(servers)}.log"
+        return label, lambda port: Server(
+            label, [sys.executable, "-m", "workflows.cli", "serve", "models:/clf/1",
+                    "--port", str(port), "--tracking-uri", uri, *options],
             port, "/clf/predict", lambda text: {"inputs": [{"text": text}]}, "/clf",
-            work / "bertflow-serve.log", env),
-        "mlflow models serve": lambda port: Server(
-            "mlflow models serve", [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-                                    "models:/clf/1", "--env-manager", "local", "--host",
-                                    "127.0.0.1", "--port", str(port)],
-            port, "/invocations", lambda text: {"dataframe_records": [{"text": text}]},
-            "/ping", work / "mlflow-serve.log", env),
-    }
-    results: dict[str, dict[int, dict[str, float]]] = {}
-    for name, start in servers.items():
+            work / log_name, {**env, **extra_env})
+
+    workers = ["--workers", str(args.mlflow_workers)] if args.mlflow_workers else []
+    servers: list[tuple[str, callable]] = []
+    servers.append(bertflow("bertflow serve", ""))
+    servers.append(("mlflow models serve", lambda port: Server(
+        "mlflow models serve", [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                                "models:/clf/1", "--env-manager", "local", "--host",
+                                "127.0.0.1", "--port", str(port), *workers],
+        port, "/invocations", lambda text: {"dataframe_records": [{"text": text}]},
+        "/ping", work / "mlflow-serve.log", env)))
+    for v in args.variant:
+        servers.append(bertflow(f"bertflow serve {v}", v))
+    results: dict[str, dict[int, dict]] = {}
+    for name, start in servers:
         t0 = time.monotonic()
         server = start(free_port())
-        print(f"{name}: up in {time.monotonic() - t0:.0f} s", flush=True)
+        print(f"{name}: up in {time.monotonic() - t0:.0f} s (load {os.getloadavg()[0]:.1f})",
+              flush=True)
         try:
             closed_loop(server, 2, 5)  # warm-up, not counted
             results[name] = {}
             for c in args.concurrency:
                 r = closed_loop(server, c, args.duration)
                 results[name][c] = r
+                top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu"].items())[:4])
                 print(f"  concurrency {c:3d}: {r['rps']:7.1f} req/s  p50 {r['p50']:7.0f} ms  "
-                      f"p99 {r['p99']:7.0f} ms  errors {r['errors']}", flush=True)
+                      f"p99 {r['p99']:7.0f} ms  errors {r['errors']}  CPU ms/request: "
+                      f"server {r['server_ms']:.1f} ({top}), clients {r['client_ms']:.1f}"
+                      f"  (load {os.getloadavg()[0]:.1f})", flush=True)
         finally:
             server.stop()
-    ours, ref = results["bertflow serve"], results["mlflow models serve"]
+    ref = results["mlflow models serve"]
     print(f"\nload average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} "
           f"(1 min); {args.duration:.0f} s per level")
-    for c in args.concurrency:
-        print(f"concurrency {c:3d}: bertflow/mlflow throughput {ours[c]['rps'] / ref[c]['rps']:.2f}x,"
-              f" p99 {ours[c]['p99']:.0f} vs {ref[c]['p99']:.0f} ms, errors {ours[c]['errors']}"
-              f" vs {ref[c]['errors']}")
+    for name, ours in results.items():
+        if name == "mlflow models serve":
+            continue
+        print(name)
+        for c in args.concurrency:
+            print(f"  concurrency {c:3d}: bertflow/mlflow throughput "
+                  f"{ours[c]['rps'] / ref[c]['rps']:.2f}x, p99 {ours[c]['p99']:.0f} vs "
+                  f"{ref[c]['p99']:.0f} ms, server CPU per request {ours[c]['server_ms']:.1f} "
+                  f"vs {ref[c]['server_ms']:.1f} ms, errors {ours[c]['errors']} vs "
+                  f"{ref[c]['errors']}")
     print(f"(logs in {work})")
 
 

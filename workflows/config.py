@@ -691,6 +691,8 @@ class ServeConfig:
                      "are cut at the model's max_seq_len word pieces, as `bertflow predict` "
                      "does (qa contexts and token-cls sentences are windowed, not cut)")
     max_body_bytes: int = field(4 * 1024 * 1024, help="request body size at most (more: 413)")
+    access_log: bool = field(False, help="log a line per request (Ray Serve's access log, in "
+                                         "the proxy and replica logs); off: it costs CPU")
     poll_interval: float = field(15.0, help="seconds between registry checks of an alias")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")

@@ -58,6 +58,18 @@ from workflows.config import MODEL_NAME, SERVE_TOKEN_ENV, ServeConfig
 log = logging.getLogger(__name__)
 
 
+# Ray Serve's throughput-optimised request path (documented for Ray >= 2.56: "Enable High
+# Throughput on Ray Serve"), for the Ray that `bertflow serve` starts itself: proxy ->
+# replica over gRPC instead of Ray actor calls, user code and the router on the main event
+# loop (the model runs on its own thread anyway), request-path logs buffered, no copy of
+# every log line on stderr, the garbage collector frozen after start-up. Measured with
+# bench/serve_load.py (docs/benchmarks.md). Direct ingress, which that mode also turns on,
+# stays off: it takes the proxy away (requests would go to per-replica ports, which
+# HAProxy then fronts on all interfaces); bertflow keeps one port on --host. Variables
+# already set win; a cluster joined with --address keeps the settings its nodes started with.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
 class ServeError(BertflowError):
     """`bertflow serve` cannot start as asked; the message says what to change."""
 
@@ -413,21 +425,30 @@ class Serving:
                                    threads=max(1, int(share)))
         return deployment.bind(model, limits, settings)
 
+    def _logging(self) -> dict[str, Any]:
+        """Ray Serve's logging: one access-log line per request in the proxy and in the
+        replica only with --access-log (they cost ~15% of a request's CPU on 2 cores)."""
+        return {"enable_access_log": bool(self.cfg.access_log)}
+
     def deploy(self, model: ServedModel) -> None:
         """Deploy (or update) `model`'s application; returns when it serves that version."""
         serve.run(self._application(model), name=model.name, route_prefix=f"/{model.name}",
-                  blocking=False)
+                  blocking=False, logging_config=self._logging())
         self.models[model.name] = model
         log.info("serving %s version %s at http://%s:%d/%s", model.name, model.version,
                  self.cfg.host, self.cfg.port, model.name)
 
     def start(self) -> dict[str, ServedModel]:
         """Start Ray (or join --address) and Serve, and deploy every model."""
-        from data_prep.ray_env import init_ray
+        import ray as ray_module
 
+        from data_prep.ray_env import init_ray
         from workflows.serving.batch import replica_cpus
 
         pinned = []
+        if self.cfg.address is None and not ray_module.is_initialized():
+            for key, value in THROUGHPUT_ENV.items():  # inherited by the Ray started next
+                os.environ.setdefault(key, value)
         ray = init_ray(self.cfg.address)
         # Each replica's CPUs (its torch threads), fixed now: free CPUs shrink as we deploy.
         self._share = (self.cfg.num_cpus or 1.0) if self.cfg.use_gpu else replica_cpus(
@@ -439,7 +460,8 @@ class Serving:
         if dupes:
             raise ServeError(f"two models would be served as {', '.join(dupes)}; serve "
                              "models of different names")
-        serve.start(http_options={"host": self.cfg.host, "port": self.cfg.port})
+        serve.start(http_options={"host": self.cfg.host, "port": self.cfg.port},
+                    logging_config=self._logging())
         for model in pinned:
             self.deploy(model)
         return dict(self.models)
