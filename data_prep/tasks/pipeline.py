@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +207,13 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
         # and then, with its default of endless restarts, Ray logs an error per actor that
         # a restart could lose those arguments (ray-project/ray#53727). This one pass over
         # one file needs no restart: a lost actor fails it, and the rerun starts afresh.
-        ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
-                            batch_format="pyarrow", batch_size=256,
-                            compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
+        # Ray 2.60 deprecates such actor options (ray_remote_args) and names no
+        # replacement for max_restarts yet: its warning would reach the user's terminal.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
+                                batch_format="pyarrow", batch_size=256,
+                                compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
