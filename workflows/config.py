@@ -183,9 +183,14 @@ class TrackingSettings:
     register_as: str | None = field(
         None, help="register the final model under this name (a new version each time)")
     log_system_metrics: bool = field(True, help="log CPU/GPU/memory usage to the MLflow run")
+    tracker_wait_s: float = field(
+        300.0, help="at the end of training, seconds to wait for an MLflow server that does "
+                    "not answer; then the job ends with the model in its run folder and "
+                    "prints the `bertflow registry register` command that registers it later")
 
     def __post_init__(self) -> None:
         check(bool(self.experiment.strip()), "experiment", "must not be empty")
+        check(self.tracker_wait_s >= 0, "tracker_wait_s", "must be 0 or more seconds")
         check(self.register_as is None or bool(self.register_as.strip()), "register_as",
               "must not be empty (leave it out to skip registering)")
         check(self.register_as is None or bool(MODEL_NAME.match(self.register_as)),
@@ -753,7 +758,7 @@ class RegistryConfig:
     Each action uses some of the fields (see `bertflow registry ACTION --help`)."""
 
     action: Literal["list", "show", "compare", "promote", "verify", "export",
-                    "import-hf"] = field("list", help="what to do", cli=False)
+                    "import-hf", "register"] = field("list", help="what to do", cli=False)
     tracking_uri: str | None = field(
         None, help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns.db)")
     json: bool = field(False, help="print JSON instead of a table or text")
@@ -772,7 +777,11 @@ class RegistryConfig:
     model_dir: str = field("", flag="DIR",
                            help="folder with config.json, model.safetensors and vocab.txt")
     dest: str = field("", flag="OUT_DIR", help="new folder to write the verified version to")
-    name: str = field("", help="registered model name to import as")
+    name: str = field("", help="registered model name (import-hf: to import as; register: "
+                               "to register as, default the name the run was given)")
+    run_folder: str = field("", flag="RUN_FOLDER",
+                            help="the run folder a job left its model in when the MLflow "
+                                 "server was unreachable (a path or URI, as the job printed)")
     experiment: str = field("bertflow", help="MLflow experiment of the import run")
 
 

@@ -363,6 +363,28 @@ def log_and_register(model_dir: str | Path, *, run_id: str, uri: str, task: str,
     return model_uri, str(mv.version)
 
 
+# ---------------------------------------------------------------- is it there
+
+
+def tracker_reachable(uri: str, timeout_s: float = 5.0) -> bool:
+    """Whether the tracking store answers now (a server's /health; other stores: True)."""
+    try:
+        check_tracking_store(uri, timeout_s)
+        return True
+    except TrackingError:
+        return False
+
+
+def wait_for_tracker(uri: str, wait_s: float, poll_s: float = 5.0) -> bool:
+    """Whether the tracking store answers within `wait_s` (checked every `poll_s`)."""
+    deadline = time.monotonic() + wait_s
+    while not tracker_reachable(uri, min(5.0, max(1.0, wait_s))):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+    return True
+
+
 # Copied into every logged model (its `code/` folder, MLflow's code_paths), so MLflow's own
 # environment manager can serve it from its requirements alone; pyfunc.py imports them.
 CODE_PACKAGES = ("bert_core", "data_prep", "workflows")

@@ -1,5 +1,5 @@
 """Browsing and curating the MLflow model registry: `bertflow registry
-list|show|promote|verify|export`.
+list|show|promote|verify|export|register`.
 
 It reads what `workflows.tracking` writes: the lineage tags `TAG_*` on every registered
 version. MLflow is imported inside the functions so that `bertflow registry --help` is
@@ -504,3 +504,23 @@ def export(ref: str, dest: str | Path, tracking_uri: str | None = None) -> Expor
         raise RegistryError(f"{dest}: version {mv.version} of {mv.name} holds no model folder "
                             f"(config.json + model.safetensors)")
     return Exported(mv, dest, model_folder, len(checks), transformers_caveat(model_folder))
+
+
+def register_run(run_folder: str, name: str | None = None,
+                 tracking_uri: str | None = None) -> tuple[Any, str, str | None]:
+    """`bertflow registry register RUN_FOLDER`: complete the registration a job left in
+    its run folder when the MLflow server was unreachable at its end (its kept metrics,
+    the model, the version with the run's lineage; workflows.deferred_registration).
+    Returns (the pending record, model URI, version or None)."""
+    from data_prep.storage import LocationError
+    from workflows.deferred_registration import register_pending
+    from workflows.run_folder import RunFolder
+
+    try:
+        run = RunFolder.at(run_folder)
+    except LocationError as exc:
+        raise RegistryError(f"RUN_FOLDER {run_folder}: {exc}") from None
+    if not run.location.is_dir() and not run.location.has_content():
+        raise RegistryError(f"RUN_FOLDER {run_folder}: no such run folder (give the folder "
+                            f"the training job printed)")
+    return register_pending(run, name, tracking_uri)

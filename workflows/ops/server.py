@@ -273,6 +273,9 @@ def check_port_free(host: str, port: int) -> None:
     many seconds starting its workers and then die with a less helpful message)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server binds (uvicorn and gunicorn set SO_REUSEADDR): a port whose last
+        # server just stopped (connections in TIME_WAIT) is free, one that listens is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -26,7 +26,10 @@ evaluated, registered, servable task model, on the one training loop
    run created here (params = the whole config, dataset inputs, trivial baseline).
 4. Log the final model folder as an MLflow pyfunc (workflows/serving/pyfunc.py), print the
    metrics per epoch as a table, and register it under `register_as` with tags for the
-   task, labels, base model lineage, dataset fingerprint and eval metrics.
+   task, labels, base model lineage, dataset fingerprint and eval metrics. With the
+   MLflow server unreachable past `--tracker-wait-s`, the model stays in the run folder
+   and `result.pending` is the command that registers it later
+   (workflows.deferred_registration).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class FinetuneResult:
 
     model_dir: Path | str                # the final HF-format folder (a URI on remote storage)
     run_id: str                          # MLflow run
-    model_uri: str                       # runs:/... pyfunc
+    model_uri: str | None                # the logged pyfunc (None: left for later)
     metrics: dict[str, float]            # final eval metrics (val_*)
     baseline: dict[str, float]           # trivial baseline on the eval file
     history: dict[str, dict[str, float]] = field(default_factory=dict)  # "epoch N" -> metrics
@@ -67,6 +70,7 @@ class FinetuneResult:
     steps: int = 0
     skipped: dict[str, Any] = field(default_factory=dict)  # per split: reason -> count
     table: str = ""
+    pending: str | None = None           # the command that registers it later (tracker down)
 
 
 def loop_for_epochs(cfg: FinetuneConfig, train_rows: int) -> tuple[LoopSettings, int]:
@@ -273,9 +277,11 @@ def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
 
 def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune, evaluate, log and (with `register_as`) register; see the module doc."""
+    from data_prep.storage import public_uri
     from workflows import tracking as T
+    from workflows.deferred_registration import (PendingRegistration, finish_run,
+                                                 register_command)
     from workflows.metrics import format_table
-    from workflows.transfer import local_model_dir
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import run_folder, run_training
 
@@ -294,30 +300,38 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
         metrics={f"baseline_{k}": v for k, v in baseline.items()})
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
              prep.base_pin.uri, prep.train_rows, loop.max_steps, steps_per_epoch)
-    result = run_training(task, loop, datasets=prep.ray_datasets(cfg.address),
-                          run=run_folder(loop, run_name),
+    run = run_folder(loop, run_name)
+    result = run_training(task, loop, datasets=prep.ray_datasets(cfg.address), run=run,
                           tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
 
-    client = T.client(uri)
-    history = _history(client, run_id, steps_per_epoch)
-    final = {k: float(v) for k, v in client.get_run(run_id).data.metrics.items()
-             if k.startswith("val_")}
+    # The metrics rank 0 could not send, the model, its registration (workflows.
+    # deferred_registration): or, with the server unreachable, left for later.
+    final = {k: float(v) for k, v in result.metrics.items()
+             if k.startswith("val_") and isinstance(v, (int, float))}
+    pending = PendingRegistration(
+        run_id=run_id, task=cfg.task, model_dir=str(result.model_dir),
+        tags=prep.model_tags(), version_tags={T.TAG_DATASET_PATH: str(train.path)},
+        metrics=final, register_as=cfg.tracking.register_as, tracking_uri=public_uri(uri))
+    model_uri, version = finish_run(run, pending, uri, cfg.tracking.tracker_wait_s)
+    history = {}
+    if model_uri is not None:  # the server holds every epoch's metrics
+        client = T.client(uri)
+        history = _history(client, run_id, steps_per_epoch)
+        final = {k: float(v) for k, v in client.get_run(run_id).data.metrics.items()
+                 if k.startswith("val_")}
+    elif final:
+        history = {"final": final}
     table_rows = dict(history)
     if baseline:
         table_rows = {"trivial baseline": baseline, **table_rows}
     table = format_table(table_rows) if table_rows else "(no eval file: no metrics)"
     print(f"\n{cfg.task} evaluation on {cfg.eval}:\n{table}\n", flush=True)
-
-    extra = prep.model_tags()
-    with local_model_dir(result.model_dir) as model_dir:  # downloaded from remote storage
-        model_uri, version = T.log_and_register(
-            model_dir, run_id=run_id, uri=uri, task=cfg.task, tags=extra,
-            register_as=cfg.tracking.register_as,
-            version_tags={T.TAG_DATASET_PATH: str(train.path)}, metrics=final)
     skipped = {"train": train.report.to_dict()}
     if evalset is not None:
         skipped["eval"] = evalset.report.to_dict()
     return FinetuneResult(model_dir=result.model_dir, run_id=run_id, model_uri=model_uri,
                           metrics=final, baseline=baseline, history=history,
                           model_version=version, labels=labels, steps=result.step,
-                          skipped=skipped, table=table)
+                          skipped=skipped, table=table,
+                          pending=None if model_uri else register_command(
+                              run.where, cfg.tracking.register_as))

@@ -22,7 +22,11 @@
 4. Log the final model (HF folder + tokenizer + bertflow.json; downloaded first when the
    run folder is on object storage) as an MLflow pyfunc and,
    with `register_as`, register it as a new version whose tags name the run, the dataset
-   fingerprint and the exact base model (`models:/X/7`, and the reference given).
+   fingerprint and the exact base model (`models:/X/7`, and the reference given). First
+   the metrics rank 0 could not send are delivered (workflows.tracking_outbox); with the
+   server unreachable past `--tracker-wait-s`, the model stays in the run folder and
+   `result.pending` is the command that registers it later
+   (workflows.deferred_registration).
 """
 
 from __future__ import annotations
@@ -197,6 +201,7 @@ class PretrainResult:
     metrics: dict[str, Any]
     checkpoint_dir: Path | str     # Paths on local storage, URIs on remote storage
     run_dir: Path | str
+    pending: str | None = None     # the command that registers it later (tracker was down)
 
 
 def _model_config(cfg: PretrainConfig, tokenizer: Any, manifest: Any,
@@ -265,8 +270,10 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     from data_prep.manifest import open_dataset
     from data_prep.ray_env import init_ray, missing_worker_env
     from data_prep.tokenizer import WordPieceTokenizer
+    from data_prep.storage import public_uri
     from workflows import tracking as T
-    from workflows.transfer import local_model_dir
+    from workflows.deferred_registration import (PendingRegistration, finish_run,
+                                                 register_command)
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import check_storage, run_folder, run_training
     from workflows.transfer import check_model_ref, ship_folder, ship_model_folder
@@ -356,12 +363,17 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
             T.fail_run(run_id, uri)  # rerunning the command resumes it from its checkpoint
             raise
 
-    with local_model_dir(result.model_dir) as model_dir:  # downloaded from remote storage
-        model_uri, version = T.log_and_register(
-            model_dir, run_id=run_id, uri=uri, task="pretraining", tags=lineage,
-            register_as=cfg.tracking.register_as, version_tags={T.TAG_RUN_NAME: cfg.run_name},
-            metrics={k: v for k, v in result.metrics.items() if k.startswith("val_")})
+    # The metrics rank 0 could not send, the model, its registration: or, with the server
+    # unreachable past --tracker-wait-s, all of it left for `bertflow registry register`.
+    pending = PendingRegistration(
+        run_id=run_id, task="pretraining", model_dir=str(result.model_dir), tags=lineage,
+        version_tags={T.TAG_RUN_NAME: cfg.run_name}, register_as=cfg.tracking.register_as,
+        metrics={k: v for k, v in result.metrics.items() if k.startswith("val_")},
+        tracking_uri=public_uri(uri))
+    model_uri, version = finish_run(run, pending, uri, cfg.tracking.tracker_wait_s)
     return PretrainResult(run_id=run_id, model_dir=result.model_dir, model_uri=model_uri,
                           model_version=version, step=result.step, start_step=result.start_step,
                           metrics=result.metrics, checkpoint_dir=result.checkpoint_dir,
-                          run_dir=result.run_dir)
+                          run_dir=result.run_dir,
+                          pending=None if model_uri else register_command(
+                              run.where, cfg.tracking.register_as))

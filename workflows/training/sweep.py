@@ -57,10 +57,11 @@ class SweepResult:
     trials: list[TrialRecord]
     ranking: list[PointSummary]          # best first
     winner: TrialRecord                  # the best seed of the best point
-    model_uri: str
+    model_uri: str | None
     model_version: str | None
     experiment_path: str           # the Tune experiment folder: a local path or a URI
     resumed: bool = False
+    pending: str | None = None    # the command that registers the winner later
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -98,8 +99,10 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     from ray import tune
 
     from data_prep.ray_env import init_ray
+    from data_prep.storage import public_uri
     from workflows import tracking as T
-    from workflows.transfer import local_model_dir
+    from workflows.deferred_registration import (PendingRegistration, finish_run,
+                                                 register_command)
     from workflows.training.engine import run_folder
     from workflows.training.finetune import prepare_finetune
 
@@ -155,18 +158,23 @@ def run_sweep(config: SweepConfig) -> SweepResult:
     pick = max if cfg.mode == "max" else min
     winner = pick((t for t in best.trials if t.value is not None), key=lambda t: t.value)
     _log_parent(client, parent, trials, ranking, metric, winner)
-    with local_model_dir(winner.model_dir) as winner_dir:  # downloaded from object storage
-        model_uri, version = T.log_and_register(
-            winner_dir, run_id=winner.run_id, uri=prep.uri, task=cfg.task,
-            tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
-            register_as=cfg.tracking.register_as,
-            version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
-            metrics={**winner.metrics, f"{metric}_mean": best.mean,
-                     f"{metric}_std": best.std})
-    client.set_tag(parent, T.TAG_SWEEP_WINNER, winner.run_id)
+    # As a fine-tuning run ends (workflows.deferred_registration): or left for later.
+    winner_run = run_folder(cfg.loop, winner.run_name)
+    pending = PendingRegistration(
+        run_id=winner.run_id, task=cfg.task, model_dir=str(winner.model_dir),
+        tags={**prep.model_tags(), T.TAG_SWEEP_RUN: parent, T.TAG_SWEEP_NAME: name},
+        version_tags={T.TAG_DATASET_PATH: str(prep.train.path)},
+        metrics={**winner.metrics, f"{metric}_mean": best.mean, f"{metric}_std": best.std},
+        register_as=cfg.tracking.register_as, tracking_uri=public_uri(prep.uri),
+        sweep_parent=parent)
+    model_uri, version = finish_run(
+        winner_run, pending, prep.uri, cfg.tracking.tracker_wait_s,
+        after=lambda: client.set_tag(parent, T.TAG_SWEEP_WINNER, winner.run_id))
     return SweepResult(name=name, run_id=parent, metric=metric, trials=trials,
                        ranking=ranking, winner=winner, model_uri=model_uri,
-                       model_version=version, experiment_path=exp_path, resumed=resumed)
+                       model_version=version, experiment_path=exp_path, resumed=resumed,
+                       pending=None if model_uri else register_command(
+                           winner_run.where, cfg.tracking.register_as))
 
 
 def _new_tuner(cfg: SweepConfig, space: dict[str, Any], metric: str, name: str,

@@ -29,7 +29,7 @@ FIXED_FIELDS = frozenset({
     "text_column", "text_pair_column", "label_column",
     "data_dir", "address", "run_name", "num_workers", "use_gpu", "cpus_per_worker",
     "storage_path", "tracking_uri", "experiment", "register_as", "log_system_metrics",
-    "max_failures"})
+    "tracker_wait_s", "max_failures"})
 
 
 SWEEP_ONLY = frozenset(f.name for f in dataclasses.fields(SweepConfig)) - frozenset(

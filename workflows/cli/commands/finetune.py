@@ -36,10 +36,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(FinetuneConfig, args)
     result = run_finetune(cfg)
     print(f"model folder: {result.model_dir}")
-    print(f"MLflow run:   {result.run_id}  ({result.model_uri})")
+    print(f"MLflow run:   {result.run_id}  ({result.model_uri or 'model not logged yet'})")
     if result.model_version:
         print(f"registered:   models:/{cfg.tracking.register_as}/{result.model_version}")
     for split, rep in result.skipped.items():
         if rep["skipped"]:
             print(f"skipped {split} records: {rep['by_reason']} (first: {rep['messages'][0]})")
+    if result.pending:
+        from workflows.deferred_registration import PENDING_EXIT
+
+        print(f"NOT registered: the MLflow server did not answer. Once it does, run:\n"
+              f"  {result.pending}")
+        return PENDING_EXIT
     return 0

@@ -37,10 +37,16 @@ def run(args: argparse.Namespace) -> int:
     result = run_pretrain(cfg)
     print(f"trained {result.step} steps (last start at step {result.start_step})")
     print(f"model folder: {result.model_dir}")
-    print(f"MLflow run:   {result.run_id}  ({result.model_uri})")
+    print(f"MLflow run:   {result.run_id}  ({result.model_uri or 'model not logged yet'})")
     if result.model_version:
         print(f"registered:   models:/{cfg.tracking.register_as}/{result.model_version}")
     val = {k: v for k, v in result.metrics.items() if k.startswith("val_")}
     if val:
         print("validation:   " + ", ".join(f"{k[4:]}={v:.4g}" for k, v in sorted(val.items())))
+    if result.pending:
+        from workflows.deferred_registration import PENDING_EXIT
+
+        print(f"NOT registered: the MLflow server did not answer. Once it does, run:\n"
+              f"  {result.pending}")
+        return PENDING_EXIT
     return 0

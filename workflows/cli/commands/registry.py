@@ -1,4 +1,5 @@
-"""`bertflow registry list|show|compare|promote|verify|export|import-hf`: the MLflow model registry."""
+"""`bertflow registry list|show|compare|promote|verify|export|import-hf|register`: the
+MLflow model registry."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ EPILOG = """examples:
   bertflow registry verify bert-tiny@champion    # files vs. checksums taken at registration
   bertflow registry export bert-tiny@champion out/bert-tiny   # the verified copy, to serve
   bertflow registry import-hf path/to/MiniLM --name minilm
+  bertflow registry register runs/pretrain-1 --name bert-tiny   # a job's model, the
+                                                 # MLflow server having been down at its end
 
 --tracking-uri defaults to $MLFLOW_TRACKING_URI, else sqlite:///$PWD/mlruns.db."""
 
@@ -39,6 +42,9 @@ ACTIONS = {
                "manifest (serve or load that copy)", ("ref", "dest"), ("ref", "dest")),
     "import-hf": ("register a Hugging Face-format BERT folder (e.g. MiniLM) as a base",
                   ("model_dir", "name", "experiment"), ("model_dir", "name")),
+    "register": ("register the model a training job left in its run folder when the MLflow "
+                 "server was unreachable at its end: its kept metrics, the model and the "
+                 "version, with the run's lineage", ("run_folder", "name"), ("run_folder",)),
 }
 
 
@@ -121,6 +127,13 @@ def run(args: argparse.Namespace) -> int:
                                      "predicts" if out.transformers is None
                                      else f"NOT USABLE: {out.transformers}"))
         print(f"  check again:   cd {out.folder} && sha256sum -c bertflow.sha256")
+        return 0
+    if cfg.action == "register":
+        pending, model_uri, version = r.register_run(cfg.run_folder, cfg.name or None,
+                                                     cfg.tracking_uri)
+        name = cfg.name or pending.register_as
+        print(f"run {pending.run_id}: kept metrics sent, model logged ({model_uri})"
+              + (f", registered as models:/{name}/{version}" if version else ""))
         return 0
     from workflows.ops.hf_import import import_hf
 

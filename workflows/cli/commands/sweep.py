@@ -48,4 +48,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"model:             {result.model_uri}")
     if result.model_version:
         print(f"registered:        models:/{cfg.tracking.register_as}/{result.model_version}")
+    if result.pending:
+        from workflows.deferred_registration import PENDING_EXIT
+
+        print(f"NOT registered: the MLflow server did not answer. Once it does, run:\n"
+              f"  {result.pending}")
+        return PENDING_EXIT
     return 0
