@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -165,3 +166,19 @@ def start_local_ray(ray: Any, options: dict[str, Any], attempts: int = 3) -> Non
             log.warning("the local Ray timed out starting (busy machine?); starting it again "
                         "(%d of %d)", attempt + 1, attempts)
             ray.shutdown()
+
+
+def map_with_actor_pool(ds: Any, fn: type, size: int, **options: Any) -> Any:
+    """`ds.map_batches(fn, compute=ActorPoolStrategy(size=size), **options)` with actors
+    that are not restarted. Ray Data hands every pool actor its constructor arguments
+    through the object store, and with its default of endless restarts Ray logs an
+    error per actor that a restart could lose them (ray-project/ray#53727), which reads
+    like a failure: a lost actor fails the run instead, and the rerun starts afresh.
+    Ray 2.60 deprecates such actor options (`ray_remote_args`) without a named
+    replacement for max_restarts yet; its warning is kept off the user's terminal."""
+    import ray
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return ds.map_batches(fn, compute=ray.data.ActorPoolStrategy(size=size),
+                              max_restarts=0, **options)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
 from data_prep.manifest import (Manifest, atomic_output_dir, build_fingerprint,
                                 fingerprint_file, is_up_to_date)
+from data_prep.ray_env import map_with_actor_pool
 from data_prep.tasks import features as F
 from data_prep.tasks.readers import (SkipReport, TaskDataError, read_classification,
                                      read_conll, read_regression, read_squad)
@@ -203,17 +203,9 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
     with atomic_output_dir(final, force=True) as tmp:
         # Few blocks: per-row blocks would cost more scheduling than tokenizing.
         ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
-        # max_restarts=0: Ray Data hands every pool actor its UDF through the object store
-        # and then, with its default of endless restarts, Ray logs an error per actor that
-        # a restart could lose those arguments (ray-project/ray#53727). This one pass over
-        # one file needs no restart: a lost actor fails it, and the rerun starts afresh.
-        # Ray 2.60 deprecates such actor options (ray_remote_args) and names no
-        # replacement for max_restarts yet: its warning would reach the user's terminal.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
-            ds = ds.map_batches(Featurizer, fn_constructor_args=(tokenizer, spec, labels),
-                                batch_format="pyarrow", batch_size=256,
-                                compute=ray.data.ActorPoolStrategy(size=1), max_restarts=0)
+        ds = map_with_actor_pool(ds, Featurizer, 1,
+                                 fn_constructor_args=(tokenizer, spec, labels),
+                                 batch_format="pyarrow", batch_size=256)
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -143,7 +143,7 @@ def run_eval(config: EvalConfig, suite: Suite | None = None) -> EvalResult:
     from workflows.training.finetune import prepare_finetune
     from workflows.training.sweep import collect_trial, trial_resources
     from workflows.training.sweep_space import expand_points
-    from workflows.training.sweep_trials import SweepPlan, tune_callback_class
+    from workflows.training.sweep_trials import SweepPlan, quiet_tune_console, tune_callback_class
 
     cfg = config
     suite = suite or load_suite(cfg.suite, data_dir=cfg.data_dir, overrides=cfg.overrides,
@@ -227,6 +227,7 @@ def run_eval(config: EvalConfig, suite: Suite | None = None) -> EvalResult:
                                       callbacks=[tune_callback_class()(describe)]))
     print(f"eval {name}: {len(pins)} model(s) x {len(suite.tasks)} task(s), {len(jobs)} "
           f"trials, {at_once} at once at {cpus:.2f} CPU each", flush=True)
+    quiet_tune_console()
     grid = tuner.fit()
 
     client = T.client(uri)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.ray_env import map_with_actor_pool
 from workflows.config import EmbedConfig, FileInference, PredictConfig
 from workflows.serving.predictor import PredictError, Predictor
 
@@ -173,13 +174,12 @@ def predict_file(cfg: PredictConfig) -> dict[str, Any]:
     ctx.execution_options.preserve_order = True  # output rows in input order
     with local_file(cfg.input, "--input") as path:
         ds = read_table_dataset(ray, path)
-    ds = ds.map_batches(BatchPredictor, fn_constructor_args=(model,),
-                        fn_constructor_kwargs={"batch_size": cfg.micro_batch,
-                                               "columns": cfg.input_columns(task, meta.get("inputs"))},
-                        batch_format="pandas",
-                        batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-                        **replica_resources(ray, cfg))
+    ds = map_with_actor_pool(ds, BatchPredictor, cfg.concurrency, fn_constructor_args=(model,),
+                             fn_constructor_kwargs={
+                                 "batch_size": cfg.micro_batch,
+                                 "columns": cfg.input_columns(task, meta.get("inputs"))},
+                             batch_format="pandas", batch_size=cfg.batch_size,
+                             **replica_resources(ray, cfg))
     errors = 0
 
     def frames():
@@ -237,13 +237,12 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     with local_file(cfg.input, "--input") as path:
         ds = read_table_dataset(ray, path)
-    ds = ds.map_batches(
-        BatchEmbedder,
+    ds = map_with_actor_pool(
+        ds, BatchEmbedder, cfg.concurrency,
         fn_constructor_args=(model, pooling, cfg.layer, cfg.text_column or "text", normalize,
                              max_seq_len),
         fn_constructor_kwargs={"batch_size": cfg.micro_batch},
         batch_format="pandas", batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         **replica_resources(ray, cfg))
     rows, dim, writer = 0, 0, None
     with staged_output(out) as tmp:

@@ -38,7 +38,7 @@ from workflows.training.sweep_space import (check_space, expand_points, load_spa
 from workflows.training.sweep_trials import (TRIAL_DRIVER_RESOURCES, SweepPlan,
                                              reuse_trial_actors, sweep_trainable,
                                              sweep_trial_text, trial_params,
-                                             tune_callback_class)
+                                             quiet_tune_console, tune_callback_class)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def run_sweep(config: SweepConfig) -> SweepResult:
         expand_points(space, cfg.search, cfg.num_samples, cfg.loop.seed))
     log.info("sweep %s: %s points x %d restarts, %d at once, %.2f CPU per trial worker",
              name, n_points, cfg.restarts, at_once, cpus)
+    quiet_tune_console()
     grid = tuner.fit()
     trials = _collect(grid, plan, metric, client)
     if trials and all(t.value is None for t in trials):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +192,14 @@ def sweep_trial_text(metric: str, cfg: SweepConfig, train_rows: int) -> Any:
         return f"{_point_text(point)} seed={seed}", metric, planned.max_steps
 
     return describe
+
+
+def quiet_tune_console() -> None:
+    """Ray Tune prints nothing of its own: bertflow prints one line per trial. At
+    verbose=0, Ray 2.60's output engine still prints an experiment box and the results'
+    and TensorBoard's paths; its earlier engine (RAY_AIR_NEW_OUTPUT=0) prints nothing.
+    Called on the driver before `Tuner.fit` (a user's own setting wins)."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def tune_callback_class() -> type:
