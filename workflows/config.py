@@ -682,7 +682,10 @@ class ServeConfig:
                    "default: $BERTFLOW_SERVE_TOKEN. Prefer the variable: a flag shows in ps")
     insecure: bool = field(False, help="allow binding beyond loopback without a token")
     max_batch_size: int = field(16, help="requests one replica answers with one batch")
-    batch_wait_ms: float = field(5.0, help="how long a replica waits to fill a batch")
+    batch_wait_ms: float = field(
+        20.0, help="how long a replica waits to fill a batch (20: at 8 clients on 2 cores "
+                   "1.7x the requests/s of 5, see docs/benchmarks.md; lower it for a lone "
+                   "caller's latency)")
     micro_batch: int = field(32, help="rows per forward pass")
     min_replicas: int = field(1, help="replicas per model at least (autoscaling)")
     max_replicas: int = field(1, help="replicas per model at most (autoscaling)")

@@ -103,7 +103,7 @@ class RequestLimits:
 class ReplicaSettings:
     micro_batch: int = 32
     max_batch_size: int = 16
-    batch_wait_s: float = 0.005
+    batch_wait_s: float = 0.02
     use_gpu: bool = False
     threads: int = 1     # torch threads: the replica's share of the CPUs
 
@@ -239,7 +239,7 @@ class ModelReplica:
     async def _compute(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def predict_batch(self, requests: list[dict[str, list]]) -> list[list[dict]]:
         import pandas as pd
 
@@ -254,7 +254,7 @@ class ModelReplica:
             start += n
         return answers
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def embed_batch(self, requests: list[list[str]]) -> list[list[list[float]]]:
         self.batch_sizes[len(requests)] += 1
         texts = [t for r in requests for t in r]
