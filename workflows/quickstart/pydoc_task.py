@@ -157,9 +157,10 @@ def build_pydoc_suite(folder: Path, task: PydocTask, seed: int = 0, train_rows: 
                       restarts: int = 2, lr: float = 1e-4) -> Path:
     """A two-task suite (`bertflow eval --suite`) from the topic task, small enough for the
     quickstart: `topics` (seq-cls: a paragraph's topic group, on up to `train_rows` /
-    `eval_rows` of the task's rows) and `same-group` (pair-cls: do two paragraphs belong to the same topic group?
-    pairs drawn within each split, half same and half different, so evaluation pairs
-    still come only from topics never seen in training). Returns the suite file."""
+    `eval_rows` of the task's rows) and `same-group` (pair-cls: do two paragraphs belong
+    to the same topic group? pairs drawn within each split, half same and half different,
+    so evaluation pairs still come only from topics never seen in training). Returns the
+    suite file."""
     import random
 
     folder.mkdir(parents=True, exist_ok=True)
