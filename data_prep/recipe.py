@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.corpus import Document, DocumentPool, ListPool
-from data_prep.masking import MaskingSpec
+from data_prep.masking import MaskingSpec, choose_flat, replace_flat
 
 Sentence = list[int]
 
@@ -190,13 +190,63 @@ def document_instances(document: Document, index: int, pool: DocumentPool,
                        spec: RecipeSpec, rng: np.random.Generator) -> list[Instance]:
     """All instances of one document: `dupe_factor` passes, each instance masked on its
     own when `spec.masking` is set (the masks are drawn after the pairs, from `rng`)."""
+    return _mask(document_pairs(document, index, pool, spec, rng), spec.masking, rng)
+
+
+def document_pairs(document: Document, index: int, pool: DocumentPool, spec: RecipeSpec,
+                   rng: np.random.Generator) -> list[Instance]:
+    """`document_instances` before masking (`mask_documents` masks many at once)."""
     instances: list[Instance] = []
     for _ in range(spec.dupe_factor):
         if spec.objective == "mlm":
             instances.extend(mlm_instances(document, spec, rng))
         else:
             instances.extend(pair_instances(document, index, pool, spec, rng))
-    return _mask(instances, spec.masking, rng)
+    return instances
+
+
+def mask_documents(documents: list[list[Instance]], rngs: list[np.random.Generator],
+                   masking: MaskingSpec) -> None:
+    """Mask, in place, the unmasked instances of many documents, each from its own
+    generator: the result and every generator's state afterwards equal `_mask` called
+    document by document (each draws its keys, then its rolls and random ids), with the
+    choice of positions vectorised over all of them. Whole-word masking goes document by
+    document."""
+    if masking.whole_word:
+        for instances, rng in zip(documents, rngs):
+            _mask(instances, masking, rng)
+        return
+    rows = [inst.input_ids for instances in documents for inst in instances]
+    if not rows:
+        return
+    lengths = np.fromiter((r.shape[0] for r in rows), np.int64, count=len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    doc_rows = np.cumsum([0] + [len(x) for x in documents])
+    doc_starts = offsets[doc_rows]  # flat index of each document's first token
+    key = np.concatenate([rng.random(int(b - a)) for rng, a, b, instances
+                          in zip(rngs, doc_starts[:-1], doc_starts[1:], documents)
+                          if instances])  # `_mask` draws nothing for a document without rows
+    flat = np.concatenate(rows)
+    chosen = choose_flat(flat, offsets, key, special_ids=masking.special_ids,
+                         masked_lm_prob=masking.masked_lm_prob,
+                         max_predictions=masking.max_predictions)
+    per_doc = np.diff(np.searchsorted(chosen, doc_starts))
+    rolls, random_ids = [], []
+    for rng, n, instances in zip(rngs, per_doc.tolist(), documents):
+        if instances:
+            rolls.append(rng.random(n))
+            random_ids.append(rng.integers(0, masking.vocab_size, n))
+    masked, chosen, originals = replace_flat(flat, chosen, np.concatenate(rolls),
+                                             np.concatenate(random_ids), masking.mask_id)
+    row = np.searchsorted(offsets, chosen, side="right") - 1
+    positions = (chosen - offsets[row]).astype(np.int32)
+    cuts = np.cumsum(np.bincount(row, minlength=len(rows)))[:-1]
+    originals = originals.astype(np.int32)
+    for inst, ids, pos, orig in zip((i for x in documents for i in x),
+                                    np.split(masked, offsets[1:-1]), np.split(positions, cuts),
+                                    np.split(originals, cuts)):
+        inst.input_ids, inst.positions, inst.originals = ids, pos, orig
 
 
 def _mask(instances: list[Instance], masking: MaskingSpec | None,
