@@ -241,9 +241,11 @@ def test_one_document_files_nsp_pool_and_global_shuffle(ray_local, tmp_path, min
     ds = Path(cfg.output)
     again = config(tmp_path, minilm_dir, corpus, output=str(tmp_path / "ds2"),
                    docs_per_unit=7, dupe_factor=3, val_fraction=0.2, max_seq_len=48,
-                   tokenize_workers=2)
+                   tokenize_workers=2, tokenize_on="ray")
     build_pretraining_dataset(again)
-    assert rows(ds) == rows(tmp_path / "ds2")  # unit size and workers change nothing
+    # unit size, workers and where the text is tokenized (here the driver, there Ray
+    # tasks) change nothing
+    assert rows(ds) == rows(tmp_path / "ds2")
 
     docs_of = {}
     for split in ("train", "val"):
