@@ -10,7 +10,9 @@ How the work is cut, and why (the only module that touches Ray Data):
    (a document goes to val when a hash of its text falls under `val_fraction`). Only one
    unit is in memory at a time. Units only cut the work: rows do not depend on them.
 3. Tokenize (Ray Data, one task per unit): each unit's documents are written tokenized
-   (`corpus.py` format). The driver then numbers every document of a split, in reading
+   (`corpus.py` format). On a Ray of this machine alone (`tokenizes_in_driver`) the
+   driver does it instead as each unit closes, with the tokenizer's own threads on every
+   core, while Ray starts: no unit text is staged. The tokens files are the same. The driver then numbers every document of a split, in reading
    order: that is the corpus-wide index NSP draws its random next segments from.
 4. Instances (one task per unit): each document's instances come from a generator seeded
    by (seed, split, document number), so rows do not depend on the number of workers or
