@@ -749,9 +749,20 @@ class ServerConfig:
                    "store; MLflow keeps them in tables of their own)")
     insecure: bool = field(False, help="allow binding beyond loopback without --auth "
                                        "(anyone on that network can change the store)")
+    workers: int = field(4, help="server worker processes (uvicorn), each answering requests "
+                                 "on a CPU of its own: about 2 per core of the server's "
+                                 "machine; 1 for a sqlite store, whose writers queue for "
+                                 "one lock")
+    db_pool_size: int = field(
+        5, help="database connections each worker keeps open per store (runs, registry, "
+                "users with --auth); more are opened while many requests run at once (about "
+                "2 per request, closed after), so PostgreSQL's max_connections (100 by "
+                "default) bounds how many requests the server runs at once")
 
     def __post_init__(self) -> None:
         check(0 < self.port < 65536, "port", "must be between 1 and 65535")
+        check(self.workers >= 1, "workers", "must be at least 1")
+        check(self.db_pool_size >= 1, "db_pool_size", "must be at least 1")
 
 
 @dataclass(kw_only=True)

@@ -202,10 +202,40 @@ def write_auth_config(database_uri: str, admin: str) -> tuple[Path, Path]:
                 f"admin_username = {admin}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
                 # Every request checks a PBKDF2 hash (~0.5 s of CPU): remember a checked
-                # password for a minute. One worker process, so a password changed through
-                # the API takes effect at once (MLflow invalidates that worker's entry).
+                # password for a minute. Each worker keeps its own cache, and a password
+                # changed (or a user deleted) through the API is dropped at once only from
+                # the cache of the worker that served the change: the others still accept
+                # the old password for up to this minute (docs/security.md).
                 "auth_cache_ttl_seconds = 60\n")
     return folder, ini
+
+
+# The SQLAlchemy pool of each of MLflow's stores (runs, registry, auth) in each worker, read
+# by mlflow/store/db/utils.py:create_sqlalchemy_engine (MLflow 3.x); set here, never
+# inherited. MLflow's log_batch holds a connection while _log_params/_log_metrics take a
+# second one from the same pool (mlflow/store/tracking/sqlalchemy_store.py), so a pool that
+# can hand out fewer connections than a worker runs requests at once deadlocks until
+# SQLAlchemy's 30 s pool timeout: with SQLAlchemy's 5 + 10, 32 clients on one worker got
+# a burst of answers every 30 s (bench/server_load.py). A worker runs at most
+# WORKER_THREADS requests at once (anyio's default thread limiter, through which MLflow's
+# FastAPI app runs its Flask handlers), so the pool may open that many connections beyond
+# the --db-pool-size it keeps open; they are closed again when the burst is over.
+WORKER_THREADS = 40
+POOL_ENV = ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
+
+# uvicorn's supervisor of several workers pings each one every half second and SIGKILLs
+# one that does not answer within --timeout-worker-healthcheck (5 s by default), with the
+# requests it was serving: on a loaded head a worker still importing MLflow, or busy, was
+# killed and restarted again and again (seen in bench/server_load.py at load average 20 on
+# 2 cores). A minute tells a hung worker from a slow one. Fixed here, never taken from the
+# environment (MLFLOW_UVICORN_OPTS is refused: it could add listeners).
+UVICORN_OPTS = "--timeout-worker-healthcheck 60"
+
+
+def pool_env(cfg: ServerConfig) -> dict[str, str]:
+    """The pool variables of `mlflow server`: `db_pool_size` connections kept open per store
+    and worker, up to `WORKER_THREADS` more for a burst (closed after it)."""
+    return dict(zip(POOL_ENV, (str(cfg.db_pool_size), str(WORKER_THREADS))))
 
 
 def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> ServerLaunch:
@@ -218,18 +248,25 @@ def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> Ser
     artifacts = artifacts_destination(cfg, store)
     command = [sys.executable, "-m", "mlflow", "server", "--host", cfg.host, "--port",
                str(cfg.port), "--artifacts-destination", artifacts, "--serve-artifacts",
-               "--workers", "1"]
-    env = {"MLFLOW_BACKEND_STORE_URI": store}
+               "--workers", str(cfg.workers), "--uvicorn-opts", UVICORN_OPTS]
+    env = {"MLFLOW_BACKEND_STORE_URI": store, **pool_env(cfg)}
     launch = ServerLaunch(command, env, server_url(cfg.host, cfg.port), redact(store),
                           redact(artifacts))
+    stores = 3 if cfg.auth else 2
+    launch.notes.append(
+        f"workers: {cfg.workers} (uvicorn); database connections kept open: up to "
+        f"{cfg.workers} x {stores} stores x {cfg.db_pool_size} = "
+        f"{cfg.workers * stores * cfg.db_pool_size}, more while many requests run at once "
+        f"(about 2 per request)")
     if cfg.auth:
         admin = environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or DEFAULT_ADMIN
         auth_db = with_installed_driver(cfg.auth_db_uri) if cfg.auth_db_uri else store
         launch.private_dir, ini = write_auth_config(auth_db, admin)
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         if not environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
-            # CSRF key of the auth app's forms; one server process, so a fresh one per start
-            # (browser sessions of a previous start end).
+            # CSRF key of the auth app's forms, the same for every worker (they inherit
+            # this environment); a fresh one per start (browser sessions of a previous
+            # start end).
             env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(32)
         command += ["--app-name", AUTH_APP]
         launch.auth = True
