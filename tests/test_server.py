@@ -29,7 +29,27 @@ def test_the_local_default_serves_the_sqlite_store_on_loopback(tmp_path):
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
     # The store reaches mlflow through its environment: a URI's password never lands in `ps`.
     assert "--backend-store-uri" not in cmd
-    assert launch.env == {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    assert launch.env == {"MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlruns.db'}",
+                          "MLFLOW_SQLALCHEMYSTORE_POOL_SIZE": "5",
+                          "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW": "40"}
+    # A team's defaults: 4 uvicorn workers, which uvicorn's supervisor does not kill for
+    # being slow to answer its ping on a loaded machine; bertflow's own options only.
+    assert cmd[cmd.index("--workers") + 1] == "4"
+    assert cmd[cmd.index("--uvicorn-opts") + 1] == "--timeout-worker-healthcheck 60"
+    sized = server.plan_server(ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                                            workers=2, db_pool_size=3), environ={})
+    assert sized.command[sized.command.index("--workers") + 1] == "2"
+    assert sized.env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] == "3"
+    assert "up to 2 x 2 stores x 3 = 12" in sized.notes[0]
+    with pytest.raises(Exception, match="workers"):
+        ServerConfig(workers=0)
+    # The pool's overflow covers every request a worker runs at once (anyio's threads).
+    import anyio
+
+    async def threads() -> float:
+        return anyio.to_thread.current_default_thread_limiter().total_tokens
+
+    assert anyio.run(threads) <= server.WORKER_THREADS
     assert cmd[cmd.index("--artifacts-destination") + 1] == str(tmp_path / "mlartifacts")
     assert "--serve-artifacts" in cmd and "--app-name" not in cmd
     with pytest.raises(server.ServerError, match="already a server"):
@@ -254,3 +274,66 @@ def test_the_team_server_postgres_s3_artifacts_basic_auth(team_mlflow, postgres,
     assert "--app-name basic-auth" in ps and "--artifacts-destination s3://" in ps
     assert not any(s in ps for s in secrets)
     assert not any(s in team_mlflow.log.read_text(errors="replace") for s in secrets)
+
+
+@pytest.mark.slow
+def test_concurrent_jobs_on_the_team_server_lose_nothing(team_mlflow, monkeypatch):
+    """Eight jobs at once on the team server (PostgreSQL, basic auth, its default workers):
+    each opens a run, logs metric batches as rank 0 does, and all register a version of one
+    model name at the same moment. Every metric is stored once at its step; the versions
+    are 1..8 without a gap or a repeat, one per run."""
+    import threading
+    import time
+    import uuid
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+
+    for key, value in team_mlflow.client_env.items():
+        monkeypatch.setenv(key, value)
+    launch = team_mlflow.proc.bertflow_launch
+    assert int(launch.command[launch.command.index("--workers") + 1]) > 1
+    jobs, steps = 8, 10
+    keys = ("train_loss", "lr", "grad_norm", "tokens_per_s")
+    name = f"concurrent-{uuid.uuid4().hex[:8]}"
+    experiment = MlflowClient(team_mlflow.url).create_experiment(name)
+    together = threading.Barrier(jobs)
+    versions: dict[str, str] = {}
+    failures: list[BaseException] = []
+
+    def job(i: int) -> None:
+        client = MlflowClient(team_mlflow.url, team_mlflow.url)
+        try:
+            together.wait(timeout=120)
+            run_id = client.create_run(experiment, run_name=f"job-{i}").info.run_id
+            for step in range(steps):
+                now = int(time.time() * 1000)
+                client.log_batch(run_id, metrics=[Metric(k, step + i / 10, now, step)
+                                                  for k in keys])
+            client.set_terminated(run_id)
+            together.wait(timeout=120)  # every job registers at the same moment
+            try:  # what mlflow.register_model (bertflow's registration) sends
+                client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            source = f"{client.get_run(run_id).info.artifact_uri}/model"
+            versions[run_id] = client.create_model_version(name, source, run_id).version
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            failures.append(exc)
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not failures, failures
+    client = MlflowClient(team_mlflow.url, team_mlflow.url)
+    stored = {mv.run_id: mv.version for mv in client.search_model_versions(f"name='{name}'")}
+    assert stored == versions and len(versions) == jobs
+    assert sorted(int(v) for v in stored.values()) == list(range(1, jobs + 1))
+    for run_id in versions:
+        for key in keys:
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == \
+                list(range(steps)), (run_id, key)
