@@ -90,6 +90,25 @@ def test_the_auth_token_is_cached_until_the_cache_is_reset(no_ray_token, monkeyp
     assert not loader.has_token(ignore_auth_mode=True)
 
 
+def test_the_jobs_client_sees_a_token_mode_set_after_ray_first_read_it(no_ray_token,
+                                                                         monkeypatch):
+    """Ray reads RAY_AUTH_MODE into its config once per process: a token mode set later (a
+    second cluster, a test's environment) was not seen and the Jobs API refused the call."""
+    from workflows.ops import jobs
+
+    jobs._use_ray_auth_token_if_present()  # no token anywhere: mode off, and read by Ray
+    assert not RI.token_auth_mode()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "b" * 32)
+    assert not RI.token_auth_mode()  # Ray has not read it again by itself
+    jobs._use_ray_auth_token_if_present()
+    assert RI.token_auth_mode()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    jobs._use_ray_auth_token_if_present()  # back to a cluster without auth
+    assert not RI.token_auth_mode()
+
+
 def test_token_mode_stays_off_without_a_token(no_ray_token):
     import os
 

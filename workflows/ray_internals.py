@@ -16,9 +16,9 @@ a module that `bertflow --help` or inference loads.
   API shares or names that queue (Ray 2.60).
 - Ray's auth token (`ray._raylet`, `ray._private.authentication`): clusters started by
   Ray >= 2.52 require it by default, the Jobs client sends it only in token mode, and Ray
-  caches the token it loaded once per process; `ray start` turns token mode on with the
-  same private function, and no public API finds the token or drops the cache
-  (`workflows/ops/jobs.py`).
+  caches the token it loaded, and the RAY_AUTH_MODE it read into its config, once per
+  process; `ray start` turns token mode on with the same private function, and no public
+  API finds the token, drops the cache or re-reads the mode (`workflows/ops/jobs.py`).
 - Ray Data's session log file handler (`ray.data._internal.logging`): Ray Data reads its
   logging config from a YAML file that names the handler class by its dotted path;
   `workflows/cli/logs.py` writes that file without importing Ray (the CLI starts light),
@@ -36,11 +36,13 @@ worker (`workflows/training/loop.py`), not from Ray Train's internal worker-grou
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from ray._private.authentication.authentication_token_setup import (
     maybe_enable_token_auth_if_token_available)
-from ray._raylet import AuthenticationTokenLoader
+from ray._raylet import (AuthenticationMode, AuthenticationTokenLoader, Config,
+                         get_authentication_mode)
 from ray.data._internal.logging import SessionFileHandler
 from ray.train._internal.session import _TrainSession, get_session
 from ray.train.v2._internal.execution.storage import StorageContext
@@ -87,6 +89,23 @@ def checkpoint_persister() -> Any:
 def reset_auth_token_cache() -> None:
     """Forget the auth token Ray loaded in this process (the next call loads it again)."""
     AuthenticationTokenLoader.instance().reset_cache()
+
+
+def token_auth_mode() -> bool:
+    """Whether this process's Ray config is in token mode (what the Jobs client obeys)."""
+    return get_authentication_mode() == AuthenticationMode.TOKEN
+
+
+def follow_auth_mode_of_environment() -> None:
+    """Make this process's Ray config read RAY_AUTH_MODE again if it changed since.
+
+    Ray reads RAY_AUTH_MODE into its C++ config once per process, at the first use, and a
+    later change of the variable is not seen: a process that talked to a cluster without
+    auth and then to one with a token would send no token. Re-reading the config is what
+    Ray itself does when it turns token mode on (`_enable_token_auth`)."""
+    wanted = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if token_auth_mode() != wanted:
+        Config.initialize("")
 
 
 def enable_token_auth_if_token_available() -> bool:

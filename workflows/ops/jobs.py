@@ -287,13 +287,15 @@ def _use_ray_auth_token_if_present() -> None:
     one exists, as `ray start` does: clusters started by Ray >= 2.52 require it by default,
     and the Jobs client only sends it in token mode. RAY_AUTH_MODE, when set, wins.
 
-    Ray caches the token it loaded once per process; the cache is dropped first so the
-    token of this call's environment is the one sent (a process that talks to two
-    clusters, one after the other, would otherwise send the first one's token). Both steps
-    are private Ray functions (`workflows.ray_internals`)."""
+    Ray caches the token it loaded, and the auth mode it read, once per process; both are
+    read again first so the token and mode of this call's environment are the ones used (a
+    process that talks to two clusters, one after the other, would otherwise send the
+    first one's token, or none). These steps use private Ray functions
+    (`workflows.ray_internals`)."""
     from workflows import ray_internals
 
     ray_internals.reset_auth_token_cache()
+    ray_internals.follow_auth_mode_of_environment()
     if os.environ.get("RAY_AUTH_MODE"):
         return
     ray_internals.enable_token_auth_if_token_available()
