@@ -1,5 +1,7 @@
 """Two Ray nodes that share no disk, S3 (moto), PostgreSQL and an authenticated MLflow
-server: the whole workflow through `bertflow submit`, and a node that dies mid-training.
+server: the whole workflow through `bertflow submit`, and a node that dies mid-training;
+then, on the same cluster, `bertflow jobs` and the errors of a cluster that cannot run a job
+(one cluster for the module: starting one costs a minute on 2 cores).
 
 The head (`--num-cpus 0`: the jobs' drivers and Ray Train's controller run there, no
 training) shares this process's filesystem. The worker node runs in its own mount
@@ -93,30 +95,38 @@ class Cluster:
         shutil.rmtree(self.head.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture()
-def cluster(tmp_path, s3_bucket, team_mlflow, monkeypatch):
+@pytest.fixture(scope="module")
+def s3_bucket(s3_server) -> str:
+    """The module's bucket (the cluster's storage and the workflow's files)."""
+    return s3_server.create_bucket(f"cluster-e2e-{secrets.token_hex(4)}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, s3_bucket, team_mlflow):
+    """The cluster; the worker node cannot see `cluster.work` (this module's folder)."""
     if os.geteuid() != 0:
         pytest.skip("the private-filesystem node needs root (mount namespaces)")
     if not services.jobs_api_installed():
         pytest.skip("Ray's Jobs API needs `pip install 'ray[default]'`")
-    with services.cluster_lock():
-        c = Cluster(tmp_path, hidden=[tmp_path], storage_path=f"{s3_bucket}/runs")
+    work = tmp_path_factory.mktemp("cluster")
+    with services.cluster_lock(), pytest.MonkeyPatch.context() as env:
+        c = Cluster(work, hidden=[work], storage_path=f"{s3_bucket}/runs")
         try:
             c.start_node()
             # This process is the submitter: it holds the cluster token and the credentials.
             for key, value in {**c.auth_env, **team_mlflow.client_env}.items():
-                monkeypatch.setenv(key, value)
+                env.setenv(key, value)
             yield c
         finally:
             c.stop()
 
 
 def submit(cluster: Cluster, verb: str, *args: str, wait: bool = True, probe: bool = False,
-           capsys=None) -> str:
+           capsys=None, submission_id: str | None = None) -> str:
     """`bertflow submit VERB ARGS --dashboard-url DASHBOARD [--wait]`; returns its output and
     fails with the job's log tail unless it exits 0."""
     flags = ["--dashboard-url", cluster.head.dashboard, "--submission-id",
-             f"e2e-{verb}-{secrets.token_hex(3)}"]
+             submission_id or f"e2e-{verb}-{secrets.token_hex(3)}"]
     flags += ["--wait", "--timeout", str(JOB_TIMEOUT_S)] if wait else []
     flags += [] if probe else ["--no-probe"]
     code = cli(["submit", verb, *flags, *args])
@@ -171,29 +181,37 @@ def task_csv(rows: range) -> str:
 
 
 def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
-        cluster, s3_bucket, team_mlflow, tmp_path, capsys):
+        cluster, s3_bucket, team_mlflow, capsys):
     from mlflow.tracking import MlflowClient
 
-    from workflows.ops import jobs
+    from workflows.ops import jobs, registry
 
     bucket = s3_bucket
     started = time.monotonic()
-    # The worker node cannot see this test's folder; the head (like the driver) can.
-    (tmp_path / "driver-only.txt").write_text("only here")
-    assert not cluster.node_sees(tmp_path / "driver-only.txt")
+    # The worker node cannot see this module's folder; the head (like the driver) can.
+    (cluster.work / "driver-only.txt").write_text("only here")
+    assert not cluster.node_sees(cluster.work / "driver-only.txt")
     assert cluster.node_sees(Path(services.VENV_BIN) / "python")
 
     # 1. prep: corpus on S3 -> dataset on S3 (the vocabulary is trained on the corpus).
     corpus = put_s3(f"{bucket}/corpus/pydoc.txt", pydoc_text(30))
     data = f"{bucket}/datasets/pydoc64"
+    prep_id = f"e2e-prep-{secrets.token_hex(3)}"
     out = submit(cluster, "prep", "--input", corpus, "--output", data, "--train-vocab", "800",
-                 "--max-seq-len", "64", "--dupe-factor", "1", probe=True, capsys=capsys)
-    assert "SUCCEEDED" in out
+                 "--max-seq-len", "64", "--dupe-factor", "1", submission_id=prep_id,
+                 probe=True, capsys=capsys)
+    assert f"job {prep_id} SUCCEEDED" in out  # submit --wait streams the logs, ends on it
     # No credential value was printed, only the names of the variables passed.
     assert "AWS_SECRET_ACCESS_KEY" in out and os.environ["AWS_SECRET_ACCESS_KEY"] not in out
     assert team_mlflow.password not in out
     assert f"{data.removeprefix(f'{bucket}/')}/manifest.json" in {
         k for k in s3_objects(data)}
+    # The job is visible to `bertflow jobs`.
+    assert cli(["jobs", "status", prep_id, "--dashboard-url", cluster.head.dashboard]) == 0
+    assert "SUCCEEDED" in capsys.readouterr().out
+    assert cli(["jobs", "list", "--dashboard-url", cluster.head.dashboard]) == 0
+    listing = capsys.readouterr().out
+    assert prep_id in listing and "prep" in listing
 
     # 2. pretrain on S3 data, checkpoints on S3; the worker node is killed mid-run.
     runs = f"{bucket}/runs"
@@ -242,6 +260,9 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     assert resumed_at > 0 and resumed_at % CHECKPOINT_EVERY == 0  # from a checkpoint
     losses = mlflow.get_metric_history(run.info.run_id, "train_loss")
     assert max(m.step for m in losses) == MAX_STEPS
+    info = registry.show_model("e2e-bert", team_mlflow.url)  # lineage: run and dataset
+    assert info["version"] == "1" and info["run_name"] == "e2e-pretrain"
+    assert info["dataset_path"] == data
 
     # 3. fine-tune from the registered model, task files on S3; no --storage-path: the
     #    head's BERTFLOW_STORAGE_PATH is the default.
@@ -271,3 +292,46 @@ def test_workflow_on_two_nodes_without_a_shared_disk_survives_a_node_death(
     assert "e2e-bert" in listing and "e2e-cls" in listing
     print(f"cluster workflow: {time.monotonic() - started:.0f} s, node killed with "
           f"{killed} processes, resumed at step {resumed_at}")
+
+
+def test_unknown_job_and_unreachable_cluster_are_clear_errors(cluster, capsys):
+    assert cli(["jobs", "status", "no-such-job", "--dashboard-url", cluster.head.dashboard]) == 2
+    assert "no-such-job" in capsys.readouterr().err
+    port = services.free_ports(1)[0]
+    assert cli(["jobs", "list", "--dashboard-url", f"http://127.0.0.1:{port}"]) == 2
+    assert "cannot reach the Ray dashboard" in capsys.readouterr().err
+
+
+def test_cluster_python_without_bertflow_is_caught_before_submitting(cluster, capsys):
+    """A head whose `python` lacks bertflow's dependencies (here: a PATH without the venv)
+    is refused before the job is shipped, saying what to install where; a job that fails
+    on the cluster ends with the last lines of its log and the command for all of it."""
+    import sys
+
+    from workflows.ops import jobs
+    from workflows.ops.probe import ClusterPythonError, check_cluster_python
+
+    dashboard, venv = cluster.head.dashboard, services.VENV_BIN
+    client = jobs.connect(dashboard)
+    report = check_cluster_python(client, dashboard, {"env_vars": {
+        "PATH": f"{venv}{os.pathsep}{os.environ['PATH']}"}})
+    assert report["missing"] == [] and report["python"].startswith(str(venv))
+    # a head whose `python` is the system interpreter, without bertflow's dependencies
+    bare = cluster.work / "bare-bin"
+    bare.mkdir()
+    (bare / "python").symlink_to(sys.base_prefix + "/bin/python3")
+    with pytest.raises(ClusterPythonError, match="cannot import torch.*pip install -c "
+                                                 "constraints.txt"):
+        check_cluster_python(client, dashboard, {"env_vars": {
+            "PATH": f"{bare}{os.pathsep}/usr/bin{os.pathsep}/bin"}})
+
+    missing = cluster.work / "no-such-corpus.txt"
+    code = cli(["submit", "prep", "--dashboard-url", dashboard, "--wait", "--timeout",
+                str(JOB_TIMEOUT_S), "--submission-id", "bertflow-test-fails",
+                "--input", str(missing), "--output", str(cluster.work / "out"),
+                "--vocab", str(cluster.work / "no-vocab.txt")])
+    out, err = capsys.readouterr()
+    assert code == 1 and "job bertflow-test-fails FAILED" in out
+    assert "last lines of its log" in err and "no-such-corpus" in err.split(
+        "last lines of its log", 1)[1]
+    assert f"bertflow jobs logs bertflow-test-fails --dashboard-url {dashboard}" in err

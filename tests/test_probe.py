@@ -1,5 +1,5 @@
 """The cluster probe's own logic, without a cluster (the real probe runs in
-test_jobs_cluster against `ray start --head`)."""
+test_cluster_e2e against `ray start --head`)."""
 
 from __future__ import annotations
 
