@@ -18,13 +18,14 @@ os.environ.setdefault("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
 # is one unit (its module fixtures are built once) and the units are handed out in the
 # order below, longest first, so the long files start at once on both workers and the
 # short ones fill in at the end (xdist's default order, by number of tests, ran the
-# one-test cluster files last, one after the other on one worker). The two files that start
-# a multi-node Ray cluster come first: xdist hands each worker two units to begin with, so
-# both go to the first worker, one after the other (services.cluster_lock would make the
-# other worker wait anyway). Seconds from a `make test` run on the 2-core machine under
-# load; a new long file belongs in this list.
-LONG_FILES_FIRST = ("test_cluster_e2e.py", "test_elastic.py",  # 680, 400: one worker
-                    "test_sweep.py", "test_finetune.py", "test_eval.py",  # 350, 350
+# one-test cluster files last, one after the other on one worker, while the other idled).
+# The files that start a multi-node Ray cluster are one unit (`_OneUnitForClusterFiles`):
+# they run one after the other on one worker, never waiting on each other's
+# `services.cluster_lock` while that worker could run other files. Seconds from a
+# `make test` run on the 2-core machine under load; a new long file belongs in this list.
+CLUSTER_FILES = ("test_cluster_e2e.py", "test_elastic.py")  # 600, 400: one unit
+LONG_FILES_FIRST = (*CLUSTER_FILES,
+                    "test_sweep.py", "test_finetune.py", "test_eval.py",  # 350, 350, 140
                     "test_tracker_outage.py", "test_pretrain.py", "test_server.py",  # 175, 160
                     "test_cli_first_contact.py", "test_cluster_paths.py",  # 120, 117
                     "test_finetune_workers.py", "test_engine.py", "test_serve.py",  # 116, 109, 100
@@ -36,6 +37,21 @@ LONG_FILES_FIRST = ("test_cluster_e2e.py", "test_elastic.py",  # 680, 400: one w
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONG_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, with the cluster files as one unit (see CLUSTER_FILES)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class _OneUnitForClusterFiles(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "multi-node Ray cluster files" if Path(scope).name in CLUSTER_FILES else scope
+
+    return _OneUnitForClusterFiles(config, log)
 
 
 @pytest.fixture(scope="session")
