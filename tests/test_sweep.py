@@ -220,6 +220,35 @@ def _wait_for_kill_point(trials_dir: Path, proc: subprocess.Popen, log: Path,
 
 
 @pytest.mark.ray
+def test_a_trial_that_ended_before_its_driver_died_gives_optuna_its_result(tmp_path,
+                                                                           ray_local):
+    """A driver killed after a trial wrote its result but before Tune saved the trial as
+    ended reruns it on resume: it trains nothing, but it reports the kept final metrics, or
+    Optuna fails the sweep ("did not include the specified metric")."""
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from workflows.run_folder import TrainResult
+    from workflows.training.sweep_trials import quiet_tune_console, report_finished_trial
+
+    done = TrainResult(run_name="t", run_dir=tmp_path, checkpoint_dir=tmp_path,
+                       model_dir=tmp_path, step=24,
+                       metrics={"val_accuracy": 0.75, "val_loss": 0.5, "rank": "0"})
+    quiet_tune_console()
+    grid = tune.Tuner(
+        tune.with_resources(lambda config: report_finished_trial(done), {"cpu": 0.25}),
+        param_space={"lr": tune.loguniform(1e-4, 3e-4)},
+        tune_config=tune.TuneConfig(metric="val_accuracy", mode="max",
+                                    search_alg=OptunaSearch(), num_samples=1),
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), name="ended",
+                                  verbose=0)).fit()
+    assert not grid.errors
+    assert {k: grid[0].metrics[k] for k in ("val_accuracy", "val_loss", "step")} \
+        == {"val_accuracy": 0.75, "val_loss": 0.5, "step": 24}
+    assert "rank" not in grid[0].metrics  # Tune gets numbers only
+
+
+@pytest.mark.ray
 @pytest.mark.slow
 def test_optuna_sweep_resumes_after_its_driver_is_killed(tmp_path, sweep_data, minilm_dir,
                                                          ray_local):

@@ -95,7 +95,8 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     cfg = trial_config(plan.cfg, point, seed, run_name)
     loop, steps_per_epoch = plan.trial_loop(cfg)
     run = run_folder(loop, run_name)
-    if (done := run.result()) is not None:  # the driver died after it ended
+    if (done := run.result()) is not None:  # the driver died after it ended...
+        report_finished_trial(done)  # ...and before Tune recorded its end
         return done
     prep = plan.prep
     # Rank 0 opens the child run (see RunTracking): the trial's actor stays free of MLflow.
@@ -109,6 +110,20 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     return run_training(prep.task_for(cfg), loop, datasets=prep.ray_datasets(cfg.address),
                         run=run, callbacks=callbacks,
                         tracking=RunTracking(prep.uri, None, False, opening=opening))
+
+
+def report_finished_trial(done: Any) -> None:
+    """Tell Tune the final metrics of a trial that had finished before this attempt.
+
+    A driver killed after a trial's run wrote its result but before Tune saved the trial
+    as ended reruns the trial on resume; it trains nothing again, but Tune and its searcher
+    (Optuna needs the metric of every completed trial) must still get its result, which a
+    trial that returned without reporting does not give them."""
+    from ray import tune
+
+    tune.report({**{k: v for k, v in done.metrics.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                 "step": done.step})
 
 
 def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
