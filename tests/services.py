@@ -251,6 +251,17 @@ class RayHead:
     log: Path
 
 
+def forget_ray_auth() -> None:
+    """Drop the auth token and mode Ray cached in this process (it keeps both once read):
+    after a test talked to a token cluster from this process, a local Ray started later
+    in the same xdist worker gave its GCS a new token while this process still sent the
+    cluster's ("Failed to start GCS ... InvalidAuthToken")."""
+    from workflows import ray_internals
+
+    ray_internals.reset_auth_token_cache()
+    ray_internals.follow_auth_mode_of_environment()
+
+
 @contextlib.contextmanager
 def cluster_lock() -> Iterator[None]:
     """Held by a test for as long as it runs a multi-process Ray cluster of its own (a head

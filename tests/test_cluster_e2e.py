@@ -109,16 +109,19 @@ def cluster(tmp_path_factory, s3_bucket, team_mlflow):
     if not services.jobs_api_installed():
         pytest.skip("Ray's Jobs API needs `pip install 'ray[default]'`")
     work = tmp_path_factory.mktemp("cluster")
-    with services.cluster_lock(), pytest.MonkeyPatch.context() as env:
-        c = Cluster(work, hidden=[work], storage_path=f"{s3_bucket}/runs")
-        try:
-            c.start_node()
-            # This process is the submitter: it holds the cluster token and the credentials.
-            for key, value in {**c.auth_env, **team_mlflow.client_env}.items():
-                env.setenv(key, value)
-            yield c
-        finally:
-            c.stop()
+    try:
+        with services.cluster_lock(), pytest.MonkeyPatch.context() as env:
+            c = Cluster(work, hidden=[work], storage_path=f"{s3_bucket}/runs")
+            try:
+                c.start_node()
+                # This process is the submitter: it holds the cluster token and credentials.
+                for key, value in {**c.auth_env, **team_mlflow.client_env}.items():
+                    env.setenv(key, value)
+                yield c
+            finally:
+                c.stop()
+    finally:  # the next local Ray of this xdist worker gets a token of its own
+        services.forget_ray_auth()
 
 
 def submit(cluster: Cluster, verb: str, *args: str, wait: bool = True, probe: bool = False,

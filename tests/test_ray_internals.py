@@ -70,43 +70,59 @@ def test_the_report_queue_is_refused_outside_a_tune_trial():
 
 
 @pytest.fixture
-def no_ray_token(tmp_path, monkeypatch):
-    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
-    RI.reset_auth_token_cache()
-    yield
+def no_ray_token(tmp_path):
+    """No token anywhere (its own MonkeyPatch: the environment is back before the cache is
+    reloaded). An xdist worker may hold a live local Ray: afterwards this process must
+    send that Ray's token, in its mode, again, or the next RPC fails and Ray aborts."""
+    with pytest.MonkeyPatch.context() as env:
+        for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+            env.delenv(var, raising=False)
+        env.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+        RI.reset_auth_token_cache()
+        yield env
     RI.reset_auth_token_cache()  # the next test loads the token of its own environment
+    RI.follow_auth_mode_of_environment()
 
 
-def test_the_auth_token_is_cached_until_the_cache_is_reset(no_ray_token, monkeypatch):
+def test_the_auth_token_is_cached_until_the_cache_is_reset(no_ray_token):
     loader = RI.AuthenticationTokenLoader.instance()
     assert not loader.has_token(ignore_auth_mode=True)
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "a" * 32)
+    no_ray_token.setenv("RAY_AUTH_TOKEN", "a" * 32)
     assert loader.has_token(ignore_auth_mode=True)
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    no_ray_token.delenv("RAY_AUTH_TOKEN")
     assert loader.has_token(ignore_auth_mode=True)  # the first cluster's token, cached
     RI.reset_auth_token_cache()
     assert not loader.has_token(ignore_auth_mode=True)
 
 
-def test_the_jobs_client_sees_a_token_mode_set_after_ray_first_read_it(no_ray_token,
-                                                                         monkeypatch):
+def test_the_jobs_client_sees_a_token_mode_set_after_ray_first_read_it(tmp_path):
     """Ray reads RAY_AUTH_MODE into its config once per process: a token mode set later (a
-    second cluster, a test's environment) was not seen and the Jobs API refused the call."""
-    from workflows.ops import jobs
+    second cluster, a test's environment) was not seen and the Jobs API refused the call.
+    In a process of its own: flipping the mode here would cut this worker off its Ray."""
+    import os
+    import subprocess
+    import sys
 
-    jobs._use_ray_auth_token_if_present()  # no token anywhere: mode off, and read by Ray
-    assert not RI.token_auth_mode()
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "b" * 32)
-    assert not RI.token_auth_mode()  # Ray has not read it again by itself
-    jobs._use_ray_auth_token_if_present()
-    assert RI.token_auth_mode()
-    monkeypatch.delenv("RAY_AUTH_MODE")
-    monkeypatch.delenv("RAY_AUTH_TOKEN")
-    jobs._use_ray_auth_token_if_present()  # back to a cluster without auth
-    assert not RI.token_auth_mode()
+    script = textwrap.dedent("""
+        import os
+        from workflows import ray_internals as RI
+        from workflows.ops import jobs
+        jobs._use_ray_auth_token_if_present()  # no token anywhere: off, and read by Ray
+        assert not RI.token_auth_mode()
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="b" * 32)
+        assert not RI.token_auth_mode()  # Ray has not read it again by itself
+        jobs._use_ray_auth_token_if_present()
+        assert RI.token_auth_mode()
+        del os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN"]
+        jobs._use_ray_auth_token_if_present()  # back to a cluster without auth
+        assert not RI.token_auth_mode()
+        print("checked")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**env, "HOME": str(tmp_path)}, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and "checked" in out.stdout, out.stderr[-3000:]
 
 
 def test_token_mode_stays_off_without_a_token(no_ray_token):
