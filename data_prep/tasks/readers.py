@@ -230,8 +230,9 @@ def _csv_records(path: Path, delimiter: str
             yield from retake(_csv_error_row(exc), taken[1:], taken[0][0])
             continue
         taken = feed.taken
-        if not any(c.strip() for c in record):
-            continue
+        if not any(c.strip() for c in record) and (
+                ncols is None or len(record) == ncols or not any(t.strip() for _, t in taken)):
+            continue  # a blank row (`,` under two columns); `""` under two is malformed
         if ncols is None:
             ncols = len(record)
             yield taken[0][0], record  # the header
