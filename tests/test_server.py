@@ -79,6 +79,12 @@ def test_a_database_needs_an_artifact_destination_and_passwords_are_redacted(tmp
     assert launch.env["MLFLOW_BACKEND_STORE_URI"] == installed
     assert launch.store == redact(installed) and "***" in launch.store
     assert not any("s3cr3t-pw" in part for part in launch.command)
+    assert not any("max_connections" in note for note in launch.notes)
+    # More connections kept open than a default PostgreSQL accepts: said before it fails.
+    crowded = server.plan_server(ServerConfig(artifacts_destination=str(tmp_path / "art"),
+                                              workers=12),
+                                 environ={"MLFLOW_BACKEND_STORE_URI": uri})
+    assert any("120 connections" in n and "max_connections (100)" in n for n in crowded.notes)
 
 
 def test_binding_beyond_loopback_needs_auth_or_insecure(tmp_path):

@@ -201,11 +201,12 @@ def write_auth_config(database_uri: str, admin: str) -> tuple[Path, Path]:
                 f"database_uri = {database_uri}\n"
                 f"admin_username = {admin}\n"
                 "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                # Every request checks a PBKDF2 hash (~0.5 s of CPU): remember a checked
-                # password for a minute. Each worker keeps its own cache, and a password
-                # changed (or a user deleted) through the API is dropped at once only from
-                # the cache of the worker that served the change: the others still accept
-                # the old password for up to this minute (docs/security.md).
+                # Every request would check the password hash (werkzeug's scrypt, ~0.1 s
+                # of CPU): remember a checked password for a minute. Each worker keeps its
+                # own cache, and a password changed (or a user deleted) through the API is
+                # dropped at once only from the cache of the worker that served the change:
+                # the others still accept the old password for up to this minute
+                # (docs/security.md).
                 "auth_cache_ttl_seconds = 60\n")
     return folder, ini
 
@@ -221,6 +222,7 @@ def write_auth_config(database_uri: str, admin: str) -> tuple[Path, Path]:
 # FastAPI app runs its Flask handlers), so the pool may open that many connections beyond
 # the --db-pool-size it keeps open; they are closed again when the burst is over.
 WORKER_THREADS = 40
+PG_DEFAULT_MAX_CONNECTIONS = 100
 POOL_ENV = ("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW")
 
 # uvicorn's supervisor of several workers pings each one every half second and SIGKILLs
@@ -258,6 +260,15 @@ def plan_server(cfg: ServerConfig, environ: dict[str, str] | None = None) -> Ser
         f"{cfg.workers} x {stores} stores x {cfg.db_pool_size} = "
         f"{cfg.workers * stores * cfg.db_pool_size}, more while many requests run at once "
         f"(about 2 per request)")
+    kept = cfg.workers * stores * cfg.db_pool_size
+    if store.startswith("postgresql") and kept > PG_DEFAULT_MAX_CONNECTIONS:
+        # 8 workers x 3 stores x 5 (120) answered 32 clients with "FATAL: sorry, too many
+        # clients already" from a default PostgreSQL (bench/server_load.py).
+        launch.notes.append(
+            f"warning: {kept} connections kept open is more than PostgreSQL's default "
+            f"max_connections ({PG_DEFAULT_MAX_CONNECTIONS}): raise max_connections on the "
+            "database or lower --workers / --db-pool-size, or requests fail with 'too many "
+            "clients'")
     if cfg.auth:
         admin = environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or DEFAULT_ADMIN
         auth_db = with_installed_driver(cfg.auth_db_uri) if cfg.auth_db_uri else store
