@@ -1,6 +1,6 @@
 """data_prep: turns raw text into tokenized, masked, paired datasets (Parquet + manifest).
 
-Pure functions on numpy/pyarrow batches; `pipeline.py` alone builds the Ray Data graph.
+Pure functions on numpy/pyarrow batches; `pipeline.py` alone runs prep's Ray tasks.
 Names are resolved lazily so that importing the config does not start ray.
 """
 

@@ -11,8 +11,9 @@ Prep's first pass writes each work unit's documents, tokenized, to one binary fi
 order inside the unit: the order the driver read them) and fetches the sentences of any
 document with a few positioned reads. NSP's "random next" segments come from it, so they
 are drawn from the whole split while a worker holds only its own unit in memory: the
-pool keeps one small array per unit, and file pages live in the OS cache, not in the
-workers' memory.
+pool keeps one small array per unit, and the document bounds of the units it keeps open
+(8 bytes a document); sentence bounds and tokens stay in the files, whose pages live in
+the OS cache, not in the workers' memory.
 
 Unit files may live on any `pyarrow.fs` filesystem (a prep whose output is `s3://...`
 stages them beside the output, so a worker on any node reads them). The pool reads them
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+from bisect import bisect_right
 from collections import OrderedDict
 from itertools import chain
 from pathlib import Path
@@ -137,17 +139,20 @@ class SplitPool:
     """Every document of one split, across all unit files, fetched by positioned reads.
 
     `units` lists (path or URI, documents) in split order; document g lives in the unit
-    whose range of global numbers holds g. Open files are kept in an LRU: on an object
-    store 64 of them (each with its block cache); local files hold only a descriptor, so
-    up to a quarter of the process's descriptor limit stay open (reopening a unit costs
-    more than the draw itself: at 1,313 units, an LRU of 64 doubled the time per draw)."""
+    whose range of global numbers holds g. Open files are kept in an LRU, each with its
+    document bounds: on an object store 64 of them (each with its block cache); local
+    files hold only a descriptor, so up to a quarter of the process's descriptor limit
+    stay open (reopening a unit costs more than the draw itself: at 1,313 units, an LRU
+    of 64 doubled the time per draw)."""
 
     def __init__(self, units: list[tuple[str, int]], max_open: int | None = None,
                  cache_bytes: int | None = None) -> None:
         self.paths = [str(p) for p, _ in units]
         self.starts = np.zeros(len(units) + 1, np.int64)
         np.cumsum([n for _, n in units], out=self.starts[1:])
-        self._files: OrderedDict[int, tuple[Any, int, int]] = OrderedDict()
+        self._starts = self.starts.tolist()  # bisect on a list: no numpy call per draw
+        self._size = self._starts[-1]
+        self._files: OrderedDict[int, tuple[Any, np.ndarray, int]] = OrderedDict()
         if max_open is None:
             local = not self.paths or open_location(self.paths[0]).local
             max_open = _local_max_open() if local else 64
@@ -160,7 +165,7 @@ class SplitPool:
         return cls([(p, int(n)) for p, n in json.loads(open_location(path).read_text())])
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return self._size
 
     def close(self) -> None:
         while self._files:
@@ -176,42 +181,43 @@ class SplitPool:
         file = loc.open_input_file()
         return BlockCache(file, file.size(), block_size=block, max_blocks=per_file)
 
-    def _unit(self, index: int) -> tuple[Any, int, int, int]:
-        """(file, local document index, documents, sentences) of global document `index`."""
-        if not 0 <= index < len(self):
+    def _unit(self, index: int) -> tuple[Any, np.ndarray, int, int]:
+        """(file, its document bounds, local document index, sentences) of global
+        document `index`. A unit's header and document bounds (8 bytes a document) are
+        read in one go when it is opened and kept while it stays open: a draw then costs
+        two positioned reads, not four (each is a system call, which a sandboxed host
+        makes expensive)."""
+        if not 0 <= index < self._size:
             raise IndexError(f"document {index} is outside the pool of {len(self)}")
-        u = int(np.searchsorted(self.starts, index, side="right")) - 1
-        if u in self._files:
-            self._files.move_to_end(u)
-        else:
+        u = bisect_right(self._starts, index) - 1
+        entry = self._files.get(u)
+        if entry is None:
             file = self._open(self.paths[u])
-            header = np.frombuffer(file.read_at(_HEADER, 0), np.int64)
-            self._files[u] = (file, int(header[1]), int(header[2]))
+            n_docs = int(self.starts[u + 1] - self.starts[u])
+            head = np.frombuffer(file.read_at(_HEADER + 8 * (n_docs + 1), 0), np.int64)
+            if head[0] != _MAGIC or head[1] != n_docs:
+                raise ValueError(f"{self.paths[u]}: not the tokenized unit of {n_docs} "
+                                 "documents the pool lists")
+            entry = self._files[u] = (file, head[4:], int(head[2]))
             if len(self._files) > self._max_open:
                 self._files.popitem(last=False)[1][0].close()
-        file, n_docs, n_sents = self._files[u]
-        return file, index - int(self.starts[u]), n_docs, n_sents
-
-    @staticmethod
-    def _int64s(file: Any, offset: int, count: int) -> np.ndarray:
-        return np.frombuffer(file.read_at(8 * count, offset), np.int64)
-
-    def _sentences(self, index: int) -> tuple[Any, int, int, int, int]:
-        file, local, n_docs, n_sents = self._unit(index)
-        s0, s1 = self._int64s(file, _HEADER + 8 * local, 2)
-        return file, int(s0), int(s1), n_docs, n_sents
+        else:
+            self._files.move_to_end(u)
+        file, docs, n_sents = entry
+        return file, docs, index - self._starts[u], n_sents
 
     def num_sentences(self, index: int) -> int:
-        _, s0, s1, _, _ = self._sentences(index)
-        return s1 - s0
+        _, docs, local, _ = self._unit(index)
+        return int(docs[local + 1] - docs[local])
 
     def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
-        file, s0, s1, n_docs, n_sents = self._sentences(index)
-        first = s0 + start
+        file, docs, local, n_sents = self._unit(index)
+        first, s1 = int(docs[local]) + start, int(docs[local + 1])
         if first >= s1:
             return []
-        sents_at = _HEADER + 8 * (n_docs + 1)
-        bounds = self._int64s(file, sents_at + 8 * first, s1 - first + 1)
+        sents_at = _HEADER + 8 * docs.shape[0]
+        bounds = np.frombuffer(file.read_at(8 * (s1 - first + 1), sents_at + 8 * first),
+                               np.int64)
         # the first sentence whose end reaches min_tokens closes the segment
         reach = np.searchsorted(bounds[1:] - bounds[0], min_tokens, side="left")
         end = bounds[min(int(reach) + 1, bounds.shape[0] - 1)]

@@ -1,6 +1,6 @@
 """`build_pretraining_dataset(config)`: raw corpora -> Parquet instances + manifest.
 
-How the work is cut, and why (the only module that touches Ray Data):
+How the work is cut, and why (the only module that runs prep's Ray tasks):
 1. The driver checks the output and every input location (a missing, unreachable or
    occupied one fails before any work), hashes the files, and compares the build
    fingerprint with DIR's manifest: equal means "up to date" and nothing is written.
@@ -9,11 +9,13 @@ How the work is cut, and why (the only module that touches Ray Data):
    documents in work units of at most `docs_per_unit` documents of one file and one split
    (a document goes to val when a hash of its text falls under `val_fraction`). Only one
    unit is in memory at a time. Units only cut the work: rows do not depend on them.
-3. Tokenize (Ray Data, one task per unit): each unit's documents are written tokenized
+3. Tokenize (one Ray task per unit): each unit's documents are written tokenized
    (`corpus.py` format). On a Ray of this machine alone (`tokenizes_in_driver`) the
    driver does it instead as each unit closes, with the tokenizer's own threads on every
-   core, while Ray starts: no unit text is staged. The tokens files are the same. The driver then numbers every document of a split, in reading
-   order: that is the corpus-wide index NSP draws its random next segments from.
+   core, while Ray starts and the workers of the passes below load their state: no
+   unit text is staged. The tokens files are the same. The driver then numbers every
+   document of a split, in reading order: that is the corpus-wide index NSP draws its
+   random next segments from.
 4. Instances (one task per unit): each document's instances come from a generator seeded
    by (seed, split, document number), so rows do not depend on the number of workers or
    on unit size; random next segments are read from any unit of the split by index
@@ -25,6 +27,8 @@ How the work is cut, and why (the only module that touches Ray Data):
    permutation fixed by the seed), with memory bounded by a bucket (about 64 MB; the
    number of buckets follows from the split's token count, never from the workers).
    Ray Data's own `random_shuffle` would hold the whole split in the object store.
+Each pass is plain Ray tasks, `tokenize_workers` at a time (`run_tasks`): on 2 cores Ray
+Data's task pool kept about one of two busy. Rows never depend on the schedule.
 Where things live. Every intermediate a task reads or writes lives on the OUTPUT's
 filesystem, opened through `pyarrow.fs` (`data_prep.storage`), never only on the driver:
 - a local DIR (or file://): a hidden temp sibling `.DIR.tmp-PID/` holds the staging
@@ -45,9 +49,9 @@ Inputs may be URIs too (`readers.expand_locations`). Rows depend only on the inp
 bytes, the config and the seed: a build to s3:// and a local build give byte-identical
 parts. The store's credentials come from its standard variables (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, ...); the driver checks every location before any Ray work starts
-(`storage.check_location`) and hands the variables to the Ray Data tasks through their
+(`storage.check_location`) and hands the variables to the Ray tasks through their
 runtime environment (`ray_env.init_ray`; on a Ray started without them, as an object the
-tasks apply, `ray_env.env_for_tasks`; never as task options, which Ray Data logs). A
+tasks apply, `ray_env.env_for_tasks`; never as task options, which Ray logs). A
 manifest stores locations without user info (`storage.public_uri`; a URI with a query
 string is refused), and no credential is ever logged.
 """
@@ -76,8 +80,8 @@ from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, 
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_locations, iter_documents
 from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
-from data_prep.recipe import (Instance, RecipeSpec, document_pairs, instances_to_table,
-                              mask_documents, output_schema)
+from data_prep.recipe import (Instance, InstanceColumns, RecipeSpec, document_pairs,
+                              instance_columns, output_schema)
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
 from data_prep.tokenizer import WordPieceTokenizer
@@ -150,16 +154,18 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
 
     Without `tokenizer` a unit is a Parquet file of its documents' text, for the Ray
     tokenize pass. With one, this process tokenizes each unit as it closes (pass 1 here:
-    the tokenizer's own Rust threads on every core, on a thread of its own, while the
-    next unit is read) and the unit carries its `tokenized` result; at most two units of
-    text are held. `cancelled` stops the reading early (the caller failed elsewhere)."""
+    the tokenizer's own Rust threads on every core, on two threads of this process, so
+    that one's Python work on its result, under the GIL, overlaps the other's Rust work,
+    while the next unit is read) and the unit carries its `tokenized` result; at most
+    three units of text are held. `cancelled` stops the reading early (the caller failed
+    elsewhere)."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
-    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-tokenize") as tokenizing:
+    with ThreadPoolExecutor(2, thread_name_prefix="bertflow-tokenize") as tokenizing:
 
         def settle(keep: int) -> None:
             while len(pending) > keep:
@@ -217,7 +223,9 @@ _MASK_GROUP_TOKENS = 1 << 18  # instance tokens masked at once (vectorised; boun
 def doc_rng(seed: int, split: str, document: int) -> np.random.Generator:
     """The generator of one document: its pairs, masks and shuffle keys depend only on
     (seed, split, the document's number in the split), not on workers or units."""
-    return np.random.default_rng([seed, SPLITS.index(split), document])
+    # what default_rng([...]) builds, without its argument checks (a third of its cost)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
+        [seed, SPLITS.index(split), document])))
 
 
 def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
@@ -280,14 +288,14 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
     schema = output_schema(spec.objective, static).append(pa.field("key", pa.int64()))
     target = open_location(staging).join(f"instances-{unit['index']:06d}.arrow")
     counts = {"instances": 0, "tokens": 0, "masked_tokens": 0}
-    buffer: list[Instance] = []
+    buffer: list[InstanceColumns] = []
     keys: list[np.ndarray] = []
     held = 0
     with target.open_output_stream() as sink, pa.ipc.new_file(sink, schema) as writer:
 
         def flush() -> None:
             key = np.concatenate(keys)
-            table = instances_to_table(buffer, spec.objective, static)
+            table = InstanceColumns.concat(buffer).to_table(spec.objective, static)
             table = table.append_column("key", pa.array(key))
             bucket = key % n_buckets
             order = np.lexsort((key, bucket))
@@ -298,19 +306,22 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
             buffer.clear()
             keys.clear()
 
-        # documents paired but not yet masked: masked together (`mask_documents`), each
-        # from its own generator, which then draws its instances' shuffle keys
+        # documents paired but not yet masked: masked together as columns
+        # (`instance_columns`), each from its own generator, which then draws its
+        # instances' shuffle keys
         group: list[tuple[np.random.Generator, list[Instance]]] = []
         group_tokens = 0
 
         def settle() -> None:
-            if static:
-                mask_documents([x for _, x in group], [r for r, _ in group], spec.masking)
+            if not group:
+                return
+            columns = instance_columns([x for _, x in group], [r for r, _ in group],
+                                       spec.masking)
             for rng, instances in group:
                 keys.append(rng.integers(0, 2**63 - 1, len(instances), dtype=np.int64))
-                buffer.extend(instances)
-                counts["masked_tokens"] += sum(x.positions.shape[0] for x in instances) \
-                    if static else 0
+            if len(columns):
+                counts["masked_tokens"] += int(columns.position_offsets[-1]) if static else 0
+                buffer.append(columns)
             group.clear()
 
         for local, document in enumerate(read_tokenized(unit["tokens_path"])):
@@ -411,37 +422,45 @@ def _pool(path: str) -> SplitPool:
     return pools[path]
 
 
-def run_pass(batch: dict[str, Any], step: str, tokenizer_dir: str, config: dict[str, Any],
+def run_pass(step: str, task: dict[str, Any], tokenizer_dir: str, config: dict[str, Any],
              out_dir: str, staging: str, env: Any = None) -> dict[str, Any]:
-    """Ray Data task: one item of pass `step` (tokenize, instances or merge). Every
-    location it gets is a path or URI on the output's filesystem; `env` carries the
-    driver's credential variables when the Ray job does not (`ray_env.env_for_tasks`)."""
+    """Ray task: one item of pass `step` (tokenize, instances or merge). Every location it
+    gets is a path or URI on the output's filesystem; `env` carries the driver's
+    credential variables when the Ray job does not (`ray_env.env_for_tasks`)."""
     from data_prep.ray_env import apply_worker_env
 
     apply_worker_env(env)
     cfg, tok, spec = _worker_state(tokenizer_dir, config)
-    results = []
-    for item in batch["item"]:
-        task = json.loads(item)
-        if step == "tokenize":
-            results.append(tokenize_unit(task, tok, staging))
-        elif step == "instances":
-            results.append(instance_unit(task, spec, cfg.seed, _pool(task["pool"]), staging))
-        else:
-            results.append(merge_bucket(task, out_dir))
-        results[-1]["_order"] = task["_order"]
-    return {"result": [json.dumps(r) for r in results]}
+    if step == "tokenize":
+        result = tokenize_unit(task, tok, staging)
+    elif step == "instances":
+        result = instance_unit(task, spec, cfg.seed, _pool(task["pool"]), staging)
+    elif step == "merge":
+        result = merge_bucket(task, out_dir)
+    else:  # "warm" (`warm_workers`): the state above, and what the passes import
+        import pyarrow.compute  # noqa: F401  (Table.take's; it imports pandas: ~1 s)
+        import pyarrow.parquet  # noqa: F401
+
+        result = {"seconds": 0.0}
+    return {**result, "worker": os.getpid()}
 
 
 def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
               config: PrepConfig, out_dir: str, staging: str) -> list[dict[str, Any]]:
-    """Run one pass over `items` on Ray Data (at most `tokenize_workers` tasks at a time);
-    results come back in item order. The tasks see the driver's store credentials: from
-    the job's runtime environment (`init_ray`), or, on a Ray started without them, as an
-    object they apply themselves."""
+    """Run one pass over `items` as Ray tasks, at most `tokenize_workers` (default: one
+    per CPU of the cluster) at a time; results come back in item order.
+
+    Plain tasks with the driver keeping exactly that many in flight (a new one as each
+    ends), not a Ray Data pipeline: with Ray Data's task pool the instance pass kept 1.07
+    of 2 cores busy (bench/prep_throughput.py), and its executor cost the driver CPU of
+    its own. Ray reuses the worker processes, so each loads its state once
+    (`_worker_state`). The tasks see the driver's store credentials: from the job's
+    runtime environment (`init_ray`), or, on a Ray started without them, as an object
+    they apply themselves. A failed task fails the pass (the others are cancelled); Ray
+    retries a task whose worker died, which rewrites the same file."""
     from tqdm import tqdm
 
-    from data_prep.ray_env import env_for_tasks, init_ray
+    from data_prep.ray_env import init_ray
 
     if not items:
         return []
@@ -451,37 +470,60 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
         mark_stage("ray start")
     ray = init_ray(config.address)
     mark_stage(step)
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    bars = ctx.enable_progress_bars
-    ctx.enable_progress_bars = False  # one tqdm bar per pass is clearer
-    total_cpus = float(ray.cluster_resources().get("CPU", 1))
-    workers = config.tokenize_workers or max(1, int(total_cpus))
-    workers = min(workers, len(items))
-    # Fractions so a small (2-core) cluster can also run Ray Data's own tasks.
-    cpus = min(1.0, max(0.1, total_cpus / (workers + 1)))
-    ds = ray.data.from_items([{"item": json.dumps({**it, "_order": k})}
-                              for k, it in enumerate(items)], override_num_blocks=len(items))
-    ds = ds.map_batches(run_pass, batch_size=1, num_cpus=cpus,
-                        compute=ray.data.TaskPoolStrategy(size=workers),
-                        fn_kwargs={"step": step, "tokenizer_dir": tokenizer_dir,
-                                   "config": to_dict(config), "out_dir": out_dir,
-                                   "staging": staging, "env": env_for_tasks()})
-    results = []
+    workers, submit = _pass_tasks(ray, config, len(items), step, tokenizer_dir, out_dir,
+                                  staging)
+    results: list[dict[str, Any] | None] = [None] * len(items)
+    running: dict[Any, int] = {}
     started = time.perf_counter()
-    try:
-        with tqdm(total=len(items), desc=f"prep {step}", unit="task",
-                  mininterval=2.0) as bar:
-            for row in ds.iter_rows():
-                results.append(json.loads(row["result"]))
-                bar.update(1)
-    finally:
-        ctx.enable_progress_bars = bars
-    log.info("%s: %d tasks, %.1f s of work in %.1f s on %d worker(s)", step, len(items),
-             sum(r["seconds"] for r in results), time.perf_counter() - started, workers)
-    results.sort(key=lambda r: r.pop("_order"))
-    return results
+    with tqdm(total=len(items), desc=f"prep {step}", unit="task", mininterval=2.0) as bar:
+        try:
+            for k, item in enumerate(items):
+                if len(running) == workers:
+                    _collect(ray, running, results, bar)
+                running[submit(item)] = k
+            while running:
+                _collect(ray, running, results, bar)
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref)
+            raise
+    log.info("%s: %d tasks, %.1f s of work in %.1f s on %d worker(s) (%d processes)", step,
+             len(items), sum(r["seconds"] for r in results if r),
+             time.perf_counter() - started, workers,
+             len({r.pop("worker") for r in results if r}))
+    return results  # type: ignore[return-value]
+
+
+def warm_workers(ray: Any, config: PrepConfig, tokenizer_dir: str, out_dir: str,
+                 staging: str) -> None:
+    """Have the worker processes of the passes to come import prep and load the
+    tokenizer now (one task each, not waited for): on a driver that tokenizes, the
+    cores still have room for it, and the instance pass then starts at full speed."""
+    workers, submit = _pass_tasks(ray, config, 1 << 30, "warm", tokenizer_dir, out_dir,
+                                  staging)
+    for _ in range(workers):
+        submit({})
+
+
+def _pass_tasks(ray: Any, config: PrepConfig, n_items: int, step: str, tokenizer_dir: str,
+                out_dir: str, staging: str) -> tuple[int, Any]:
+    """(tasks at once, a function that submits one item of `step` as a Ray task): at
+    most `tokenize_workers` or one per CPU of the cluster, never more than the items;
+    each task asks for its share of the CPUs, at most one (it is one Python thread)."""
+    from data_prep.ray_env import env_for_tasks
+
+    total_cpus = float(ray.cluster_resources().get("CPU", 1))
+    workers = min(config.tokenize_workers or max(1, int(total_cpus)), n_items)
+    remote = ray.remote(run_pass).options(num_cpus=min(1.0, max(0.1, total_cpus / workers)))
+    shared = (tokenizer_dir, to_dict(config), out_dir, staging, env_for_tasks())
+    return workers, lambda item: remote.remote(step, item, *shared)
+
+
+def _collect(ray: Any, running: dict[Any, int], results: list[Any], bar: Any) -> None:
+    """Wait for one of the running tasks and store its result in its item's place."""
+    (done,), _ = ray.wait(list(running), num_returns=1)
+    results[running.pop(done)] = ray.get(done)
+    bar.update(1)
 
 
 def _counts(read: Counter, results: list[dict[str, Any]], n_files: int) -> dict[str, Any]:
@@ -580,7 +622,8 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
         tokenizer_dir = root.join("tokenizer").uri
         if tokenizer is not None and tokenizes_in_driver(config):
             tokenizer.save(tokenizer_dir)
-            units, read = _read_and_tokenize(files, inputs, config, tokenizer, staging.uri)
+            units, read = _read_and_tokenize(files, inputs, config, tokenizer, root,
+                                             staging.uri)
         else:
             mark_stage("read")
             log.info("reading %d file(s) into work units", len(files))
@@ -646,10 +689,11 @@ def tokenizes_in_driver(config: PrepConfig) -> bool:
 
 
 def _read_and_tokenize(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                       tokenizer: WordPieceTokenizer, staging: str
+                       tokenizer: WordPieceTokenizer, root: Location, staging: str
                        ) -> tuple[list[dict[str, Any]], Counter]:
     """`stage_units` with pass 1 in this process, on a thread, while this thread starts
-    (or joins) Ray: the start of Ray costs no wall time of its own."""
+    (or joins) Ray and has the later passes' workers load their state: neither costs
+    wall time of its own."""
     from data_prep.ray_env import init_ray
 
     mark_stage("read+tokenize")
@@ -659,7 +703,8 @@ def _read_and_tokenize(files: list[str], inputs: list[dict[str, Any]], config: P
         reading = reader.submit(stage_units, files, inputs, config, staging, tokenizer,
                                 cancelled)
         try:
-            init_ray(config.address)
+            warm_workers(init_ray(config.address), config, root.join("tokenizer").uri,
+                         root.uri, staging)
         except BaseException:
             cancelled.set()
             raise

@@ -195,7 +195,7 @@ def document_instances(document: Document, index: int, pool: DocumentPool,
 
 def document_pairs(document: Document, index: int, pool: DocumentPool, spec: RecipeSpec,
                    rng: np.random.Generator) -> list[Instance]:
-    """`document_instances` before masking (`mask_documents` masks many at once)."""
+    """`document_instances` before masking (`instance_columns` masks many at once)."""
     instances: list[Instance] = []
     for _ in range(spec.dupe_factor):
         if spec.objective == "mlm":
@@ -205,48 +205,113 @@ def document_pairs(document: Document, index: int, pool: DocumentPool, spec: Rec
     return instances
 
 
-def mask_documents(documents: list[list[Instance]], rngs: list[np.random.Generator],
-                   masking: MaskingSpec) -> None:
-    """Mask, in place, the unmasked instances of many documents, each from its own
-    generator: the result and every generator's state afterwards equal `_mask` called
-    document by document (each draws its keys, then its rolls and random ids), with the
-    choice of positions vectorised over all of them. Whole-word masking goes document by
-    document."""
-    if masking.whole_word:
-        for instances, rng in zip(documents, rngs):
-            _mask(instances, masking, rng)
-        return
-    rows = [inst.input_ids for instances in documents for inst in instances]
-    if not rows:
-        return
+@dataclass
+class InstanceColumns:
+    """Instances laid end to end in the dataset's columns (Arrow's list layout: row r of
+    a list column is `values[offsets[r]:offsets[r + 1]]`): what prep's instance pass
+    keeps and writes, with no array per row."""
+
+    input_ids: np.ndarray        # int32, every row's ids (masked when static) end to end
+    token_type_ids: np.ndarray   # int8, laid out as input_ids
+    offsets: np.ndarray          # int64 (rows + 1), of input_ids and token_type_ids
+    labels: np.ndarray           # int8 (rows,)
+    positions: np.ndarray | None = None         # int32, each row's masked positions
+    originals: np.ndarray | None = None         # int32, the ids there
+    position_offsets: np.ndarray | None = None  # int64 (rows + 1), of both
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    @classmethod
+    def concat(cls, parts: list[InstanceColumns]) -> InstanceColumns:
+        def joined(name: str) -> np.ndarray:
+            return np.concatenate([getattr(p, name) for p in parts])
+
+        def offsets(name: str) -> np.ndarray:  # each part's own, shifted past the ones before
+            bases = np.cumsum([0] + [int(getattr(p, name)[-1]) for p in parts[:-1]])
+            return np.concatenate([np.zeros(1, np.int64)] + [
+                getattr(p, name)[1:] + base for p, base in zip(parts, bases.tolist())])
+
+        static = parts[0].positions is not None
+        return cls(joined("input_ids"), joined("token_type_ids"), offsets("offsets"),
+                   joined("labels"),
+                   joined("positions") if static else None,
+                   joined("originals") if static else None,
+                   offsets("position_offsets") if static else None)
+
+    def to_table(self, objective: str, static: bool) -> Any:
+        """The rows as a pyarrow Table in the dataset schema (`instances_to_table`'s)."""
+        import pyarrow as pa
+
+        def lists(offsets: np.ndarray, values: np.ndarray) -> Any:
+            return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)),
+                                            pa.array(values))
+
+        cols = {"input_ids": lists(self.offsets, self.input_ids),
+                "token_type_ids": lists(self.offsets, self.token_type_ids)}
+        if objective != "mlm":
+            cols["next_sentence_label"] = pa.array(self.labels)
+        if static:
+            cols["masked_lm_positions"] = lists(self.position_offsets, self.positions)
+            cols["masked_lm_ids"] = lists(self.position_offsets, self.originals)
+        return pa.table(cols, schema=output_schema(objective, static))
+
+
+def instance_columns(documents: list[list[Instance]], rngs: list[np.random.Generator],
+                     masking: MaskingSpec | None) -> InstanceColumns:
+    """The unmasked instances of many documents as columns, masked (when `masking` is
+    set) each document from its own generator: the rows, and every generator's state
+    afterwards, equal `_mask` called document by document (each draws its keys, then
+    its rolls and random ids), with the choice of positions vectorised over all of them.
+    Whole-word masking goes document by document."""
+    instances = [inst for x in documents for inst in x]
+    rows = [inst.input_ids for inst in instances]
     lengths = np.fromiter((r.shape[0] for r in rows), np.int64, count=len(rows))
     offsets = np.zeros(len(rows) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
+    labels = np.fromiter((i.label for i in instances), np.int8, count=len(instances))
+    if not rows:
+        none = np.zeros(0, np.int32) if masking is not None else None
+        return InstanceColumns(np.zeros(0, np.int32), np.zeros(0, np.int8), offsets, labels,
+                               none, none, offsets if masking is not None else None)
+    flat = np.concatenate(rows)
+    columns = InstanceColumns(flat, np.concatenate([i.token_type_ids for i in instances]),
+                              offsets, labels)
+    if masking is None:
+        return columns
+    if masking.whole_word:
+        for doc, rng in zip(documents, rngs):
+            _mask(doc, masking, rng)
+        columns.input_ids = np.concatenate([i.input_ids for i in instances])
+        columns.positions = np.concatenate([i.positions for i in instances])
+        columns.originals = np.concatenate([i.originals for i in instances])
+        columns.position_offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([i.positions.shape[0] for i in instances],
+                  out=columns.position_offsets[1:])
+        return columns
     doc_rows = np.cumsum([0] + [len(x) for x in documents])
     doc_starts = offsets[doc_rows]  # flat index of each document's first token
-    key = np.concatenate([rng.random(int(b - a)) for rng, a, b, instances
-                          in zip(rngs, doc_starts[:-1], doc_starts[1:], documents)
-                          if instances])  # `_mask` draws nothing for a document without rows
-    flat = np.concatenate(rows)
+    # `_mask` draws nothing for a document without rows
+    drawn = [(rng, a, b) for rng, a, b, x in zip(rngs, doc_starts[:-1].tolist(),
+                                                 doc_starts[1:].tolist(), documents) if x]
+    key = np.concatenate([rng.random(b - a) for rng, a, b in drawn])
     chosen = choose_flat(flat, offsets, key, special_ids=masking.special_ids,
                          masked_lm_prob=masking.masked_lm_prob,
                          max_predictions=masking.max_predictions)
-    per_doc = np.diff(np.searchsorted(chosen, doc_starts))
-    rolls, random_ids = [], []
-    for rng, n, instances in zip(rngs, per_doc.tolist(), documents):
-        if instances:
-            rolls.append(rng.random(n))
-            random_ids.append(rng.integers(0, masking.vocab_size, n))
+    per_doc = np.diff(np.searchsorted(chosen, [a for _, a, _ in drawn] + [offsets[-1]]))
+    rolls, random_ids = [np.zeros(0)], [np.zeros(0, np.int64)]
+    for (rng, _, _), n in zip(drawn, per_doc.tolist()):
+        rolls.append(rng.random(n))
+        random_ids.append(rng.integers(0, masking.vocab_size, n))
     masked, chosen, originals = replace_flat(flat, chosen, np.concatenate(rolls),
                                              np.concatenate(random_ids), masking.mask_id)
     row = np.searchsorted(offsets, chosen, side="right") - 1
-    positions = (chosen - offsets[row]).astype(np.int32)
-    cuts = np.cumsum(np.bincount(row, minlength=len(rows)))[:-1]
-    originals = originals.astype(np.int32)
-    for inst, ids, pos, orig in zip((i for x in documents for i in x),
-                                    np.split(masked, offsets[1:-1]), np.split(positions, cuts),
-                                    np.split(originals, cuts)):
-        inst.input_ids, inst.positions, inst.originals = ids, pos, orig
+    columns.input_ids = masked
+    columns.positions = (chosen - offsets[row]).astype(np.int32)
+    columns.originals = originals.astype(np.int32)
+    columns.position_offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(np.bincount(row, minlength=len(rows)), out=columns.position_offsets[1:])
+    return columns
 
 
 def _mask(instances: list[Instance], masking: MaskingSpec | None,

@@ -270,3 +270,16 @@ def test_one_document_files_nsp_pool_and_global_shuffle(ray_local, tmp_path, min
         same_next = np.mean([x == y for x, y in zip(sources[:-1], sources[1:])])
         assert same_next < 0.15, same_next  # grouped by file it would be ~0.9
     assert m.extra["shuffle"]["scope"] == "split"
+
+
+def test_pass_tasks_fail_loudly(ray_local, tmp_path, minilm_dir):
+    """A pass runs as plain Ray tasks, `tokenize_workers` at a time: every item gets its
+    result, and one failed item fails the pass with its cause."""
+    from data_prep.pipeline import run_tasks
+
+    cfg = config(tmp_path, minilm_dir, tmp_path, tokenize_workers=2)
+    where = (str(minilm_dir), cfg, str(tmp_path), str(tmp_path))
+    assert len(run_tasks("warm", [{}] * 5, *where)) == 5
+    merge = {"split": "train", "buckets": 1, "units_file": str(tmp_path / "no-such.json")}
+    with pytest.raises(Exception, match="no-such.json"):
+        run_tasks("merge", [{**merge, "bucket": 0}] * 4, *where)

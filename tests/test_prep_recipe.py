@@ -171,3 +171,41 @@ def test_table_has_the_contract_schema():
     mlm = instances_to_table(create_instances(corpus(n_docs=5), spec(objective="mlm"),
                                               np.random.default_rng(0)), "mlm", static=False)
     assert mlm.column_names == ["input_ids", "token_type_ids"]
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+def test_instance_columns_mask_as_each_document_alone_would(whole_word):
+    """Prep's instance pass masks many documents at once as columns; the rows, and each
+    document's generator afterwards (it then draws the shuffle keys), equal masking
+    document by document and building the table from the instances."""
+    from data_prep.corpus import ListPool
+    from data_prep.recipe import InstanceColumns, document_pairs, instance_columns
+
+    docs = corpus(n_docs=40, seed=3) + [[]]  # the last yields no instance
+    continuation = np.zeros(VOCAB, bool)
+    continuation[np.arange(0, VOCAB, 3)] = True
+    masking = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL,
+                          whole_word=whole_word, continuation=continuation)
+    pool, s = ListPool(docs[:-1]), spec(dupe_factor=2)
+
+    def paired(seed):
+        rngs = [np.random.default_rng([seed, d]) for d in range(len(docs))]
+        return [document_pairs(doc, d, pool, s, rng) for d, (doc, rng)
+                in enumerate(zip(docs, rngs))], rngs
+
+    alone, alone_rngs = paired(5)
+    for instances, rng in zip(alone, alone_rngs):
+        if instances:
+            masked, positions, originals = masking.apply_batch(
+                [x.input_ids for x in instances], rng)
+            for x, ids, pos, orig in zip(instances, masked, positions, originals):
+                x.input_ids, x.positions, x.originals = ids, pos.astype(np.int32), \
+                    orig.astype(np.int32)
+    expected = instances_to_table([x for i in alone for x in i], "nsp", static=True)
+    together, rngs = paired(5)
+    assert together[-1] == []
+    halves = [instance_columns(together[:17], rngs[:17], masking),
+              instance_columns(together[17:], rngs[17:], masking)]
+    assert InstanceColumns.concat(halves).to_table("nsp", True).equals(expected)
+    assert [r.random() for r in rngs] == [r.random() for r in alone_rngs]
+    assert len(instance_columns([[], []], rngs[:2], masking)) == 0
