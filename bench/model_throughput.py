@@ -10,13 +10,15 @@ On CUDA (`--device cuda --precision bf16`) it also reports model FLOPs utilisati
 `base` on full 128-token sequences, with the FLOP formula and the peak it assumes printed.
 
 `--compile` compares bert_core with itself instead: eager (unpadding, sparse MLM decoder)
-against `torch.compile(fullgraph=True)` (static shapes: SDPA over the padded batch, MLM
-decoder on a gather of max_predictions=20 per row), same weights and batches; compiled
-batches are padded to the full sequence length (one shape, one compile; compile time is
-left out of the rate). `--variants` adds eager with the static-shape path (is unpadding
-worth it in eager?) and compiled with the decoder on every position (is the gather worth
-it?). `--optimizer` times one optimizer step on BERT-base's parameters: LAMB (multi-tensor
-and per-tensor) against torch's AdamW (foreach, fused, per-tensor).
+against the model compiled as `--compile` compiles it on this device
+(`workflows.training.step.compile_model`): on CPUs the embeddings and encoder layers
+(`compile_layers`: dynamic shapes, the eager unpadding around them, the same batches as
+eager), on CUDA the whole model (`fullgraph=True`, static shapes: SDPA over the padded
+batch, MLM decoder on a gather of max_predictions=20 per row, batches padded to 128: one
+shape). Same weights and batches; compile time (the first two steps) is printed apart and
+left out of the rates. `--variants` adds the other way to compile. `--optimizer` times
+one optimizer step on BERT-base's parameters: LAMB (multi-tensor and per-tensor) against
+torch's AdamW (foreach, fused, per-tensor).
 
     python bench/model_throughput.py                      # CPU, mini and base (~4 min on 2 cores)
     python bench/model_throughput.py --device cuda --precision bf16
@@ -147,26 +149,6 @@ def compare(size: str, args: argparse.Namespace) -> tuple[float, float]:
     return a, b
 
 
-@contextlib.contextmanager
-def static_shapes_in_eager():
-    """Run bert_core's compiled-path code (padded SDPA, gathered MLM decoder) eagerly."""
-    import bert_core.heads
-    import bert_core.model
-
-    saved = bert_core.model.static_shapes
-    bert_core.model.static_shapes = bert_core.heads.static_shapes = lambda: True
-    try:
-        yield
-    finally:
-        bert_core.model.static_shapes = bert_core.heads.static_shapes = saved
-
-
-class StaticEagerRunner(Runner):
-    def step(self, batch, timed=True):
-        with static_shapes_in_eager():
-            return super().step(batch, timed)
-
-
 def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
     """Right-pad a collated batch to `length` (labels with -100, the rest with 0)."""
     extra = length - batch["input_ids"].shape[1]
@@ -177,10 +159,12 @@ def pad_to(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tenso
 
 
 def compare_compiled(size: str, args: argparse.Namespace) -> dict[str, float]:
-    """bert_core eager vs compiled (and the --variants), alternating steps; tokens/s."""
+    """bert_core eager vs compiled as `--compile` compiles on this device (and the
+    --variants), alternating steps; steady-state tokens/s, compile time apart."""
     import copy
 
     import bert_core
+    from workflows.training.step import compile_mode, compile_model
 
     on_gpu = args.device.startswith("cuda")
     batch_size = args.batch_size or (GPU_BATCH if on_gpu else CPU_BATCH)[size]
@@ -190,32 +174,40 @@ def compare_compiled(size: str, args: argparse.Namespace) -> dict[str, float]:
     model = bert_core.BertForPreTraining(config).to(args.device).train()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    def compiled(max_predictions):
+    def twin(compile_as: str) -> torch.nn.Module:
         twin = copy.deepcopy(model)
-        twin.max_predictions = max_predictions
-        return torch.compile(twin, fullgraph=True)
+        twin.max_predictions = 20  # what the static path's MLM gather reads per row
+        compile_model(twin, torch.device(args.device), compile_as)
+        return twin
 
-    runners = {"eager": Runner(model, args.device, args.precision, clock),
-               "compiled": Runner(compiled(20), args.device, args.precision, clock)}
+    default = compile_mode(torch.device(args.device))  # what --compile does on this device
+    modes = {"compiled": default}
     if args.variants:
-        runners["eager static"] = StaticEagerRunner(copy.deepcopy(model), args.device,
-                                                    args.precision, clock)
-        runners["compiled all-pos"] = Runner(compiled(None), args.device, args.precision,
-                                             clock)
-    batches = make_batches(args.warmup + steps, batch_size, config.vocab_size, (32, 128),
+        modes["compiled " + ("layers" if default == "model" else "whole model")] = (
+            "layers" if default == "model" else "model")
+    runners = {"eager": Runner(model, args.device, args.precision, clock)}
+    runners.update({name: Runner(twin(mode), args.device, args.precision, clock)
+                    for name, mode in modes.items()})
+    # The whole model has static shapes: its batches are padded to 128 (one compile).
+    shape = {name: (lambda b: pad_to(b, 128)) if modes.get(name) == "model" else (lambda b: b)
+             for name in runners}
+    batches = make_batches(2 + args.warmup + steps, batch_size, config.vocab_size, (32, 128),
                            seed=1)
-    started = time.perf_counter()
-    for name, runner in runners.items():  # compile (and warm) outside the timed steps
-        if name.startswith("compiled"):
-            runner.step(pad_to(batches[0], 128), timed=False)
-    print(f"{size:>5}  compile + first step: {time.perf_counter() - started:.0f} s", flush=True)
-    for i, batch in enumerate(batches):
+    compile_s = {}
+    for name in modes:  # compile (and warm) outside the timed steps: two shapes each
+        started = time.perf_counter()
+        for batch in batches[:2]:
+            runners[name].step(shape[name](batch), timed=False)
+        compile_s[name] = time.perf_counter() - started
+        print(f"{size:>5}  {name} ({modes[name]}): compile + 2 steps {compile_s[name]:.0f} s "
+              f"(wall)", flush=True)
+    for i, batch in enumerate(batches[2:]):
         order = list(runners) if i % 2 == 0 else list(reversed(runners))
         for name in order:
-            runners[name].step(pad_to(batch, 128) if name.startswith("compiled") else batch,
-                               timed=i >= args.warmup)
+            runners[name].step(shape[name](batch), timed=i >= args.warmup)
     rates = {name: r.tokens_per_s for name, r in runners.items()}
-    line = "  ".join(f"{name} {rate:8.0f} tok/s" for name, rate in rates.items())
+    line = "  ".join(f"{name} {rate:8.0f} tok/s ({rate / rates['eager']:.2f}x)"
+                     for name, rate in rates.items())
     print(f"{size:>5}  batch {batch_size:>3} x 32..128  steps {steps:>3}  {line}  "
           f"compiled/eager {rates['compiled'] / rates['eager']:5.2f}x", flush=True)
     return rates
@@ -317,7 +309,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="bert_core eager vs torch.compile instead of vs transformers")
     parser.add_argument("--variants", action="store_true",
-                        help="with --compile: also eager static-shape and compiled all-position")
+                        help="with --compile: also the other way to compile (the whole model "
+                             "with static shapes on CPU, the layers on CUDA)")
     parser.add_argument("--optimizer", action="store_true",
                         help="also time LAMB vs AdamW steps on BERT-base's parameters")
     args = parser.parse_args()

@@ -9,6 +9,8 @@ goal is that Ray Train costs less than 10%.
     python bench/pretrain_throughput.py --gpu            # GPU: base, bf16, seq 128, with MFU
     python bench/pretrain_throughput.py --compile        # also: the bare loop compiled, and
                                                          # the Ray loop with --compile
+    python bench/pretrain_throughput.py --compile --model-size mini --min-len 32
+                                                         # lengths 32..128, padded per batch
 
 With `--compile` the warmup steps (left out of the rates) include the compilation.
 """
@@ -31,11 +33,14 @@ import torch
 VOCAB, PAD, UNK, CLS, SEP, MASK = 30522, 0, 100, 101, 102, 103  # BERT uncased ids
 
 
-def synthetic_rows(n: int, seq_len: int, seed: int) -> list[dict]:
-    """Unpadded pretraining rows (the Parquet schema of a dynamic-masking dataset)."""
+def synthetic_rows(n: int, seq_len: int, seed: int, min_len: int | None = None) -> list[dict]:
+    """Unpadded pretraining rows (the Parquet schema of a dynamic-masking dataset), of
+    lengths drawn evenly from min_len..seq_len (all seq_len by default)."""
     rng = np.random.default_rng(seed)
     rows = []
+    full = seq_len
     for _ in range(n):
+        seq_len = int(rng.integers(min_len or full, full + 1))
         a = (seq_len - 3) // 2
         ids = np.concatenate([[CLS], rng.integers(1000, VOCAB, a), [SEP],
                               rng.integers(1000, VOCAB, seq_len - 3 - a), [SEP]])
@@ -65,12 +70,12 @@ def bare_loop(task, loop, rows: list[dict], steps: int, warmup: int, device: str
               compile: bool = False) -> float:
     """A plain torch loop: collate, forward, backward, clip, step. Returns tokens/s."""
     from workflows.training.optim import build_optimizer, build_scheduler
-    from workflows.training.step import resolve_precision
+    from workflows.training.step import compile_model, resolve_precision
 
     torch.manual_seed(loop.seed)
     model = task.build_model().to(device).train()
     if compile:
-        model.compile(fullgraph=True)
+        compile_model(model, torch.device(device))  # as --compile does on this device
     opt = build_optimizer(model, loop)
     sched = build_scheduler(opt, loop)
     rng = np.random.default_rng(0)
@@ -130,6 +135,9 @@ def main() -> int:
     p.add_argument("--gpu", action="store_true", help="bf16 base at seq 128 on a GPU, with MFU")
     p.add_argument("--model-size", default=None)
     p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--min-len", type=int, default=None,
+                   help="rows of lengths min-len..seq-len, padded to each batch's longest "
+                        "(default: every row seq-len long, no padding)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=10)
@@ -147,7 +155,8 @@ def main() -> int:
     if not args.gpu:
         torch.set_num_threads(args.threads)
     task = make_task(size, args.seq_len)
-    rows = synthetic_rows(max(batch * (steps + 1), 512), args.seq_len, seed=0)
+    rows = synthetic_rows(max(batch * (steps + 1), 512), args.seq_len, seed=0,
+                          min_len=args.min_len)
     with tempfile.TemporaryDirectory() as tmp:
         loop = LoopSettings(num_workers=1, use_gpu=args.gpu, batch_size=batch, max_steps=steps,
                             warmup_steps=min(10, steps), lr=1e-4, checkpoint_every=0,
@@ -162,7 +171,8 @@ def main() -> int:
             loop = dataclasses.replace(loop, compile=True)
         ray_rate = ray_loop(task, loop, rows, args.warmup, Path(tmp))
     n_params = sum(p.numel() for p in task.build_model().parameters())
-    print(f"model {size} ({n_params / 1e6:.1f}M params), seq {args.seq_len}, batch {batch}, "
+    lengths = f"{args.min_len}..{args.seq_len}" if args.min_len else f"{args.seq_len}"
+    print(f"model {size} ({n_params / 1e6:.1f}M params), seq {lengths}, batch {batch}, "
           f"{steps} steps ({args.warmup} warmup), {device}, "
           f"{'bf16' if args.gpu else 'fp32'}")
     print(f"bare torch loop : {bare:12.0f} tokens/s")

@@ -9,11 +9,15 @@ Speed without changing the maths (parity tests against transformers prove it):
   every linear layer, GELU and LayerNorm run on the packed real tokens only, shape (N, H).
   Tokens are re-padded to (B, T) only around scaled_dot_product_attention.
 - One fused qkv projection per layer (one GEMM instead of three).
-- Under torch.compile (`static_shapes()`), no shape depends on the data: the packed length
-  N is data (a `nonzero`, a device->host sync and a graph break), so the compiled model
-  runs every token of the padded batch with SDPA's key mask instead (N = B*T). Eager mode
-  keeps unpadding, faster on CPU: `mini` at lengths 32..128 trained at 1,030 tokens/s
-  eager and 649 compiled (bench/model_throughput.py --compile, docs/benchmarks.md).
+- Two ways to compile. The whole model (`model.compile(fullgraph=True)`): under
+  `static_shapes()` no shape depends on the data (the packed length N is data: a
+  `nonzero`, a device->host sync and a graph break), so it runs every token of the padded
+  batch with SDPA's key mask (N = B*T): one graph, no host sync, what a GPU wants. Or
+  the layers only (`compile_layers`, regional compilation): the unpadding stays eager and
+  the embeddings and layers compile with a dynamic N, so pads never reach a linear layer.
+  On CPUs, where a sync costs nothing and the GEMMs are the time, pads are what decide:
+  the whole model trained `mini` at 0.63x eager's tokens/s (lengths 32..128, about 40%
+  pads), the layers at 0.99x (bench/model_throughput.py --compile, docs/benchmarks.md).
 Outputs at pad positions are zero (transformers leaves meaningless numbers there); mask them.
 """
 
@@ -231,6 +235,18 @@ class BertPreTrainedModel(nn.Module):
         """
         for p in self.encoder.parameters():
             p.requires_grad_(False)
+
+    def compile_layers(self, **compile_kwargs: Any) -> None:
+        """Regional compilation, in place (parameter names unchanged): `torch.compile` the
+        embeddings and every encoder layer (`fullgraph=True`, dynamic shapes), the
+        unpadding between them and the head left eager, so the compiled code sees the
+        packed real tokens (N, H) as eager mode does. The layers are one class and share
+        one compiled graph: a single compile (forward and backward) serves every layer
+        and every batch shape; a batch without pads and eval mode compile once more each.
+        `compile_kwargs` go to torch.compile (`backend=`, `options=`)."""
+        encoder = self.encoder
+        for module in (encoder.embeddings, *encoder.layers):
+            module.compile(fullgraph=True, dynamic=True, **compile_kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (tied tensors counted once)."""

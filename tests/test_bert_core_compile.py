@@ -1,11 +1,16 @@
 """bert_core under torch.compile: every head traces as one graph (no graph break, so no
 device->host sync inside the step), and the compiled static-shape path (SDPA over the
-padded batch, a fixed-size MLM gather) gives eager's numbers (unpadding, sparse MLM)."""
+padded batch, a fixed-size MLM gather) gives eager's numbers (unpadding, sparse MLM).
+Regional compilation (`compile_layers`, what --compile runs on CPUs) compiles each layer
+as one graph, shared by all layers and batch shapes, and gives eager's numbers too."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import bert_core
 from bert_core import BertConfig
@@ -133,6 +138,35 @@ def test_compiled_step_equals_eager(name):
                                    msg=key)
 
 
+@pytest.mark.parametrize("name", ["pretraining", "token-cls"])
+def test_compiled_layers_equal_eager_with_one_graph_for_all(name):
+    """compile_layers: the embeddings and the layers compile with fullgraph=True (a graph
+    break would raise) into two graphs in all: every layer and a second batch shape reuse
+    the first layer's (dynamic shapes, no recompile). Loss, outputs at real positions and
+    gradients are eager's: the compiled layers run on the same unpadded tokens."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model, batch = _case(name)
+    model.train()  # dropout is 0
+    compiled = copy.deepcopy(model)
+    compiled.compile_layers(backend="aot_eager")
+    shorter = {k: (v[:, :9] if v.dim() == 2 else v) for k, v in batch.items()}  # (B, 9)
+    for inputs in (batch, shorter):
+        eager_out, eager_grads = _loss_and_grads(model, inputs)
+        out, grads = _loss_and_grads(compiled, inputs)
+        got, want = _outputs(name, out, inputs), _outputs(name, eager_out, inputs)
+        assert got.keys() == want.keys()
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)
+        assert grads.keys() == eager_grads.keys()
+        for key in eager_grads:
+            torch.testing.assert_close(grads[key], eager_grads[key], atol=1e-5, rtol=1e-5,
+                                       msg=key)
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert not counters["graph_break"]
+
+
 def test_static_mlm_gather_decodes_the_first_k_of_each_row():
     """max_predictions=K keeps Google's fixed K per row: a row with more masked tokens has
     its first K predicted (the collate never masks more than K); loss per decoded token."""
@@ -156,13 +190,21 @@ def test_static_mlm_gather_decodes_the_first_k_of_each_row():
 
 
 @pytest.mark.slow
-def test_inductor_pretraining_step_equals_eager():
-    """The real compiler (inductor, C++ kernels on CPU): loss and gradients within 1e-5."""
+@pytest.mark.parametrize("way", ["model", "layers"])
+def test_inductor_pretraining_step_equals_eager(way):
+    """The real compiler (inductor, C++ kernels on CPU), the whole model (static shapes)
+    and the layers (compile_layers): loss and gradients within 1e-5."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model, batch = _case("pretraining")
     eager_out, eager_grads = _loss_and_grads(model, batch)
-    out, grads = _loss_and_grads(model, batch, torch.compile(model, fullgraph=True))
+    if way == "model":
+        run = torch.compile(model, fullgraph=True)
+    else:
+        run = copy.deepcopy(model)
+        run.compile_layers(options={"fallback_random": True})  # as --compile on a CPU
+    out, grads = (_loss_and_grads(model, batch, run) if way == "model"
+                  else _loss_and_grads(run, batch))
     got, want = _outputs("pretraining", out, batch), _outputs("pretraining", eager_out, batch)
     for key in got:
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5, msg=key)

@@ -15,7 +15,7 @@ from workflows.cli import VERBS, verb_module
 ROOT = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--(?:\[no-\])?([a-z][a-z0-9-]*)")
 # Flags of other programs that the docs quote (pip, pytest, ray, mlflow, curl, ssh, ...).
-OTHER_TOOLS = {"variants", "world", "sizes", "quick",  # bench/ scripts' own options
+OTHER_TOOLS = {"variants", "world", "sizes", "quick", "min-len",  # bench/ scripts' own options
                "help", "version", "upgrade", "extra-index-url", "index-url", "find-links",
                "durations", "dist", "head", "block", "address", "node-ip-address",
                "port", "num-cpus", "num-gpus", "dashboard-host", "dashboard-port",

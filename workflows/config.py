@@ -64,8 +64,10 @@ class LoopSettings:
         "auto", help="autocast precision; auto: bf16 on GPUs that support it, else fp32 "
                      "(CPUs); fp16 uses a gradient scaler. Matmuls in fp32 use TF32 on GPUs")
     compile: bool = field(
-        False, help="torch.compile the model's forward and loss (one graph, shapes that do "
-                    "not depend on the data: no unpadding); off until measured on your GPU")
+        False, help="torch.compile the model: on a GPU its forward and loss as one graph "
+                    "(shapes that do not depend on the data: no unpadding, no host sync); on "
+                    "a CPU the embeddings and encoder layers, unpadded as in eager mode. Off "
+                    "until measured on your GPU")
     max_nonfinite_steps: int = field(
         50, help="fp16: stop with an error after this many optimizer steps in a row whose "
                  "loss is not finite (the scaler skips them; 0: never stop)")

@@ -61,8 +61,8 @@ from workflows.run_folder import RunFolder
 from workflows.training.contracts import (PLACEMENT_GROUP_KEY, RunTracking, TrainingError,
                                           TrainTask)
 from workflows.training.rows import ORDER_VERSION, BatchPlan, RankReader, list_parts, rank_streams
-from workflows.training.step import (MetricWindow, StepRunner, count_tokens, host_values, mfu,
-                                     to_device)
+from workflows.training.step import (MetricWindow, StepRunner, compile_model, count_tokens,
+                                     host_values, mfu, to_device)
 
 Batch = dict[str, torch.Tensor]
 EVAL_EPOCH = 1_000_003  # the `epoch` of validation masks, apart from any training epoch
@@ -87,8 +87,8 @@ def worker_loop(config: dict[str, Any]) -> None:
                  f"the checkpoint resumed by worker {rank}")
     model = ray.train.torch.prepare_model(start.model)
     raw_model = getattr(model, "module", model)
-    if loop.compile:  # in place: parameter names (checkpoints) stay; DDP calls it
-        raw_model.compile(fullgraph=True)
+    if loop.compile:
+        compile_model(raw_model, device)
     accum, divisor = rank_accumulation(loop, plan, rank, world)
     runner = StepRunner(model, loop, device, raw_model=raw_model, accum=accum,
                         loss_divisor=divisor, world=world)

@@ -56,6 +56,34 @@ def use_tf32(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def compile_model(model: nn.Module, device: torch.device, mode: str | None = None) -> str:
+    """`--compile`, in place (parameter names, so checkpoints, unchanged; DDP calls the
+    compiled forward). Returns what was compiled: `mode`, by default `compile_mode(device)`.
+
+    "model" (CUDA): the whole model, one graph with static shapes (no unpadding, pads
+    masked in SDPA): no host sync in the step, shapes a CUDA graph can replay; not
+    measured on a GPU yet. "layers" (CPUs): the embeddings and encoder layers only
+    (`compile_layers`), the eager unpadding around them. On a CPU a host sync costs
+    nothing and the linear layers are the time, so running pads through them lost more
+    than compiling gains (`mini`, lengths 32..128: the whole model 0.63x eager's
+    tokens/s, the layers 0.99x; bench/model_throughput.py --compile, docs/benchmarks.md).
+    The layers take dropout's random numbers from aten (`fallback_random`): inductor's own
+    generator made the compiled layers 0.88x eager, most of it the attention dropout over
+    (B, heads, T, T).
+    """
+    mode = mode or compile_mode(device)
+    if mode == "model":
+        model.compile(fullgraph=True)
+    else:
+        model.compile_layers(options={"fallback_random": True})  # type: ignore[operator]
+    return mode
+
+
+def compile_mode(device: torch.device) -> str:
+    """What `compile_model` compiles on `device`: "model" on CUDA, "layers" elsewhere."""
+    return "model" if device.type == "cuda" else "layers"
+
+
 class DeviceBatch(dict):
     """A collated batch on its device, with counts taken from its CPU copy (reading them
     from the device copy would make the host wait for the GPU)."""
