@@ -216,7 +216,8 @@ def test_no_host_sync_between_log_steps(optimizer, compiled_mlm):
 
 def test_eager_bert_core_syncs_and_the_counter_sees_it():
     """The eager model unpads (a data-dependent shape: a read of the mask), which is why
-    the no-sync guarantee is for --compile."""
+    the no-sync guarantee is for the whole-model compile (what --compile runs on CUDA; on
+    CPUs it compiles the layers and keeps this unpadding, where a sync costs nothing)."""
     t = task("mlm")
     model = t.build_model()
     batch = _collated(t, 1)[0]
