@@ -2,8 +2,11 @@
 `bertflow embed` against `SentenceTransformer(folder).encode`, and `bertflow predict`
 against a transformers `pipeline("text-classification")`.
 
-Each side is one fresh process timed from start to exit (imports, Ray's start, model
-load, reading the CSV, inference, writing the output), as a user would run it. The
+Each side is one fresh process timed from start to exit (imports, model load, reading
+the CSV, inference, writing the output; Ray's start on the Ray engine), as a user would
+run it: bertflow with its defaults, which on one machine is the local engine (no Ray);
+--ray-engine adds `--engine ray` (a Ray Data actor pool, what a cluster runs) as a
+third side. The
 embedder is the real MiniLM (sentence-transformers folder: mean pooling, normalised);
 the classifier is MiniLM with a seeded random 2-label head, written as a bertflow model
 folder, which also loads in transformers. Rounds run in ABBA order (a steady drift of the
@@ -12,7 +15,7 @@ reference / bertflow (goal >= 1.0: bertflow at least as fast), with the load ave
 before and after (the machine may be shared: ratios under load are noisy). The outputs
 are checked against each other: embeddings within 1e-4, the same labels.
 
-    python bench/embed_throughput.py [--texts 6000] [--rounds 2]
+    python bench/embed_throughput.py [--texts 6000] [--rounds 2] [--ray-engine]
 """
 
 from __future__ import annotations
@@ -98,7 +101,10 @@ def main() -> None:
     parser.add_argument("--only", choices=["embed", "predict"], default=None)
     parser.add_argument("--before", action="store_true",
                         help="also run bertflow with the settings it had before issue 28 "
-                             "(one CPU and torch thread per actor, 64-row batches)")
+                             "(the Ray engine, one CPU and torch thread per actor, "
+                             "64-row batches)")
+    parser.add_argument("--ray-engine", action="store_true",
+                        help="also run bertflow on its Ray Data engine (--engine ray)")
     args = parser.parse_args()
     load_before = os.getloadavg()
 
@@ -122,9 +128,9 @@ def main() -> None:
                     [py, "-c", PIPELINE_SCRIPT, str(clf), str(texts), str(work / "hf.csv")],
                     "transformers pipeline"),
     }
-    before = ["--num-cpus", "1", "--batch-size", "64", "--micro-batch", "32"]
+    before = ["--engine", "ray", "--num-cpus", "1", "--batch-size", "64", "--micro-batch", "32"]
     times: dict[str, dict[str, list[float]]] = {k: {"bertflow": [], "reference": [],
-                                                    "before": []} for k in pairs}
+                                                    "before": [], "ray": []} for k in pairs}
     for r in range(args.rounds):
         for verb, (ours, ref, _) in pairs.items():
             if args.only and verb != args.only:
@@ -132,6 +138,8 @@ def main() -> None:
             order = [("bertflow", ours), ("reference", ref)]
             if args.before:
                 order.insert(1, ("before", [*ours, *before]))
+            if args.ray_engine:
+                order.insert(1, ("ray", [*ours, "--engine", "ray"]))
             for side, cmd in order if r % 2 == 0 else order[::-1]:
                 t = timed(cmd, log)
                 times[verb][side].append(t)
@@ -149,6 +157,9 @@ def main() -> None:
             old = statistics.median(times[verb]["before"])
             print(f"  before issue 28 (1 CPU per actor, 64-row batches): {old:7.1f} s, "
                   f"ratio {ref / old:.2f}x")
+        if times[verb]["ray"]:
+            on_ray = statistics.median(times[verb]["ray"])
+            print(f"  on the Ray engine (--engine ray): {on_ray:7.1f} s, ratio {ref / on_ray:.2f}x")
     check_outputs(work, args.only)
     print(f"(outputs and log in {work})")
 

@@ -61,6 +61,29 @@ def tiny_hf_bert(dest: Path, vocab_from: Path) -> Path:
     return dest
 
 
+# Labels of the tiny task folders (`tiny_task_folder`).
+TASK_LABELS = {"seq-cls": ["neg", "pos"], "pair-cls": ["no", "yes", "maybe"],
+               "token-cls": ["O", "B-PER", "I-PER"]}
+
+
+def tiny_task_folder(dest: Path, task: str, vocab_from: Path, seed: int = 0) -> Path:
+    """A one-layer tiny model folder of `task` (random weights from `seed`), MiniLM's
+    vocabulary, max_seq_len 64: what `bertflow finetune` writes, in a second."""
+    import torch
+
+    from bert_core.config import BertConfig
+    from workflows.model_folder import TASK_HEADS, save_model_folder
+
+    torch.manual_seed(seed)
+    labels = TASK_LABELS.get(task, [])
+    extra = ({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+              "label2id": {name: i for i, name in enumerate(labels)}} if labels else {})
+    model = TASK_HEADS[task](BertConfig.preset("tiny", vocab_size=30522,
+                                               num_hidden_layers=1, **extra))
+    meta = {"task": task, "max_seq_len": 64, **({"labels": labels} if labels else {})}
+    return save_model_folder(model, dest, vocab_from, meta)
+
+
 # ---------------------------------------------------------------- tiny pretraining
 
 VOCAB = 60

@@ -12,17 +12,16 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.helpers import TASK_LABELS as LABELS
+from tests.helpers import tiny_task_folder
 from workflows.config import ServeConfig
 from workflows.serving.serve import (HTTPError, RequestLimits, ServeError, check_rows,
                                      check_token, parse_inputs, serve_token)
 
-LABELS = {"seq-cls": ["neg", "pos"], "pair-cls": ["no", "yes", "maybe"],
-          "token-cls": ["O", "B-PER", "I-PER"]}
 TOKEN = "s3cret-token"
 ROWS = {
     "seq-cls": [{"text": "a fine film"}, {"text": "dull " * 80}, {"text": "ok"}],
@@ -32,24 +31,6 @@ ROWS = {
     "qa": [{"question": "where does Anna live?", "context": "Anna lives in Oslo. " * 30},
            {"question": "who?", "context": "Nobody knows."}],
 }
-
-
-def tiny_task_folder(dest: Path, task: str, vocab_from: Path, seed: int = 0) -> Path:
-    """A one-layer tiny model folder of `task` (random weights from `seed`), MiniLM's
-    vocabulary, max_seq_len 64: what `bertflow finetune` writes, in a second."""
-    import torch
-
-    from bert_core.config import BertConfig
-    from workflows.model_folder import TASK_HEADS, save_model_folder
-
-    torch.manual_seed(seed)
-    labels = LABELS.get(task, [])
-    extra = ({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-              "label2id": {name: i for i, name in enumerate(labels)}} if labels else {})
-    model = TASK_HEADS[task](BertConfig.preset("tiny", vocab_size=30522,
-                                               num_hidden_layers=1, **extra))
-    meta = {"task": task, "max_seq_len": 64, **({"labels": labels} if labels else {})}
-    return save_model_folder(model, dest, vocab_from, meta)
 
 
 def call(url: str, body: object = None, *, raw: bytes | None = None, token: str = TOKEN,

@@ -577,8 +577,8 @@ class AdaptConfig:
 
 @dataclass(kw_only=True)
 class FileInference:
-    """What `bertflow predict` and `bertflow embed` share: a model run over a file by a
-    pool of Ray actors."""
+    """What `bertflow predict` and `bertflow embed` share: a model run over a file, in this
+    process or by a pool of Ray actors (`engine`)."""
 
     model: str = field("", help="models:/NAME@ALIAS, models:/NAME/VERSION, a checkpoint or a "
                                 "model folder")
@@ -600,6 +600,11 @@ class FileInference:
     use_gpu: bool = field(False, help="one GPU per replica")
     address: str | None = field(None, help="Ray cluster address; default: a private local Ray")
     tracking_uri: str | None = field(None, help="MLflow tracking URI for models:/ references")
+    engine: Literal["auto", "local", "ray"] = field(
+        "auto", help="where the model runs: local (in this process, no Ray: one machine, one "
+                     "replica), ray (a Ray Data actor pool: a cluster, several replicas, a "
+                     "GPU each); auto: local unless --address is given, --concurrency is "
+                     "above 1 or Ray already runs in this process. Both write the same bytes")
 
     def __post_init__(self) -> None:
         for name in ("model", "input", "output"):
