@@ -24,16 +24,20 @@ help:
 
 setup: $(STAMP)
 
-# uv installs the same pinned set (downloads in parallel, no pip self-upgrade) when it is
-# on the PATH; `make UV= setup` forces pip. pip's find-links (a local wheel folder, e.g. the
-# CPU torch build) reach uv too; pip.conf's other settings do not.
+# uv installs the same pinned set, downloading in parallel: the one on the PATH, else one
+# pip puts in the venv first (a second or two); `make UV=pip setup` keeps to pip alone.
+# pip's find-links (a local wheel folder, e.g. the CPU torch build) reach uv too;
+# pip.conf's other settings do not. Should uv fail, pip installs the same set.
 UV ?= $(shell command -v uv 2>/dev/null)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	if [ -n "$(UV)" ]; then \
-	  $(UV) pip install -q --python $(PY) -c constraints.txt \
-	    $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} -e ".[dev]"; \
+	uv="$(UV)"; \
+	if [ -z "$$uv" ] && $(PY) -m pip install -q -c constraints.txt uv 2>/dev/null; then \
+	  uv=$(VENV)/bin/uv; fi; \
+	if [ "$$uv" != pip ] && [ -n "$$uv" ] && $$uv pip install -q --python $(PY) \
+	    -c constraints.txt $${PIP_FIND_LINKS:+--find-links $$PIP_FIND_LINKS} -e ".[dev]"; then \
+	  :; \
 	else \
 	  $(PY) -m pip install -q --upgrade pip && \
 	  $(PY) -m pip install -q -c constraints.txt -e ".[dev]"; \

@@ -251,6 +251,36 @@ class RayHead:
     log: Path
 
 
+def wait_for_trial_kill_point(trial_dirs, proc: subprocess.Popen, log: Path,
+                              timeout_s: float = 480) -> tuple[Path, Path]:
+    """(finished run folder, unfinished run folder) of a sweep or eval driver `proc` once
+    one trial has finished and another has saved a checkpoint: the moment to SIGKILL the
+    driver in a resume test. `trial_dirs()` lists the trials' run folders."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the driver ended early:\n{log.read_text()[-3000:]}"
+        runs = sorted(trial_dirs())
+        done = [r for r in runs if (r / "bertflow_result.json").is_file()]
+        started = [r for r in runs if r not in done
+                   and (r / "checkpoint_manager_snapshot.json").is_file()]
+        if done and started:
+            return done[0], started[0]
+        time.sleep(0.2)
+    raise AssertionError(f"no kill point in {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def kill_driver(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver started with `start_new_session=True`, then its whole session (its
+    local Ray goes with it through Ray's reaper; this makes sure of it)."""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(2)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def forget_ray_auth() -> None:
     """Drop the auth token and mode Ray cached in this process (it keeps both once read):
     after a test talked to a token cluster from this process, a local Ray started later

@@ -2,16 +2,19 @@
 unknown key an error naming it), the scorecard's arithmetic (best grid point by its mean
 over restarts, mean +- std, the restart-noise rule, the JSON printed), and, on a real
 local Ray and MLflow store, a two-task suite over MiniLM and a tiny model (scores equal to
-`bertflow finetune` alone with the same seed, the scorecard on the versions, a rerun that
-trains nothing) and `adapt` on a small corpus."""
+`bertflow finetune` alone with the same seed, the scorecard on the versions, a driver
+killed mid-suite and resumed without retraining finished trials) and `adapt` on a small corpus."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+import services
 from bert_core.config_io import ConfigError
 
 
@@ -275,9 +278,30 @@ def test_suite_ranks_minilm_over_a_tiny_model_like_finetune_alone_and_resumes(
     import_hf(minilm_dir, "minilm", uri)
     import_hf(D.write_tiny_base(tmp_path / "tiny", minilm_dir), "tiny", uri)
     suite = _two_task_suite(tmp_path)
-    cfg = EvalConfig(models=["models:/tiny@latest", "models:/minilm@latest"],
-                     suite=str(suite), max_concurrent=2, overrides=rt)
+    models = ["models:/tiny@latest", "models:/minilm@latest"]
+    # `bertflow eval` in a process of its own, SIGKILLed once a trial has finished and
+    # another has checkpointed its first epoch; the same suite run again resumes it.
+    log = tmp_path / "driver.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workflows.cli", "eval", *models, "--suite", str(suite),
+             "--max-concurrent", "2", "--tracking-uri", uri, "--storage-path",
+             rt["storage_path"], "--no-log-system-metrics"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        done_dir, unfinished_dir = services.wait_for_trial_kill_point(
+            lambda: Path(rt["storage_path"]).glob("*/trials/*"), proc, log)
+    finally:
+        services.kill_driver(proc)
+    first_result = (done_dir / "bertflow_result.json").read_text()
+    assert not (unfinished_dir / "bertflow_result.json").exists()
+
+    cfg = EvalConfig(models=models, suite=str(suite), max_concurrent=2, overrides=rt)
     result = run_eval(cfg)
+    assert result.resumed
+    assert (done_dir / "bertflow_result.json").read_text() == first_result  # not retrained
+    continued = json.loads((unfinished_dir / "bertflow_result.json").read_text())
+    assert continued["start_step"] > 0  # from its checkpoint, not from the start
     tiny, minilm = result.scorecards
     assert (tiny.model, minilm.model) == ("models:/tiny/1", "models:/minilm/1")  # pinned
     assert minilm.average > tiny.average  # the real pretrained BERT ranks first
@@ -307,7 +331,7 @@ def test_suite_ranks_minilm_over_a_tiny_model_like_finetune_alone_and_resumes(
     assert [d.task for d in diffs] == ["reviews", "pairs"] and diffs[0].diff > 0
     assert all(d.beyond_noise is None for d in diffs)  # one restart: the noise is unknown
 
-    # The same command again (as after its driver was killed): nothing is trained again.
+    # The same command once more: nothing is trained again.
     again = run_eval(cfg)
     assert again.resumed and again.name == result.name
     assert [c.to_json() for c in again.scorecards] == [c.to_json() for c in result.scorecards]

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import pytest
 
 import finetune_data as D
+import services
 from bert_core.config_io import ConfigError
 
 
@@ -202,23 +201,6 @@ def test_asha_stops_the_poor_lr_early_and_the_best_mean_is_registered(
     assert f"lr-sweep  (run {result.run_id})" in render_model(info)
 
 
-def _wait_for_kill_point(trials_dir: Path, proc: subprocess.Popen, log: Path,
-                         timeout_s: float = 480) -> tuple[Path, Path]:
-    """(finished run folder, unfinished run folder) once one trial has finished and the
-    next has saved its first epoch checkpoint."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the sweep ended early:\n{log.read_text()[-3000:]}"
-        runs = sorted(trials_dir.glob("*")) if trials_dir.is_dir() else []
-        done = [r for r in runs if (r / "bertflow_result.json").is_file()]
-        started = [r for r in runs if r not in done
-                   and (r / "checkpoint_manager_snapshot.json").is_file()]
-        if done and started:
-            return done[0], started[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no kill point in {timeout_s} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.mark.ray
 def test_a_trial_that_ended_before_its_driver_died_gives_optuna_its_result(tmp_path,
                                                                            ray_local):
@@ -277,17 +259,12 @@ def test_optuna_sweep_resumes_after_its_driver_is_killed(tmp_path, sweep_data, m
     with log.open("wb") as out:  # its own session: the test can clean up all it started
         proc = subprocess.Popen([sys.executable, "-m", "workflows.cli", "sweep", *args],
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    trials = Path(cfg.loop.storage_path) / "resumed" / "trials"
     try:
-        done_dir, unfinished_dir = _wait_for_kill_point(
-            Path(cfg.loop.storage_path) / "resumed" / "trials", proc, log)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        done_dir, unfinished_dir = services.wait_for_trial_kill_point(
+            lambda: trials.glob("*") if trials.is_dir() else [], proc, log)
     finally:
-        try:  # the driver's local Ray goes with it (its reaper); make sure of it
-            time.sleep(2)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        services.kill_driver(proc)
     first_result = (done_dir / "bertflow_result.json").read_text()
     assert not (unfinished_dir / "bertflow_result.json").exists()
 
