@@ -14,10 +14,12 @@ Speed without changing the maths (parity tests against transformers prove it):
   `nonzero`, a device->host sync and a graph break), so it runs every token of the padded
   batch with SDPA's key mask (N = B*T): one graph, no host sync, what a GPU wants. Or
   the layers only (`compile_layers`, regional compilation): the unpadding stays eager and
-  the embeddings and layers compile with a dynamic N, so pads never reach a linear layer.
+  the embeddings, layers (and MLM loss) compile with a dynamic N, so pads never reach a
+  linear layer.
   On CPUs, where a sync costs nothing and the GEMMs are the time, pads are what decide:
   the whole model trained `mini` at 0.63x eager's tokens/s (lengths 32..128, about 40%
-  pads), the layers at 0.99x (bench/model_throughput.py --compile, docs/benchmarks.md).
+  pads), the layers 0.98-0.99x, the layers and the MLM loss 1.03x (`base`: layers 1.02x;
+  bench/model_throughput.py --compile, docs/benchmarks.md).
 Outputs at pad positions are zero (transformers leaves meaningless numbers there); mask them.
 """
 
@@ -243,9 +245,12 @@ class BertPreTrainedModel(nn.Module):
         packed real tokens (N, H) as eager mode does. The layers are one class and share
         one compiled graph: a single compile (forward and backward) serves every layer
         and every batch shape; a batch without pads and eval mode compile once more each.
-        `compile_kwargs` go to torch.compile (`backend=`, `options=`)."""
+        The masked-LM loss of the MLM heads (`MaskedLMLoss`, over the M decoded tokens)
+        compiles the same way. `compile_kwargs` go to torch.compile (`backend=`,
+        `options=`)."""
         encoder = self.encoder
-        for module in (encoder.embeddings, *encoder.layers):
+        loss = getattr(self, "mlm_loss", None)
+        for module in (encoder.embeddings, *encoder.layers, *([loss] if loss else [])):
             module.compile(fullgraph=True, dynamic=True, **compile_kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

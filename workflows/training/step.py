@@ -63,10 +63,11 @@ def compile_model(model: nn.Module, device: torch.device, mode: str | None = Non
     "model" (CUDA): the whole model, one graph with static shapes (no unpadding, pads
     masked in SDPA): no host sync in the step, shapes a CUDA graph can replay; not
     measured on a GPU yet. "layers" (CPUs): the embeddings and encoder layers only
-    (`compile_layers`), the eager unpadding around them. On a CPU a host sync costs
+    and the masked-LM loss (`compile_layers`), the eager unpadding around them. On a CPU a host sync costs
     nothing and the linear layers are the time, so running pads through them lost more
     than compiling gains (`mini`, lengths 32..128: the whole model 0.63x eager's
-    tokens/s, the layers 0.99x; bench/model_throughput.py --compile, docs/benchmarks.md).
+    tokens/s, the layers 0.98-0.99x, with the masked-LM loss compiled too 1.03x;
+    bench/model_throughput.py --compile, docs/benchmarks.md).
     The layers take dropout's random numbers from aten (`fallback_random`): inductor's own
     generator made the compiled layers 0.88x eager, most of it the attention dropout over
     (B, heads, T, T).
