@@ -90,6 +90,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
 _UNIT_MAX_CHARS = 16 << 20  # a unit also closes at this much text (bounded memory)
+_TOKENIZE_THREADS = 3  # driver threads calling the tokenizer (each unit's text held)
 
 
 def mark_stage(name: str) -> None:
@@ -154,18 +155,19 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
 
     Without `tokenizer` a unit is a Parquet file of its documents' text, for the Ray
     tokenize pass. With one, this process tokenizes each unit as it closes (pass 1 here:
-    the tokenizer's own Rust threads on every core, on two threads of this process, so
-    that one's Python work on its result, under the GIL, overlaps the other's Rust work,
-    while the next unit is read) and the unit carries its `tokenized` result; at most
-    three units of text are held. `cancelled` stops the reading early (the caller failed
-    elsewhere)."""
+    the tokenizer's own Rust threads on every core, called from three threads of this
+    process, so that their Python work on each result, under the GIL, overlaps the
+    others' Rust work, while the next unit is read) and the unit carries its `tokenized`
+    result; at most four units of text are held. `cancelled` stops the reading early
+    (the caller failed elsewhere)."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
-    with ThreadPoolExecutor(2, thread_name_prefix="bertflow-tokenize") as tokenizing:
+    with ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize") \
+            as tokenizing:
 
         def settle(keep: int) -> None:
             while len(pending) > keep:
@@ -189,7 +191,7 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
                                    loc)
                     unit["path"] = loc.uri
                 else:
-                    settle(1)
+                    settle(_TOKENIZE_THREADS - 1)
                     pending.append((unit, tokenizing.submit(
                         tokenize_documents, docs, unit["index"], tokenizer, staging)))
                 units.append(unit)
@@ -450,8 +452,8 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     """Run one pass over `items` as Ray tasks, at most `tokenize_workers` (default: one
     per CPU of the cluster) at a time; results come back in item order.
 
-    Plain tasks with the driver keeping exactly that many in flight (a new one as each
-    ends), not a Ray Data pipeline: with Ray Data's task pool the instance pass kept 1.07
+    Plain tasks with the driver keeping that many running (a new one as each ends), not
+    a Ray Data pipeline: with Ray Data's task pool the instance pass kept 1.07
     of 2 cores busy (bench/prep_throughput.py), and its executor cost the driver CPU of
     its own. Ray reuses the worker processes, so each loads its state once
     (`_worker_state`). The tasks see the driver's store credentials: from the job's
@@ -470,15 +472,18 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
         mark_stage("ray start")
     ray = init_ray(config.address)
     mark_stage(step)
-    workers, submit = _pass_tasks(ray, config, len(items), step, tokenizer_dir, out_dir,
-                                  staging)
+    workers, submit, capped = _pass_tasks(ray, config, len(items), step, tokenizer_dir,
+                                          out_dir, staging)
+    # when the tasks' CPU requests already let no more than `workers` run, one more
+    # waits queued, so that no worker waits on this driver between two tasks
+    in_flight = workers + 1 if capped else workers
     results: list[dict[str, Any] | None] = [None] * len(items)
     running: dict[Any, int] = {}
     started = time.perf_counter()
     with tqdm(total=len(items), desc=f"prep {step}", unit="task", mininterval=2.0) as bar:
         try:
             for k, item in enumerate(items):
-                if len(running) == workers:
+                if len(running) == in_flight:
                     _collect(ray, running, results, bar)
                 running[submit(item)] = k
             while running:
@@ -499,24 +504,27 @@ def warm_workers(ray: Any, config: PrepConfig, tokenizer_dir: str, out_dir: str,
     """Have the worker processes of the passes to come import prep and load the
     tokenizer now (one task each, not waited for): on a driver that tokenizes, the
     cores still have room for it, and the instance pass then starts at full speed."""
-    workers, submit = _pass_tasks(ray, config, 1 << 30, "warm", tokenizer_dir, out_dir,
-                                  staging)
+    workers, submit, _ = _pass_tasks(ray, config, 1 << 30, "warm", tokenizer_dir, out_dir,
+                                     staging)
     for _ in range(workers):
         submit({})
 
 
 def _pass_tasks(ray: Any, config: PrepConfig, n_items: int, step: str, tokenizer_dir: str,
-                out_dir: str, staging: str) -> tuple[int, Any]:
-    """(tasks at once, a function that submits one item of `step` as a Ray task): at
-    most `tokenize_workers` or one per CPU of the cluster, never more than the items;
-    each task asks for its share of the CPUs, at most one (it is one Python thread)."""
+                out_dir: str, staging: str) -> tuple[int, Any, bool]:
+    """(tasks at once, a function that submits one item of `step` as a Ray task, whether
+    the tasks' CPU requests alone keep Ray from running more at once): at most
+    `tokenize_workers` or one per CPU of the cluster, never more than the items; each
+    task asks for its share of the CPUs, at most one (it is one Python thread)."""
     from data_prep.ray_env import env_for_tasks
 
     total_cpus = float(ray.cluster_resources().get("CPU", 1))
     workers = min(config.tokenize_workers or max(1, int(total_cpus)), n_items)
-    remote = ray.remote(run_pass).options(num_cpus=min(1.0, max(0.1, total_cpus / workers)))
+    cpus = min(1.0, max(0.1, total_cpus / workers))
+    remote = ray.remote(run_pass).options(num_cpus=cpus)
     shared = (tokenizer_dir, to_dict(config), out_dir, staging, env_for_tasks())
-    return workers, lambda item: remote.remote(step, item, *shared)
+    capped = (workers + 1) * cpus > total_cpus + 1e-6
+    return workers, lambda item: remote.remote(step, item, *shared), capped
 
 
 def _collect(ray: Any, running: dict[Any, int], results: list[Any], bar: Any) -> None:
