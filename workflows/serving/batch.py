@@ -375,15 +375,25 @@ def embed_file(cfg: EmbedConfig) -> dict[str, Any]:
             "engine": engine.name, "skipped": skipped}
 
 
-def write_embeddings(frames: Any, out: str | Path) -> tuple[int, int]:
+def write_embeddings(frames: Any, out: str | Path, row_group: int = 65_536) -> tuple[int, int]:
     """Stream DataFrames with an `embedding` column into one Parquet file (a path or a
-    URI) that appears only when complete; returns (rows, dimension)."""
+    URI) that appears only when complete; returns (rows, dimension). Row groups hold
+    `row_group` rows whatever the frames' sizes (Ray Data merges or splits its blocks as
+    it likes), so the file's bytes depend on the rows only."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from workflows.transfer import staged_output
 
-    rows, dim, writer = 0, 0, None
+    rows, dim, writer, pending = 0, 0, None, []
+
+    def flush(final: bool) -> list:
+        table = pa.concat_tables(pending).combine_chunks()
+        full = len(table) if final else len(table) // row_group * row_group
+        for start in range(0, full, row_group):
+            writer.write_table(table.slice(start, min(row_group, full - start)))
+        return [table.slice(full)] if full < len(table) else []
+
     with staged_output(out) as tmp:
         try:
             for df in frames:
@@ -396,8 +406,12 @@ def write_embeddings(frames: Any, out: str | Path) -> tuple[int, int]:
                     "embedding", float32_lists(vecs, dim)).replace_schema_metadata(None)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table.cast(writer.schema))
+                pending.append(table.cast(writer.schema))
                 rows += len(df)
+                if sum(map(len, pending)) >= row_group:
+                    pending = flush(final=False)
+            if pending:
+                flush(final=True)
         finally:
             if writer is not None:
                 writer.close()
