@@ -31,6 +31,7 @@ LONG_FILES_FIRST = (*CLUSTER_FILES,
                     "test_finetune_workers.py", "test_engine.py", "test_serve.py",  # 116, 109, 100
                     "test_prep_pipeline.py", "test_bert_core_compile.py",  # 59, 54
                     "test_async_checkpoint.py", "test_storage_uris.py",  # 49, 35
+                    "test_batch_engines.py",  # 28
                     "test_workflows_layout.py", "test_cluster_config.py")  # 30, 26
 
 

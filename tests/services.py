@@ -270,11 +270,11 @@ def wait_for_trial_kill_point(trial_dirs, proc: subprocess.Popen, log: Path,
 
 
 def kill_driver(proc: subprocess.Popen) -> None:
-    """SIGKILL a driver started with `start_new_session=True`, then its whole session (its
-    local Ray goes with it through Ray's reaper; this makes sure of it)."""
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    time.sleep(2)
+    """SIGKILL a driver started with `start_new_session=True` together with its local Ray
+    (`kill_tree`), then what is left of its session. Killing the driver alone left its
+    Ray's Train workers running long enough to finish the trial being resumed, so the
+    resumed run found it done instead of continuing it from its checkpoint."""
+    kill_tree(proc)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:

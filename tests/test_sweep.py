@@ -216,9 +216,12 @@ def test_a_trial_that_ended_before_its_driver_died_gives_optuna_its_result(tmp_p
     done = TrainResult(run_name="t", run_dir=tmp_path, checkpoint_dir=tmp_path,
                        model_dir=tmp_path, step=24,
                        metrics={"val_accuracy": 0.75, "val_loss": 0.5, "rank": "0"})
+    def trainable(config):  # as train_trial: before any Train callback (and its queue)
+        report_finished_trial(done)
+
     quiet_tune_console()
     grid = tune.Tuner(
-        tune.with_resources(lambda config: report_finished_trial(done), {"cpu": 0.25}),
+        tune.with_resources(trainable, {"cpu": 0.25}),
         param_space={"lr": tune.loguniform(1e-4, 3e-4)},
         tune_config=tune.TuneConfig(metric="val_accuracy", mode="max",
                                     search_alg=OptunaSearch(), num_samples=1),

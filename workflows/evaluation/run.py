@@ -80,7 +80,7 @@ def eval_trainable(config: dict[str, Any], plan: EvalPlan) -> None:
     job = config["trial"]
     run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
     train_trial(plan.plans[job["job"]], dict(job["point"]), int(job["seed"]), run_name,
-                callbacks=trial_callbacks())
+                callbacks=trial_callbacks)
 
 
 def _model_label(pin: Any) -> str:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,9 +86,10 @@ def trial_params(config: dict[str, Any]) -> tuple[dict[str, Any], int]:
 
 
 def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str,
-                callbacks: list[Any] | None = None) -> Any:
+                callbacks: Callable[[], list[Any]] | None = None) -> Any:
     """One trial: a fine-tuning run of `point` with `seed` as an MLflow child run of the
-    sweep; returns the engine's TrainResult (an earlier attempt's if it had finished)."""
+    sweep; returns the engine's TrainResult (an earlier attempt's if it had finished).
+    `callbacks` makes the Ray Train callbacks (`trial_callbacks`) when the trial trains."""
     from workflows import tracking as T
     from workflows.training.engine import run_folder, run_training
     from workflows.training.finetune import run_params
@@ -108,7 +110,7 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
         params={**run_params(cfg, prep, loop, steps_per_epoch),
                 **{f"sweep.{k}": v for k, v in point.items()}, "sweep.seed": seed})
     return run_training(prep.task_for(cfg), loop, datasets=prep.ray_datasets(cfg.address),
-                        run=run, callbacks=callbacks,
+                        run=run, callbacks=callbacks() if callbacks else None,
                         tracking=RunTracking(prep.uri, None, False, opening=opening))
 
 
@@ -121,6 +123,8 @@ def report_finished_trial(done: Any) -> None:
     trial that returned without reporting does not give them."""
     from ray import tune
 
+    # From the trial's own thread: `train_trial` makes the Train callbacks only after this
+    # check, as a session that has their report queue never passed such a report to Tune.
     tune.report({**{k: v for k, v in done.metrics.items()
                     if isinstance(v, (int, float)) and not isinstance(v, bool)},
                  "step": done.step})
@@ -132,7 +136,7 @@ def sweep_trainable(config: dict[str, Any], plan: SweepPlan) -> None:
 
     point, seed = trial_params(config)
     run_name = f"{plan.name}-{tune.get_context().get_trial_id()}"
-    train_trial(plan, point, seed, run_name, callbacks=trial_callbacks())
+    train_trial(plan, point, seed, run_name, callbacks=trial_callbacks)
 
 
 _REPORT_QUEUE: list[Any] = []  # this trial actor's queue actor, once it has one
