@@ -1,4 +1,5 @@
-"""Task datasets on Ray Data: Parquet + manifest, every record accounted for, reruns reuse."""
+"""Task datasets: Parquet + manifest, every record accounted for, reruns reuse; the same
+bytes tokenized in process or on Ray Data."""
 
 from __future__ import annotations
 
@@ -52,3 +53,41 @@ def test_eval_labels_unknown_to_training_are_skipped_and_empty_input_is_an_error
     with pytest.raises(TaskDataError, match=r"empty.csv: no usable seq-cls records \(1 skipped"):
         build_task_dataset(empty, TaskFeatures("seq-cls", 32), minilm_dir, tmp_path / "out",
                            split="train")
+
+
+def test_small_files_are_tokenized_in_process_into_the_ray_data_bytes(
+        tmp_path, minilm_dir, ray_local, monkeypatch):
+    """Files of up to LOCAL_FEATURIZE_MAX_RECORDS records skip Ray Data: the same rows in
+    the same order, so the very same Parquet bytes, for every kind of task (QA with
+    several windows per long context, regression scores)."""
+    import data_prep.tasks.pipeline as P
+
+    on_ray_data, small = P.map_with_actor_pool, P.LOCAL_FEATURIZE_MAX_RECORDS
+
+    def no_ray_data(*args, **kwargs):
+        raise AssertionError("a small file went to Ray Data")
+
+    files = {"seq-cls": ("s.csv", lambda p: D.write_sentiment(p, 600, seed=2)),
+             "pair-cls": ("p.jsonl", lambda p: D.write_pairs(p, 300, seed=3)),
+             "regression": ("r.jsonl", lambda p: D.write_scores(p, 300, seed=4)),
+             "token-cls": ("t.conll", lambda p: D.write_conll(p, 300, seed=5)),
+             "qa": ("q.json", lambda p: D.write_squad(p, 40, seed=6, v2=True))}
+    for task, (name, write) in files.items():
+        src = tmp_path / name
+        write(src)
+        spec = TaskFeatures(task, max_seq_len=48, doc_stride=16, max_query_len=16)
+        built = {}
+        for engine, limit, pool in (("local", small, no_ray_data),
+                                    ("ray", 0, on_ray_data)):
+            monkeypatch.setattr(P, "LOCAL_FEATURIZE_MAX_RECORDS", limit)
+            monkeypatch.setattr(P, "map_with_actor_pool", pool)
+            ds = build_task_dataset(src, spec, minilm_dir, tmp_path / engine, split="train",
+                                    seed=9)
+            assert not ds.reused
+            built[engine] = ds
+        local, ray_data = built["local"], built["ray"]
+        assert local.path.name == ray_data.path.name, task  # same fingerprint
+        assert local.manifest.counts == ray_data.manifest.counts, task
+        (lf,), (rf,) = (sorted(d.parquet_dir.glob("*.parquet")) for d in (local, ray_data))
+        assert pq.read_table(lf).num_rows > (1 if task != "qa" else 40), task
+        assert lf.read_bytes() == rf.read_bytes(), task

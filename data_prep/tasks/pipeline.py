@@ -1,9 +1,12 @@
-"""Tokenized fine-tuning datasets on Ray Data: Parquet + manifest, atomic and idempotent.
+"""Tokenized fine-tuning datasets: Parquet + manifest, atomic and idempotent.
 
 `build_task_dataset` reads one task file on the driver (validation is sequential and
 cheap next to tokenization: every record is either used or skipped with a reason), fixes
-the label ids, then tokenizes the records on Ray Data (a callable class holds the
-tokenizer per worker; the tokenizer travels pickled, so no worker opens a driver path)
+the label ids, then tokenizes the records: in the driver's process for files of up to
+`LOCAL_FEATURIZE_MAX_RECORDS` records (a Ray Data pass costs a worker's start-up and the
+pass's scheduling, seconds next to the milliseconds such a file's tokenizing takes), on
+Ray Data beyond (a callable class holds the tokenizer per worker; the tokenizer travels
+pickled, so no worker opens a driver path). Both write the same rows, in the same order,
 and the driver writes the features as Parquet into a hidden folder renamed into place
 with its manifest (the folder is the driver's cache; training reads it back on the driver
 and hands the rows to Ray through the object store). The folder name carries the fingerprint of (task settings, labels, input
@@ -33,6 +36,12 @@ log = logging.getLogger(__name__)
 TEXT_FIELDS = {"seq-cls": ("text",), "pair-cls": ("text_a", "text_b")}
 # A regression scores one text, or a pair when its columns name a second text (`text_b`).
 REGRESSION_FIELDS = {False: ("text",), True: ("text_a", "text_b")}
+# Files of up to this many records are tokenized in the driver's process (the same
+# Featurizer, batch by batch): a GLUE dev set or a user's few thousand rows takes well
+# under a second there, where a Ray Data pass takes seconds to start. Larger ones go to
+# Ray Data, off the driver's CPU.
+LOCAL_FEATURIZE_MAX_RECORDS = 50_000
+FEATURIZE_BATCH = 256
 
 
 def text_fields(task: str, columns: dict[str, str] | None = None) -> tuple[str, ...]:
@@ -133,14 +142,38 @@ class Featurizer:
         self.label_ids = {name: i for i, name in enumerate(labels)}
 
     def __call__(self, batch: Any) -> Any:
+        return self.table(batch.to_pylist())
+
+    def table(self, records: list[dict]) -> Any:
+        """The feature rows of `records` as a pyarrow table."""
         import pyarrow as pa
 
-        records = batch.to_pylist()
         cols = featurize(records, self.tokenizer, self.spec, self.label_ids)
         list_type = pa.list_(pa.int32())
         return pa.table({k: pa.array(v, type=list_type if v and isinstance(v[0], list)
                                      else pa.float64() if v and isinstance(v[0], float)
                                      else pa.int64()) for k, v in cols.items()})
+
+
+def featurize_tables(items: list[dict], tokenizer: Any, spec: TaskFeatures,
+                     labels: list[str], address: str | None = None,
+                     local: bool | None = None) -> list[Any]:
+    """Feature tables of `items` (`_ray_item` records), in order: in this process when
+    `local` (default: for up to LOCAL_FEATURIZE_MAX_RECORDS items), else on Ray Data."""
+    if local is None:
+        local = len(items) <= LOCAL_FEATURIZE_MAX_RECORDS
+    if local:
+        featurizer = Featurizer(tokenizer, spec, labels)
+        return [featurizer.table(items[i:i + FEATURIZE_BATCH])
+                for i in range(0, len(items), FEATURIZE_BATCH)]
+    from data_prep.ray_env import init_ray
+
+    ray = init_ray(address)
+    # Few blocks: per-row blocks would cost more scheduling than tokenizing.
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
+    ds = map_with_actor_pool(ds, Featurizer, 1, fn_constructor_args=(tokenizer, spec, labels),
+                             batch_format="pyarrow", batch_size=FEATURIZE_BATCH)
+    return list(ray.get(ds.to_arrow_refs()))
 
 
 def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str | Path,
@@ -195,23 +228,16 @@ def build_task_dataset(path: str | Path, spec: TaskFeatures, tokenizer_dir: str 
         return TaskDataset(final, Manifest.load(final), labels, records, report, True)
     log.info("tokenizing %s (%d records) into %s (%s)", path, len(records), final, reason)
 
-    from data_prep.ray_env import init_ray
-
-    ray = init_ray(address)
     order = np.random.default_rng(seed).permutation(len(records))
     items = [_ray_item(records[i]) for i in order]
     with atomic_output_dir(final, force=True) as tmp:
-        # Few blocks: per-row blocks would cost more scheduling than tokenizing.
-        ds = ray.data.from_items(items, override_num_blocks=max(1, min(8, len(items) // 2000)))
-        ds = map_with_actor_pool(ds, Featurizer, 1,
-                                 fn_constructor_args=(tokenizer, spec, labels),
-                                 batch_format="pyarrow", batch_size=256)
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         # Written here, on the driver: a Ray Data write would put the files on whichever
         # node ran the write task.
-        tables = [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        tables = [t for t in featurize_tables(items, tokenizer, spec, labels, address)
+                  if t.num_rows]
         (tmp / "data").mkdir(parents=True, exist_ok=True)
         if tables:
             pq.write_table(pa.concat_tables(tables), tmp / "data" / "part-00000.parquet")
