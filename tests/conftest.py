@@ -164,7 +164,8 @@ def team_mlflow(postgres, s3_server, tmp_path_factory):
     with open(log, "wb") as out:
         proc, url = server.start_server(
             ServerConfig(port=free_ports(1)[0], backend_store_uri=store,
-                         artifacts_destination=f"{bucket}/mlartifacts", auth=True),
+                         artifacts_destination=f"{bucket}/mlartifacts", auth=True,
+                         workers=2),
             timeout_s=300, env=env, stdout=out, stderr=subprocess.STDOUT)
     yield TeamMlflow(url, user, password, bucket, store, log, proc)
     server.stop_server(proc)

@@ -725,7 +725,7 @@ def test_jobs_get_a_user_of_their_own_that_is_not_the_admin(tmp_path, monkeypatc
     with open(tmp_path / "server.log", "wb") as log:
         proc, url = server.start_server(
             ServerConfig(port=free_ports(1)[0], tracking_uri=f"sqlite:///{tmp_path}/mlruns.db",
-                         auth=True), timeout_s=300, env=env, stdout=log,
+                         auth=True, workers=1), timeout_s=300, env=env, stdout=log,
             stderr=subprocess.STDOUT)
     try:
         def as_user(name: str, password: str) -> None:

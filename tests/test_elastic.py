@@ -66,7 +66,7 @@ def _elastic_run(tmp_path: Path) -> None:
     server_log = open(tmp_path / "server.log", "wb")
     tracker, url = server.start_server(  # rank 0 may log from either node: a server
         ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'store' / 'mlruns.db'}",
-                     port=services.free_ports()[0]),
+                     port=services.free_ports()[0], workers=1),
         timeout_s=300, stdout=server_log, stderr=server_log)
     try:
         env = {**services.ray_env(auth),

@@ -121,7 +121,8 @@ def test_the_environment_cannot_widen_the_server(tmp_path, monkeypatch):
     neither port answers."""
     port, extra = free_port(), free_port()
     monkeypatch.setenv("MLFLOW_GUNICORN_OPTS", f"-b 0.0.0.0:{extra}")
-    cfg = ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", port=port)
+    cfg = ServerConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}", port=port,
+                       workers=1)
     try:
         proc, _ = server.start_server(cfg, timeout_s=120, stdout=open(tmp_path / "log", "wb"),
                                       stderr=subprocess.STDOUT)
@@ -154,7 +155,8 @@ def mlflow_server(tmp_path):
     store.mkdir()
     log = open(tmp_path / "server.log", "wb")
     proc, url = server.start_server(
-        ServerConfig(tracking_uri=f"sqlite:///{store / 'mlruns.db'}", port=free_port()),
+        ServerConfig(tracking_uri=f"sqlite:///{store / 'mlruns.db'}", port=free_port(),
+                     workers=1),
         timeout_s=300, stdout=log, stderr=log)
     try:
         yield url, store / "mlartifacts"
@@ -284,7 +286,7 @@ def test_the_team_server_postgres_s3_artifacts_basic_auth(team_mlflow, postgres,
 
 @pytest.mark.slow
 def test_concurrent_jobs_on_the_team_server_lose_nothing(team_mlflow, monkeypatch):
-    """Eight jobs at once on the team server (PostgreSQL, basic auth, its default workers):
+    """Eight jobs at once on the team server (PostgreSQL, basic auth, two workers):
     each opens a run, logs metric batches as rank 0 does, and all register a version of one
     model name at the same moment. Every metric is stored once at its step; the versions
     are 1..8 without a gap or a repeat, one per run."""

@@ -210,7 +210,7 @@ class KillableServer:
         self.cfg = ServerConfig(
             port=free_ports(1)[0], backend_store_uri=postgres.url.replace(
                 f":{postgres.password}@", "@"),
-            artifacts_destination=str(work / "artifacts"), auth=True)
+            artifacts_destination=str(work / "artifacts"), auth=True, workers=1)
         self.env = {**__import__("os").environ, "PGPASSWORD": postgres.password,
                     "MLFLOW_AUTH_ADMIN_USERNAME": self.user,
                     "MLFLOW_AUTH_ADMIN_PASSWORD": self.password}
