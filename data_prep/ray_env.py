@@ -153,9 +153,18 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     return ray
 
 
+# Ray Train 2.60 starts a preemption watcher actor (a process of its own) for every
+# training run, to notice nodes being drained: a private local Ray has no node to drain.
+# Read by the driver and handed on to Train's controller; a value set by the user wins.
+LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def start_local_ray(ray: Any, options: dict[str, Any], attempts: int = 3) -> None:
     """`ray.init(address="local")`, started again when its node times out during startup:
-    Ray waits a fixed time for its raylet, which a busy machine can overrun."""
+    Ray waits a fixed time for its raylet, which a busy machine can overrun. Train runs
+    on it skip what only a cluster needs (`LOCAL_RAY_TRAIN_ENV`)."""
+    for key, value in LOCAL_RAY_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", **options)

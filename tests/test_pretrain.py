@@ -210,6 +210,11 @@ def test_mlm_only_pretraining_on_two_workers_logs_scale_and_evaluates_on_both(
     result = run_pretrain(cfg)
 
     assert result.step == 6
+    # On a private local Ray, Train starts no preemption watcher (a process) per run.
+    from ray._private import state as ray_state
+
+    classes = {a["ActorClassName"] for a in ray_state.actors().values()}
+    assert "TrainController" in classes and "PreemptionWatcher" not in classes
     model = BertForMaskedLM.from_pretrained(result.model_dir, strict=True)
     assert not hasattr(model, "nsp")
     encoder = load_task_model(result.model_dir, "pretraining")  # what fine-tuning starts from
