@@ -159,3 +159,38 @@ def test_train_batches_masks_follow_the_micro_batch_not_the_rank(tmp_path):
     assert L.rank_accumulation(settings, plan, 0, 3) == (2, 4 / 3)
     with pytest.raises(L.TrainingError, match="every worker needs at least one"):
         L.rank_accumulation(settings, plan, 0, 5)
+
+
+def test_the_val_split_is_read_in_file_order_and_evaluates_as_ray_datas_batches(tmp_path):
+    """SplitRows (pretraining's `val_rows`): batches of the split's rows in part order, a
+    short last one, across part and row-group edges; only the parts the first batches
+    need are opened; `evaluate` on it equals the evaluation of the same rows as Ray
+    Data's numpy batches (FakeShard)."""
+    from tests.helpers import FakeShard
+    from workflows.training.rows import SplitRows
+    from workflows.training.step import StepRunner
+
+    write_parts(tmp_path / "val", [13, 7, 20, 9])  # 49 rows, row groups of 4
+    val = SplitRows(str(tmp_path / "val"))
+    batches = list(val.iter_batches(batch_size=6))
+    assert [b.num_rows for b in batches] == [6] * 8 + [1]
+    assert [r for b in batches for r in b.column("row").to_pylist()] == list(range(49))
+    assert [b.num_rows for b in val.iter_batches(6, drop_last=True)] == [6] * 8
+    files = [{"path": f"val/{p.path.rsplit('/', 1)[-1]}", "rows": p.rows, "size": p.size}
+             for p in list_parts(str(tmp_path / "val"))]
+    (tmp_path / "val" / "part-002.parquet").write_bytes(b"not parquet")  # never reached
+    listed = SplitRows(str(tmp_path / "val"), tuple(files), prefix="val/")
+    first = [b.column("row").to_pylist() for b in
+             __import__("itertools").islice(listed.iter_batches(batch_size=5), 4)]
+    assert first == [list(range(i, i + 5)) for i in range(0, 20, 5)]
+
+    write_parts(tmp_path / "v2", [13, 7, 20, 9])
+    t, cpu = task(), torch.device("cpu")
+    settings = loop_settings(batch_size=6, eval_batches=5)
+    torch.manual_seed(0)
+    model = t.build_model()
+    runner = StepRunner(model, settings, cpu)
+    own = L.evaluate(t, model, SplitRows(str(tmp_path / "v2")), settings, runner, cpu)
+    shard = L.evaluate(t, model, FakeShard(pq.read_table(tmp_path / "v2")), settings,
+                       runner, cpu)
+    assert own and own == pytest.approx(shard, rel=1e-6)

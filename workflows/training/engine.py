@@ -189,7 +189,8 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
 
     `datasets` holds Ray Datasets `train` (split across workers; left out for a task that
     reads its own train rows, `loop.reads_own_rows`, see training/rows.py) and optionally
-    `val`.
+    `val` (left out for a task with its own `val_rows`: pretraining and fine-tuning hand
+    no dataset at all).
     `callbacks` are Ray Train callbacks (e.g. a sweep's `TuneReportCallback`, which hands
     each checkpoint's metrics, the eval metrics of each epoch, to Ray Tune).
     Ray must already be initialised (data_prep.ray_env.init_ray) and the storage checked

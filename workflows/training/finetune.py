@@ -19,8 +19,8 @@ evaluated, registered, servable task model, on the one training loop
    the task's `train_table` (finetune_task.TrainRows), which each worker reads in the
    canonical batch order of training/rows.py (reshuffled every epoch, the same global
    batches on any number of workers, a resume continues at its position without
-   re-reading), the eval rows as the Ray Dataset `val` (`ray_datasets`), which every
-   worker evaluates a share of.
+   re-reading), the eval rows as the task's `val_rows` (the same kind of object), which
+   every worker evaluates a share of, in order (no Ray Data pass per evaluation).
 3. Turn epochs into optimizer steps, evaluate and checkpoint at each epoch's end, and
    train through `run_training` with a `FinetuneTask`; rank 0 logs metrics to the MLflow
    run created here (params = the whole config, dataset inputs, trivial baseline).
@@ -134,7 +134,7 @@ class PreparedFinetune:
     pad_id: int
     baseline: dict[str, float]
     train_table: Any = None              # finetune_task.TrainRows: the train rows (object store)
-    tables: dict[str, Any] = field(default_factory=dict)  # "val" -> ObjectRef of its rows
+    val_table: Any = None                # finetune_task.TrainRows: the eval rows, or None
 
     @property
     def lineage(self) -> dict[str, str]:
@@ -154,7 +154,7 @@ class PreparedFinetune:
                             pad_id=self.pad_id, meta=self.meta,
                             freeze_encoder=cfg.freeze_encoder,
                             pooling=cfg.classifier_pooling, qa_golds=self.qa_golds,
-                            train_table=self.train_table)
+                            train_table=self.train_table, val_rows=self.val_table)
 
     def inputs(self) -> list[Any]:
         """The datasets as MLflow run inputs."""
@@ -185,14 +185,6 @@ class PreparedFinetune:
             extra[T.TAG_EVAL_DATASET] = self.evalset.manifest.fingerprint
         return extra
 
-    def ray_datasets(self, address: str | None) -> dict[str, Any]:
-        """The Ray Dataset `val` (none without an eval file) over the tokenized rows the
-        driver put into the object store (`prepare_finetune`): no worker reads the
-        driver's cache. The train rows are the task's `train_table`."""
-        from data_prep.ray_env import init_ray
-
-        ray = init_ray(address)
-        return {split: ray.data.from_arrow_refs([ref]) for split, ref in self.tables.items()}
 
 
 def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
@@ -216,7 +208,7 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     for what, where in (("--train", cfg.train), ("--eval", cfg.eval)):
         if where and "://" in where:
             open_checked(where, what, must_exist=True)
-    ray = init_ray(cfg.address)
+    init_ray(cfg.address)
     check_storage(cfg.loop, uri)
     spec = TaskFeatures(cfg.task, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     data_root = Path(cfg.data_dir) if cfg.data_dir else user_cache_dir() / "finetune"
@@ -256,11 +248,11 @@ def prepare_finetune(cfg: FinetuneConfig) -> PreparedFinetune:
     baseline = (majority_baseline(cfg.task, train.records, evalset.records, labels)
                 if evalset else {})
     train_table = TrainRows.put(pq.read_table(train.parquet_dir))
-    tables = {"val": ray.put(pq.read_table(evalset.parquet_dir))} if evalset is not None else {}
+    val_table = TrainRows.put(pq.read_table(evalset.parquet_dir)) if evalset is not None else None
     return PreparedFinetune(uri=uri, base=base, base_pin=pinned, train=train,
                             evalset=evalset, labels=labels, meta=meta, qa_golds=qa_golds,
                             pad_id=tokenizer.pad_id, baseline=baseline,
-                            train_table=train_table, tables=tables)
+                            train_table=train_table, val_table=val_table)
 
 
 def run_params(cfg: FinetuneConfig, prep: PreparedFinetune, loop: LoopSettings,
@@ -301,7 +293,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
              prep.base_pin.uri, prep.train_rows, loop.max_steps, steps_per_epoch)
     run = run_folder(loop, run_name)
-    result = run_training(task, loop, datasets=prep.ray_datasets(cfg.address), run=run,
+    result = run_training(task, loop, datasets={}, run=run,
                           tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
 
     # The metrics rank 0 could not send, the model, its registration (workflows.

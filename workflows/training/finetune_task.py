@@ -25,7 +25,7 @@ equal to a one-worker evaluation's (`evaluate` is the combination of one share).
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +70,8 @@ class TrainRows:
     an ObjectRef of a pyarrow Table in Ray's object store (`put`), so a worker on any node
     fetches it from there (zero-copy on the node that holds it; another node pulls the
     whole table once: fine-tuning sets are small) and slices its chunks' rows; a Table in
-    memory serves tests."""
+    memory serves tests. The eval rows travel the same way and are iterated in order
+    (`iter_batches`)."""
 
     table: Any
     rows: int
@@ -85,16 +86,28 @@ class TrainRows:
     def parts(self) -> tuple[Part, ...]:
         return train_parts(self.rows, self.size)
 
-    def read(self, part: Part, chunk: Chunk, stats: ReadStats) -> pa.Table:
+    def _table(self) -> pa.Table:
         if isinstance(self.table, pa.Table):
-            table = self.table
-        else:
-            import ray
+            return self.table
+        import ray
 
-            table = ray.get(self.table)
-        rows = table.slice(chunk.start, chunk.rows)
+        return ray.get(self.table)
+
+    def read(self, part: Part, chunk: Chunk, stats: ReadStats) -> pa.Table:
+        rows = self._table().slice(chunk.start, chunk.rows)
         stats.add_bytes(rows.nbytes)
         return rows
+
+    def iter_batches(self, batch_size: int, batch_format: str = "pyarrow",
+                     drop_last: bool = False, prefetch_batches: int = 0
+                     ) -> Iterator[pa.Table]:
+        """The rows in order, `batch_size` at a time, as pyarrow Tables: what the loop
+        uses of a Ray Data iterator, for the eval rows (`FinetuneTask.val_rows`)."""
+        table = self._table()
+        for start in range(0, table.num_rows, batch_size):
+            if drop_last and start + batch_size > table.num_rows:
+                return
+            yield table.slice(start, batch_size)
 
 
 @dataclass
@@ -116,6 +129,7 @@ class FinetuneTask:
     pooling: str | None = None  # seq/pair-cls sentence vector (bert_core classifier_pooling)
     qa_golds: dict[int, tuple[str, list[str]]] = field(default_factory=dict)
     train_table: TrainRows | None = None  # the train rows (training/loop.py batch_plan)
+    val_rows: TrainRows | None = None     # the eval rows, evaluated in order
 
     # ---- model --------------------------------------------------------------------
     def _overrides(self) -> dict[str, Any]:

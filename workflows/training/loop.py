@@ -22,7 +22,10 @@ thread scheduling, a rerun draws the same masks and a resume draws the masks the
 attempt would have drawn. Across worker counts the rows of a batch differ, so the masks do;
 a batch holding the same rows at the same (epoch, index, rank) gets the same masks.
 
-Evaluation: `val` is not split. A task with `eval_sums`/`eval_metrics` (pretraining) or
+Evaluation: `val` is not split. A task's own `val_rows` (pretraining: the val split's
+parts, read in file order by training/rows.py's SplitRows; fine-tuning: the eval rows in
+the object store) is read by each worker that evaluates, with no Ray Data pass per
+evaluation; a `val` dataset handed to run_training is read through Ray Data. A task with `eval_sums`/`eval_metrics` (pretraining) or
 `eval_share`/`eval_combine` (fine-tuning) is evaluated on every worker: the first
 `eval_batches` batches of `val` (all for 0) are dealt round-robin (batch i to rank
 i % world), each batch masked by `batch_rng(seed, EVAL_EPOCH, i)` whatever rank takes it;
@@ -100,8 +103,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     logger.log({"attempt": attempt, "workers": world}, start_step)
     logger.log_params({"global_batch_size": loop.global_batch})
     sharded_eval = shards_evaluation(task)
-    val = (ray.train.get_dataset_shard("val")
-           if "val" in config["splits"] and (rank == 0 or sharded_eval) else None)
+    val = _val_source(task, config["splits"]) if rank == 0 or sharded_eval else None
     report = dict(task=task, model=raw_model, runner=runner, rank=rank, attempt=attempt,
                   start_step=start_step, data=data_order(loop, plan is not None, world))
     evaluate_now = functools.partial(evaluate, task, raw_model, val, loop, runner, device,
@@ -168,6 +170,20 @@ def batch_plan(task: TrainTask, loop: LoopSettings) -> BatchPlan | None:
     else:
         return None
     return BatchPlan(tuple(parts), loop.batch_size, loop.micro_batches_per_step, loop.seed)
+
+
+def _val_source(task: TrainTask, splits: list[str]) -> Any:
+    """What `evaluate` iterates: the task's own `val_rows` (pretraining's SplitRows,
+    fine-tuning's rows in the object store), read by this worker without a Ray Data pass
+    per evaluation; else the `val` dataset handed to run_training; else None."""
+    own = getattr(task, "val_rows", None)
+    if own is not None:
+        return own
+    if "val" not in splits:
+        return None
+    import ray.train
+
+    return ray.train.get_dataset_shard("val")
 
 
 def reads_own_rows(task: TrainTask) -> bool:

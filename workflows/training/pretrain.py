@@ -75,6 +75,7 @@ class PretrainTask:
     objective: str = "nsp"                # the dataset's: nsp, sop or mlm
     train_location: str | None = None     # the train split's Parquet parts (training/rows.py)
     train_files: list[dict[str, Any]] | None = None  # their rows and sizes, from the manifest
+    val_rows: Any = None                  # the val split (training/rows.py SplitRows)
 
     @property
     def head(self) -> type[nn.Module]:
@@ -268,7 +269,7 @@ def _masking(manifest: Any, tokenizer: Any) -> Any:
 def run_pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain as described in the module docstring; returns the run and model."""
     from data_prep.manifest import open_dataset
-    from data_prep.ray_env import init_ray, missing_worker_env
+    from data_prep.ray_env import init_ray
     from data_prep.tokenizer import WordPieceTokenizer
     from data_prep.storage import public_uri
     from workflows import tracking as T
@@ -276,6 +277,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
                                                  register_command)
     from workflows.training.contracts import RunTracking
     from workflows.training.engine import check_storage, run_folder, run_training
+    from workflows.training.rows import SplitRows
     from workflows.transfer import check_model_ref, ship_folder, ship_model_folder
 
     cfg = config
@@ -331,22 +333,23 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
                         pinned.uri if pinned else "none")
         lineage = recorded
 
-    ray = init_ray(cfg.address)
+    init_ray(cfg.address)
     splits = {s: data.join(s).uri for s in ("train", "val")
               if int(manifest.splits.get(s, {}).get("instances", 0)) > 0}
     if "train" not in splits:
         raise PretrainError(f"{data_dir}: the train split is empty; prepare more text")
-    # Workers read `train` themselves (reshuffled per epoch, seekable on resume).
-    # init_ray gave the job the credential variables; a Ray started elsewhere lacks them
-    missing = missing_worker_env()
-    remote_args = {"runtime_env": {"env_vars": missing}} if missing else None
-    datasets = {s: ray.data.read_parquet(p, ray_remote_args=remote_args)
-                for s, p in splits.items() if s != "train"}
+    # Workers read both splits themselves, with the credentials of the job's runtime
+    # environment (init_ray): `train` in the canonical order (reshuffled per epoch,
+    # seekable on resume), `val` in file order (no Ray Data pass per evaluation).
+    val_rows = (SplitRows(splits["val"], manifest.splits["val"].get("files"), prefix="val/")
+                if "val" in splits else None)
+    datasets: dict[str, Any] = {}
     task = PretrainTask(
         model_config=model_config, init_dir=init,
         tokenizer_dir=shipped_tokenizer, pad_id=tokenizer.pad_id,
         masking=_masking(manifest, tokenizer), objective=manifest.config.get("objective", "nsp"),
         train_location=splits["train"], train_files=manifest.splits["train"].get("files"),
+        val_rows=val_rows,
         meta={"task": "pretraining", "objective": manifest.config.get("objective", "nsp"),
               "max_seq_len": manifest.config.get("max_seq_len"), "run_id": run_id,
               "dataset_fingerprint": manifest.fingerprint,

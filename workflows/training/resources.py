@@ -2,10 +2,11 @@
 starts.
 
 Ray Train places its workers as one placement group and waits, silently and for as long
-as it takes, until the cluster can hold it; Ray Data's tasks (reading the validation split,
-or a task's train rows) each need a whole CPU beside the workers. On a machine that will
-never grow, a request that cannot fit is a run that hangs at "Running Dataset: val" with
-no word (`--cpus-per-worker 1.6` on 2 CPUs leaves Ray Data 0.4). So: on one node the run
+as it takes, until the cluster can hold it; Ray Data's tasks (a run handed Ray Datasets:
+pretraining and fine-tuning read their own rows, both splits, and hand none) each need a
+whole CPU beside the workers. On a machine that will never grow, a request that cannot
+fit is a run that hangs at "Running Dataset: val" with no word (`--cpus-per-worker 1.6`
+on 2 CPUs once left Ray Data 0.4 for pretraining's validation). So: on one node the run
 is refused with a message naming the flag to change; on a cluster of several nodes (which
 may autoscale) the run starts and says, once, what it waits for.
 

@@ -295,3 +295,44 @@ class RankReader:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """A split's rows in the order of its parts (sorted by path) and of the rows in each,
+    read by whichever worker iterates them: the validation split, which every rank
+    evaluates a share of the first batches of. `iter_batches` is what the training loop
+    uses of a Ray Data iterator, yielding pyarrow Tables of `batch_size` rows (the last
+    may be shorter); a part is opened only when its rows are reached, so the first
+    `eval_batches` batches read only the parts they need."""
+
+    location: str
+    files: tuple[dict[str, Any], ...] | None = None  # the manifest's, as list_parts takes
+    prefix: str = ""
+
+    def iter_batches(self, batch_size: int, batch_format: str = "pyarrow",
+                     drop_last: bool = False, prefetch_batches: int = 0
+                     ) -> Iterator[pa.Table]:
+        import pyarrow.parquet as pq
+
+        from data_prep.storage import open_location
+
+        stats = ReadStats()
+        pending: list[pa.Table] = []
+        have = 0
+        for part in list_parts(self.location, list(self.files) if self.files else None,
+                               prefix=self.prefix):
+            with open_location(part.path).open_input_file() as native:
+                pf = pq.ParquetFile(pa.PythonFile(_CountingFile(native, stats), mode="r"))
+                for group in range(pf.metadata.num_row_groups):
+                    table = pf.read_row_group(group)
+                    pending.append(table)
+                    have += table.num_rows
+                    while have >= batch_size:
+                        rows = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+                        yield rows.slice(0, batch_size)
+                        rest = rows.slice(batch_size)
+                        pending, have = [rest], rest.num_rows
+        if have and not drop_last:
+            yield pa.concat_tables(pending) if len(pending) > 1 else pending[0]
+
