@@ -312,7 +312,7 @@ def test_pretraining_outlives_a_killed_server_and_registers_now_or_later(
             checkpoint_every=20, keep_checkpoints=20, eval_every=100, eval_batches=2,
             log_every=10, storage_path=str(tmp_path / "runs"), experiment="outage",
             register_as="outage-tiny", log_system_metrics=False,
-            tracker_wait_s=120 if restart else 2))
+            tracker_wait_s=300 if restart else 2))
         seen: dict = {}
         killer = threading.Thread(target=outage, args=(server, tmp_path / "runs" / name,
                                                        seen, restart), daemon=True)
