@@ -890,7 +890,7 @@ class QuickstartConfig:
     seed: int = field(7, help="seed for the task split and the training runs")
     eval_restarts: int = field(2, help="eval step: seeds per task and model (the noise "
                                        "that a difference must beat)")
-    eval_epochs: float = field(3.0, help="eval step: passes over each suite task's small "
+    eval_epochs: float = field(2.0, help="eval step: passes over each suite task's small "
                                          "training set")
 
     def __post_init__(self) -> None:

@@ -153,7 +153,7 @@ def _write_csv(path: Path, header: list[str], rows: list[tuple]) -> None:
 
 
 def build_pydoc_suite(folder: Path, task: PydocTask, seed: int = 0, train_rows: int = 320,
-                      eval_rows: int = 128, max_seq_len: int = 64, epochs: float = 3.0,
+                      eval_rows: int = 128, max_seq_len: int = 64, epochs: float = 2.0,
                       restarts: int = 2, lr: float = 1e-4) -> Path:
     """A two-task suite (`bertflow eval --suite`) from the topic task, small enough for the
     quickstart: `topics` (seq-cls: a paragraph's topic group, on up to `train_rows` /

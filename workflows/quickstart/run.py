@@ -79,7 +79,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     print(f"{corpus['documents']} documents, {corpus['sentences']} sentences -> {corpus_path}")
     lap("corpus")
 
-    _banner(2, "prep: NSP + masked-LM instances on Ray Data, MiniLM's vocabulary")
+    _banner(2, "prep: NSP + masked-LM instances as Ray tasks, MiniLM's vocabulary")
     dataset = out / "data" / f"pyref{cfg.max_seq_len}"
     manifest = build_pretraining_dataset(PrepConfig(
         input=[str(corpus_path)], output=str(dataset), vocab=str(minilm / "vocab.txt"),
