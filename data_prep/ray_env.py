@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,11 @@ def apply_worker_env(env_ref: Any) -> None:
     os.environ.update(env_ref)
 
 
+# Called by `init_ray` once Ray is up in this process (the bertflow CLI adds one that routes
+# the raylet's driver messages into its log: workflows/cli/logs.py).
+AFTER_INIT: list[Callable[[], None]] = []
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     """Return the `ray` module, initialised.
 
@@ -133,6 +139,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
         ray_logger.propagate = True
 
     if ray.is_initialized():
+        _after_init()
         return ray
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
                                "configure_logging": False}
@@ -150,7 +157,13 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
         options.pop("num_cpus", None)
         ray.init(address=address, **options)
         log.info("connected to Ray at %s", address)
+    _after_init()
     return ray
+
+
+def _after_init() -> None:
+    for hook in AFTER_INIT:
+        hook()
 
 
 # Ray Train 2.60 starts a preemption watcher actor (a process of its own) for every

@@ -75,6 +75,40 @@ def test_the_log_file_is_private_and_holds_no_library_debug(tmp_path, monkeypatc
     assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_raylet_messages_go_through_logging_once_ray_is_up(tmp_path, monkeypatch, capsys,
+                                                           restore_logging):
+    """What the raylet pushes to the driver, which Ray prints straight to stderr: through
+    the terminal filter once `init_ray`'s hooks ran (the startup-concurrency warning to the
+    file only, another raylet warning to both); Ray's other output is printed as before."""
+    import ray._private.worker as ray_worker
+
+    from data_prep import ray_env
+
+    monkeypatch.setenv("BERTFLOW_LOG_DIR", str(tmp_path / "logs"))
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    monkeypatch.setattr(ray_env, "AFTER_INIT", [])
+    path = setup_logging("quickstart", verbose=False)
+    logging.captureWarnings(False)
+    assert len(ray_env.AFTER_INIT) == 1
+    ray_env._after_init()
+    ray_env._after_init()  # idempotent: routed once
+    crowded = ("WARNING: 8 PYTHON worker processes have been started on node: ab12 with "
+               "address: 127.0.0.1, which is 4x the maximum expected startup concurrency")
+    ray_worker.print_to_stdstream({"lines": [crowded, "the node is out of disk"],
+                                   "pid": "raylet", "is_err": False})
+    ray_worker.print_to_stdstream({"lines": ["a worker's own line"], "pid": 4242,
+                                   "ip": "127.0.0.1", "is_err": True, "task_name": "t"},
+                                  ignore_prefix=True)
+    terminal = capsys.readouterr().err
+    assert "out of disk" in terminal and "PYTHON worker processes" not in terminal
+    assert terminal.count("out of disk") == 1 and "a worker's own line" in terminal
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    text = path.read_text()
+    assert "ray.raylet" in text and "8 PYTHON worker processes" in text
+    assert "out of disk" in text
+
+
 def test_quickstart_terminal_keeps_its_own_step_lines(tmp_path, monkeypatch, capsys,
                                                       restore_logging):
     """The quickstart prints one line per step itself: bertflow's INFO lines go to the

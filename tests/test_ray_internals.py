@@ -154,3 +154,14 @@ def test_an_async_checkpoints_upload_reaches_ray_trains_own_upload():
     assert params == ["self", "checkpoint", "checkpoint_dir_name"]
     assert "checkpoint_upload_fn" in inspect.signature(
         importlib.import_module("ray.train").report).parameters
+
+
+def test_the_driver_prints_raylet_messages_through_the_name_bertflow_routes():
+    """`route_raylet_messages` replaces `ray._private.worker.print_to_stdstream`: the
+    driver's error listener must still look that name up when it prints."""
+    import inspect
+
+    import ray._private.worker as ray_worker
+
+    source = inspect.getsource(ray_worker.listen_error_messages)
+    assert "print_to_stdstream(" in source and '"pid": "raylet"' in source

@@ -29,6 +29,13 @@ a module that `bertflow --help` or inference loads.
   (`workflows/training/async_checkpoint.py`), which must then upload them itself; Ray
   2.60 offers no public call that does its default upload.
 
+- The driver's printer of raylet messages (`ray._private.worker.print_to_stdstream`): the
+  driver's error-listener thread prints what the raylet pushes (e.g. "N PYTHON worker
+  processes have been started ... the maximum expected startup concurrency") straight to
+  stderr, with no logger a CLI could quiet; `route_raylet_messages` sends those lines to a
+  logger instead (the bertflow CLI's log file; the terminal with `-v`). No public API
+  routes them (Ray 2.60).
+
 Where a public API does the job it is used instead: a trial's Train worker group's
 placement group comes from `ray.get_runtime_context().get_placement_group_id()` in the
 worker (`workflows/training/loop.py`), not from Ray Train's internal worker-group hooks.
@@ -39,6 +46,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import logging
+
+import ray._private.worker as ray_worker
 from ray._private.authentication.authentication_token_setup import (
     maybe_enable_token_auth_if_token_available)
 from ray._raylet import (AuthenticationMode, AuthenticationTokenLoader, Config,
@@ -112,3 +122,23 @@ def enable_token_auth_if_token_available() -> bool:
     """Token mode when a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
     ~/.ray/auth_token) and RAY_AUTH_MODE is unset, as `ray start` does; True if on."""
     return maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def route_raylet_messages(logger_name: str = "ray.raylet") -> None:
+    """Lines the raylet pushes to this driver go to `logger_name` at WARNING instead of
+    straight to stderr; every other output Ray prints goes on as before. Idempotent."""
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "bertflow_routed", False):
+        return
+    log = logging.getLogger(logger_name)
+
+    def routed(data: dict[str, Any], ignore_prefix: bool = False) -> None:
+        if data.get("pid") != "raylet":
+            printer(data, ignore_prefix=ignore_prefix)
+            return
+        for line in data.get("lines") or []:
+            log.warning("%s", line)
+
+    routed.bertflow_routed = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = routed
+

@@ -44,7 +44,9 @@ loggers:
 # Warnings that are expected under bertflow and say nothing to its user (file only).
 BENIGN = ("Token authentication is enabled for this Ray cluster",  # local Ray, loopback only
           "Progress bars disabled",  # bertflow draws its own bars over Ray Data's
-          "Add type hints to the `predict` method")  # MLflow, about bertflow's pyfunc
+          "Add type hints to the `predict` method",  # MLflow, about bertflow's pyfunc
+          # the raylet, when tasks and actors start many worker processes on a small node
+          "PYTHON worker processes have been started on node")
 
 
 class _TerminalFilter(logging.Filter):
@@ -116,6 +118,10 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
         handler.setLevel(logging.DEBUG)
         root.addHandler(handler)
         os.environ["BERTFLOW_ROUTE_RAY_LOGS"] = "1"  # data_prep.ray_env hands Ray's logger over
+        from data_prep import ray_env  # light: it imports Ray only inside its functions
+
+        if _route_raylet_messages not in ray_env.AFTER_INIT:
+            ray_env.AFTER_INIT.append(_route_raylet_messages)
         if not verbose and "RAY_DATA_LOGGING_CONFIG" not in os.environ:
             config = folder / "ray-data-logging.yaml"
             if not config.is_file() or config.read_text() != _RAY_DATA_CONFIG:
@@ -138,6 +144,14 @@ def setup_logging(verb: str, verbose: bool = False, to_file: bool = True) -> Pat
     for name in ("urllib3", "alembic", "filelock", "httpx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     return path
+
+
+def _route_raylet_messages() -> None:
+    """Once Ray is up: the raylet's messages to the driver (printed straight to stderr by
+    Ray) go to the 'ray.raylet' logger, so to the log file (and the terminal with -v)."""
+    from workflows import ray_internals
+
+    ray_internals.route_raylet_messages()
 
 
 def _adopt_imported_ray_loggers() -> None:
