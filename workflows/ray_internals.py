@@ -43,10 +43,9 @@ worker (`workflows/training/loop.py`), not from Ray Train's internal worker-grou
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
-
-import logging
 
 import ray._private.worker as ray_worker
 from ray._private.authentication.authentication_token_setup import (
@@ -141,4 +140,3 @@ def route_raylet_messages(logger_name: str = "ray.raylet") -> None:
 
     routed.bertflow_routed = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = routed
-

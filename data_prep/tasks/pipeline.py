@@ -156,13 +156,10 @@ class Featurizer:
 
 
 def featurize_tables(items: list[dict], tokenizer: Any, spec: TaskFeatures,
-                     labels: list[str], address: str | None = None,
-                     local: bool | None = None) -> list[Any]:
-    """Feature tables of `items` (`_ray_item` records), in order: in this process when
-    `local` (default: for up to LOCAL_FEATURIZE_MAX_RECORDS items), else on Ray Data."""
-    if local is None:
-        local = len(items) <= LOCAL_FEATURIZE_MAX_RECORDS
-    if local:
+                     labels: list[str], address: str | None = None) -> list[Any]:
+    """Feature tables of `items` (`_ray_item` records), in order: in this process for up
+    to LOCAL_FEATURIZE_MAX_RECORDS items, else on Ray Data."""
+    if len(items) <= LOCAL_FEATURIZE_MAX_RECORDS:
         featurizer = Featurizer(tokenizer, spec, labels)
         return [featurizer.table(items[i:i + FEATURIZE_BATCH])
                 for i in range(0, len(items), FEATURIZE_BATCH)]

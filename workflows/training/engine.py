@@ -181,7 +181,8 @@ def check_cluster_storage(loop: LoopSettings, tracking_uri: str | None, nodes: i
                     "s3://BUCKET/runs", loop.storage_path, nodes)
 
 
-def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any],
+def run_training(task: TrainTask, loop: LoopSettings, *,
+                 datasets: dict[str, Any] | None = None,
                  run: RunFolder, tracking: RunTracking | None = None,
                  callbacks: list[Any] | None = None) -> TrainResult:
     """Train `task` with Ray Train under `loop` settings into the run folder `run`
@@ -202,6 +203,7 @@ def run_training(task: TrainTask, loop: LoopSettings, *, datasets: dict[str, Any
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    datasets = datasets or {}
     canonical = reads_own_rows(task)
     if "train" not in datasets and not canonical:
         raise TrainingError("run_training needs a 'train' dataset (or a task that reads "

@@ -293,7 +293,7 @@ def run_finetune(config: FinetuneConfig) -> FinetuneResult:
     log.info("fine-tuning %s from %s: %d train rows, %d steps (%d per epoch)", cfg.task,
              prep.base_pin.uri, prep.train_rows, loop.max_steps, steps_per_epoch)
     run = run_folder(loop, run_name)
-    result = run_training(task, loop, datasets={}, run=run,
+    result = run_training(task, loop, run=run,
                           tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
 
     # The metrics rank 0 could not send, the model, its registration (workflows.

@@ -343,7 +343,6 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     # seekable on resume), `val` in file order (no Ray Data pass per evaluation).
     val_rows = (SplitRows(splits["val"], manifest.splits["val"].get("files"), prefix="val/")
                 if "val" in splits else None)
-    datasets: dict[str, Any] = {}
     task = PretrainTask(
         model_config=model_config, init_dir=init,
         tokenizer_dir=shipped_tokenizer, pad_id=tokenizer.pad_id,
@@ -360,7 +359,7 @@ def run_pretrain(config: PretrainConfig) -> PretrainResult:
     result = trained
     if result is None:
         try:
-            result = run_training(task, loop, datasets=datasets, run=run,
+            result = run_training(task, loop, run=run,
                                   tracking=RunTracking(uri, run_id, cfg.tracking.log_system_metrics))
         except BaseException:
             T.fail_run(run_id, uri)  # rerunning the command resumes it from its checkpoint

@@ -307,7 +307,7 @@ class SplitRows:
     `eval_batches` batches read only the parts they need."""
 
     location: str
-    files: tuple[dict[str, Any], ...] | None = None  # the manifest's, as list_parts takes
+    files: list[dict[str, Any]] | None = None  # the manifest's, as list_parts takes them
     prefix: str = ""
 
     def iter_batches(self, batch_size: int, batch_format: str = "pyarrow",
@@ -317,22 +317,18 @@ class SplitRows:
 
         from data_prep.storage import open_location
 
-        stats = ReadStats()
         pending: list[pa.Table] = []
         have = 0
-        for part in list_parts(self.location, list(self.files) if self.files else None,
-                               prefix=self.prefix):
+        for part in list_parts(self.location, self.files, prefix=self.prefix):
             with open_location(part.path).open_input_file() as native:
-                pf = pq.ParquetFile(pa.PythonFile(_CountingFile(native, stats), mode="r"))
+                pf = pq.ParquetFile(native)
                 for group in range(pf.metadata.num_row_groups):
-                    table = pf.read_row_group(group)
-                    pending.append(table)
-                    have += table.num_rows
+                    pending.append(pf.read_row_group(group))
+                    have += pending[-1].num_rows
                     while have >= batch_size:
                         rows = pa.concat_tables(pending) if len(pending) > 1 else pending[0]
                         yield rows.slice(0, batch_size)
-                        rest = rows.slice(batch_size)
-                        pending, have = [rest], rest.num_rows
+                        pending = [rows.slice(batch_size)]
+                        have = pending[0].num_rows
         if have and not drop_last:
             yield pa.concat_tables(pending) if len(pending) > 1 else pending[0]
-

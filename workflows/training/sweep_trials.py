@@ -109,8 +109,7 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
               T.TAG_SWEEP_TRIAL: run_name},
         params={**run_params(cfg, prep, loop, steps_per_epoch),
                 **{f"sweep.{k}": v for k, v in point.items()}, "sweep.seed": seed})
-    return run_training(prep.task_for(cfg), loop, datasets={},
-                        run=run, callbacks=callbacks() if callbacks else None,
+    return run_training(prep.task_for(cfg), loop, run=run, callbacks=callbacks() if callbacks else None,
                         tracking=RunTracking(prep.uri, None, False, opening=opening))
 
 
