@@ -155,6 +155,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     else:
         options.pop("include_dashboard", None)  # only valid when starting a new cluster
         options.pop("num_cpus", None)
+        set_train_env(RAY_TRAIN_ENV)
         ray.init(address=address, **options)
         log.info("connected to Ray at %s", address)
     _after_init()
@@ -166,18 +167,27 @@ def _after_init() -> None:
         hook()
 
 
-# Ray Train 2.60 starts a preemption watcher actor (a process of its own) for every
-# training run, to notice nodes being drained: a private local Ray has no node to drain.
-# Read by the driver and handed on to Train's controller; a value set by the user wins.
-LOCAL_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# Ray Train settings, read by the driver and handed on to Train's controller; a value the
+# user set wins. Every run: the controller polls its workers every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a poll is also when it takes a
+# worker's report (a queue of one): a run's end, and a checkpoint reported within that
+# interval of the previous one, waited up to 2 s for it. A poll is one small actor call.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# On a private local Ray only: Ray Train 2.60 starts a preemption watcher actor (a process
+# of its own) for every training run, to notice nodes being drained; there are none.
+LOCAL_RAY_TRAIN_ENV = {**RAY_TRAIN_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+def set_train_env(env: dict[str, str]) -> None:
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
 
 
 def start_local_ray(ray: Any, options: dict[str, Any], attempts: int = 3) -> None:
     """`ray.init(address="local")`, started again when its node times out during startup:
     Ray waits a fixed time for its raylet, which a busy machine can overrun. Train runs
     on it skip what only a cluster needs (`LOCAL_RAY_TRAIN_ENV`)."""
-    for key, value in LOCAL_RAY_TRAIN_ENV.items():
-        os.environ.setdefault(key, value)
+    set_train_env(LOCAL_RAY_TRAIN_ENV)
     for attempt in range(1, attempts + 1):
         try:
             ray.init(address="local", **options)

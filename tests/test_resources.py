@@ -3,6 +3,8 @@ waiting on resources other runs hold says so."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from workflows.config import LoopSettings
@@ -79,3 +81,20 @@ def test_a_run_waiting_on_resources_another_run_holds_says_so_once(ray_local, ca
         lines = [r.getMessage() for r in caplog.records]
         assert lines[1:] == ["the run got its resources and starts"]
         remove_placement_group(mine)
+
+
+def test_train_runs_get_a_short_controller_poll_and_a_users_value_wins(monkeypatch):
+    """Ray Train's controller takes a worker's report only when it polls (2 s apart by
+    default): bertflow's runs poll every 0.5 s, local ones also skip the preemption
+    watcher; whatever the user set is kept."""
+    from data_prep.ray_env import LOCAL_RAY_TRAIN_ENV, RAY_TRAIN_ENV, set_train_env
+
+    for key in LOCAL_RAY_TRAIN_ENV:
+        monkeypatch.delenv(key, raising=False)
+    set_train_env(RAY_TRAIN_ENV)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ  # a cluster keeps it
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    set_train_env(LOCAL_RAY_TRAIN_ENV)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
