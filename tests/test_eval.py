@@ -336,6 +336,16 @@ def test_suite_ranks_minilm_over_a_tiny_model_like_finetune_alone_and_resumes(
     assert [c.to_json() for c in again.scorecards] == [c.to_json() for c in result.scorecards]
     assert len(client.search_runs([exp], f"tags.`{T.TAG_SWEEP_NAME}` = '{result.name}'")) == 4
 
+    # Killed after a trial's last checkpoint and before its run ended: the rerun ends it
+    # without training and gives Tune its score, so the run after that still counts it
+    # (it found "no trials" for it before).
+    services.mark_trial_running(Path(result.experiment_path), unfinished_dir)
+    for _ in range(2):
+        ended = run_eval(cfg)
+        assert [c.to_json() for c in ended.scorecards] == [c.to_json() for c in result.scorecards]
+    assert (unfinished_dir / "bertflow_result.json").is_file()
+    assert len(client.search_runs([exp], f"tags.`{T.TAG_SWEEP_NAME}` = '{result.name}'")) == 4
+
 
 @pytest.mark.slow
 @pytest.mark.ray

@@ -91,6 +91,7 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     sweep; returns the engine's TrainResult (an earlier attempt's if it had finished).
     `callbacks` makes the Ray Train callbacks (`trial_callbacks`) when the trial trains."""
     from workflows import tracking as T
+    from workflows.run_folder import checkpoint_step
     from workflows.training.engine import run_folder, run_training
     from workflows.training.finetune import run_params
 
@@ -100,6 +101,12 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
     if (done := run.result()) is not None:  # the driver died after it ended...
         report_finished_trial(done)  # ...and before Tune recorded its end
         return done
+    # The driver died after the trial's last checkpoint and before its run ended: resumed,
+    # the run trains no step and so reports nothing to Tune, which would then hold the
+    # trial as ended without a result (a later rerun counts it as no trial at all). The
+    # run is finished without the Train callbacks and its result reported as above.
+    latest = run.latest_checkpoint()
+    at_end = latest is not None and checkpoint_step(latest) >= loop.max_steps
     prep = plan.prep
     # Rank 0 opens the child run (see RunTracking): the trial's actor stays free of MLflow.
     opening = dict(
@@ -109,8 +116,12 @@ def train_trial(plan: SweepPlan, point: dict[str, Any], seed: int, run_name: str
               T.TAG_SWEEP_TRIAL: run_name},
         params={**run_params(cfg, prep, loop, steps_per_epoch),
                 **{f"sweep.{k}": v for k, v in point.items()}, "sweep.seed": seed})
-    return run_training(prep.task_for(cfg), loop, run=run, callbacks=callbacks() if callbacks else None,
-                        tracking=RunTracking(prep.uri, None, False, opening=opening))
+    result = run_training(prep.task_for(cfg), loop, run=run,
+                          callbacks=callbacks() if callbacks and not at_end else None,
+                          tracking=RunTracking(prep.uri, None, False, opening=opening))
+    if at_end:
+        report_finished_trial(result)
+    return result
 
 
 def report_finished_trial(done: Any) -> None:
