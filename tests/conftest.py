@@ -92,6 +92,41 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+_MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """MLflow's process-wide tracking and registry URIs (and the variables it sets with
+    them) as they were before the test: registering sets both, and a later test's
+    `MlflowClient(url)` in the same xdist worker then sent its registry calls to an
+    earlier test's server, stopped by then (connection refused, after minutes of
+    retries)."""
+    import sys
+
+    def uris() -> tuple[object, object] | None:
+        if "mlflow" not in sys.modules:
+            return None
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        return tracking._tracking_uri, registry._registry_uri
+
+    env = {k: os.environ.get(k) for k in _MLFLOW_URI_VARIABLES}
+    before = uris()
+    yield
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if uris() is not None:
+        from mlflow.tracking._model_registry import utils as registry
+        from mlflow.tracking._tracking_service import utils as tracking
+
+        tracking._tracking_uri, registry._registry_uri = before or (None, None)
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path: Path) -> str:
     """A fresh MLflow sqlite store (MLflow 3 refuses plain file: stores)."""
