@@ -61,8 +61,8 @@ def write_tokenized(path: str | Path, documents: list[Document]) -> dict[str, in
             "tokens": int(tokens.shape[0])}
 
 
-def read_tokenized(path: str | Path) -> list[Document]:
-    """All documents of a unit file, as lists of sentences of ids (what the recipe eats)."""
+def read_tokenized_arrays(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A unit file's arrays as they are stored: (docs, sents, tokens) (format above)."""
     raw = open_location(path).read_bytes()
     header = np.frombuffer(raw, np.int64, 4)
     if header[0] != _MAGIC:
@@ -71,7 +71,14 @@ def read_tokenized(path: str | Path) -> list[Document]:
     docs = np.frombuffer(raw, np.int64, n_docs + 1, offset=_HEADER)
     sents = np.frombuffer(raw, np.int64, n_sents + 1, offset=_HEADER + 8 * (n_docs + 1))
     tokens = np.frombuffer(raw, np.int32, n_tokens,
-                           offset=_HEADER + 8 * (n_docs + n_sents + 2)).tolist()
+                           offset=_HEADER + 8 * (n_docs + n_sents + 2))
+    return docs, sents, tokens
+
+
+def read_tokenized(path: str | Path) -> list[Document]:
+    """All documents of a unit file, as lists of sentences of ids (what the recipe eats)."""
+    docs, sents, array = read_tokenized_arrays(path)
+    tokens = array.tolist()
     bounds = sents.tolist()
     sentences = [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     return [sentences[a:b] for a, b in zip(docs[:-1].tolist(), docs[1:].tolist())]
@@ -87,6 +94,10 @@ class DocumentPool(Protocol):
     def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
         """Sentences start, start+1, ... of document `index`, joined, stopping at the
         first sentence that brings the count to `min_tokens` (or at the document's end)."""
+        ...
+
+    def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
+        """`tokens_from` as an int32 array."""
         ...
 
 
@@ -109,6 +120,9 @@ class ListPool:
             if len(out) >= min_tokens:
                 break
         return out
+
+    def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
+        return np.array(self.tokens_from(index, start, min_tokens), np.int32)
 
 
 def _local_max_open() -> int:
@@ -211,10 +225,13 @@ class SplitPool:
         return int(docs[local + 1] - docs[local])
 
     def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
+        return self.segment_from(index, start, min_tokens).tolist()
+
+    def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
         file, docs, local, n_sents = self._unit(index)
         first, s1 = int(docs[local]) + start, int(docs[local + 1])
         if first >= s1:
-            return []
+            return np.zeros(0, np.int32)
         sents_at = _HEADER + 8 * docs.shape[0]
         bounds = np.frombuffer(file.read_at(8 * (s1 - first + 1), sents_at + 8 * first),
                                np.int64)
@@ -223,4 +240,4 @@ class SplitPool:
         end = bounds[min(int(reach) + 1, bounds.shape[0] - 1)]
         tokens_at = sents_at + 8 * (n_sents + 1)
         raw = file.read_at(4 * int(end - bounds[0]), tokens_at + 4 * int(bounds[0]))
-        return np.frombuffer(raw, np.int32).tolist()
+        return np.frombuffer(raw, np.int32)

@@ -80,9 +80,9 @@ from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, 
                                 is_dataset_folder, is_up_to_date, output_location)
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_locations, iter_documents
-from data_prep.corpus import SplitPool, read_tokenized, write_tokenized
-from data_prep.recipe import (Instance, InstanceColumns, RecipeSpec, document_pairs,
-                              instance_columns, output_schema)
+from data_prep.corpus import SplitPool, read_tokenized_arrays, write_tokenized
+from data_prep.recipe import (InstanceColumns, RecipeSpec, UnitRows, mask_columns,
+                              output_schema)
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
 from data_prep.tokenizer import WordPieceTokenizer
@@ -318,30 +318,33 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
             keys.clear()
 
         # documents paired but not yet masked: masked together as columns
-        # (`instance_columns`), each from its own generator, which then draws its
+        # (`mask_columns`), each from its own generator, which then draws its
         # instances' shuffle keys
-        group: list[tuple[np.random.Generator, list[Instance]]] = []
+        docs, sents, tokens = read_tokenized_arrays(unit["tokens_path"])
+        rows = UnitRows(tokens, spec)
+        doc_bounds, sent_bounds = docs.tolist(), sents.tolist()
+        group: list[tuple[np.random.Generator, int]] = []
         group_tokens = 0
 
         def settle() -> None:
             if not group:
                 return
-            columns = instance_columns([x for _, x in group], [r for r, _ in group],
-                                       spec.masking)
-            for rng, instances in group:
-                keys.append(rng.integers(0, 2**63 - 1, len(instances), dtype=np.int64))
+            columns = mask_columns(rows.columns(), [n for _, n in group],
+                                   [r for r, _ in group], spec.masking)
+            for rng, n in group:
+                keys.append(rng.integers(0, 2**63 - 1, n, dtype=np.int64))
             if len(columns):
                 counts["masked_tokens"] += int(columns.position_offsets[-1]) if static else 0
                 buffer.append(columns)
             group.clear()
 
-        for local, document in enumerate(read_tokenized(unit["tokens_path"])):
+        for local in range(len(doc_bounds) - 1):
             index = unit["first_doc"] + local
             rng = doc_rng(seed, split, index)
-            instances = document_pairs(document, index, pool, spec, rng)
-            group.append((rng, instances))
-            tokens = sum(x.input_ids.shape[0] for x in instances)
-            counts["instances"] += len(instances)
+            n, tokens = rows.add(sent_bounds[doc_bounds[local]:doc_bounds[local + 1] + 1],
+                                 index, pool, rng)
+            group.append((rng, n))
+            counts["instances"] += n
             counts["tokens"] += tokens
             held += tokens
             group_tokens += tokens

@@ -261,39 +261,61 @@ def instance_columns(documents: list[list[Instance]], rngs: list[np.random.Gener
                      masking: MaskingSpec | None) -> InstanceColumns:
     """The unmasked instances of many documents as columns, masked (when `masking` is
     set) each document from its own generator: the rows, and every generator's state
-    afterwards, equal `_mask` called document by document (each draws its keys, then
-    its rolls and random ids), with the choice of positions vectorised over all of them.
-    Whole-word masking goes document by document."""
+    afterwards, equal `_mask` called document by document (`mask_columns`)."""
     instances = [inst for x in documents for inst in x]
-    rows = [inst.input_ids for inst in instances]
-    lengths = np.fromiter((r.shape[0] for r in rows), np.int64, count=len(rows))
-    offsets = np.zeros(len(rows) + 1, np.int64)
+    lengths = np.fromiter((i.input_ids.shape[0] for i in instances), np.int64,
+                          count=len(instances))
+    offsets = np.zeros(len(instances) + 1, np.int64)
     np.cumsum(lengths, out=offsets[1:])
     labels = np.fromiter((i.label for i in instances), np.int8, count=len(instances))
-    if not rows:
-        none = np.zeros(0, np.int32) if masking is not None else None
-        return InstanceColumns(np.zeros(0, np.int32), np.zeros(0, np.int8), offsets, labels,
-                               none, none, offsets if masking is not None else None)
-    flat = np.concatenate(rows)
-    columns = InstanceColumns(flat, np.concatenate([i.token_type_ids for i in instances]),
-                              offsets, labels)
+    if not instances:
+        columns = InstanceColumns(np.zeros(0, np.int32), np.zeros(0, np.int8), offsets, labels)
+    else:
+        columns = InstanceColumns(np.concatenate([i.input_ids for i in instances]),
+                                  np.concatenate([i.token_type_ids for i in instances]),
+                                  offsets, labels)
+    return mask_columns(columns, [len(x) for x in documents], rngs, masking)
+
+
+def mask_columns(columns: InstanceColumns, doc_rows: list[int],
+                 rngs: list[np.random.Generator], masking: MaskingSpec | None
+                 ) -> InstanceColumns:
+    """Unmasked `columns` (the rows of many documents, `doc_rows[d]` of them for
+    document d) masked, when `masking` is set, each document from its own generator:
+    the rows, and every generator's state afterwards, equal `_mask` called document by
+    document (each draws its keys, then its rolls and random ids), with the choice of
+    positions vectorised over all of them. Whole-word masking goes document by document."""
+    offsets, flat = columns.offsets, columns.input_ids
+    n_rows = offsets.shape[0] - 1
     if masking is None:
         return columns
-    if masking.whole_word:
-        for doc, rng in zip(documents, rngs):
-            _mask(doc, masking, rng)
-        columns.input_ids = np.concatenate([i.input_ids for i in instances])
-        columns.positions = np.concatenate([i.positions for i in instances])
-        columns.originals = np.concatenate([i.originals for i in instances])
-        columns.position_offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum([i.positions.shape[0] for i in instances],
-                  out=columns.position_offsets[1:])
+    if n_rows == 0:
+        columns.positions = np.zeros(0, np.int32)
+        columns.originals = np.zeros(0, np.int32)
+        columns.position_offsets = offsets
         return columns
-    doc_rows = np.cumsum([0] + [len(x) for x in documents])
-    doc_starts = offsets[doc_rows]  # flat index of each document's first token
+    doc_bounds = np.cumsum([0] + list(doc_rows)).tolist()
+    if masking.whole_word:
+        masked, positions, originals = [], [], []
+        for rng, r0, r1 in zip(rngs, doc_bounds[:-1], doc_bounds[1:]):
+            if r1 > r0:  # `_mask` draws nothing for a document without rows
+                rows = [flat[a:b] for a, b in zip(offsets[r0:r1].tolist(),
+                                                  offsets[r0 + 1:r1 + 1].tolist())]
+                m, p, o = masking.apply_batch(rows, rng)
+                masked += m
+                positions += [x.astype(np.int32) for x in p]
+                originals += [x.astype(np.int32) for x in o]
+        columns.input_ids = np.concatenate(masked)
+        columns.positions = np.concatenate(positions)
+        columns.originals = np.concatenate(originals)
+        columns.position_offsets = np.zeros(n_rows + 1, np.int64)
+        np.cumsum([x.shape[0] for x in positions], out=columns.position_offsets[1:])
+        return columns
+    doc_starts = offsets[doc_bounds]  # flat index of each document's first token
     # `_mask` draws nothing for a document without rows
-    drawn = [(rng, a, b) for rng, a, b, x in zip(rngs, doc_starts[:-1].tolist(),
-                                                 doc_starts[1:].tolist(), documents) if x]
+    drawn = [(rng, a, b) for rng, a, b, r0, r1 in zip(
+        rngs, doc_starts[:-1].tolist(), doc_starts[1:].tolist(), doc_bounds[:-1],
+        doc_bounds[1:]) if r1 > r0]
     key = np.concatenate([rng.random(b - a) for rng, a, b in drawn])
     chosen = choose_flat(flat, offsets, key, special_ids=masking.special_ids,
                          masked_lm_prob=masking.masked_lm_prob,
@@ -309,9 +331,156 @@ def instance_columns(documents: list[list[Instance]], rngs: list[np.random.Gener
     columns.input_ids = masked
     columns.positions = (chosen - offsets[row]).astype(np.int32)
     columns.originals = originals.astype(np.int32)
-    columns.position_offsets = np.zeros(len(rows) + 1, np.int64)
-    np.cumsum(np.bincount(row, minlength=len(rows)), out=columns.position_offsets[1:])
+    columns.position_offsets = np.zeros(n_rows + 1, np.int64)
+    np.cumsum(np.bincount(row, minlength=n_rows), out=columns.position_offsets[1:])
     return columns
+
+
+class UnitRows:
+    """`document_pairs` for the documents of one tokenized unit, kept as token ranges
+    and laid out as columns for many documents at once (`columns`): prep's instance
+    pass. The rows, and each document's generator afterwards, equal `document_pairs`
+    (the same draws in the same order); no list or array is built per sentence or per
+    instance.
+
+    `tokens` holds the unit's ids end to end. `add(bounds, index, pool, rng)` takes a
+    document as its sentence bounds in `tokens` (sentence i is
+    `tokens[bounds[i]:bounds[i + 1]]`, a list of ints) and records its rows: per row the
+    start and length of segment A, of segment B (in `tokens`, or in a random next
+    segment read from the pool), and the label."""
+
+    def __init__(self, tokens: np.ndarray, spec: RecipeSpec) -> None:
+        self.tokens, self.spec = tokens, spec
+        self._extra: list[np.ndarray] = []   # random next segments, numbered after tokens
+        self._extra_size = tokens.shape[0]
+        self._rows: list[tuple[int, int, int, int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, bounds: list[int], index: int, pool: DocumentPool,
+            rng: np.random.Generator) -> tuple[int, int]:
+        """Record the rows of one document (`dupe_factor` passes); returns how many, and
+        their tokens."""
+        before = len(self._rows)
+        for _ in range(self.spec.dupe_factor):
+            if self.spec.objective == "mlm":
+                self._blocks(bounds, rng)
+            else:
+                self._pairs(bounds, index, pool, rng)
+        new = self._rows[before:]
+        specials = 2 if self.spec.objective == "mlm" else 3
+        return len(new), sum(r[1] + r[3] for r in new) + specials * len(new)
+
+    def _random_b(self, pool: DocumentPool, index: int, target_b: int,
+                  rng: np.random.Generator) -> tuple[int, int]:
+        # `_random_b`'s draws; the segment is kept whole and numbered after `tokens`
+        if len(pool) > 1:
+            other = int(rng.integers(0, len(pool) - 1))
+            other += other >= index
+        else:
+            other = index
+        start = int(rng.integers(0, pool.num_sentences(other)))
+        segment = pool.segment_from(other, start, target_b)
+        at = self._extra_size
+        self._extra.append(segment)
+        self._extra_size += segment.shape[0]
+        return at, at + segment.shape[0]
+
+    def _pairs(self, bounds: list[int], index: int, pool: DocumentPool,
+               rng: np.random.Generator) -> None:
+        # `pair_instances`, line for line, over (start, end) ranges
+        spec, rows = self.spec, self._rows
+        max_num_tokens = spec.max_seq_len - 3
+        target = _target_length(max_num_tokens, spec, rng)
+        nsp = spec.objective == "nsp"
+        n = len(bounds) - 1
+        first, i = 0, 0  # the chunk is sentences first..i
+        while i < n:
+            if i == n - 1 or bounds[i + 1] - bounds[first] >= target:
+                size = i - first + 1
+                a_end = first + (int(rng.integers(1, size)) if size >= 2 else 1)
+                a0, a1 = bounds[first], bounds[a_end]
+                label = 0
+                if nsp:
+                    if size == 1 or rng.random() < 0.5:
+                        label = 1
+                        b0, b1 = self._random_b(pool, index, target - (a1 - a0), rng)
+                        i = a_end - 1  # the sentences not used as B go back to the stream
+                    else:
+                        b0, b1 = a1, bounds[i + 1]
+                else:  # sop
+                    if size == 1:
+                        if a1 - a0 < 2:
+                            b0 = b1 = a1
+                        else:
+                            cut = a0 + int(rng.integers(1, a1 - a0))
+                            a1, b0, b1 = cut, cut, a1
+                    else:
+                        b0, b1 = a1, bounds[i + 1]
+                    if a1 > a0 and b1 > b0 and rng.random() < 0.5:
+                        a0, a1, b0, b1, label = b0, b1, a0, a1, 1
+                if a1 > a0 and b1 > b0:
+                    excess = (a1 - a0) + (b1 - b0) - max_num_tokens
+                    if excess > 0:  # `truncate_seq_pair`
+                        for coin in rng.random(excess).tolist():
+                            if (a1 - a0) > (b1 - b0):
+                                if coin < 0.5:
+                                    a0 += 1
+                                else:
+                                    a1 -= 1
+                            elif coin < 0.5:
+                                b0 += 1
+                            else:
+                                b1 -= 1
+                    rows.append((a0, a1 - a0, b0, b1 - b0, label))
+                first = i + 1
+            i += 1
+
+    def _blocks(self, bounds: list[int], rng: np.random.Generator) -> None:
+        # `mlm_instances` over ranges: a block is a run of whole sentences (or of pieces
+        # of one), so one range of `tokens`; one segment, no B
+        max_num_tokens = self.spec.max_seq_len - 2
+        target = _target_length(max_num_tokens, self.spec, rng)
+        start = size = 0
+        for s0, s1 in zip(bounds[:-1], bounds[1:]):
+            for k in range(s0, s1, max_num_tokens):
+                piece = min(max_num_tokens, s1 - k)
+                if size and size + piece > target:
+                    self._rows.append((start, size, 0, 0, -1))
+                    size = 0
+                if not size:
+                    start = k
+                size += piece
+        if size:
+            self._rows.append((start, size, 0, 0, -1))
+
+    def columns(self) -> InstanceColumns:
+        """The rows recorded since the last call, unmasked, as columns (then cleared)."""
+        spec = self.spec
+        fields = np.array(self._rows, np.int64).reshape(-1, 5)
+        n_rows = fields.shape[0]
+        single = self.spec.objective == "mlm"
+        # each row is 5 runs of a source: [CLS], A, [SEP], B, [SEP] (mlm: no B, no 2nd SEP)
+        source = np.concatenate([self.tokens, *self._extra,
+                                 np.array([spec.cls_id, spec.sep_id], self.tokens.dtype)])
+        cls_at, sep_at = source.shape[0] - 2, source.shape[0] - 1
+        starts = np.empty((n_rows, 5), np.int64)
+        lengths = np.empty((n_rows, 5), np.int64)
+        starts[:, 0], starts[:, 1], starts[:, 2] = cls_at, fields[:, 0], sep_at
+        starts[:, 3], starts[:, 4] = fields[:, 2], sep_at
+        lengths[:, 0], lengths[:, 1], lengths[:, 2] = 1, fields[:, 1], 1
+        lengths[:, 3], lengths[:, 4] = fields[:, 3], 0 if single else 1
+        run_lengths = lengths.ravel()
+        total = int(run_lengths.sum())
+        run_out = np.zeros(run_lengths.shape[0], np.int64)  # where each run starts in the rows
+        np.cumsum(run_lengths[:-1], out=run_out[1:])
+        index = np.repeat(starts.ravel() - run_out, run_lengths) + np.arange(total)
+        offsets = np.zeros(n_rows + 1, np.int64)
+        np.cumsum(lengths.sum(axis=1), out=offsets[1:])
+        types = np.repeat(np.tile(np.array([0, 0, 0, 1, 1], np.int8), n_rows), run_lengths)
+        self._extra, self._extra_size, self._rows = [], self.tokens.shape[0], []
+        return InstanceColumns(source[index], types, offsets, fields[:, 4].astype(np.int8))
 
 
 def _mask(instances: list[Instance], masking: MaskingSpec | None,
