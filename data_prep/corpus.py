@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from itertools import chain
 from pathlib import Path
@@ -172,6 +172,7 @@ class SplitPool:
             max_open = _local_max_open() if local else 64
         self._max_open = max_open
         self._cache_bytes = cache_bytes
+        self._last: tuple[int, Any] = (-1, None)  # the last document looked up
 
     @classmethod
     def load(cls, path: str | Path) -> SplitPool:
@@ -182,6 +183,7 @@ class SplitPool:
         return self._size
 
     def close(self) -> None:
+        self._last = (-1, None)
         while self._files:
             self._files.popitem()[1][0].close()
 
@@ -201,6 +203,8 @@ class SplitPool:
         read in one go when it is opened and kept while it stays open: a draw then costs
         two positioned reads, not four (each is a system call, which a sandboxed host
         makes expensive)."""
+        if self._last[0] == index:  # a draw asks for its document's sentences, then them
+            return self._last[1]
         if not 0 <= index < self._size:
             raise IndexError(f"document {index} is outside the pool of {len(self)}")
         u = bisect_right(self._starts, index) - 1
@@ -215,10 +219,13 @@ class SplitPool:
             entry = self._files[u] = (file, head[4:], int(head[2]))
             if len(self._files) > self._max_open:
                 self._files.popitem(last=False)[1][0].close()
+                self._last = (-1, None)
         else:
             self._files.move_to_end(u)
         file, docs, n_sents = entry
-        return file, docs, index - self._starts[u], n_sents
+        found = file, docs, index - self._starts[u], n_sents
+        self._last = (index, found)
+        return found
 
     def num_sentences(self, index: int) -> int:
         _, docs, local, _ = self._unit(index)
@@ -234,10 +241,9 @@ class SplitPool:
             return np.zeros(0, np.int32)
         sents_at = _HEADER + 8 * docs.shape[0]
         bounds = np.frombuffer(file.read_at(8 * (s1 - first + 1), sents_at + 8 * first),
-                               np.int64)
+                               np.int64).tolist()
         # the first sentence whose end reaches min_tokens closes the segment
-        reach = np.searchsorted(bounds[1:] - bounds[0], min_tokens, side="left")
-        end = bounds[min(int(reach) + 1, bounds.shape[0] - 1)]
+        end = bounds[min(bisect_left(bounds, bounds[0] + min_tokens, 1), len(bounds) - 1)]
         tokens_at = sents_at + 8 * (n_sents + 1)
-        raw = file.read_at(4 * int(end - bounds[0]), tokens_at + 4 * int(bounds[0]))
+        raw = file.read_at(4 * (end - bounds[0]), tokens_at + 4 * bounds[0])
         return np.frombuffer(raw, np.int32)

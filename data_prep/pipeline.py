@@ -83,13 +83,13 @@ from data_prep.readers import expand_locations, iter_documents
 from data_prep.corpus import SplitPool, read_tokenized_arrays, write_tokenized
 from data_prep.recipe import (InstanceColumns, RecipeSpec, UnitRows, mask_columns,
                               output_schema)
+from data_prep.seeds import SPLITS, DocGenerators
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val")
 _UNIT_MAX_CHARS = 16 << 20  # a unit also closes at this much text (bounded memory)
 _TOKENIZE_THREADS = 3  # driver threads calling the tokenizer (each unit's text held)
 
@@ -231,14 +231,6 @@ _FLUSH_TOKENS = 4 << 20    # instance tokens a unit task holds before writing th
 _MASK_GROUP_TOKENS = 1 << 18  # instance tokens masked at once (vectorised; bounded memory)
 
 
-def doc_rng(seed: int, split: str, document: int) -> np.random.Generator:
-    """The generator of one document: its pairs, masks and shuffle keys depend only on
-    (seed, split, the document's number in the split), not on workers or units."""
-    # what default_rng([...]) builds, without its argument checks (a third of its cost)
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(
-        [seed, SPLITS.index(split), document])))
-
-
 def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
     """Shuffle buckets (= output parts) of a split: `--num-parts`, else enough that each
     holds at most about `_BUCKET_BYTES` of rows and, once the split holds that much, at
@@ -323,6 +315,7 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
         docs, sents, tokens = read_tokenized_arrays(unit["tokens_path"])
         rows = UnitRows(tokens, spec)
         doc_bounds, sent_bounds = docs.tolist(), sents.tolist()
+        generators = DocGenerators(seed, split, unit["first_doc"], len(doc_bounds) - 1)
         group: list[tuple[np.random.Generator, int]] = []
         group_tokens = 0
 
@@ -333,6 +326,7 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
                                    [r for r, _ in group], spec.masking)
             for rng, n in group:
                 keys.append(rng.integers(0, 2**63 - 1, n, dtype=np.int64))
+            generators.give_back([rng for rng, _ in group])
             if len(columns):
                 counts["masked_tokens"] += int(columns.position_offsets[-1]) if static else 0
                 buffer.append(columns)
@@ -340,7 +334,7 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
 
         for local in range(len(doc_bounds) - 1):
             index = unit["first_doc"] + local
-            rng = doc_rng(seed, split, index)
+            rng = generators.next()
             n, tokens = rows.add(sent_bounds[doc_bounds[local]:doc_bounds[local + 1] + 1],
                                  index, pool, rng)
             group.append((rng, n))

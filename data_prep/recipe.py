@@ -2,7 +2,8 @@
 
 `document_instances(document, index, pool, spec, rng)` turns one tokenized document (a
 list of sentences, each a list of ids) into its training instances, exactly as Google's
-script does, with these documented differences:
+script does (`UnitRows`, which prep runs over whole units), with these documented
+differences:
 - NSP's random "next" segment comes from `pool`, a `DocumentPool` of every document of
   the split (prep passes a `SplitPool` over the whole tokenized corpus), and is always
   from another document (Google retries 10 times, then accepts its own document).
@@ -56,34 +57,26 @@ def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int,
                       rng: np.random.Generator) -> tuple[list[int], list[int]]:
     """Google's truncation: drop from the longer side, from its front or back at random,
     until the pair fits. Returns new lists (the inputs are not modified)."""
-    excess = len(a) + len(b) - max_num_tokens
-    if excess <= 0:
-        return a, b
-    coins = rng.random(excess) < 0.5
-    a0, a1, b0, b1 = 0, len(a), 0, len(b)
-    for front in coins:
-        if (a1 - a0) > (b1 - b0):
-            if front:
-                a0 += 1
-            else:
-                a1 -= 1
-        elif front:
-            b0 += 1
-        else:
-            b1 -= 1
+    a0, a1, b0, b1 = _truncate(0, len(a), 0, len(b), max_num_tokens, rng)
     return a[a0:a1], b[b0:b1]
 
 
-def _pair(a: list[int], b: list[int], label: int, spec: RecipeSpec) -> Instance:
-    ids = np.empty(len(a) + len(b) + 3, dtype=np.int32)
-    ids[0] = spec.cls_id
-    ids[1:len(a) + 1] = a
-    ids[len(a) + 1] = spec.sep_id
-    ids[len(a) + 2:-1] = b
-    ids[-1] = spec.sep_id
-    types = np.zeros(ids.shape[0], dtype=np.int8)
-    types[len(a) + 2:] = 1
-    return Instance(ids, types, label)
+def _truncate(a0: int, a1: int, b0: int, b1: int, max_num_tokens: int,
+              rng: np.random.Generator) -> tuple[int, int, int, int]:
+    # `truncate_seq_pair` on the bounds of A and B: one coin per token too many
+    excess = (a1 - a0) + (b1 - b0) - max_num_tokens
+    if excess > 0:
+        for coin in rng.random(excess).tolist():
+            if (a1 - a0) > (b1 - b0):
+                if coin < 0.5:
+                    a0 += 1
+                else:
+                    a1 -= 1
+            elif coin < 0.5:
+                b0 += 1
+            else:
+                b1 -= 1
+    return a0, a1, b0, b1
 
 
 def _target_length(max_num_tokens: int, spec: RecipeSpec, rng: np.random.Generator) -> int:
@@ -91,99 +84,6 @@ def _target_length(max_num_tokens: int, spec: RecipeSpec, rng: np.random.Generat
     if rng.random() < spec.short_seq_prob:
         return int(rng.integers(2, max_num_tokens + 1))
     return max_num_tokens
-
-
-def _flat(chunk: list[Sentence]) -> list[int]:
-    out: list[int] = []
-    for s in chunk:
-        out.extend(s)
-    return out
-
-
-def pair_instances(document: Document, index: int, pool: DocumentPool, spec: RecipeSpec,
-                   rng: np.random.Generator) -> list[Instance]:
-    """NSP/SOP instances of one document (Google's create_instances_from_document);
-    `index` is the document's number in `pool`, where random next segments come from."""
-    max_num_tokens = spec.max_seq_len - 3
-    target = _target_length(max_num_tokens, spec, rng)
-    instances: list[Instance] = []
-    chunk: list[Sentence] = []
-    length = 0
-    i = 0
-    while i < len(document):
-        chunk.append(document[i])
-        length += len(document[i])
-        if i == len(document) - 1 or length >= target:
-            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-            a = _flat(chunk[:a_end])
-            label = 0
-            if spec.objective == "nsp":
-                if len(chunk) == 1 or rng.random() < 0.5:
-                    label = 1
-                    b = _random_b(pool, index, target - len(a), rng)
-                    # the sentences not used as B go back to the stream
-                    i -= len(chunk) - a_end
-                else:
-                    b = _flat(chunk[a_end:])
-            else:  # sop
-                if len(chunk) == 1:
-                    a, b = _cut_sentence(a, rng)
-                else:
-                    b = _flat(chunk[a_end:])
-                if a and b and rng.random() < 0.5:
-                    a, b, label = b, a, 1
-            if a and b:
-                a, b = truncate_seq_pair(a, b, max_num_tokens, rng)
-                instances.append(_pair(a, b, label, spec))
-            chunk, length = [], 0
-        i += 1
-    return instances
-
-
-def _cut_sentence(tokens: list[int], rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    if len(tokens) < 2:
-        return tokens, []
-    cut = int(rng.integers(1, len(tokens)))
-    return tokens[:cut], tokens[cut:]
-
-
-def _random_b(pool: DocumentPool, index: int, target_b: int,
-              rng: np.random.Generator) -> list[int]:
-    """Sentences of another document from a random start, up to `target_b` tokens.
-    Uniform over the other documents of the pool (a pool of one reuses itself)."""
-    if len(pool) > 1:
-        other = int(rng.integers(0, len(pool) - 1))
-        other += other >= index
-    else:
-        other = index
-    start = int(rng.integers(0, pool.num_sentences(other)))
-    return pool.tokens_from(other, start, target_b)
-
-
-def mlm_instances(document: Document, spec: RecipeSpec,
-                  rng: np.random.Generator) -> list[Instance]:
-    """Single-segment instances: blocks of whole sentences up to the target length."""
-    max_num_tokens = spec.max_seq_len - 2
-    target = _target_length(max_num_tokens, spec, rng)
-    instances: list[Instance] = []
-    block: list[int] = []
-    for sentence in document:
-        pieces = [sentence[k:k + max_num_tokens] for k in range(0, len(sentence), max_num_tokens)]
-        for piece in pieces:
-            if block and len(block) + len(piece) > target:
-                instances.append(_single(block, spec))
-                block = []
-            block.extend(piece)
-    if block:
-        instances.append(_single(block, spec))
-    return instances
-
-
-def _single(block: list[int], spec: RecipeSpec) -> Instance:
-    ids = np.empty(len(block) + 2, dtype=np.int32)
-    ids[0], ids[-1] = spec.cls_id, spec.sep_id
-    ids[1:-1] = block
-    return Instance(ids, np.zeros(ids.shape[0], dtype=np.int8), -1)
 
 
 def document_instances(document: Document, index: int, pool: DocumentPool,
@@ -195,14 +95,13 @@ def document_instances(document: Document, index: int, pool: DocumentPool,
 
 def document_pairs(document: Document, index: int, pool: DocumentPool, spec: RecipeSpec,
                    rng: np.random.Generator) -> list[Instance]:
-    """`document_instances` before masking (`instance_columns` masks many at once)."""
-    instances: list[Instance] = []
-    for _ in range(spec.dupe_factor):
-        if spec.objective == "mlm":
-            instances.extend(mlm_instances(document, spec, rng))
-        else:
-            instances.extend(pair_instances(document, index, pool, spec, rng))
-    return instances
+    """`document_instances` before masking: `UnitRows` over this one document."""
+    bounds = np.zeros(len(document) + 1, np.int64)
+    np.cumsum([len(s) for s in document], out=bounds[1:])
+    tokens = np.fromiter((t for s in document for t in s), np.int32, count=int(bounds[-1]))
+    rows = UnitRows(tokens, spec)
+    rows.add(bounds.tolist(), index, pool, rng)
+    return rows.columns().instances()
 
 
 @dataclass
@@ -239,6 +138,13 @@ class InstanceColumns:
                    joined("originals") if static else None,
                    offsets("position_offsets") if static else None)
 
+    def instances(self) -> list[Instance]:
+        """The rows as `Instance`s (unmasked columns; for small in-memory corpora)."""
+        bounds = self.offsets.tolist()
+        return [Instance(self.input_ids[a:b].copy(), self.token_type_ids[a:b].copy(),
+                         int(label))
+                for a, b, label in zip(bounds[:-1], bounds[1:], self.labels.tolist())]
+
     def to_table(self, objective: str, static: bool) -> Any:
         """The rows as a pyarrow Table in the dataset schema (`instances_to_table`'s)."""
         import pyarrow as pa
@@ -255,26 +161,6 @@ class InstanceColumns:
             cols["masked_lm_positions"] = lists(self.position_offsets, self.positions)
             cols["masked_lm_ids"] = lists(self.position_offsets, self.originals)
         return pa.table(cols, schema=output_schema(objective, static))
-
-
-def instance_columns(documents: list[list[Instance]], rngs: list[np.random.Generator],
-                     masking: MaskingSpec | None) -> InstanceColumns:
-    """The unmasked instances of many documents as columns, masked (when `masking` is
-    set) each document from its own generator: the rows, and every generator's state
-    afterwards, equal `_mask` called document by document (`mask_columns`)."""
-    instances = [inst for x in documents for inst in x]
-    lengths = np.fromiter((i.input_ids.shape[0] for i in instances), np.int64,
-                          count=len(instances))
-    offsets = np.zeros(len(instances) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    labels = np.fromiter((i.label for i in instances), np.int8, count=len(instances))
-    if not instances:
-        columns = InstanceColumns(np.zeros(0, np.int32), np.zeros(0, np.int8), offsets, labels)
-    else:
-        columns = InstanceColumns(np.concatenate([i.input_ids for i in instances]),
-                                  np.concatenate([i.token_type_ids for i in instances]),
-                                  offsets, labels)
-    return mask_columns(columns, [len(x) for x in documents], rngs, masking)
 
 
 def mask_columns(columns: InstanceColumns, doc_rows: list[int],
@@ -337,11 +223,11 @@ def mask_columns(columns: InstanceColumns, doc_rows: list[int],
 
 
 class UnitRows:
-    """`document_pairs` for the documents of one tokenized unit, kept as token ranges
-    and laid out as columns for many documents at once (`columns`): prep's instance
-    pass. The rows, and each document's generator afterwards, equal `document_pairs`
-    (the same draws in the same order); no list or array is built per sentence or per
-    instance.
+    """The recipe itself (Google's create_instances_from_document for nsp/sop, the
+    blocks of `mlm`) over the documents of one tokenized unit: rows are kept as token
+    ranges and laid out as columns for many documents at once (`columns`), so no list or
+    array is built per sentence or per instance. Prep's instance pass runs it over each
+    unit; `document_pairs` over one document.
 
     `tokens` holds the unit's ids end to end. `add(bounds, index, pool, rng)` takes a
     document as its sentence bounds in `tokens` (sentence i is
@@ -374,7 +260,9 @@ class UnitRows:
 
     def _random_b(self, pool: DocumentPool, index: int, target_b: int,
                   rng: np.random.Generator) -> tuple[int, int]:
-        # `_random_b`'s draws; the segment is kept whole and numbered after `tokens`
+        # sentences of another document from a random start, up to `target_b` tokens,
+        # uniform over the other documents of the pool (a pool of one reuses itself);
+        # the segment is kept whole and numbered after `tokens`
         if len(pool) > 1:
             other = int(rng.integers(0, len(pool) - 1))
             other += other >= index
@@ -389,7 +277,10 @@ class UnitRows:
 
     def _pairs(self, bounds: list[int], index: int, pool: DocumentPool,
                rng: np.random.Generator) -> None:
-        # `pair_instances`, line for line, over (start, end) ranges
+        # Google's create_instances_from_document over (start, end) ranges of tokens:
+        # chunks of sentences up to the target length, A = the chunk's first a_end
+        # sentences, B = the rest (or, for half of NSP's pairs and every chunk of one
+        # sentence, a random next segment, the unused sentences going back to the stream)
         spec, rows = self.spec, self._rows
         max_num_tokens = spec.max_seq_len - 3
         target = _target_length(max_num_tokens, spec, rng)
@@ -421,25 +312,15 @@ class UnitRows:
                     if a1 > a0 and b1 > b0 and rng.random() < 0.5:
                         a0, a1, b0, b1, label = b0, b1, a0, a1, 1
                 if a1 > a0 and b1 > b0:
-                    excess = (a1 - a0) + (b1 - b0) - max_num_tokens
-                    if excess > 0:  # `truncate_seq_pair`
-                        for coin in rng.random(excess).tolist():
-                            if (a1 - a0) > (b1 - b0):
-                                if coin < 0.5:
-                                    a0 += 1
-                                else:
-                                    a1 -= 1
-                            elif coin < 0.5:
-                                b0 += 1
-                            else:
-                                b1 -= 1
+                    a0, a1, b0, b1 = _truncate(a0, a1, b0, b1, max_num_tokens, rng)
                     rows.append((a0, a1 - a0, b0, b1 - b0, label))
                 first = i + 1
             i += 1
 
     def _blocks(self, bounds: list[int], rng: np.random.Generator) -> None:
-        # `mlm_instances` over ranges: a block is a run of whole sentences (or of pieces
-        # of one), so one range of `tokens`; one segment, no B
+        # `mlm`: blocks of whole sentences up to the target length (a sentence longer
+        # than the block cut into block-sized pieces), each one range of `tokens`; one
+        # segment, no B
         max_num_tokens = self.spec.max_seq_len - 2
         target = _target_length(max_num_tokens, self.spec, rng)
         start = size = 0

@@ -174,38 +174,45 @@ def test_table_has_the_contract_schema():
 
 
 @pytest.mark.parametrize("whole_word", [False, True])
-def test_instance_columns_mask_as_each_document_alone_would(whole_word):
-    """Prep's instance pass masks many documents at once as columns; the rows, and each
-    document's generator afterwards (it then draws the shuffle keys), equal masking
-    document by document and building the table from the instances."""
+def test_unit_rows_mask_as_each_document_alone_would(whole_word):
+    """Prep's instance pass runs the recipe over a whole unit's tokens and masks many
+    documents at once as columns; the rows, and each document's generator afterwards
+    (it then draws the shuffle keys), equal pairing and masking document by document
+    and building the table from the instances."""
     from data_prep.corpus import ListPool
-    from data_prep.recipe import InstanceColumns, document_pairs, instance_columns
+    from data_prep.recipe import InstanceColumns, UnitRows, document_pairs, mask_columns
 
-    docs = corpus(n_docs=40, seed=3) + [[]]  # the last yields no instance
+    docs = corpus(n_docs=40, seed=3)
     continuation = np.zeros(VOCAB, bool)
     continuation[np.arange(0, VOCAB, 3)] = True
     masking = MaskingSpec(vocab_size=VOCAB, mask_id=MASK, special_ids=SPECIAL,
                           whole_word=whole_word, continuation=continuation)
-    pool, s = ListPool(docs[:-1]), spec(dupe_factor=2)
+    pool, s = ListPool(docs), spec(dupe_factor=2)
 
-    def paired(seed):
-        rngs = [np.random.default_rng([seed, d]) for d in range(len(docs))]
-        return [document_pairs(doc, d, pool, s, rng) for d, (doc, rng)
-                in enumerate(zip(docs, rngs))], rngs
+    def rngs():
+        return [np.random.default_rng([5, d]) for d in range(len(docs))]
 
-    alone, alone_rngs = paired(5)
+    alone_rngs = rngs()
+    alone = [document_pairs(doc, d, pool, s, rng)
+             for d, (doc, rng) in enumerate(zip(docs, alone_rngs))]
     for instances, rng in zip(alone, alone_rngs):
-        if instances:
-            masked, positions, originals = masking.apply_batch(
-                [x.input_ids for x in instances], rng)
-            for x, ids, pos, orig in zip(instances, masked, positions, originals):
-                x.input_ids, x.positions, x.originals = ids, pos.astype(np.int32), \
-                    orig.astype(np.int32)
+        masked, positions, originals = masking.apply_batch([x.input_ids for x in instances],
+                                                           rng)
+        for x, ids, pos, orig in zip(instances, masked, positions, originals):
+            x.input_ids, x.positions, x.originals = ids, pos.astype(np.int32), \
+                orig.astype(np.int32)
     expected = instances_to_table([x for i in alone for x in i], "nsp", static=True)
-    together, rngs = paired(5)
-    assert together[-1] == []
-    halves = [instance_columns(together[:17], rngs[:17], masking),
-              instance_columns(together[17:], rngs[17:], masking)]
+
+    tokens = np.array([t for doc in docs for sent in doc for t in sent], np.int32)
+    bounds = np.cumsum([0] + [len(sent) for doc in docs for sent in doc]).tolist()
+    first = np.cumsum([0] + [len(doc) for doc in docs]).tolist()
+    unit, together, halves = UnitRows(tokens, s), rngs(), []
+    for group in (range(0, 17), range(17, len(docs))):
+        rows = [unit.add(bounds[first[d]:first[d + 1] + 1], d, pool, together[d])[0]
+                for d in group]
+        halves.append(mask_columns(unit.columns(), rows, [together[d] for d in group],
+                                   masking))
     assert InstanceColumns.concat(halves).to_table("nsp", True).equals(expected)
-    assert [r.random() for r in rngs] == [r.random() for r in alone_rngs]
-    assert len(instance_columns([[], []], rngs[:2], masking)) == 0
+    assert [r.random() for r in together] == [r.random() for r in alone_rngs]
+    empty = mask_columns(unit.columns(), [0, 0], together[:2], masking)
+    assert len(empty) == 0 and empty.position_offsets.tolist() == [0]
