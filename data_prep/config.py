@@ -51,7 +51,7 @@ class PrepConfig:
                                   renamed_from=("num_workers",))
     tokenize_on: Literal["auto", "driver", "ray"] = field(
         "auto", help="where text is tokenized: driver (this process, the tokenizer's own "
-        "threads on every core; Ray starts for its last seconds), ray (tasks on the cluster's nodes) or "
+        "threads on every core, then Ray starts), ray (tasks on the cluster's nodes) or "
         "auto (driver when the Ray cluster is this machine alone); never changes the output")
     num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
                            "about 64 MB, at least 64 once a split holds 64 MB, none under "

@@ -12,8 +12,8 @@ How the work is cut, and why (the only module that runs prep's Ray tasks):
 3. Tokenize (one Ray task per unit): each unit's documents are written tokenized
    (`corpus.py` format). On a Ray of this machine alone (`tokenizes_in_driver`) the
    driver does it instead as each unit closes, with the tokenizer's own threads on every
-   core; Ray starts (and the workers of the passes below load their state) during the
-   last seconds of it (`ray_start_due`), not sooner: no unit text is staged. The tokens files are the same. The driver then numbers every
+   core, before Ray starts (Ray's start would take those cores): no unit text is
+   staged. The tokens files are the same. The driver then numbers every
    document of a split, in reading order: that is the corpus-wide index NSP draws its
    random next segments from.
 4. Instances (one task per unit): each document's instances come from a generator seeded
@@ -28,7 +28,9 @@ How the work is cut, and why (the only module that runs prep's Ray tasks):
    number of buckets follows from the split's token count, never from the workers).
    Ray Data's own `random_shuffle` would hold the whole split in the object store.
 Each pass is plain Ray tasks, `tokenize_workers` at a time (`run_tasks`): on 2 cores Ray
-Data's task pool kept about one of two busy. Rows never depend on the schedule.
+Data's task pool kept about one of two busy. The first pass that needs Ray starts it,
+and the driver runs that pass's first items itself until Ray is up. Rows never depend
+on the schedule.
 Where things live. Every intermediate a task reads or writes lives on the OUTPUT's
 filesystem, opened through `pyarrow.fs` (`data_prep.storage`), never only on the driver:
 - a local DIR (or file://): a hidden temp sibling `.DIR.tmp-PID/` holds the staging
@@ -66,7 +68,6 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,7 @@ def _key_config(config: PrepConfig) -> dict[str, Any]:
 
 
 def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                staging: str | Path, tokenizer: WordPieceTokenizer | None = None,
-                cancelled: threading.Event | None = None,
-                progress: Callable[[int], None] | None = None
+                staging: str | Path, tokenizer: WordPieceTokenizer | None = None
                 ) -> tuple[list[dict[str, Any]], Counter]:
     """Stream every file (path or URI) into work units under `staging` (a path or URI);
     returns (units, read counts).
@@ -160,27 +159,20 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
     the tokenizer's own Rust threads on every core, called from three threads of this
     process, so that their Python work on each result, under the GIL, overlaps the
     others' Rust work, while the next unit is read) and the unit carries its `tokenized`
-    result; at most four units of text are held. `cancelled` stops the reading early
-    (the caller failed elsewhere); `progress` is called as each unit's tokens are
-    written, with the characters of text tokenized so far."""
+    result; at most four units of text are held."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
-    pending: list[tuple[dict[str, Any], Any, int]] = []  # units being tokenized, in order
-    settled = 0  # characters of the units tokenized so far
+    pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
     with ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize") \
             as tokenizing:
 
         def settle(keep: int) -> None:
-            nonlocal settled
             while len(pending) > keep:
-                unit, future, chars = pending.pop(0)
+                unit, future = pending.pop(0)
                 unit["tokenized"] = future.result()
-                settled += chars
-                if progress is not None:
-                    progress(settled)
 
         for file, info in zip(files, inputs):
             buffers: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
@@ -201,8 +193,7 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
                 else:
                     settle(_TOKENIZE_THREADS - 1)
                     pending.append((unit, tokenizing.submit(
-                        tokenize_documents, docs, unit["index"], tokenizer, staging),
-                        sizes[split]))
+                        tokenize_documents, docs, unit["index"], tokenizer, staging)))
                 units.append(unit)
                 numbers[split] += 1
                 buffers[split], sizes[split] = [], 0
@@ -210,8 +201,6 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
             for doc in iter_documents(file, stats, text_field=config.text_column,
                                       max_line_bytes=config.max_line_bytes,
                                       max_decompressed_bytes=config.max_decompressed_bytes):
-                if cancelled is not None and cancelled.is_set():
-                    return units, stats
                 split = split_of(doc, config.val_fraction)
                 buffers[split].append(doc)
                 sizes[split] += sum(map(len, doc))
@@ -430,6 +419,15 @@ def _pool(path: str) -> SplitPool:
     return pools[path]
 
 
+def _release_worker_state() -> None:
+    """Close the NSP pools `_worker_state` keeps open and forget the state (the driver,
+    after running tasks itself: it outlives the build, whose staging files the pools
+    hold open)."""
+    for pool in _WORKER_STATE.get("pools", {}).values():
+        pool.close()
+    _WORKER_STATE.clear()
+
+
 def run_pass(step: str, task: dict[str, Any], tokenizer_dir: str, config: dict[str, Any],
              out_dir: str, staging: str, env: Any = None) -> dict[str, Any]:
     """Ray task: one item of pass `step` (tokenize, instances or merge). Every location it
@@ -445,11 +443,8 @@ def run_pass(step: str, task: dict[str, Any], tokenizer_dir: str, config: dict[s
         result = instance_unit(task, spec, cfg.seed, _pool(task["pool"]), staging)
     elif step == "merge":
         result = merge_bucket(task, out_dir)
-    else:  # "warm" (`warm_workers`): the state above, and what the passes import
-        import pyarrow.compute  # noqa: F401  (Table.take's; it imports pandas: ~1 s)
-        import pyarrow.parquet  # noqa: F401
-
-        result = {"seconds": 0.0}
+    else:
+        raise ValueError(f"unknown prep pass {step!r}")
     return {**result, "worker": os.getpid()}
 
 
@@ -468,30 +463,25 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     retries a task whose worker died, which rewrites the same file."""
     from tqdm import tqdm
 
-    from data_prep.ray_env import init_ray
-
     if not items:
         return []
-    import sys
-
-    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():
-        mark_stage("ray start")
-    ray = init_ray(config.address)
     mark_stage(step)
-    workers, submit, capped = _pass_tasks(ray, config, len(items), step, tokenizer_dir,
-                                          out_dir, staging)
-    # when the tasks' CPU requests already let no more than `workers` run, one more
-    # waits queued, so that no worker waits on this driver between two tasks
-    in_flight = workers + 1 if capped else workers
     results: list[dict[str, Any] | None] = [None] * len(items)
-    running: dict[Any, int] = {}
     started = time.perf_counter()
     with tqdm(total=len(items), desc=f"prep {step}", unit="task", mininterval=2.0) as bar:
+        ray, first = _start_ray_running(step, items, results, bar, tokenizer_dir, config,
+                                        out_dir, staging)
+        workers, submit, capped = _pass_tasks(ray, config, len(items), step, tokenizer_dir,
+                                              out_dir, staging)
+        # when the tasks' CPU requests already let no more than `workers` run, one more
+        # waits queued, so that no worker waits on this driver between two tasks
+        in_flight = workers + 1 if capped else workers
+        running: dict[Any, int] = {}
         try:
-            for k, item in enumerate(items):
+            for k in range(first, len(items)):
                 if len(running) == in_flight:
                     _collect(ray, running, results, bar)
-                running[submit(item)] = k
+                running[submit(items[k])] = k
             while running:
                 _collect(ray, running, results, bar)
         except BaseException:
@@ -505,15 +495,46 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     return results  # type: ignore[return-value]
 
 
-def warm_workers(ray: Any, config: PrepConfig, tokenizer_dir: str, out_dir: str,
-                 staging: str) -> None:
-    """Have the worker processes of the passes to come import prep and load the
-    tokenizer now (one task each, not waited for): on a driver that tokenizes, the
-    cores still have room for it, and the instance pass then starts at full speed."""
-    workers, submit, _ = _pass_tasks(ray, config, 1 << 30, "warm", tokenizer_dir, out_dir,
-                                     staging)
-    for _ in range(workers):
-        submit({})
+def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any], bar: Any,
+                       tokenizer_dir: str, config: PrepConfig, out_dir: str, staging: str
+                       ) -> tuple[Any, int]:
+    """Ray, initialised; returns (ray, how many of the first items this process ran).
+
+    Ray already up in this process: nothing to run. Otherwise this process runs the
+    pass's items in order, on a thread, while this thread starts (or joins) Ray, and
+    stops after the item in hand once Ray is up: Ray's start (about 5 s on a local
+    machine, mostly its processes starting and registering) costs the pass no wall time
+    of its own. Rows never depend on which process runs an item."""
+    import sys
+
+    from data_prep.ray_env import init_ray
+
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return init_ray(config.address), 0
+    up = threading.Event()
+
+    def run_here() -> int:
+        done = 0
+        try:
+            while done < len(items) and not up.is_set():
+                results[done] = run_pass(step, items[done], tokenizer_dir, to_dict(config),
+                                         out_dir, staging)
+                bar.update(1)
+                done += 1
+        finally:
+            _release_worker_state()
+        return done
+
+    log.info("starting Ray; this process runs the first %s tasks meanwhile", step)
+    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-prep") as here:
+        running_here = here.submit(run_here)
+        try:
+            ray = init_ray(config.address)
+        finally:
+            up.set()
+        done = running_here.result()  # a failed item fails the pass here
+    log.info("Ray is up; this process ran %d of the %d %s tasks", done, len(items), step)
+    return ray, done
 
 
 def _pass_tasks(ray: Any, config: PrepConfig, n_items: int, step: str, tokenizer_dir: str,
@@ -636,8 +657,7 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
         tokenizer_dir = root.join("tokenizer").uri
         if tokenizer is not None and tokenizes_in_driver(config):
             tokenizer.save(tokenizer_dir)
-            units, read = _read_and_tokenize(files, inputs, config, tokenizer, root,
-                                             staging.uri)
+            units, read = _read_and_tokenize(files, inputs, config, tokenizer, staging.uri)
         else:
             mark_stage("read")
             log.info("reading %d file(s) into work units", len(files))
@@ -687,7 +707,7 @@ def tokenizes_in_driver(config: PrepConfig) -> bool:
     """Whether pass 1 runs in this process (`--tokenize-on`). auto: yes when the Ray
     cluster is this machine alone (a private local Ray, or one of a single node that
     is this driver's) and the tokenizer may use its threads: its Rust threads then keep
-    every core busy with no Ray task and no staged text, and Ray starts as it ends. On a
+    every core busy with no Ray task and no staged text, and Ray starts after it. On a
     cluster of several nodes the Ray tasks spread the work over every node."""
     if config.tokenize_on != "auto":
         return config.tokenize_on == "driver"
@@ -703,58 +723,16 @@ def tokenizes_in_driver(config: PrepConfig) -> bool:
 
 
 def _read_and_tokenize(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                       tokenizer: WordPieceTokenizer, root: Location, staging: str
+                       tokenizer: WordPieceTokenizer, staging: str
                        ) -> tuple[list[dict[str, Any]], Counter]:
-    """`stage_units` with pass 1 in this process, on a thread, while this thread starts
-    (or joins) Ray and has the later passes' workers load their state, timed so that
-    Ray's start overlaps only the last seconds of the reading (`ray_start_due`)."""
-    from data_prep.ray_env import init_ray
-
+    """`stage_units` with pass 1 in this process. Ray is not started meanwhile: its start
+    (its processes, the workers' imports) takes CPU from the tokenizer's threads, which
+    use every core (on 2 cores, starting it with the reading made reading and tokenizing
+    100 MB take 52.7 s instead of 34.6 s, and Ray's start 10 s instead of 4.6 s); the
+    next pass starts it while this process runs that pass's first tasks (`run_tasks`)."""
     mark_stage("read+tokenize")
     log.info("reading and tokenizing %d file(s)", len(files))
-    cancelled, due = threading.Event(), threading.Event()
-    total, started = sum(int(i["size"]) for i in inputs), time.perf_counter()
-    progressed = [0]
-
-    def progress(chars: int) -> None:
-        progressed[0] = chars
-        if not due.is_set() and ray_start_due(chars, total, time.perf_counter() - started):
-            due.set()
-
-    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-read") as reader:
-        reading = reader.submit(stage_units, files, inputs, config, staging, tokenizer,
-                                cancelled, progress)
-        while not due.wait(0.1) and not reading.done():
-            pass
-        if reading.done() and reading.exception() is not None:
-            return reading.result()  # raises: no Ray for a build that failed reading
-        try:
-            log.info("starting Ray for the passes to come (%.0f%% of the text tokenized)",
-                     100 * min(1.0, progressed[0] / max(total, 1)))
-            warm_workers(init_ray(config.address), config, root.join("tokenizer").uri,
-                         root.uri, staging)
-        except BaseException:
-            cancelled.set()
-            raise
-        return reading.result()
-
-
-_RAY_START_LEAD_S = 5.0  # about what a local Ray's start (and the workers') takes
-
-
-def ray_start_due(chars: int, total_bytes: int, elapsed: float) -> bool:
-    """Whether the driver, which tokenizes while it reads, should start Ray now: when the
-    reading left, at its rate so far, takes no longer than Ray's start. Ray's start costs
-    CPU (its processes, the workers' imports) that the tokenizer's threads, on every
-    core, would otherwise use: on 2 cores, starting it with the reading made the reading
-    and tokenizing of 100 MB take 52.7 s instead of 34.6 s, and Ray's start 10 s instead
-    of 4.6 s. Progress is characters of text tokenized against the inputs' bytes: for
-    compressed or binary inputs that is only an estimate, which at worst starts Ray with
-    the reading (as before) or once it has ended (a few seconds later than needed)."""
-    if chars <= 0 or elapsed <= 0:
-        return False
-    left = max(total_bytes - chars, 0) / (chars / elapsed)
-    return left <= _RAY_START_LEAD_S
+    return stage_units(files, inputs, config, staging, tokenizer)
 
 
 def _build_instances(units: list[dict[str, Any]], root: Location, staging: Location,

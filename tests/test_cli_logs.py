@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -142,22 +143,41 @@ def test_verbose_shows_everything(tmp_path, monkeypatch, capsys, restore_logging
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir):
+def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
     """`bertflow prep` end to end: the terminal has bertflow's lines, not Ray's own (its
     token-authentication warning, "Started a local Ray instance", Ray Data's execution
-    plans); the file named at the end has Ray's lines too."""
+    plans); the file named at the end has Ray's lines too. The CLI starts a Ray of its
+    own, after tokenizing, and runs the first instance tasks itself while it starts: its
+    parts equal a build on an already running Ray with other units and Ray tokenizing."""
+    import pyarrow.parquet as pq
+
+    from data_prep import PrepConfig, build_pretraining_dataset
+
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(
-        "\n".join(f"Sentence {d} {i} about rivers and mountains near the city." for i in range(6))
-        for d in range(20)) + "\n")
+        "\n".join(f"Sentence {d} {i} about rivers {d * i} and mountains near the city."
+                  for i in range(6 + d % 5))
+        for d in range(120)) + "\n")
     env = {**os.environ, "BERTFLOW_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_DATA_LOGGING_CONFIG", None)
     proc = subprocess.run(
         [sys.executable, "-m", "workflows.cli", "prep", "--input", str(corpus), "--output",
-         str(tmp_path / "out"), "--vocab", str(minilm_dir / "vocab.txt")],
+         str(tmp_path / "out"), "--vocab", str(minilm_dir / "vocab.txt"),
+         "--docs-per-unit", "10"],
         capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data_prep.pipeline" in proc.stderr
+    ran = re.search(r"this process ran (\d+) of the (\d+) instances tasks", proc.stderr)
+    assert ran and 1 <= int(ran.group(1)) <= int(ran.group(2)) == 13, proc.stderr[-3000:]
+    build_pretraining_dataset(PrepConfig(
+        input=[str(corpus)], output=str(tmp_path / "again"), vocab=str(minilm_dir / "vocab.txt"),
+        docs_per_unit=7, tokenize_on="ray", tokenize_workers=1))
+    parts = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*.parquet"))
+    assert parts and parts == sorted(p.relative_to(tmp_path / "again")
+                                     for p in (tmp_path / "again").rglob("*.parquet"))
+    for part in parts:
+        assert (tmp_path / "out" / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
+    assert pq.read_table(tmp_path / "out" / parts[0]).num_rows > 0
     for noise in ("Execution plan", "streaming_executor", "Full logs are in",
                   "Token authentication"):
         assert noise not in proc.stderr, noise

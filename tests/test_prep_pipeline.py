@@ -279,20 +279,11 @@ def test_pass_tasks_fail_loudly(ray_local, tmp_path, minilm_dir):
 
     cfg = config(tmp_path, minilm_dir, tmp_path, tokenize_workers=2)
     where = (str(minilm_dir), cfg, str(tmp_path), str(tmp_path))
-    assert len(run_tasks("warm", [{}] * 5, *where)) == 5
+    (tmp_path / "none.json").write_text("[]")  # a split without instance files
+    nothing = {"split": "train", "buckets": 5, "units_file": str(tmp_path / "none.json")}
+    done = run_tasks("merge", [{**nothing, "bucket": b} for b in range(5)], *where)
+    assert [(r["bucket"], r["file"]) for r in done] == [(b, None) for b in range(5)]
     merge = {"split": "train", "buckets": 1, "units_file": str(tmp_path / "no-such.json")}
     with pytest.raises(Exception, match="no-such.json"):
         run_tasks("merge", [{**merge, "bucket": 0}] * 4, *where)
 
-
-def test_ray_starts_for_the_last_seconds_of_the_driver_tokenizing():
-    from data_prep.pipeline import _RAY_START_LEAD_S, ray_start_due
-
-    # 10 MB of 100 tokenized in 10 s: 90 s to go, Ray would steal the tokenizer's cores
-    assert not ray_start_due(10_000_000, 100_000_000, 10.0)
-    # what is left takes Ray's start time at the rate so far: now
-    assert ray_start_due(95_000_000, 100_000_000, 95.0 * _RAY_START_LEAD_S / 5.0)
-    assert not ray_start_due(90_000_000, 100_000_000, 90.0)  # 10 s to go
-    # more text than input bytes (a compressed input): the estimate says now
-    assert ray_start_due(300_000_000, 100_000_000, 1.0)
-    assert not ray_start_due(0, 100_000_000, 1.0)  # nothing tokenized yet: no rate
