@@ -324,13 +324,13 @@ def instance_unit(unit: dict[str, Any], spec: RecipeSpec, seed: int, pool: Split
         for local in range(len(doc_bounds) - 1):
             index = unit["first_doc"] + local
             rng = generators.next()
-            n, tokens = rows.add(sent_bounds[doc_bounds[local]:doc_bounds[local + 1] + 1],
-                                 index, pool, rng)
+            n, n_tokens = rows.add(sent_bounds[doc_bounds[local]:doc_bounds[local + 1] + 1],
+                                   index, pool, rng)
             group.append((rng, n))
             counts["instances"] += n
-            counts["tokens"] += tokens
-            held += tokens
-            group_tokens += tokens
+            counts["tokens"] += n_tokens
+            held += n_tokens
+            group_tokens += n_tokens
             if group_tokens >= _MASK_GROUP_TOKENS or held >= _FLUSH_TOKENS:
                 settle()
                 group_tokens = 0

@@ -230,8 +230,8 @@ class UnitRows:
     unit; `document_pairs` over one document.
 
     `tokens` holds the unit's ids end to end. `add(bounds, index, pool, rng)` takes a
-    document as its sentence bounds in `tokens` (sentence i is
-    `tokens[bounds[i]:bounds[i + 1]]`, a list of ints) and records its rows: per row the
+    document as the list of its sentence bounds in `tokens` (sentence i is
+    `tokens[bounds[i]:bounds[i + 1]]`) and records its rows: per row the
     start and length of segment A, of segment B (in `tokens`, or in a random next
     segment read from the pool), and the label."""
 
