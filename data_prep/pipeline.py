@@ -485,8 +485,7 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
             while running:
                 _collect(ray, running, results, bar)
         except BaseException:
-            for ref in running:
-                ray.cancel(ref)
+            _cancel(ray, list(running))
             raise
     log.info("%s: %d tasks, %.1f s of work in %.1f s on %d worker(s) (%d processes)", step,
              len(items), sum(r["seconds"] for r in results if r),
@@ -552,6 +551,20 @@ def _pass_tasks(ray: Any, config: PrepConfig, n_items: int, step: str, tokenizer
     shared = (tokenizer_dir, to_dict(config), out_dir, staging, env_for_tasks())
     capped = (workers + 1) * cpus > total_cpus + 1e-6
     return workers, lambda item: remote.remote(step, item, *shared), capped
+
+
+def _cancel(ray: Any, refs: list[Any], wait_s: float = 10.0) -> None:
+    """Cancel a failed pass's other tasks and take their outcomes (an error or a
+    result nobody wants), so that Ray does not report them later as unhandled errors,
+    in whatever this process logs next; a task still running after `wait_s` is left."""
+    for ref in refs:
+        ray.cancel(ref)
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except Exception:  # the pass has already failed with its own cause
+            pass
 
 
 def _collect(ray: Any, running: dict[Any, int], results: list[Any], bar: Any) -> None:

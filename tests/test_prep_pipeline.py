@@ -286,4 +286,21 @@ def test_pass_tasks_fail_loudly(ray_local, tmp_path, minilm_dir):
     merge = {"split": "train", "buckets": 1, "units_file": str(tmp_path / "no-such.json")}
     with pytest.raises(Exception, match="no-such.json"):
         run_tasks("merge", [{**merge, "bucket": 0}] * 4, *where)
+    # the other failed tasks were taken too: Ray reports no unhandled error afterwards
+    # (it did, in whatever test this worker ran next, when their refs were collected)
+    import gc
+    import logging
+
+    reported = []
+    handler = logging.Handler()
+    handler.emit = lambda record: reported.append(record.getMessage())
+    ray_worker_log = logging.getLogger("ray._private.worker")
+    ray_worker_log.addHandler(handler)
+    try:
+        gc.collect()
+        time.sleep(1.5)  # Ray's error-reporting thread
+        gc.collect()
+    finally:
+        ray_worker_log.removeHandler(handler)
+    assert not [m for m in reported if "Unhandled error" in m], reported
 
