@@ -19,14 +19,13 @@ Unit files may live on any `pyarrow.fs` filesystem (a prep whose output is `s3:/
 stages them beside the output, so a worker on any node reads them). The pool reads them
 on an object store through `storage.BlockCache`: positioned reads in 1 MiB blocks (one
 ranged GET each, an LRU of 64 MiB per pool), so NSP's random segment fetches share GETs
-instead of costing one each. Local unit files are read through read-only memory maps
-(the OS caches their pages; a read costs no system call).
+instead of costing one each. Local unit files are read with `os.pread` (the OS caches
+their pages).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
@@ -138,20 +137,16 @@ def _local_max_open() -> int:
 
 
 class _LocalReader:
-    """`read_at` on a local file through a read-only memory map: the OS page cache is
-    the block cache, and a read is a copy, not a system call (two positioned reads per
-    NSP draw, each a system call, were a tenth of the instance pass on a sandboxed
-    host)."""
+    """`read_at` on a local file by `os.pread` (the OS page cache is the block cache)."""
 
     def __init__(self, path: str) -> None:
-        with open(path, "rb") as fh:
-            self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.fd = os.open(path, os.O_RDONLY)
 
     def read_at(self, nbytes: int, offset: int) -> bytes:
-        return self._map[offset:offset + nbytes]
+        return os.pread(self.fd, nbytes, offset)
 
     def close(self) -> None:
-        self._map.close()
+        os.close(self.fd)
 
 
 class SplitPool:
@@ -160,10 +155,9 @@ class SplitPool:
     `units` lists (path or URI, documents) in split order; document g lives in the unit
     whose range of global numbers holds g. Open files are kept in an LRU, each with its
     document bounds: on an object store 64 of them (each with its block cache); local
-    files hold only a memory map (their descriptor is closed once mapped), so up to a
-    quarter of the process's descriptor limit, at most 4,096, stay open (reopening a
-    unit costs more than the draw itself: at 1,313 units, an LRU of 64 doubled the time
-    per draw)."""
+    files hold only a descriptor, so up to a quarter of the process's descriptor limit
+    stay open (reopening a unit costs more than the draw itself: at 1,313 units, an LRU
+    of 64 doubled the time per draw)."""
 
     def __init__(self, units: list[tuple[str, int]], max_open: int | None = None,
                  cache_bytes: int | None = None) -> None:
