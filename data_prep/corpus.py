@@ -91,13 +91,10 @@ class DocumentPool(Protocol):
 
     def num_sentences(self, index: int) -> int: ...
 
-    def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
-        """Sentences start, start+1, ... of document `index`, joined, stopping at the
-        first sentence that brings the count to `min_tokens` (or at the document's end)."""
-        ...
-
     def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
-        """`tokens_from` as an int32 array."""
+        """Sentences start, start+1, ... of document `index`, joined (int32), stopping at
+        the first sentence that brings the count to `min_tokens` (or at the document's
+        end)."""
         ...
 
 
@@ -113,16 +110,13 @@ class ListPool:
     def num_sentences(self, index: int) -> int:
         return len(self.documents[index])
 
-    def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
+    def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
         out: list[int] = []
         for sentence in self.documents[index][start:]:
             out.extend(sentence)
             if len(out) >= min_tokens:
                 break
-        return out
-
-    def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
-        return np.array(self.tokens_from(index, start, min_tokens), np.int32)
+        return np.array(out, np.int32)
 
 
 def _local_max_open() -> int:
@@ -230,9 +224,6 @@ class SplitPool:
     def num_sentences(self, index: int) -> int:
         _, docs, local, _ = self._unit(index)
         return int(docs[local + 1] - docs[local])
-
-    def tokens_from(self, index: int, start: int, min_tokens: int) -> list[int]:
-        return self.segment_from(index, start, min_tokens).tolist()
 
     def segment_from(self, index: int, start: int, min_tokens: int) -> np.ndarray:
         file, docs, local, n_sents = self._unit(index)

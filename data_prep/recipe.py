@@ -241,9 +241,6 @@ class UnitRows:
         self._extra_size = tokens.shape[0]
         self._rows: list[tuple[int, int, int, int, int]] = []
 
-    def __len__(self) -> int:
-        return len(self._rows)
-
     def add(self, bounds: list[int], index: int, pool: DocumentPool,
             rng: np.random.Generator) -> tuple[int, int]:
         """Record the rows of one document (`dupe_factor` passes); returns how many, and
