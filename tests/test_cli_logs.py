@@ -147,8 +147,10 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
     """`bertflow prep` end to end: the terminal has bertflow's lines, not Ray's own (its
     token-authentication warning, "Started a local Ray instance", Ray Data's execution
     plans); the file named at the end has Ray's lines too. The CLI starts a Ray of its
-    own, after tokenizing, and runs the first instance tasks itself while it starts: its
-    parts equal a build on an already running Ray with other units and Ray tokenizing."""
+    own, after tokenizing, and runs the first instance tasks itself while it starts; on
+    this small corpus, left to its default, it starts no Ray at all (its passes take less
+    than Ray's start). Both builds' parts equal a build on an already running Ray with
+    other units and Ray tokenizing."""
     import pyarrow.parquet as pq
 
     from data_prep import PrepConfig, build_pretraining_dataset
@@ -160,15 +162,27 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
         for d in range(120)) + "\n")
     env = {**os.environ, "BERTFLOW_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_DATA_LOGGING_CONFIG", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "workflows.cli", "prep", "--input", str(corpus), "--output",
-         str(tmp_path / "out"), "--vocab", str(minilm_dir / "vocab.txt"),
-         "--docs-per-unit", "10"],
-        capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "data_prep.pipeline" in proc.stderr
-    ran = re.search(r"this process ran (\d+) of the (\d+) instances tasks", proc.stderr)
-    assert ran and 1 <= int(ran.group(1)) <= int(ran.group(2)) == 13, proc.stderr[-3000:]
+
+    def prep(out: str, **variables: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-m", "workflows.cli", "prep", "--input", str(corpus),
+             "--output", str(tmp_path / out), "--vocab", str(minilm_dir / "vocab.txt"),
+             "--docs-per-unit", "10"],
+            capture_output=True, text=True, env={**env, **variables}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "data_prep.pipeline" in proc.stderr
+        return proc.stderr
+
+    stderr = prep("out", BERTFLOW_PREP_RAY_START_S="0")  # Ray is always worth its start
+    ran = re.search(r"this process ran (\d+) of the (\d+) instances tasks", stderr)
+    assert ran and 1 <= int(ran.group(1)) <= int(ran.group(2)) == 13, stderr[-3000:]
+    small = prep("small")  # the default: a corpus this small needs no Ray
+    assert re.search(r"instances: the 13 tasks take this process about [\d.]+ s, less than "
+                     r"Ray's start: running them here", small), small[-3000:]
+    assert "starting Ray" not in small
+    small_log = open([ln for ln in small.splitlines() if "full log in" in ln][-1]
+                     .split("full log in ", 1)[1]).read()
+    assert "Started a local Ray instance" not in small_log
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "again"), vocab=str(minilm_dir / "vocab.txt"),
         docs_per_unit=7, tokenize_on="ray", tokenize_workers=1))
@@ -177,14 +191,15 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
                                      for p in (tmp_path / "again").rglob("*.parquet"))
     for part in parts:
         assert (tmp_path / "out" / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
+        assert (tmp_path / "small" / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
     assert pq.read_table(tmp_path / "out" / parts[0]).num_rows > 0
     for noise in ("Execution plan", "streaming_executor", "Full logs are in",
                   "Token authentication"):
-        assert noise not in proc.stderr, noise
-    log_line = [ln for ln in proc.stderr.splitlines() if "full log in" in ln]
+        assert noise not in stderr, noise
+    log_line = [ln for ln in stderr.splitlines() if "full log in" in ln]
     assert log_line
     log_text = open(log_line[-1].split("full log in ", 1)[1]).read()
-    assert "Started a local Ray instance" not in proc.stderr
+    assert "Started a local Ray instance" not in stderr
     assert "Started a local Ray instance" in log_text
 
 
