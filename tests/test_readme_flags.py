@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLAG = re.compile(r"(?<![\w-])--(?:\[no-\])?([a-z][a-z0-9-]*)")
 # Flags of other programs that the docs quote (pip, pytest, ray, mlflow, curl, ssh, ...).
 OTHER_TOOLS = {"variants", "world", "sizes", "quick", "min-len",  # bench/ scripts' own options
+               "google-python",
                "help", "version", "upgrade", "extra-index-url", "index-url", "find-links",
                "durations", "dist", "head", "block", "address", "node-ip-address",
                "port", "num-cpus", "num-gpus", "dashboard-host", "dashboard-port",
