@@ -74,7 +74,7 @@ from typing import Any
 
 import numpy as np
 
-from bert_core.config_io import to_dict
+from bert_core.config_io import ConfigError, to_dict
 from data_prep.config import FINGERPRINT_NAMES, RUNTIME_ONLY, PrepConfig
 from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, Manifest,
                                 ManifestError, build_fingerprint, fingerprint_file,
@@ -510,8 +510,8 @@ def _ray_start_s() -> float:
     try:
         return max(0.0, float(value)) if value else RAY_START_S
     except ValueError:
-        raise ValueError(f"{RAY_START_S_VARIABLE}={value!r}: give the seconds a local Ray "
-                         f"takes to start (e.g. 4), or 0 to always start Ray") from None
+        raise ConfigError(f"{RAY_START_S_VARIABLE}={value!r}: give the seconds a local Ray "
+                          f"takes to start (e.g. 4), or 0 to always start Ray") from None
 
 
 def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any], bar: Any,
@@ -521,11 +521,12 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
     first items this process ran).
 
     Ray already up in this process, a cluster named (`address`), or the tokenizing asked
-    to run on Ray: Ray, nothing run here. Otherwise a private local Ray would start, and what it costs decides:
+    to run on Ray: Ray, nothing run here. Otherwise a private local Ray would start, and
+    what that costs decides:
     - this process runs the first two items; when the rest would take it (at the second
-      item's own seconds each) less than Ray takes to start (`RAY_START_S`, or the variable `BERTFLOW_PREP_RAY_START_S`),
-      it runs the rest too, with no Ray (a small corpus on a laptop: its passes take
-      seconds, Ray's start about 5 on 2 cores);
+      item's own seconds each) less than Ray takes to start (`RAY_START_S`, or the
+      variable `BERTFLOW_PREP_RAY_START_S`), it runs the rest too, with no Ray (a small
+      corpus on a laptop: its passes take seconds, Ray's start about 5 on 2 cores);
     - else it goes on with the items, on a thread, while this thread starts Ray, and stops
       after the item in hand once Ray is up: Ray's start costs the pass no wall time of
       its own.
@@ -537,6 +538,7 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
     if (("ray" in sys.modules and sys.modules["ray"].is_initialized()) or config.address
             or step == "tokenize"):  # tokenize tasks run only where Ray was asked for
         return init_ray(config.address), 0
+    ray_start_s = _ray_start_s()
     shared = (tokenizer_dir, to_dict(config), out_dir, staging)
 
     def run_here(k: int) -> None:
@@ -546,11 +548,13 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
     # The first item pays for the first use of what every item uses (its seconds were
     # several times the next ones'); the second one's seconds are the rate.
     probe = min(2, len(items))
+    local = True
     try:
         for k in range(probe):
             run_here(k)
         rest = results[probe - 1]["seconds"] * (len(items) - probe)
-        if rest < _ray_start_s():
+        local = rest < ray_start_s
+        if local:
             log.info("%s: the %d tasks take this process about %.1f s, less than Ray's "
                      "start: running them here", step, len(items),
                      rest + sum(r["seconds"] for r in results[:probe]))
@@ -558,7 +562,8 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
                 run_here(k)
             return None, len(items)
     finally:
-        _release_worker_state()
+        if local:  # done, or failed; else the thread below goes on with the state
+            _release_worker_state()
     up = threading.Event()
 
     def run_until_up() -> int:
@@ -685,6 +690,7 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
 
     mark_stage("check")
     config.validate_for_run()
+    _ray_start_s()  # a bad value of the variable fails here, before any work
     out = check_output(config)
     not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
     files = expand_locations(config.input, not_read)  # missing inputs fail here
