@@ -46,12 +46,13 @@ class PrepConfig:
                         "replace a folder that is not a bertflow dataset")
     address: str | None = field(None, help="Ray cluster address (default: a private local "
                                 "Ray)")
-    tokenize_workers: int = field(0, help="parallel tokenizing tasks (0: one per CPU of "
-                                  "the Ray cluster); never changes the output",
+    tokenize_workers: int = field(0, help="parallel tokenizing tasks on Ray, or processes "
+                                  "when the driver tokenizes (0: one per CPU of the Ray "
+                                  "cluster, or of this machine); never changes the output",
                                   renamed_from=("num_workers",))
     tokenize_on: Literal["auto", "driver", "ray"] = field(
-        "auto", help="where text is tokenized: driver (this process, the tokenizer's own "
-        "threads on every core, then Ray starts), ray (tasks on the cluster's nodes) or "
+        "auto", help="where text is tokenized: driver (this machine: processes of this "
+        "one, one per core, each tokenizer on one thread, then Ray starts), ray (tasks on the cluster's nodes) or "
         "auto (driver when the Ray cluster is this machine alone); never changes the output")
     num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
                            "about 64 MB, at least 64 once a split holds 64 MB, none under "

@@ -69,6 +69,7 @@ import uuid
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,7 @@ from data_prep.recipe import (InstanceColumns, RecipeSpec, UnitRows, mask_column
 from data_prep.seeds import SPLITS, DocGenerators
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
+from data_prep.tokenize_pool import TokenizerPool, available_cpus, tokenize_documents
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -155,19 +157,33 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
     returns (units, read counts).
 
     Without `tokenizer` a unit is a Parquet file of its documents' text, for the Ray
-    tokenize pass. With one, this process tokenizes each unit as it closes (pass 1 here:
-    the tokenizer's own Rust threads on every core, called from three threads of this
-    process, so that their Python work on each result, under the GIL, overlaps the
-    others' Rust work, while the next unit is read) and the unit carries its `tokenized`
-    result; at most four units of text are held."""
+    tokenize pass. With one, pass 1 runs here, each unit tokenized as it closes while the
+    next is read, and the unit carries its `tokenized` result: on `tokenize_workers`
+    processes (default: one per CPU; `tokenize_pool`), each with the tokenizer on one
+    thread, holding at most that many units of text plus two; with one worker, in this
+    process, on the tokenizer's own threads, from three threads of this process (so that
+    their Python work on each result overlaps the others' tokenizing)."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
+    processes = (config.tokenize_workers or available_cpus()) if tokenizer else 0
+    # the first unit on this process's threads: a corpus of one unit starts no process
+    in_flight = processes + 1 if processes > 1 else _TOKENIZE_THREADS
+    pool: list[TokenizerPool] = []
+
+    def submit(docs: list[list[str]], index: int) -> Any:
+        if processes < 2 or not units:
+            return threads.submit(tokenize_documents, docs, index, tokenizer, staging)
+        if not pool:
+            pool.append(TokenizerPool(tokenizer, str(staging), processes))
+        return pool[0].submit(docs, index)
+
     with ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize") \
-            as tokenizing:
+            as threads, ExitStack() as closing:
+        closing.callback(lambda: pool and pool[0].close())
 
         def settle(keep: int) -> None:
             while len(pending) > keep:
@@ -191,9 +207,8 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
                                    loc)
                     unit["path"] = loc.uri
                 else:
-                    settle(_TOKENIZE_THREADS - 1)
-                    pending.append((unit, tokenizing.submit(
-                        tokenize_documents, docs, unit["index"], tokenizer, staging)))
+                    settle(in_flight - 1)
+                    pending.append((unit, submit(docs, unit["index"])))
                 units.append(unit)
                 numbers[split] += 1
                 buffers[split], sizes[split] = [], 0
@@ -232,28 +247,6 @@ def num_buckets(corpus_tokens: int, config: PrepConfig) -> int:
     estimate = int(corpus_tokens * config.dupe_factor * per_token)
     by_size = -(-estimate // _BUCKET_BYTES)
     return max(1, by_size, min(_MIN_PARTS, estimate // _MIN_PART_BYTES))
-
-
-def tokenize_documents(docs_text: list[list[str]], index: int,
-                       tokenizer: WordPieceTokenizer, staging: str | Path) -> dict[str, Any]:
-    """Pass 1 of one unit: its documents tokenized and written in the `corpus` format as
-    `tokens-INDEX.bin`. Sentences without tokens are dropped, documents without any are
-    counted (no_tokens)."""
-    started = time.perf_counter()
-    ids = tokenizer.encode_batch([s for doc in docs_text for s in doc])
-    documents, k, no_tokens = [], 0, 0
-    for doc in docs_text:
-        sents = [s for s in ids[k:k + len(doc)] if s]
-        k += len(doc)
-        if sents:
-            documents.append(sents)
-        else:
-            no_tokens += 1
-    path = open_location(staging).join(f"tokens-{index:06d}.bin").uri
-    sizes = write_tokenized(path, documents)
-    return {"index": index, "tokens_path": path, "documents_used": sizes["documents"],
-            "skipped.no_tokens": no_tokens, "sentences": sizes["sentences"],
-            "corpus_tokens": sizes["tokens"], "seconds": time.perf_counter() - started}
 
 
 def tokenize_unit(unit: dict[str, Any], tokenizer: WordPieceTokenizer,

@@ -75,6 +75,11 @@ class WordPieceTokenizer:
         for token, idx in self._vocab.items():
             self._id_to_token[idx] = token
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # pickled as its settings (for the tokenizing processes), rebuilt the same way
+        return type(self), (self._vocab, self._lowercase, self._strip_accents,
+                            self._chinese_chars)
+
     # ---- construction -------------------------------------------------------------
     @classmethod
     def from_vocab(cls, vocab_txt: str | Path, lowercase: bool = True,

@@ -115,3 +115,37 @@ def test_vocab_ids_are_line_numbers_like_transformers(tmp_path, minilm_dir):
     again = WordPieceTokenizer.from_dir(tok.save(tmp_path / "saved"))
     assert again.encode_batch(SENTENCES) == tok.encode_batch(SENTENCES)
     assert again.vocab_size == tok.vocab_size
+
+
+def test_driver_tokenizing_processes_write_what_its_threads_write(tmp_path, minilm_dir):
+    """Pass 1 in the driver on a pool of spawned processes (the tokenizer pickled as its
+    settings, one thread each) gives the same units and token files as on this process's
+    threads; a unit that fails in a process fails the pass with its own error."""
+    import hashlib
+    import pickle
+
+    from data_prep import PrepConfig
+    from data_prep.manifest import fingerprint_file
+    from data_prep.pipeline import stage_units
+
+    tok = WordPieceTokenizer.from_dir(minilm_dir)
+    assert pickle.loads(pickle.dumps(tok)).encode_batch(SENTENCES) == tok.encode_batch(SENTENCES)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join("\n".join(f"Doc {d} line {i}: Café Müller's {d * i} rivers."
+                                            for i in range(3 + d % 4)) for d in range(60)))
+    files, inputs = [str(corpus)], [fingerprint_file(corpus)]
+    built = {}
+    for workers in (1, 2):
+        staging = tmp_path / f"staging{workers}"
+        staging.mkdir()
+        cfg = PrepConfig(input=files, output=str(tmp_path / "out"), vocab=str(minilm_dir),
+                         docs_per_unit=10, tokenize_workers=workers, val_fraction=0.1)
+        units, _ = stage_units(files, inputs, cfg, staging, tok)
+        built[workers] = (
+            [{k: v for k, v in u["tokenized"].items() if k not in ("seconds", "tokens_path")}
+             for u in units],
+            {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in staging.iterdir()})
+    assert len(built[1][0]) >= 6 and built[1] == built[2]
+    (tmp_path / "a-file").write_text("")  # staging under a file: every token file fails
+    with pytest.raises(OSError):
+        stage_units(files, inputs, cfg, tmp_path / "a-file" / "staging", tok)
