@@ -52,8 +52,9 @@ class PrepConfig:
                                   renamed_from=("num_workers",))
     tokenize_on: Literal["auto", "driver", "ray"] = field(
         "auto", help="where text is tokenized: driver (this machine: processes of this "
-        "one, one per core, each tokenizer on one thread, then Ray starts), ray (tasks on the cluster's nodes) or "
-        "auto (driver when the Ray cluster is this machine alone); never changes the output")
+        "one, one per core, each tokenizer on one thread, then Ray starts), ray (tasks on "
+        "the cluster's nodes) or auto (driver when the Ray cluster is this machine "
+        "alone); never changes the output")
     num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
                            "about 64 MB, at least 64 once a split holds 64 MB, none under "
                            "1 MB). Training workers read disjoint parts, so a split wants "

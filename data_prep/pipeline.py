@@ -69,7 +69,6 @@ import uuid
 import zlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -82,13 +81,14 @@ from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, 
                                 is_dataset_folder, is_up_to_date, output_location)
 from data_prep.masking import MaskingSpec
 from data_prep.readers import expand_locations, iter_documents
-from data_prep.corpus import SplitPool, read_tokenized_arrays, write_tokenized
+from data_prep.corpus import SplitPool, read_tokenized_arrays
 from data_prep.recipe import (InstanceColumns, RecipeSpec, UnitRows, mask_columns,
                               output_schema)
 from data_prep.seeds import SPLITS, DocGenerators
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
-from data_prep.tokenize_pool import TokenizerPool, available_cpus, tokenize_documents
+from data_prep.ray_env import usable_cpus
+from data_prep.tokenize_pool import TokenizerPool, tokenize_documents
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -169,21 +169,16 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
-    processes = (config.tokenize_workers or available_cpus()) if tokenizer else 0
+    processes = (config.tokenize_workers or usable_cpus()) if tokenizer else 0
     # the first unit on this process's threads: a corpus of one unit starts no process
     in_flight = processes + 1 if processes > 1 else _TOKENIZE_THREADS
-    pool: list[TokenizerPool] = []
-
-    def submit(docs: list[list[str]], index: int) -> Any:
-        if processes < 2 or not units:
-            return threads.submit(tokenize_documents, docs, index, tokenizer, staging)
-        if not pool:
-            pool.append(TokenizerPool(tokenizer, str(staging), processes))
-        return pool[0].submit(docs, index)
-
     with ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize") \
-            as threads, ExitStack() as closing:
-        closing.callback(lambda: pool and pool[0].close())
+            as threads, TokenizerPool(tokenizer, str(staging), processes) as pool:
+
+        def submit(docs: list[list[str]], index: int) -> Any:
+            if processes < 2 or not units:
+                return threads.submit(tokenize_documents, docs, index, tokenizer, staging)
+            return pool.submit(docs, index)
 
         def settle(keep: int) -> None:
             while len(pending) > keep:

@@ -116,6 +116,14 @@ def apply_worker_env(env_ref: Any) -> None:
 AFTER_INIT: list[Callable[[], None]] = []
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity; what Ray counts on a local start)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def init_ray(address: str | None = None, **kwargs: Any) -> Any:
     """Return the `ray` module, initialised.
 

@@ -61,30 +61,30 @@ def _tokenize_in_process(docs_text: list[list[str]], index: int, staging: str
     return tokenize_documents(docs_text, index, _PROCESS_TOKENIZER[0], staging)
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 class TokenizerPool:
-    """`tokenize_documents` of whole units on `processes` spawned processes, each with the
-    tokenizer on one thread; a unit's text is sent to its process, its result comes back
-    (the tokens are written by the process)."""
+    """`tokenize_documents` of whole units on `processes` spawned processes (started with
+    the first unit), each with the tokenizer on one thread; a unit's text is sent to its
+    process, its result comes back (the tokens are written by the process). Closing it
+    waits for the units in hand and drops those not started (the caller has either
+    taken every result or failed)."""
 
     def __init__(self, tokenizer: WordPieceTokenizer, staging: str, processes: int) -> None:
-        import multiprocessing
-
-        self.staging = staging
-        self._pool = ProcessPoolExecutor(
-            processes, mp_context=multiprocessing.get_context("spawn"),
-            initializer=_start_process, initargs=(tokenizer,))
+        self.tokenizer, self.staging, self.processes = tokenizer, staging, processes
+        self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, docs_text: list[list[str]], index: int) -> Future:
+        if self._pool is None:
+            import multiprocessing
+
+            self._pool = ProcessPoolExecutor(
+                self.processes, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_process, initargs=(self.tokenizer,))
         return self._pool.submit(_tokenize_in_process, docs_text, index, self.staging)
 
-    def close(self) -> None:
-        """Stop the processes, once their units are done (units not yet started are
-        dropped: the caller has either taken every result or failed)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def __enter__(self) -> TokenizerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

@@ -31,13 +31,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from data_prep.ray_env import usable_cpus
 
 from data_prep.ray_env import map_with_actor_pool
 from workflows.config import EmbedConfig, FileInference, PredictConfig
@@ -183,14 +184,6 @@ class LocalEngine:
         size = self.cfg.batch_size
         for start in range(0, len(rows), size):
             yield loaded(rows.iloc[start:start + size].reset_index(drop=True))
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on (its affinity; what Ray counts on a local start)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @contextlib.contextmanager
