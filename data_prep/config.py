@@ -44,17 +44,18 @@ class PrepConfig:
     seed: int = field(12345, help="random seed; same seed and inputs give identical rows")
     force: bool = field(False, help="rebuild even when the output is up to date, and "
                         "replace a folder that is not a bertflow dataset")
-    address: str | None = field(None, help="Ray cluster address (default: a private local "
-                                "Ray)")
-    tokenize_workers: int = field(0, help="parallel tokenizing tasks on Ray, or processes "
-                                  "when the driver tokenizes (0: one per CPU of the Ray "
-                                  "cluster, or of this machine); never changes the output",
+    address: str | None = field(None, help="Ray cluster address (default: none: this "
+                                "machine's processes run every pass, with no Ray)")
+    tokenize_workers: int = field(0, help="items of a pass at once: processes of this "
+                                  "machine, or tasks on Ray (0: one per CPU of this machine, "
+                                  "or of the Ray cluster); never changes the output",
                                   renamed_from=("num_workers",))
     tokenize_on: Literal["auto", "driver", "ray"] = field(
         "auto", help="where text is tokenized: driver (this machine: processes of this "
-        "one, one per core, each tokenizer on one thread, then Ray starts), ray (tasks on "
-        "the cluster's nodes) or auto (driver when the Ray cluster is this machine "
-        "alone); never changes the output")
+        "one, one per core, each tokenizer on one thread), ray (Ray tasks on the cluster's "
+        "nodes; with no --address every pass then runs on a private local Ray) or auto "
+        "(driver, unless --address names a cluster of several nodes); never changes the "
+        "output")
     num_parts: int = field(0, help="Parquet parts per split (0: the default rule: parts of "
                            "about 64 MB, at least 64 once a split holds 64 MB, none under "
                            "1 MB). Training workers read disjoint parts, so a split wants "

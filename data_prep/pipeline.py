@@ -9,13 +9,12 @@ How the work is cut, and why (the only module that runs prep's Ray tasks):
    documents in work units of at most `docs_per_unit` documents of one file and one split
    (a document goes to val when a hash of its text falls under `val_fraction`). Only one
    unit is in memory at a time. Units only cut the work: rows do not depend on them.
-3. Tokenize (one Ray task per unit): each unit's documents are written tokenized
-   (`corpus.py` format). On a Ray of this machine alone (`tokenizes_in_driver`) the
-   driver does it instead as each unit closes, with the tokenizer's own threads on every
-   core, before Ray starts (Ray's start would take those cores): no unit text is
-   staged. The tokens files are the same. The driver then numbers every
-   document of a split, in reading order: that is the corpus-wide index NSP draws its
-   random next segments from.
+3. Tokenize (one task per unit): each unit's documents are written tokenized
+   (`corpus.py` format). On this machine alone (`tokenizes_in_driver`) the driver does it
+   instead as each unit closes, on `processes.PrepProcesses` (one per core, each with the
+   tokenizer on one thread): no unit text is staged. The tokens files are the same. The
+   driver then numbers every document of a split, in reading order: that is the
+   corpus-wide index NSP draws its random next segments from.
 4. Instances (one task per unit): each document's instances come from a generator seeded
    by (seed, split, document number), so rows do not depend on the number of workers or
    on unit size; random next segments are read from any unit of the split by index
@@ -27,10 +26,14 @@ How the work is cut, and why (the only module that runs prep's Ray tasks):
    permutation fixed by the seed), with memory bounded by a bucket (about 64 MB; the
    number of buckets follows from the split's token count, never from the workers).
    Ray Data's own `random_shuffle` would hold the whole split in the object store.
-Each pass is plain Ray tasks, `tokenize_workers` at a time (`run_tasks`): on 2 cores Ray
-Data's task pool kept about one of two busy. The first pass that needs Ray starts it,
-and the driver runs that pass's first items itself until Ray is up. Rows never depend
-on the schedule.
+Where the passes run (`run_tasks`, `tokenize_workers` items at a time): with no
+`--address` and no Ray in this process, on this machine's `PrepProcesses`, the processes
+that tokenized, with no Ray at all (a private local Ray's start took about 5 s of the 2
+cores and 0.8 GB while the instance pass ran); a pass too small to be worth starting them
+runs in this process. On a cluster (`--address`, or a Ray this process runs), as plain Ray
+tasks: on 2 cores Ray Data's task pool kept about one of two busy. `--tokenize-on ray`
+runs every pass on Ray tasks, with no `--address` on a private local Ray. Rows never
+depend on the schedule.
 Where things live. Every intermediate a task reads or writes lives on the OUTPUT's
 filesystem, opened through `pyarrow.fs` (`data_prep.storage`), never only on the driver:
 - a local DIR (or file://): a hidden temp sibling `.DIR.tmp-PID/` holds the staging
@@ -63,18 +66,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bert_core.config_io import ConfigError, to_dict
+from bert_core.config_io import to_dict
 from data_prep.config import FINGERPRINT_NAMES, RUNTIME_ONLY, PrepConfig
 from data_prep.manifest import (BUILDING_MARKER, MANIFEST_NAME, STAGING_PREFIX, Manifest,
                                 ManifestError, build_fingerprint, fingerprint_file,
@@ -88,7 +91,7 @@ from data_prep.seeds import SPLITS, DocGenerators
 from data_prep.storage import (Location, check_location, is_local, is_uri, open_location,
                                public_uri)
 from data_prep.ray_env import usable_cpus
-from data_prep.tokenize_pool import TokenizerPool, tokenize_documents
+from data_prep.processes import PrepProcesses, tokenize_documents
 from data_prep.tokenizer import WordPieceTokenizer
 
 log = logging.getLogger(__name__)
@@ -151,39 +154,48 @@ def _key_config(config: PrepConfig) -> dict[str, Any]:
 
 
 def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                staging: str | Path, tokenizer: WordPieceTokenizer | None = None
+                staging: str | Path, tokenizer: WordPieceTokenizer | None = None,
+                processes: PrepProcesses | None = None
                 ) -> tuple[list[dict[str, Any]], Counter]:
     """Stream every file (path or URI) into work units under `staging` (a path or URI);
     returns (units, read counts).
 
-    Without `tokenizer` a unit is a Parquet file of its documents' text, for the Ray
-    tokenize pass. With one, pass 1 runs here, each unit tokenized as it closes while the
-    next is read, and the unit carries its `tokenized` result: on `tokenize_workers`
-    processes (default: one per CPU; `tokenize_pool`), each with the tokenizer on one
-    thread, holding at most that many units of text plus two; with one worker, in this
-    process, on the tokenizer's own threads, from three threads of this process (so that
-    their Python work on each result overlaps the others' tokenizing)."""
+    Without `tokenizer` a unit is a Parquet file of its documents' text, for the tokenize
+    pass. With one, pass 1 runs here, each unit tokenized as it closes while the next is
+    read, and the unit carries its `tokenized` result: the first unit of each split on
+    this process, the others on `processes` (`PrepProcesses` started with this tokenizer; default: one
+    per CPU, or `tokenize_workers`), each with the tokenizer on one thread, holding at most
+    that many units of text plus two; with one process, all of them in this process, on
+    the tokenizer's own threads, from three threads of this process (so that their Python
+    work on each result overlaps the others' tokenizing)."""
     import pyarrow as pa
 
     stage = open_location(staging)
     units: list[dict[str, Any]] = []
     stats: Counter = Counter()
     pending: list[tuple[dict[str, Any], Any]] = []  # units being tokenized, in order
-    processes = (config.tokenize_workers or usable_cpus()) if tokenizer else 0
-    # the first unit on this process's threads: a corpus of one unit starts no process
-    in_flight = processes + 1 if processes > 1 else _TOKENIZE_THREADS
-    with ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize") \
-            as threads, TokenizerPool(tokenizer, str(staging), processes) as pool:
+    with ExitStack() as closing:
+        if tokenizer is not None and processes is None:
+            processes = closing.enter_context(
+                PrepProcesses(config.tokenize_workers or usable_cpus(), tokenizer))
+        many = tokenizer is not None and processes is not None and processes.processes > 1
+        # the first unit of each split on this process's threads: a corpus of one unit per
+        # split starts no process
+        in_flight = processes.processes + 1 if many else _TOKENIZE_THREADS
+        split_started: set[str] = set()
+        threads = closing.enter_context(
+            ThreadPoolExecutor(_TOKENIZE_THREADS, thread_name_prefix="bertflow-tokenize"))
 
-        def submit(docs: list[list[str]], index: int) -> Any:
-            if processes < 2 or not units:
+        def submit(docs: list[list[str]], index: int, split: str) -> Any:
+            if not many or split not in split_started:
+                split_started.add(split)
                 return threads.submit(tokenize_documents, docs, index, tokenizer, staging)
-            return pool.submit(docs, index)
+            return processes.tokenize(docs, index, str(staging))
 
         def settle(keep: int) -> None:
             while len(pending) > keep:
                 unit, future = pending.pop(0)
-                unit["tokenized"] = future.result()
+                unit["tokenized"] = PrepProcesses.result(future)
 
         for file, info in zip(files, inputs):
             buffers: dict[str, list[list[str]]] = {s: [] for s in SPLITS}
@@ -203,7 +215,7 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
                     unit["path"] = loc.uri
                 else:
                     settle(in_flight - 1)
-                    pending.append((unit, submit(docs, unit["index"])))
+                    pending.append((unit, submit(docs, unit["index"], split)))
                 units.append(unit)
                 numbers[split] += 1
                 buffers[split], sizes[split] = [], 0
@@ -437,18 +449,23 @@ def run_pass(step: str, task: dict[str, Any], tokenizer_dir: str, config: dict[s
 
 
 def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
-              config: PrepConfig, out_dir: str, staging: str) -> list[dict[str, Any]]:
-    """Run one pass over `items` as Ray tasks, at most `tokenize_workers` (default: one
-    per CPU of the cluster) at a time; results come back in item order.
+              config: PrepConfig, out_dir: str, staging: str,
+              processes: PrepProcesses | None = None) -> list[dict[str, Any]]:
+    """Run one pass over `items`, on `processes` (this machine, no Ray:
+    `runs_on_this_machine`) or as Ray tasks, at most `tokenize_workers` (default: one per
+    CPU) at a time; results come back in item order.
 
-    Plain tasks with the driver keeping that many running (a new one as each ends), not
-    a Ray Data pipeline: with Ray Data's task pool the instance pass kept 1.07
+    On Ray: plain tasks with the driver keeping that many running (a new one as each
+    ends), not a Ray Data pipeline: with Ray Data's task pool the instance pass kept 1.07
     of 2 cores busy (bench/prep_throughput.py), and its executor cost the driver CPU of
     its own. Ray reuses the worker processes, so each loads its state once
     (`_worker_state`). The tasks see the driver's store credentials: from the job's
     runtime environment (`init_ray`), or, on a Ray started without them, as an object
     they apply themselves. A failed task fails the pass (the others are cancelled); Ray
-    retries a task whose worker died, which rewrites the same file."""
+    retries a task whose worker died, which rewrites the same file. On `processes`: the
+    same, one item per process at a time and one more queued; a pass too small to be
+    worth starting them runs in this process (`_run_here_first`); a process that dies
+    fails the pass (`ProcessDied`)."""
     from tqdm import tqdm
 
     if not items:
@@ -457,13 +474,39 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
     results: list[dict[str, Any] | None] = [None] * len(items)
     started = time.perf_counter()
     with tqdm(total=len(items), desc=f"prep {step}", unit="task", mininterval=2.0) as bar:
-        ray, first = _start_ray_running(step, items, results, bar, tokenizer_dir, config,
-                                        out_dir, staging)
-        if ray is None:
-            workers, submit, capped = 1, None, False
-        else:
+        if processes is None:
+            from data_prep.ray_env import init_ray
+
+            ray = init_ray(config.address)
+            first = 0
             workers, submit, capped = _pass_tasks(ray, config, len(items), step,
                                                   tokenizer_dir, out_dir, staging)
+            on = f"{workers} Ray worker(s)"
+
+            def collect(running: dict[Any, int]) -> None:
+                (done,), _ = ray.wait(list(running), num_returns=1)
+                results[running.pop(done)] = ray.get(done)
+                bar.update(1)
+
+            def cancel(running: dict[Any, int]) -> None:
+                _cancel(ray, list(running))
+        else:
+            shared = (tokenizer_dir, to_dict(config), out_dir, staging)
+            first = _run_here_first(step, items, results, bar, shared, processes)
+            workers, capped = processes.processes, True
+            on = "this process" if first == len(items) else f"{workers} local process(es)"
+
+            def submit(item: dict[str, Any]) -> Any:
+                return processes.submit(run_pass, step, item, *shared)
+
+            def collect(running: dict[Any, int]) -> None:
+                (done, *_), _ = wait(list(running), return_when=FIRST_COMPLETED)
+                results[running.pop(done)] = PrepProcesses.result(done)
+                bar.update(1)
+
+            def cancel(running: dict[Any, int]) -> None:
+                for future in running:
+                    future.cancel()
         # when the tasks' CPU requests already let no more than `workers` run, one more
         # waits queued, so that no worker waits on this driver between two tasks
         in_flight = workers + 1 if capped else workers
@@ -471,63 +514,49 @@ def run_tasks(step: str, items: list[dict[str, Any]], tokenizer_dir: str,
         try:
             for k in range(first, len(items)):
                 if len(running) == in_flight:
-                    _collect(ray, running, results, bar)
+                    collect(running)
                 running[submit(items[k])] = k
             while running:
-                _collect(ray, running, results, bar)
+                collect(running)
         except BaseException:
-            _cancel(ray, list(running))
+            cancel(running)
             raise
-    log.info("%s: %d tasks, %.1f s of work in %.1f s on %d worker(s) (%d processes)", step,
+    log.info("%s: %d tasks, %.1f s of work in %.1f s on %s (%d processes)", step,
              len(items), sum(r["seconds"] for r in results if r),
-             time.perf_counter() - started, workers,
-             len({r.pop("worker") for r in results if r}))
+             time.perf_counter() - started, on, len({r.pop("worker") for r in results if r}))
     return results  # type: ignore[return-value]
 
 
-# Seconds a private local Ray takes to start (its GCS, raylet and first workers: 4-5 s on
-# 2 cores, less on larger machines). A pass whose whole work on this process is shorter
-# runs here without Ray: with Ray, it would end no sooner than Ray's start. 0 always
-# starts Ray for the passes.
-RAY_START_S_VARIABLE = "BERTFLOW_PREP_RAY_START_S"
-RAY_START_S = 4.0
+# CPU seconds that starting `PrepProcesses` costs (spawning, each importing numpy, pyarrow
+# and the tokenizer: about 1 s on 2 cores): a pass whose whole work would take this
+# process less runs here instead.
+_PROCESSES_START_S = 1.0
 
 
-def _ray_start_s() -> float:
-    value = os.environ.get(RAY_START_S_VARIABLE, "")
-    try:
-        return max(0.0, float(value)) if value else RAY_START_S
-    except ValueError:
-        raise ConfigError(f"{RAY_START_S_VARIABLE}={value!r}: give the seconds a local Ray "
-                          f"takes to start (e.g. 4), or 0 to always start Ray") from None
-
-
-def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any], bar: Any,
-                       tokenizer_dir: str, config: PrepConfig, out_dir: str, staging: str
-                       ) -> tuple[Any, int]:
-    """(Ray initialised, or None when this process ran the whole pass; how many of the
-    first items this process ran).
-
-    Ray already up in this process, a cluster named (`address`), or the tokenizing asked
-    to run on Ray: Ray, nothing run here. Otherwise a private local Ray would start, and
-    what that costs decides:
-    - this process runs the first two items; when the rest would take it (at the second
-      item's own seconds each) less than Ray takes to start (`RAY_START_S`, or the
-      variable `BERTFLOW_PREP_RAY_START_S`), it runs the rest too, with no Ray (a small
-      corpus on a laptop: its passes take seconds, Ray's start about 5 on 2 cores);
-    - else it goes on with the items, on a thread, while this thread starts Ray, and stops
-      after the item in hand once Ray is up: Ray's start costs the pass no wall time of
-      its own.
-    Rows never depend on which process runs an item."""
+def runs_on_this_machine(config: PrepConfig) -> bool:
+    """Whether prep's passes run on this machine's processes (`PrepProcesses`), with no
+    Ray: no `--address`, no Ray running in this process, and `--tokenize-on` not `ray`
+    (which runs every pass as tasks of a private local Ray). A cluster named, or a Ray
+    this process already runs (a job on a cluster, the tests' shared Ray): Ray tasks."""
     import sys
 
-    from data_prep.ray_env import init_ray
+    ray = sys.modules.get("ray")
+    return not (config.address or config.tokenize_on == "ray"
+                or (ray is not None and ray.is_initialized()))
 
-    if (("ray" in sys.modules and sys.modules["ray"].is_initialized()) or config.address
-            or step == "tokenize"):  # tokenize tasks run only where Ray was asked for
-        return init_ray(config.address), 0
-    ray_start_s = _ray_start_s()
-    shared = (tokenizer_dir, to_dict(config), out_dir, staging)
+
+def _run_here_first(step: str, items: list[dict[str, Any]], results: list[Any], bar: Any,
+                    shared: tuple[Any, ...], processes: PrepProcesses) -> int:
+    """How many of the first items this process ran before the rest go to `processes`
+    (all of them: the pass is done).
+
+    Processes already started (the tokenizing started them): none. Otherwise this process
+    runs the first two items, and when the rest would take it (at the second item's own
+    seconds each) less than starting the processes costs (`_PROCESSES_START_S`), or there
+    is one process, it runs the rest too (a small corpus: its passes take a fraction of a
+    second). Rows never depend on which process runs an item."""
+    if processes.started and processes.processes > 1:
+        return 0
 
     def run_here(k: int) -> None:
         results[k] = run_pass(step, items[k], *shared)
@@ -535,45 +564,20 @@ def _start_ray_running(step: str, items: list[dict[str, Any]], results: list[Any
 
     # The first item pays for the first use of what every item uses (its seconds were
     # several times the next ones'); the second one's seconds are the rate.
-    probe = min(2, len(items))
-    local = True
     try:
+        probe = min(2, len(items))
         for k in range(probe):
             run_here(k)
         rest = results[probe - 1]["seconds"] * (len(items) - probe)
-        local = rest < ray_start_s
-        if local:
-            log.info("%s: the %d tasks take this process about %.1f s, less than Ray's "
-                     "start: running them here", step, len(items),
-                     rest + sum(r["seconds"] for r in results[:probe]))
-            for k in range(probe, len(items)):
-                run_here(k)
-            return None, len(items)
+        if processes.processes > 1 and rest >= _PROCESSES_START_S:
+            return probe
+        log.info("%s: the %d tasks take this process about %.1f s: running them here", step,
+                 len(items), rest + sum(r["seconds"] for r in results[:probe]))
+        for k in range(probe, len(items)):
+            run_here(k)
+        return len(items)
     finally:
-        if local:  # done, or failed; else the thread below goes on with the state
-            _release_worker_state()
-    up = threading.Event()
-
-    def run_until_up() -> int:
-        done = probe
-        try:
-            while done < len(items) and not up.is_set():
-                run_here(done)
-                done += 1
-        finally:
-            _release_worker_state()
-        return done
-
-    log.info("starting Ray; this process runs the first %s tasks meanwhile", step)
-    with ThreadPoolExecutor(1, thread_name_prefix="bertflow-prep") as here:
-        running_here = here.submit(run_until_up)
-        try:
-            ray = init_ray(config.address)
-        finally:
-            up.set()
-        done = running_here.result()  # a failed item fails the pass here
-    log.info("Ray is up; this process ran %d of the %d %s tasks", done, len(items), step)
-    return ray, done
+        _release_worker_state()  # its pools hold the staging files open
 
 
 def _pass_tasks(ray: Any, config: PrepConfig, n_items: int, step: str, tokenizer_dir: str,
@@ -605,13 +609,6 @@ def _cancel(ray: Any, refs: list[Any], wait_s: float = 10.0) -> None:
             ray.get(ref)
         except Exception:  # the pass has already failed with its own cause
             pass
-
-
-def _collect(ray: Any, running: dict[Any, int], results: list[Any], bar: Any) -> None:
-    """Wait for one of the running tasks and store its result in its item's place."""
-    (done,), _ = ray.wait(list(running), num_returns=1)
-    results[running.pop(done)] = ray.get(done)
-    bar.update(1)
 
 
 def _counts(read: Counter, results: list[dict[str, Any]], n_files: int) -> dict[str, Any]:
@@ -678,7 +675,6 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
 
     mark_stage("check")
     config.validate_for_run()
-    _ray_start_s()  # a bad value of the variable fails here, before any work
     out = check_output(config)
     not_read: Counter = Counter()  # FIFOs, symlinks leading out: files_skipped.*
     files = expand_locations(config.input, not_read)  # missing inputs fail here
@@ -705,13 +701,16 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
         stored["vocab"] = public_uri(stored["vocab"])
     if stored.get("tracking_uri"):
         stored["tracking_uri"] = public_uri(stored["tracking_uri"])
-    with output_location(out.uri, force=occupied) as root:
+    here = runs_on_this_machine(config)
+    with output_location(out.uri, force=occupied) as root, \
+            PrepProcesses(config.tokenize_workers or usable_cpus(), tokenizer) as processes:
         staging = root.join(STAGING_PREFIX if root.local
                             else f"{STAGING_PREFIX}-{uuid.uuid4().hex[:12]}")
         tokenizer_dir = root.join("tokenizer").uri
         if tokenizer is not None and tokenizes_in_driver(config):
             tokenizer.save(tokenizer_dir)
-            units, read = _read_and_tokenize(files, inputs, config, tokenizer, staging.uri)
+            units, read = _read_and_tokenize(files, inputs, config, tokenizer, staging.uri,
+                                             processes)
         else:
             mark_stage("read")
             log.info("reading %d file(s) into work units", len(files))
@@ -725,7 +724,8 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
                 Path(root.path, split).mkdir()
         log.info("building instances from %d document(s) in %d unit(s)",
                  read["documents_read"], len(units))
-        results, buckets = _build_instances(units, root, staging, config)
+        results, buckets = _build_instances(units, root, staging, config,
+                                            processes if here else None)
         counts = _counts(read, results, len(files))
         accounted = counts["documents_used"] + sum(counts["documents_skipped"].values())
         if accounted != counts["documents_read"]:  # a bug, not bad input: fail loudly
@@ -734,7 +734,9 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
         parts = run_tasks("merge", [{"split": s, "bucket": b, "buckets": n,
                                      "units_file": staging.join(f"instances-{s}.json").uri}
                                     for s, n in buckets.items() for b in range(n)],
-                          tokenizer_dir, config, root.uri, staging.uri)
+                          tokenizer_dir, config, root.uri, staging.uri,
+                          processes if here else None)
+        processes.close()
         mark_stage("finish")
         staging.delete()
         if sum(p["file"]["rows"] for p in parts if p["file"]) != counts["instances"]:
@@ -758,47 +760,50 @@ def build_pretraining_dataset(config: PrepConfig, vocab_dir: str | None = None) 
 
 
 def tokenizes_in_driver(config: PrepConfig) -> bool:
-    """Whether pass 1 runs in this process (`--tokenize-on`). auto: yes when the Ray
-    cluster is this machine alone (a private local Ray, or one of a single node that
-    is this driver's) and the tokenizer may use its threads: its Rust threads then keep
-    every core busy with no Ray task and no staged text, and Ray starts after it. On a
-    cluster of several nodes the Ray tasks spread the work over every node."""
+    """Whether pass 1 runs in this process as it reads (`--tokenize-on`), on
+    `PrepProcesses` with no text staged. auto: yes when the passes run on this machine
+    (`runs_on_this_machine`), or on a Ray cluster that is this machine alone (one node,
+    this driver's). On a cluster of several nodes Ray tasks spread the work over every
+    node."""
     if config.tokenize_on != "auto":
         return config.tokenize_on == "driver"
-    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "no", "off"):
-        return False
+    if runs_on_this_machine(config):
+        return True
     import sys
 
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
-        return config.address is None
+        return False  # a cluster named by --address: its nodes tokenize
     alive = [n for n in ray.nodes() if n.get("Alive")]
     return len(alive) == 1 and alive[0]["NodeID"] == ray.get_runtime_context().get_node_id()
 
 
 def _read_and_tokenize(files: list[str], inputs: list[dict[str, Any]], config: PrepConfig,
-                       tokenizer: WordPieceTokenizer, staging: str
+                       tokenizer: WordPieceTokenizer, staging: str, processes: PrepProcesses
                        ) -> tuple[list[dict[str, Any]], Counter]:
-    """`stage_units` with pass 1 in this process. Ray is not started meanwhile: its start
-    (its processes, the workers' imports) takes CPU from the tokenizer's threads, which
-    use every core (on 2 cores, starting it with the reading made reading and tokenizing
-    100 MB take 52.7 s instead of 34.6 s, and Ray's start 10 s instead of 4.6 s); the
-    next pass starts it while this process runs that pass's first tasks (`run_tasks`)."""
+    """`stage_units` with pass 1 in this process and its `processes`. When the later
+    passes run on Ray, it is not started meanwhile: its start (its processes, the
+    workers' imports) takes CPU from the tokenizing, which uses every core (on 2 cores,
+    starting it with the reading made reading and tokenizing 100 MB take 52.7 s instead of
+    34.6 s, and Ray's start 10 s instead of 4.6 s)."""
     mark_stage("read+tokenize")
     log.info("reading and tokenizing %d file(s)", len(files))
-    return stage_units(files, inputs, config, staging, tokenizer)
+    return stage_units(files, inputs, config, staging, tokenizer, processes)
 
 
 def _build_instances(units: list[dict[str, Any]], root: Location, staging: Location,
-                     config: PrepConfig) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Passes 1 and 2: tokenize every unit, number the documents of each split (the
-    corpus-wide NSP pool), build the bucketed instances. Returns the per-unit results
-    (counts) and the number of shuffle buckets of each split."""
+                     config: PrepConfig, processes: PrepProcesses | None
+                     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Passes 1 and 2 (on `processes`, or on Ray when None): tokenize every unit, number
+    the documents of each split (the corpus-wide NSP pool), build the bucketed
+    instances. Returns the per-unit results (counts) and the number of shuffle buckets of
+    each split."""
     tokenizer_dir = root.join("tokenizer").uri
     if all("tokenized" in u for u in units):  # the driver tokenized while reading
         results = [{**u.pop("tokenized"), "split": u["split"]} for u in units]
     else:
-        results = run_tasks("tokenize", units, tokenizer_dir, config, root.uri, staging.uri)
+        results = run_tasks("tokenize", units, tokenizer_dir, config, root.uri, staging.uri,
+                            processes)
     buckets: dict[str, int] = {}
     work = []
     for split in SPLITS:
@@ -815,7 +820,7 @@ def _build_instances(units: list[dict[str, Any]], root: Location, staging: Locat
                              "pool": pool_file.uri})
             first += r["documents_used"]
     built = {r["index"]: r for r in run_tasks("instances", work, tokenizer_dir, config,
-                                              root.uri, staging.uri)}
+                                              root.uri, staging.uri, processes)}
     for split in SPLITS:
         paths = [built[w["index"]]["instances_path"] for w in work if w["split"] == split]
         staging.join(f"instances-{split}.json").write_text(json.dumps(paths))

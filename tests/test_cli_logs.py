@@ -144,13 +144,13 @@ def test_verbose_shows_everything(tmp_path, monkeypatch, capsys, restore_logging
 @pytest.mark.ray
 @pytest.mark.slow
 def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
-    """`bertflow prep` end to end: the terminal has bertflow's lines, not Ray's own (its
-    token-authentication warning, "Started a local Ray instance", Ray Data's execution
-    plans); the file named at the end has Ray's lines too. The CLI starts a Ray of its
-    own, after tokenizing, and runs the first instance tasks itself while it starts; on
-    this small corpus, left to its default, it starts no Ray at all (its passes take less
-    than Ray's start). Both builds' parts equal a build on an already running Ray with
-    other units and Ray tokenizing."""
+    """`bertflow prep` end to end. With `--tokenize-on ray` it starts a Ray of its own:
+    the terminal has bertflow's lines, not Ray's own (its token-authentication warning,
+    "Started a local Ray instance", Ray Data's execution plans); the file named at the
+    end has Ray's lines too. Left to its default on this machine it starts no Ray: the
+    processes that tokenized run the instance and merge tasks, or, for a corpus of one
+    unit per split, this process runs them. All three builds' parts equal a build on an
+    already running Ray with other units and Ray tokenizing."""
     import pyarrow.parquet as pq
 
     from data_prep import PrepConfig, build_pretraining_dataset
@@ -163,26 +163,31 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
     env = {**os.environ, "BERTFLOW_LOG_DIR": str(tmp_path / "logs"), "HF_HUB_OFFLINE": "1"}
     env.pop("RAY_DATA_LOGGING_CONFIG", None)
 
-    def prep(out: str, **variables: str) -> str:
+    def prep(out: str, *args: str) -> tuple[str, str]:
         proc = subprocess.run(
             [sys.executable, "-m", "workflows.cli", "prep", "--input", str(corpus),
              "--output", str(tmp_path / out), "--vocab", str(minilm_dir / "vocab.txt"),
-             "--docs-per-unit", "10"],
-            capture_output=True, text=True, env={**env, **variables}, timeout=600)
+             *args], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert "data_prep.pipeline" in proc.stderr
-        return proc.stderr
+        log_line = [ln for ln in proc.stderr.splitlines() if "full log in" in ln]
+        assert log_line, proc.stderr[-3000:]
+        return proc.stderr, open(log_line[-1].split("full log in ", 1)[1]).read()
 
-    stderr = prep("out", BERTFLOW_PREP_RAY_START_S="0")  # Ray is always worth its start
-    ran = re.search(r"this process ran (\d+) of the (\d+) instances tasks", stderr)
-    assert ran and 1 <= int(ran.group(1)) <= int(ran.group(2)) == 13, stderr[-3000:]
-    small = prep("small")  # the default: a corpus this small needs no Ray
-    assert re.search(r"instances: the 13 tasks take this process about [\d.]+ s, less than "
-                     r"Ray's start: running them here", small), small[-3000:]
-    assert "starting Ray" not in small
-    small_log = open([ln for ln in small.splitlines() if "full log in" in ln][-1]
-                     .split("full log in ", 1)[1]).read()
-    assert "Started a local Ray instance" not in small_log
+    stderr, log_text = prep("out", "--docs-per-unit", "10", "--tokenize-on", "ray")
+    assert re.search(r"instances: 13 tasks, [\d.]+ s of work in [\d.]+ s on \d+ Ray worker",
+                     stderr), stderr[-3000:]
+    assert "Started a local Ray instance" not in stderr
+    assert "Started a local Ray instance" in log_text
+    for noise in ("Execution plan", "streaming_executor", "Full logs are in",
+                  "Token authentication"):
+        assert noise not in stderr, noise
+    for out, args, ran in (("here", ["--docs-per-unit", "10"], r"instances: 13 tasks, [\d.]+ "
+                            r"s of work in [\d.]+ s on \d+ local process\(es\)"),
+                           ("small", [], r"instances: the \d+ tasks take this process about")):
+        terminal, log_text = prep(out, *args)
+        assert re.search(ran, terminal), terminal[-3000:]
+        assert "Started a local Ray instance" not in log_text and "Ray worker" not in terminal
     build_pretraining_dataset(PrepConfig(
         input=[str(corpus)], output=str(tmp_path / "again"), vocab=str(minilm_dir / "vocab.txt"),
         docs_per_unit=7, tokenize_on="ray", tokenize_workers=1))
@@ -190,17 +195,10 @@ def test_prep_cli_prints_no_ray_data_info(tmp_path, minilm_dir, ray_local):
     assert parts and parts == sorted(p.relative_to(tmp_path / "again")
                                      for p in (tmp_path / "again").rglob("*.parquet"))
     for part in parts:
-        assert (tmp_path / "out" / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
-        assert (tmp_path / "small" / part).read_bytes() == (tmp_path / "again" / part).read_bytes()
+        expected = (tmp_path / "again" / part).read_bytes()
+        for out in ("out", "here", "small"):
+            assert (tmp_path / out / part).read_bytes() == expected, (out, part)
     assert pq.read_table(tmp_path / "out" / parts[0]).num_rows > 0
-    for noise in ("Execution plan", "streaming_executor", "Full logs are in",
-                  "Token authentication"):
-        assert noise not in stderr, noise
-    log_line = [ln for ln in stderr.splitlines() if "full log in" in ln]
-    assert log_line
-    log_text = open(log_line[-1].split("full log in ", 1)[1]).read()
-    assert "Started a local Ray instance" not in stderr
-    assert "Started a local Ray instance" in log_text
 
 
 def test_ray_loggers_imported_before_setup_are_adopted(tmp_path, monkeypatch, capsys,

@@ -41,18 +41,6 @@ def test_cli_missing_input_fails_before_any_work(tmp_path, capsys, minilm_dir):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_a_bad_ray_start_variable_fails_before_any_work(tmp_path, capsys, minilm_dir,
-                                                       monkeypatch):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("One sentence here.\nAnother one.\n")
-    monkeypatch.setenv("BERTFLOW_PREP_RAY_START_S", "four")
-    rc = cli(["prep", "--input", str(corpus), "--output", str(tmp_path / "ds"),
-              "--vocab", str(minilm_dir / "vocab.txt")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "BERTFLOW_PREP_RAY_START_S='four'" in err and "0 to always" in err
-    assert not (tmp_path / "ds").exists()
-
-
 def test_cli_rerun_of_a_folder_without_manifest(tmp_path, capsys):
     rc = cli(["prep", "rerun", str(tmp_path)])
     assert rc == 2 and "no manifest" in capsys.readouterr().err

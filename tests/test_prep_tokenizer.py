@@ -149,9 +149,9 @@ def test_driver_tokenizing_processes_write_what_its_threads_write(tmp_path, mini
     (tmp_path / "a-file").write_text("")  # staging under a file: every token file fails
     with pytest.raises(OSError):
         stage_units(files, inputs, cfg, tmp_path / "a-file" / "staging", tok)
-    from data_prep.tokenize_pool import TokenizerPool
+    from data_prep.processes import PrepProcesses
 
-    with TokenizerPool(tok, str(tmp_path / "a-file" / "staging"), 2) as pool:
-        failed = pool.submit([["A sentence."]], 0)
+    with PrepProcesses(2, tok) as pool:
+        failed = pool.tokenize([["A sentence."]], 0, str(tmp_path / "a-file" / "staging"))
         with pytest.raises(OSError):  # the process's own error, brought back
-            failed.result()
+            PrepProcesses.result(failed)
