@@ -9,9 +9,10 @@ cores:
   `encode_batch_fast`, its own Rust threads on every core, 8,192 lines per call). The
   lines are read before the clock starts: no pipeline can beat this.
 - prep: `build_pretraining_dataset` end to end as a user runs it (NSP, static masking,
-  dupe 1, seq 128): the process's own start and imports, Ray's start, reading, the
-  passes, the manifest. A sampler in this process reads the child's whole process tree
-  (driver, Ray's GCS/raylet and every worker) from /proc every 0.1 s: CPU seconds and
+  dupe 1, seq 128): the process's own start and imports, reading, the passes (on its
+  processes, with no Ray: no `--address`), the manifest. A sampler in this process reads
+  the child's whole process tree (driver and its processes; with Ray, its GCS/raylet and
+  every worker) from /proc every 0.1 s: CPU seconds and
   resident memory. Prep marks its stages in its log (`pipeline.mark_stage`, DEBUG), so
   each stage gets its wall time and its cores busy (CPU seconds of the tree / wall).
 - google (optional): Google's create_pretraining_data.py (google-research/bert, with
@@ -25,10 +26,12 @@ cores:
       git clone https://github.com/google-research/bert /tmp/bert
 Figures: prep / limit as a ratio of wall times (goal >= 0.8 at 100 MB), cores busy per
 stage (goal >= 1.8 of 2), peak memory of the tree. The machine may be shared: `uptime`'s
-load average is printed with each size; compare the ratios within one run.
+load average is printed with each size; compare the ratios within one run (`--rounds N`
+alternates the limit and prep N times on the same corpus and prints the median ratio:
+the host's speed drifted by a fifth between runs minutes apart).
 
     python bench/prep_throughput.py                         # 10 MB
-    python bench/prep_throughput.py --sizes 10 100 [--workers N] [--google-script PATH]
+    python bench/prep_throughput.py --sizes 10 100 [--rounds 3] [--workers N] [--google-script PATH]
     python bench/prep_throughput.py --google-script /tmp/bert/create_pretraining_data.py \
         --google-python /tmp/tf/bin/python
 """
@@ -38,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,41 +223,59 @@ def stage_rows(result: dict, sampler: TreeSampler, spawned: float) -> list[tuple
     return rows
 
 
-def one_size(mb: float, workers: int, google_script: str | None, google_python: str
-             ) -> None:
+def one_size(mb: float, workers: int, google_script: str | None, google_python: str,
+             rounds: int = 1) -> None:
     work = Path(tempfile.mkdtemp(prefix="bertflow-prep-throughput-"))
     try:
         size = make_corpus(work / "corpus", mb, seed=int(mb * 1000))
         print(f"== {size / 1e6:.1f} MB, load average {os.getloadavg()[0]:.1f} "
               f"{os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f}", flush=True)
-        limit, lim_sampler, _ = run_child(["--child-limit", str(work / "corpus")])
-        limit_s = limit["ended"] - limit["started"]
-        limit_cores = (lim_sampler.cpu_at(limit["ended"]) - lim_sampler.cpu_at(limit["started"])
-                       ) / limit_s
-        prep, sampler, spawned = run_child(["--child-prep", str(work / "corpus"),
-                                            str(work / "out"), str(workers)])
-        prep_s = prep["ended"] - spawned
-        tokens = limit["tokens"]
-        print(f"  limit (encode_batch, {limit['lines']:,} lines): {limit_s:7.1f} s  "
-              f"{tokens / limit_s:10,.0f} tokens/s  cores busy {limit_cores:.2f}")
-        print(f"  prep end to end:                {prep_s:7.1f} s  "
-              f"{tokens / prep_s:10,.0f} tokens/s  cores busy "
-              f"{(sampler.cpu_at(prep['ended']) - sampler.cpu_at(spawned)) / prep_s:.2f}  "
-              f"peak tree RSS {sampler.peak() / 2**20:,.0f} MiB  "
-              f"({prep['instances']:,} instances, {prep['units']} units)")
-        for name, wall, cores in stage_rows(prep, sampler, spawned):
-            print(f"    {name:<12} {wall:6.1f} s  cores busy {cores:.2f}")
+        ratios, prep_times = [], []
+        for round_ in range(rounds):
+            if rounds > 1:
+                print(f"  round {round_ + 1} of {rounds}")
+            limit_s, prep_s = one_round(work, workers)
+            ratios.append(limit_s / prep_s)
+            prep_times.append(prep_s)
+            subprocess.run(["rm", "-rf", str(work / "out")], check=False)
         google = google_reference(work / "corpus", google_script, google_python, work)
         google_s = google[0] if google else None
         if google:
             print(f"  google (create_pretraining_data.py): {google_s:7.1f} s  "
                   f"({google[1]:,} instances)")
-        print(f"  ratio prep / limit: {limit_s / prep_s:.2f} (goal >= 0.8 at 100 MB)"
+        ratio, prep_s = statistics.median(ratios), statistics.median(prep_times)
+        print(f"  ratio prep / limit: {ratio:.2f}"
+              + (f" (median of {rounds} rounds: {', '.join(f'{r:.2f}' for r in ratios)})"
+                 if rounds > 1 else "") + " (goal >= 0.8 at 100 MB)"
               + (f"; prep / google: {google_s / prep_s:.2f}x (goal >= 3 at 10 MB)"
                  if google_s else ""),
               f"load average now {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def one_round(work: Path, workers: int) -> tuple[float, float]:
+    """The limit, then prep, each in a fresh process (one after the other, so that a
+    host's drifting speed touches both): their wall seconds, with their figures printed."""
+    limit, lim_sampler, _ = run_child(["--child-limit", str(work / "corpus")])
+    limit_s = limit["ended"] - limit["started"]
+    limit_cores = (lim_sampler.cpu_at(limit["ended"]) - lim_sampler.cpu_at(limit["started"])
+                   ) / limit_s
+    prep, sampler, spawned = run_child(["--child-prep", str(work / "corpus"),
+                                        str(work / "out"), str(workers)])
+    prep_s = prep["ended"] - spawned
+    tokens = limit["tokens"]
+    print(f"  limit (encode_batch, {limit['lines']:,} lines): {limit_s:7.1f} s  "
+          f"{tokens / limit_s:10,.0f} tokens/s  cores busy {limit_cores:.2f}")
+    print(f"  prep end to end:                {prep_s:7.1f} s  "
+          f"{tokens / prep_s:10,.0f} tokens/s  cores busy "
+          f"{(sampler.cpu_at(prep['ended']) - sampler.cpu_at(spawned)) / prep_s:.2f}  "
+          f"peak tree RSS {sampler.peak() / 2**20:,.0f} MiB  "
+          f"({prep['instances']:,} instances, {prep['units']} units)")
+    for name, wall, cores in stage_rows(prep, sampler, spawned):
+        print(f"    {name:<12} {wall:6.1f} s  cores busy {cores:.2f}")
+    print(f"    ratio {limit_s / prep_s:.2f}", flush=True)
+    return limit_s, prep_s
 
 
 def main() -> None:
@@ -268,6 +290,9 @@ def main() -> None:
     parser.add_argument("--google-python", default=sys.executable,
                         help="the Python that runs Google's script: one with TensorFlow "
                         "(1.x, or 2.x through tf.compat.v1; default: this Python)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of (limit, prep) per size, alternating; the ratio "
+                        "printed is their median (default: 1)")
     parser.add_argument("--child-limit", help=argparse.SUPPRESS)
     parser.add_argument("--child-prep", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,7 +305,7 @@ def main() -> None:
     print(f"prep throughput: NSP, static masking, dupe 1, seq 128, {os.cpu_count()} CPUs, "
           f"workers {args.workers or 'all'}")
     for mb in args.sizes:
-        one_size(mb, args.workers, args.google_script, args.google_python)
+        one_size(mb, args.workers, args.google_script, args.google_python, args.rounds)
 
 
 if __name__ == "__main__":

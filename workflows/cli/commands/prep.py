@@ -34,9 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     rerun.add_argument("dir", metavar="DIR", help="a dataset folder (or URI) written by "
                        "bertflow prep")
     rerun.add_argument("--force", action="store_true", help="rebuild even if up to date")
-    rerun.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    rerun.add_argument("--address", help="Ray cluster address (default: none: this machine's "
+                       "processes run every pass, with no Ray)")
     rerun.add_argument("--tokenize-workers", type=int,
-                       help="parallel tokenizing tasks (output unchanged)")
+                       help="items of a pass at once: processes, or Ray tasks (output "
+                       "unchanged)")
     add_renamed_option(rerun, "--num-workers", "--tokenize-workers", "tokenize_workers",
                        type=int)
     return parser
