@@ -163,11 +163,11 @@ def stage_units(files: list[str], inputs: list[dict[str, Any]], config: PrepConf
     Without `tokenizer` a unit is a Parquet file of its documents' text, for the tokenize
     pass. With one, pass 1 runs here, each unit tokenized as it closes while the next is
     read, and the unit carries its `tokenized` result: the first unit of each split on
-    this process, the others on `processes` (`PrepProcesses` started with this tokenizer; default: one
-    per CPU, or `tokenize_workers`), each with the tokenizer on one thread, holding at most
-    that many units of text plus two; with one process, all of them in this process, on
-    the tokenizer's own threads, from three threads of this process (so that their Python
-    work on each result overlaps the others' tokenizing)."""
+    this process, the others on `processes` (`PrepProcesses` started with this tokenizer;
+    by default one per CPU, or `tokenize_workers`), each with the tokenizer on one thread,
+    holding at most that many units of text plus two; with one process, all of them in
+    this process, on the tokenizer's own threads, from three threads of this process (so
+    that their Python work on each result overlaps the others' tokenizing)."""
     import pyarrow as pa
 
     stage = open_location(staging)
